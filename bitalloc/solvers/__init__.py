@@ -1,0 +1,18 @@
+"""Solvers for the bit-allocation problem (a multiple-choice knapsack).
+
+Build a :class:`Problem`, then call :func:`solve` (or a solver's ``solve``) to get a
+:class:`Solution`. :func:`available_solvers` lists the registered methods.
+"""
+
+from bitalloc.solvers.base import BaseSolver, available_solvers, solve
+from bitalloc.solvers.lagrangian import LagrangianSolver
+from bitalloc.solvers.problem import Problem, Solution
+
+__all__ = [
+    "BaseSolver",
+    "LagrangianSolver",
+    "Problem",
+    "Solution",
+    "available_solvers",
+    "solve",
+]

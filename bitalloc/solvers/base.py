@@ -1,0 +1,175 @@
+"""The solver contract, the registry of solvers, and :func:`solve`."""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from bitalloc.errors import BitallocError, InfeasibleBudgetError
+from bitalloc.solvers.problem import Problem, Solution, feasibility_tolerance
+
+#: Relative gap under which a solution is reported as ``"optimal"``.
+OPTIMALITY_RTOL = 1e-12
+#: A lower bound may exceed the objective by this much (relative) from rounding alone; more
+#: than that means the solver's bound is wrong.
+BOUND_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class SolverOutput:
+    """What :meth:`BaseSolver._solve` hands back; :meth:`BaseSolver.solve` does the rest.
+
+    Attributes:
+        choice: ``(n,)`` option index per unit. Must respect ``allowed`` and every budget.
+        lower_bound: A certified lower bound on the optimal objective, or ``None``.
+        info: Method-specific extras (numbers, strings, small lists) for :attr:`Solution.info`.
+    """
+
+    choice: np.ndarray
+    lower_bound: float | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class BaseSolver(abc.ABC):
+    """Base class for allocation solvers.
+
+    A solver turns a :class:`~bitalloc.solvers.problem.Problem` into a
+    :class:`~bitalloc.solvers.problem.Solution`. Callers use :meth:`solve` (or the module-level
+    :func:`solve`); solver authors subclass this class, set :attr:`name` and
+    :attr:`max_budgets`, take their options as keyword arguments of ``__init__`` (raising
+    :class:`~bitalloc.errors.BitallocError` for bad values), implement :meth:`_solve`, and add
+    the class to ``_solver_classes`` below so the registry and the shared contract tests see it.
+
+    The contract every solver keeps:
+
+    * The returned choice takes one allowed option per unit and meets every budget (up to
+      :func:`~bitalloc.solvers.problem.feasibility_tolerance`).
+    * ``lower_bound``, when not ``None``, is a valid lower bound on the optimum of the problem.
+      ``status`` is ``"optimal"`` only when the bound proves it.
+    * The same problem and options give the same choice (no unseeded randomness, no dependence
+      on wall-clock time).
+    * A budget below the cheapest achievable total raises
+      :class:`~bitalloc.errors.InfeasibleBudgetError` carrying the feasible range; a problem
+      with more budgets than :attr:`max_budgets` raises :class:`~bitalloc.errors.BitallocError`.
+      Both checks happen in :meth:`solve` before :meth:`_solve` runs.
+    * The problem is never modified (its arrays are read-only).
+    """
+
+    #: Registered method name, as passed to :func:`solve` (``method="..."``).
+    name: ClassVar[str]
+    #: Most budgeted costs the method handles; ``None`` means any number.
+    max_budgets: ClassVar[int | None] = None
+
+    def solve(self, problem: Problem) -> Solution:
+        """Solve ``problem`` and return a feasible :class:`Solution`.
+
+        Checks the problem against the solver's limits, runs :meth:`_solve`, verifies the
+        choice, and fills in objective, resources, gap, status and timing.
+
+        Raises:
+            InfeasibleBudgetError: a budget is below the smallest achievable total.
+            BitallocError: the problem has more budgets than the method supports.
+        """
+        if not isinstance(problem, Problem):
+            raise BitallocError(
+                f"{type(self).__name__}.solve needs a Problem, got {type(problem).__name__}"
+            )
+        if self.max_budgets is not None and len(problem.budgets) > self.max_budgets:
+            raise BitallocError(
+                f"method {self.name!r} supports at most {self.max_budgets} budget(s) but the "
+                f"problem has {len(problem.budgets)} ({', '.join(map(repr, problem.budgets))}); "
+                "drop budgets or use a method that supports several constraints, e.g. 'ilp'"
+            )
+        for cost_name, budget in problem.budgets.items():
+            low, high = problem.feasible_range(cost_name)
+            if budget < low - feasibility_tolerance(budget):
+                raise InfeasibleBudgetError(
+                    f"budget for {cost_name!r} is {budget:.10g} but the smallest achievable "
+                    f"total is {low:.10g} (every unit at its cheapest allowed option); raise "
+                    f"the budget to at least {low:.10g} or allow cheaper options",
+                    feasible_range=(low, high),
+                )
+
+        start = time.perf_counter()
+        output = self._solve(problem)
+        wall = time.perf_counter() - start
+
+        choice = problem.validate_choice(output.choice)
+        problems = problem.violations(choice)
+        if problems:
+            # The problem was checked above, so this is the solver's fault, not the user's.
+            raise RuntimeError(f"solver {self.name!r} returned an infeasible choice: {problems}")
+        objective = problem.objective_of(choice)
+        scale = max(1.0, abs(objective))
+        lower_bound = output.lower_bound
+        gap = None
+        if lower_bound is not None:
+            lower_bound = float(lower_bound)
+            if lower_bound > objective + BOUND_RTOL * scale:
+                raise RuntimeError(
+                    f"solver {self.name!r} reported lower bound {lower_bound!r} above the "
+                    f"objective {objective!r} of its own feasible choice"
+                )
+            # Within rounding of the objective: the choice is optimal.
+            lower_bound = min(lower_bound, objective)
+            gap = objective - lower_bound
+        optimal = gap is not None and gap <= OPTIMALITY_RTOL * scale
+        return Solution(
+            choice=choice,
+            objective=objective,
+            resources=problem.resources(choice),
+            status="optimal" if optimal else "feasible",
+            lower_bound=lower_bound,
+            gap=gap,
+            wall_time_s=wall,
+            method=self.name,
+            info=dict(output.info),
+        )
+
+    @abc.abstractmethod
+    def _solve(self, problem: Problem) -> SolverOutput:
+        """Find a choice for ``problem`` (and a lower bound, if the method has one).
+
+        Called only by :meth:`solve`, after the budget count and each budget's feasibility
+        have been checked. Must not modify ``problem`` and must be deterministic.
+        """
+
+
+def _solver_classes() -> tuple[type[BaseSolver], ...]:
+    """Every solver class, in a fixed order. Add new solvers here (and nowhere else)."""
+    # Imported here because each solver module imports BaseSolver from this module.
+    from bitalloc.solvers.lagrangian import LagrangianSolver
+
+    return (LagrangianSolver,)
+
+
+def available_solvers() -> dict[str, type[BaseSolver]]:
+    """A fresh dict mapping every registered method name to its solver class."""
+    return {cls.name: cls for cls in _solver_classes()}
+
+
+def solve(problem: Problem, method: str = "lagrangian", **options: Any) -> Solution:
+    """Solve ``problem`` with the solver registered as ``method``.
+
+    ``options`` are passed to the solver's constructor. An unknown method or option raises
+    :class:`~bitalloc.errors.BitallocError` naming the valid ones.
+    """
+    solvers = available_solvers()
+    if method not in solvers:
+        known = ", ".join(repr(m) for m in solvers)
+        raise BitallocError(f"unknown solver method {method!r}; known methods: {known}")
+    cls = solvers[method]
+    signature = inspect.signature(cls)
+    try:
+        signature.bind(**options)
+    except TypeError as exc:
+        accepted = ", ".join(signature.parameters) or "none"
+        raise BitallocError(
+            f"bad options for method {method!r} ({exc}); accepted options: {accepted}"
+        ) from exc
+    return cls(**options).solve(problem)

@@ -1,0 +1,402 @@
+"""The allocation problem (a multiple-choice knapsack) and the solution record.
+
+A :class:`Problem` has ``n`` units (weight matrices) and ``k`` options (quantization formats).
+Every unit takes exactly one allowed option; each option has a predicted objective
+(loss increase) and a cost in every named cost table; some cost tables carry an upper budget.
+Solvers return a :class:`Solution`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bitalloc.errors import BitallocError
+
+#: Relative slack allowed when comparing a summed cost with its budget. Sums of many floats
+#: taken in different orders differ in the last bits, so an exact ``<=`` would reject choices
+#: that meet the budget in exact arithmetic.
+FEASIBILITY_RTOL = 1e-9
+
+
+def feasibility_tolerance(budget: float) -> float:
+    """Absolute amount by which a summed cost may exceed ``budget`` and still count as within it."""
+    return FEASIBILITY_RTOL * max(1.0, abs(budget))
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    # Copy first so the caller's array is neither frozen nor able to change ours later.
+    out = np.array(array, copy=True)
+    out.setflags(write=False)
+    return out
+
+
+def _float_table(label: str, value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray) and np.iscomplexobj(value):
+        raise BitallocError(f"{label} is complex; pass real numbers")
+    try:
+        table = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise BitallocError(f"{label} must be a 2-D array of numbers ({exc})") from exc
+    if table.ndim != 2:
+        raise BitallocError(
+            f"{label} must be 2-D (units x options) but has shape {table.shape}; "
+            "give one row per unit and one column per option"
+        )
+    return table
+
+
+def _names(label: str, names: Sequence[str] | None, expected: int) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    if isinstance(names, str):
+        raise BitallocError(f"{label} must be a list of strings, not a single string")
+    names = tuple(names)
+    if len(names) != expected:
+        raise BitallocError(
+            f"{label} has {len(names)} entries but the objective has {expected}; "
+            f"give exactly one name per {'unit' if label == 'unit_names' else 'option'}"
+        )
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise BitallocError(f"{label}[{i}] is {name!r}, not a string")
+    return names
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Problem:
+    """A multiple-choice knapsack: pick one allowed option per unit, minimising the objective.
+
+    Minimise ``sum_i objective[i, choice[i]]`` subject to, for every ``name`` in ``budgets``,
+    ``sum_i costs[name][i, choice[i]] <= budgets[name]`` and ``allowed[i, choice[i]]``.
+
+    Everything is validated at construction and stored as read-only float64 (bool for
+    ``allowed``) copies; invalid input raises :class:`~bitalloc.errors.BitallocError`.
+
+    Args:
+        objective: ``(n, k)`` finite predicted loss increase of unit ``i`` taking option ``j``.
+            Every entry must be finite, including those of disallowed options.
+        costs: Named ``(n, k)`` cost tables, finite and non-negative (e.g. ``"bits"``: stored
+            bits of unit ``i`` under option ``j``). Tables without a budget are only reported.
+        budgets: Upper bound per cost name; each key must be a key of ``costs``.
+        allowed: Optional ``(n, k)`` bool mask; ``None`` allows everything. After construction
+            this attribute is always a bool array. Every unit needs one allowed option.
+        unit_names: Optional ``n`` strings, used in messages.
+        option_names: Optional ``k`` strings, used in messages.
+    """
+
+    objective: np.ndarray
+    costs: Mapping[str, np.ndarray]
+    budgets: Mapping[str, float] = field(default_factory=dict)
+    allowed: np.ndarray | None = None
+    unit_names: Sequence[str] | None = None
+    option_names: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        objective = _float_table("objective", self.objective)
+        n, k = objective.shape
+        if n == 0 or k == 0:
+            raise BitallocError(
+                f"objective has shape {objective.shape}; the problem needs at least one unit "
+                "and one option"
+            )
+        # Names first, so the checks below can use them in their messages.
+        object.__setattr__(self, "unit_names", _names("unit_names", self.unit_names, n))
+        object.__setattr__(self, "option_names", _names("option_names", self.option_names, k))
+
+        bad = ~np.isfinite(objective)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise BitallocError(
+                f"objective at {self._where(i, j)} is {objective[i, j]}; every objective "
+                "entry must be finite (give disallowed options any finite placeholder)"
+            )
+
+        if not isinstance(self.costs, Mapping):
+            raise BitallocError("costs must be a dict mapping cost names to (n, k) tables")
+        costs: dict[str, np.ndarray] = {}
+        for name, value in self.costs.items():
+            if not isinstance(name, str) or not name:
+                raise BitallocError(f"cost name {name!r} must be a non-empty string")
+            table = _float_table(f"costs[{name!r}]", value)
+            if table.shape != objective.shape:
+                raise BitallocError(
+                    f"costs[{name!r}] has shape {table.shape} but objective has shape "
+                    f"{objective.shape}; every cost table needs the objective's shape"
+                )
+            bad = ~np.isfinite(table) | (table < 0)
+            if bad.any():
+                i, j = np.argwhere(bad)[0]
+                raise BitallocError(
+                    f"costs[{name!r}] at {self._where(i, j)} is {table[i, j]}; costs must be "
+                    "finite and non-negative"
+                )
+            costs[name] = _read_only(table)
+
+        if not isinstance(self.budgets, Mapping):
+            raise BitallocError("budgets must be a dict mapping cost names to upper bounds")
+        budgets: dict[str, float] = {}
+        for name, value in self.budgets.items():
+            if name not in costs:
+                known = ", ".join(repr(c) for c in costs) or "none"
+                raise BitallocError(
+                    f"budget {name!r} names an unknown cost (known costs: {known}); add a "
+                    f"cost table {name!r} or fix the budget's name"
+                )
+            try:
+                bound = float(value)
+            except (TypeError, ValueError) as exc:
+                raise BitallocError(f"budget {name!r} is {value!r}, not a number") from exc
+            if not math.isfinite(bound):
+                raise BitallocError(
+                    f"budget {name!r} is {bound}; give a finite bound, or drop the budget to "
+                    "leave that cost unconstrained"
+                )
+            budgets[name] = bound
+
+        if self.allowed is None:
+            allowed = np.ones((n, k), dtype=bool)
+        else:
+            allowed = np.asarray(self.allowed)
+            if allowed.shape != objective.shape:
+                raise BitallocError(
+                    f"allowed has shape {allowed.shape} but objective has shape "
+                    f"{objective.shape}; give one bool per unit and option"
+                )
+            if allowed.dtype != bool:
+                if not (
+                    np.issubdtype(allowed.dtype, np.integer) and np.isin(allowed, (0, 1)).all()
+                ):
+                    raise BitallocError(
+                        f"allowed has dtype {allowed.dtype}; give a bool array (or 0/1 ints)"
+                    )
+                allowed = allowed.astype(bool)
+        empty = ~allowed.any(axis=1)
+        if empty.any():
+            i = int(np.flatnonzero(empty)[0])
+            raise BitallocError(
+                f"{self.unit_label(i)} has no allowed option ({int(empty.sum())} unit(s) in "
+                "all); allow at least one option per unit"
+            )
+
+        object.__setattr__(self, "objective", _read_only(objective))
+        object.__setattr__(self, "costs", costs)
+        object.__setattr__(self, "budgets", budgets)
+        object.__setattr__(self, "allowed", _read_only(allowed))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild through the constructor so unpickled arrays are read-only again (pickle
+        # does not keep numpy's write flag); this matters when problems are shipped to workers.
+        fields = (self.objective, self.costs, self.budgets, self.allowed)
+        return (type(self), (*fields, self.unit_names, self.option_names))
+
+    def __repr__(self) -> str:
+        return (
+            f"Problem(n_units={self.n_units}, n_options={self.n_options}, "
+            f"costs={list(self.costs)}, budgets={dict(self.budgets)})"
+        )
+
+    # -- naming helpers -------------------------------------------------------------------
+
+    def unit_label(self, i: int) -> str:
+        """Human-readable name of unit ``i`` for messages: ``unit 3 ('layers.0.q_proj')``."""
+        names = self.unit_names
+        return f"unit {int(i)}" + (f" ({names[i]!r})" if names is not None else "")
+
+    def option_label(self, j: int) -> str:
+        """Human-readable name of option ``j`` for messages: ``option 1 ('q4_k')``."""
+        names = self.option_names
+        return f"option {int(j)}" + (f" ({names[j]!r})" if names is not None else "")
+
+    def _where(self, i: int, j: int) -> str:
+        return f"{self.unit_label(i)}, {self.option_label(j)}"
+
+    # -- shape ----------------------------------------------------------------------------
+
+    @property
+    def n_units(self) -> int:
+        """Number of units (rows)."""
+        return int(self.objective.shape[0])
+
+    @property
+    def n_options(self) -> int:
+        """Number of options (columns)."""
+        return int(self.objective.shape[1])
+
+    # -- evaluating a choice --------------------------------------------------------------
+
+    def validate_choice(self, choice: Any) -> np.ndarray:
+        """Return ``choice`` as an int64 array of ``n_units`` option indices, or raise.
+
+        Only shape, dtype and range are checked here; see :meth:`check_feasible` for the mask
+        and budgets.
+        """
+        arr = np.asarray(choice)
+        if arr.shape != (self.n_units,):
+            raise BitallocError(
+                f"choice has shape {arr.shape}; give one option index per unit "
+                f"({self.n_units} entries)"
+            )
+        if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+            raise BitallocError(f"choice has dtype {arr.dtype}; give integer option indices")
+        arr = arr.astype(np.int64)
+        bad = (arr < 0) | (arr >= self.n_options)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise BitallocError(
+                f"choice for {self.unit_label(i)} is {arr[i]}; option indices must lie in "
+                f"[0, {self.n_options - 1}]"
+            )
+        return arr
+
+    def objective_of(self, choice: Any) -> float:
+        """Sum of the objective at ``choice`` (one option index per unit)."""
+        arr = self.validate_choice(choice)
+        return float(self.objective[np.arange(self.n_units), arr].sum())
+
+    def resources(self, choice: Any) -> dict[str, float]:
+        """Total of every cost table (budgeted or not) at ``choice``."""
+        arr = self.validate_choice(choice)
+        rows = np.arange(self.n_units)
+        return {name: float(table[rows, arr].sum()) for name, table in self.costs.items()}
+
+    def violations(self, choice: Any) -> list[str]:
+        """Messages for every way ``choice`` breaks the mask or a budget; empty if feasible.
+
+        A budget counts as met when the total exceeds it by at most
+        :func:`feasibility_tolerance` (rounding of long float sums).
+        """
+        arr = self.validate_choice(choice)
+        problems: list[str] = []
+        banned = ~self.allowed[np.arange(self.n_units), arr]
+        if banned.any():
+            i = int(np.flatnonzero(banned)[0])
+            problems.append(
+                f"{int(banned.sum())} unit(s) take a disallowed option, first "
+                f"{self._where(i, arr[i])}"
+            )
+        totals = self.resources(arr)
+        for name, bound in self.budgets.items():
+            if totals[name] > bound + feasibility_tolerance(bound):
+                problems.append(
+                    f"total {name!r} is {totals[name]:.10g}, over its budget {bound:.10g}"
+                )
+        return problems
+
+    def is_feasible(self, choice: Any) -> bool:
+        """Whether ``choice`` respects ``allowed`` and every budget."""
+        return not self.violations(choice)
+
+    def check_feasible(self, choice: Any) -> None:
+        """Raise :class:`BitallocError` listing every violation if ``choice`` is infeasible."""
+        problems = self.violations(choice)
+        if problems:
+            raise BitallocError("choice is infeasible: " + "; ".join(problems))
+
+    # -- feasible ranges ------------------------------------------------------------------
+
+    def _cost(self, name: str) -> np.ndarray:
+        if name not in self.costs:
+            known = ", ".join(repr(c) for c in self.costs) or "none"
+            raise BitallocError(f"unknown cost {name!r}; known costs: {known}")
+        return self.costs[name]
+
+    def min_resource(self, name: str) -> float:
+        """Smallest achievable total of cost ``name``: every unit at its cheapest allowed option."""
+        table = np.where(self.allowed, self._cost(name), np.inf)
+        return float(table.min(axis=1).sum())
+
+    def max_resource(self, name: str) -> float:
+        """Largest achievable total of cost ``name``: every unit at its dearest allowed option."""
+        table = np.where(self.allowed, self._cost(name), -np.inf)
+        return float(table.max(axis=1).sum())
+
+    def feasible_range(self, name: str) -> tuple[float, float]:
+        """``(min_resource(name), max_resource(name))``."""
+        return self.min_resource(name), self.max_resource(name)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain-Python copy of ``value`` that :func:`json.dumps` accepts (non-finite -> None)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return str(value)
+
+
+@dataclass(frozen=True, eq=False)
+class Solution:
+    """What a solver returns.
+
+    Attributes:
+        choice: ``(n,)`` int64 option index per unit (read-only).
+        objective: Objective at ``choice``.
+        resources: Total of every cost table at ``choice``.
+        status: ``"optimal"`` when proven optimal (``gap`` within a tiny tolerance),
+            otherwise ``"feasible"``. A returned solution is always feasible.
+        lower_bound: Certified lower bound on the optimum, or ``None`` if the method has none.
+        gap: ``objective - lower_bound`` (>= 0), or ``None`` without a bound.
+        wall_time_s: Seconds spent in the solver.
+        method: Registered name of the solver.
+        info: Method-specific extras (plain numbers and strings).
+    """
+
+    choice: np.ndarray
+    objective: float
+    resources: dict[str, float]
+    status: str
+    lower_bound: float | None
+    gap: float | None
+    wall_time_s: float
+    method: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choice", _read_only(np.asarray(self.choice, dtype=np.int64)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (``choice`` as a list; non-finite numbers become ``None``)."""
+        return {
+            "choice": [int(c) for c in self.choice],
+            "objective": _jsonable(self.objective),
+            "resources": _jsonable(self.resources),
+            "status": self.status,
+            "lower_bound": _jsonable(self.lower_bound),
+            "gap": _jsonable(self.gap),
+            "wall_time_s": float(self.wall_time_s),
+            "method": self.method,
+            "info": _jsonable(self.info),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Solution:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            return cls(
+                choice=np.asarray(data["choice"], dtype=np.int64),
+                objective=float(data["objective"]),
+                resources={str(k): float(v) for k, v in data["resources"].items()},
+                status=str(data["status"]),
+                lower_bound=None if data["lower_bound"] is None else float(data["lower_bound"]),
+                gap=None if data["gap"] is None else float(data["gap"]),
+                wall_time_s=float(data["wall_time_s"]),
+                method=str(data["method"]),
+                info=dict(data.get("info", {})),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BitallocError(f"not a serialised Solution: {exc!r}") from exc
