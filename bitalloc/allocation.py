@@ -1,0 +1,299 @@
+"""The result of a decision: unit -> format, with a summary, JSON in and out, and apply.
+
+The JSON schema is strict (unknown fields are refused) and checked for internal consistency on
+load: every format must exist, each unit's bits per weight must match its format and shape, and
+the summary must equal what the units add up to.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from bitalloc.apply import fake_quantize_
+from bitalloc.errors import BitallocError
+from bitalloc.formats import parse_format
+from bitalloc.models import get_linear
+from bitalloc.sensitivity.profile import read_json, write_json_atomic
+
+ALLOCATION_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UnitChoice(_Strict):
+    """One unit's decision."""
+
+    name: str
+    format: str
+    bits_per_weight: float
+    numel: int
+    shape: tuple[int, int]
+    layer: int
+    role: str
+    group: str
+    predicted_loss: float | None = None
+
+
+class ExcludedParameter(_Strict):
+    """A parameter left out of the allocation (kept as it is), reported separately."""
+
+    name: str
+    numel: int
+
+
+class SolverSummary(_Strict):
+    """How the choice was made."""
+
+    method: str
+    status: str
+    objective: float
+    lower_bound: float | None = None
+    gap: float | None = None
+    wall_time_s: float
+
+
+class ProfileSummary(_Strict):
+    """Which profile predicted the losses."""
+
+    method: str
+    tokens: int | None = None
+    seconds: float | None = None
+    model_fingerprint: str | None = None
+    calibration_fingerprint: str | None = None
+    cache: str | None = None
+
+
+class Measured(_Strict):
+    """Measured quality of the allocation beside uniform baselines (``fp16`` = unquantized)."""
+
+    perplexity: float
+    baselines: dict[str, float]
+    baseline_avg_bits: dict[str, float]
+    eval_tokens: int
+    seq_len: int
+    measured_loss_increase: float
+    predicted_loss_increase: float
+
+
+class AllocationData(_Strict):
+    """The serialised form of an :class:`Allocation`."""
+
+    version: int = ALLOCATION_VERSION
+    model: str
+    budget: float
+    avg_bits: float
+    total_bits: int
+    bytes: float
+    numel: int
+    predicted_loss: float | None = None
+    units: list[UnitChoice]
+    excluded: list[ExcludedParameter] = []
+    excluded_numel: int = 0
+    solver: SolverSummary | None = None
+    profile: ProfileSummary | None = None
+    measured: Measured | None = None
+
+
+class Allocation:
+    """Unit -> format for one model, with its summary.
+
+    ``avg_bits`` counts every stored bit of the allocated units (codes, scales, zeros) divided by
+    their number of weights; parameters left out are listed in ``excluded``, not counted.
+    """
+
+    def __init__(self, data: AllocationData):
+        _check_consistent(data)
+        self.data = data
+
+    @classmethod
+    def from_choices(
+        cls,
+        *,
+        model: str,
+        budget: float,
+        units: list[UnitChoice],
+        excluded: dict[str, int] | None = None,
+        solver: SolverSummary | None = None,
+        profile: ProfileSummary | None = None,
+    ) -> Allocation:
+        """Build an allocation, deriving the summary from the unit choices."""
+        total_bits = sum(parse_format(u.format).storage_bits(u.shape) for u in units)
+        numel = sum(u.numel for u in units)
+        losses = [u.predicted_loss for u in units]
+        predicted = None if any(x is None for x in losses) else float(sum(losses))
+        excluded = excluded or {}
+        return cls(
+            AllocationData(
+                model=model,
+                budget=budget,
+                avg_bits=total_bits / numel,
+                total_bits=total_bits,
+                bytes=total_bits / 8,
+                numel=numel,
+                predicted_loss=predicted,
+                units=units,
+                excluded=[ExcludedParameter(name=k, numel=v) for k, v in excluded.items()],
+                excluded_numel=sum(excluded.values()),
+                solver=solver,
+                profile=profile,
+            )
+        )
+
+    # --- accessors -------------------------------------------------------------------------
+    @property
+    def avg_bits(self) -> float:
+        """Achieved average bits per weight of the allocated units."""
+        return self.data.avg_bits
+
+    @property
+    def formats(self) -> dict[str, str]:
+        """Unit name -> format name."""
+        return {u.name: u.format for u in self.data.units}
+
+    @property
+    def measured(self) -> Measured | None:
+        """Measured quality, when the allocation was verified."""
+        return self.data.measured
+
+    def with_measured(self, measured: Measured) -> Allocation:
+        """A copy carrying a measurement."""
+        return Allocation(self.data.model_copy(update={"measured": measured}))
+
+    # --- presentation ----------------------------------------------------------------------
+    def table(self) -> str:
+        """Per-unit table: unit, format, bits per weight, weights, predicted loss."""
+        width = max(len(u.name) for u in self.data.units)
+        lines = [f"{'unit':<{width}}  {'format':<10} {'bits':>6} {'weights':>10} {'pred.loss':>10}"]
+        for u in self.data.units:
+            loss = "" if u.predicted_loss is None else f"{u.predicted_loss:10.3g}"
+            lines.append(
+                f"{u.name:<{width}}  {u.format:<10} {u.bits_per_weight:6.3f} "
+                f"{u.numel:10d} {loss:>10}"
+            )
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def layer_table(self) -> str:
+        """Per-layer view: average bits of the layer and the format of each role."""
+        by_layer: dict[int, list[UnitChoice]] = defaultdict(list)
+        for u in self.data.units:
+            by_layer[u.layer].append(u)
+        roles = list(dict.fromkeys(u.role for u in self.data.units))
+        lines = ["layer  bits   " + " ".join(f"{r:>10}" for r in roles)]
+        for layer in sorted(by_layer):
+            units = by_layer[layer]
+            bits = sum(parse_format(u.format).storage_bits(u.shape) for u in units)
+            avg = bits / sum(u.numel for u in units)
+            fmt = {u.role: u.format for u in units}
+            lines.append(
+                f"{layer:5d}  {avg:5.2f}  " + " ".join(f"{fmt.get(r, '-'):>10}" for r in roles)
+            )
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line: achieved bits against the budget, size, predicted loss."""
+        d = self.data
+        text = (
+            f"avg bits {d.avg_bits:.4f} (budget {d.budget:g}) | {d.bytes / 2**20:.2f} MiB "
+            f"for {d.numel:,} weights in {len(d.units)} units | "
+            f"{d.excluded_numel:,} weights left out"
+        )
+        if d.predicted_loss is not None:
+            text += f" | predicted loss +{d.predicted_loss:.4f}"
+        return text
+
+    # --- persistence -----------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """The JSON document (see :class:`AllocationData`)."""
+        return self.data.model_dump(mode="json")
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON atomically (temporary file, then rename)."""
+        write_json_atomic(Path(path), self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Allocation:
+        """Read and validate an allocation written by :meth:`save`."""
+        raw = read_json(Path(path), "allocation")
+        try:
+            data = AllocationData.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise BitallocError(
+                f"allocation file {path} is malformed at {where or 'top level'}: {first['msg']}"
+            ) from None
+        return cls(data)
+
+    # --- use -------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, *, inplace: bool = False) -> nn.Module:
+        """Fake-quantize ``model`` per the allocation (a deep copy unless ``inplace``).
+
+        Every unit must exist in the model with the recorded shape; otherwise nothing is changed
+        and :class:`BitallocError` is raised.
+        """
+        self.check_model(model)
+        target = model if inplace else copy.deepcopy(model)
+        return fake_quantize_(target, self.formats)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise :class:`BitallocError` unless every unit exists in ``model`` with its shape."""
+        missing, wrong = [], []
+        for u in self.data.units:
+            try:
+                shape = tuple(get_linear(model, u.name).weight.shape)
+            except BitallocError:
+                missing.append(u.name)
+                continue
+            if shape != tuple(u.shape):
+                wrong.append(f"{u.name} is {shape}, allocation says {tuple(u.shape)}")
+        if missing:
+            raise BitallocError(
+                f"{len(missing)} of {len(self.data.units)} units in the allocation do not exist in "
+                f"this model (first: {missing[0]!r}); use an allocation made for this model"
+            )
+        if wrong:
+            raise BitallocError(f"unit shapes differ from the allocation: {wrong[0]}")
+
+    def __repr__(self) -> str:
+        return f"Allocation({self.summary()})"
+
+
+def _check_consistent(data: AllocationData) -> None:
+    if not data.units:
+        raise BitallocError("an allocation needs at least one unit")
+    names = [u.name for u in data.units]
+    if len(set(names)) != len(names):
+        raise BitallocError("the allocation lists a unit more than once")
+    total = 0
+    for u in data.units:
+        fmt = parse_format(u.format)
+        if u.numel != u.shape[0] * u.shape[1]:
+            raise BitallocError(f"{u.name}: numel {u.numel} does not match shape {u.shape}")
+        expected = fmt.bits_per_weight(u.shape)
+        if not math.isclose(u.bits_per_weight, expected, rel_tol=1e-9):
+            raise BitallocError(
+                f"{u.name}: bits_per_weight {u.bits_per_weight} does not match {u.format} on "
+                f"shape {u.shape} ({expected}); the file was edited inconsistently"
+            )
+        total += fmt.storage_bits(u.shape)
+    numel = sum(u.numel for u in data.units)
+    if (
+        total != data.total_bits
+        or numel != data.numel
+        or not math.isclose(data.avg_bits, total / numel, rel_tol=1e-9)
+    ):
+        raise BitallocError(
+            f"the summary (avg_bits {data.avg_bits}, total_bits {data.total_bits}) does not match "
+            f"its units ({total / numel}, {total}); the file was edited inconsistently"
+        )

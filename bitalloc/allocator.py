@@ -1,0 +1,336 @@
+"""``allocate()``: model -> units -> palette -> profile -> problem -> solver -> allocation
+-> (verify).
+
+This is the one module that ties profiling, solving and evaluation together.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bitalloc.allocation import (
+    Allocation,
+    Measured,
+    ProfileSummary,
+    SolverSummary,
+    UnitChoice,
+)
+from bitalloc.apply import fake_quantized
+from bitalloc.data import TextSplits, load_text, tensor_fingerprint, tokenize, windows
+from bitalloc.errors import BitallocError, InfeasibleBudgetError
+from bitalloc.evaluate import perplexity
+from bitalloc.formats import QuantFormat, parse_format, parse_palette
+from bitalloc.models import (
+    LoadedModel,
+    Unit,
+    discover_units,
+    excluded_parameters,
+    load_model,
+    model_fingerprint,
+)
+from bitalloc.sensitivity import Profile, cached_profile, make_profiler
+from bitalloc.solvers import Problem, Solution, solve
+
+DEFAULT_SEQ_LEN = 512
+DEFAULT_CALIBRATION_TOKENS = 8192
+DEFAULT_EVAL_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A loaded model with its units, palette and tokenized text, ready to profile and measure."""
+
+    loaded: LoadedModel
+    units: list[Unit]
+    palette: tuple[QuantFormat, ...]
+    text: TextSplits
+    seq_len: int
+
+    @property
+    def model(self) -> nn.Module:
+        """The model being allocated."""
+        return self.loaded.model
+
+    def calibration_windows(self) -> torch.Tensor:
+        """All calibration windows (profilers pick their own subset)."""
+        return windows(tokenize(self.loaded.tokenizer, self.text.calibration), self.seq_len)
+
+    def evaluation_windows(self, tokens: int | None) -> torch.Tensor:
+        """Evaluation windows, evenly spread, capped at ``tokens``."""
+        ids = tokenize(self.loaded.tokenizer, self.text.evaluation)
+        return windows(ids, self.seq_len, tokens)
+
+
+def prepare(
+    model: nn.Module | str | Path | None = None,
+    *,
+    formats: Sequence[str | QuantFormat] | str | None = None,
+    calibration: str | Path | Sequence[str | Path] | None = None,
+    evaluation: str | Path | Sequence[str | Path] | None = None,
+    tokenizer: object | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+) -> Prepared:
+    """Load the model, discover its units and resolve the palette and text."""
+    palette = parse_palette(formats)
+    text = load_text(calibration, evaluation)
+    loaded = load_model(model, tokenizer)
+    units = discover_units(loaded.model)
+    return Prepared(loaded, units, palette, text, seq_len)
+
+
+def cost_table(units: Sequence[Unit], palette: Sequence[QuantFormat]) -> np.ndarray:
+    """Exact stored bits of every unit under every format, (n_units, n_formats)."""
+    return np.array([[f.storage_bits(u.shape) for f in palette] for u in units], dtype=np.float64)
+
+
+def feasible_avg_bits(units: Sequence[Unit], palette: Sequence[QuantFormat]) -> tuple[float, float]:
+    """Lowest and highest achievable average bits per weight for these units."""
+    costs = cost_table(units, palette)
+    numel = sum(u.numel for u in units)
+    return float(costs.min(axis=1).sum() / numel), float(costs.max(axis=1).sum() / numel)
+
+
+def check_budget(avg_bits: float, units: Sequence[Unit], palette: Sequence[QuantFormat]) -> None:
+    """Raise :class:`InfeasibleBudgetError` naming the feasible range if ``avg_bits`` is outside."""
+    if (
+        isinstance(avg_bits, bool)
+        or not isinstance(avg_bits, (int, float))
+        or not math.isfinite(avg_bits)
+    ):
+        raise BitallocError(
+            f"avg_bits must be a finite number of bits per weight, got {avg_bits!r}"
+        )
+    lo, hi = feasible_avg_bits(units, palette)
+    if avg_bits < lo - 1e-12 or avg_bits > hi + 1e-12:
+        raise InfeasibleBudgetError(
+            f"avg_bits={avg_bits:g} is outside what this palette can reach on this model: choose "
+            f"a budget between {lo:.4f} (every unit at its cheapest format) and {hi:.4f} "
+            f"(every unit at its richest)",
+            feasible_range=(lo, hi),
+        )
+
+
+def build_problem(
+    units: Sequence[Unit], palette: Sequence[QuantFormat], profile: Profile, avg_bits: float
+) -> Problem:
+    """The multiple-choice knapsack: profile losses, exact bit costs, one bits budget."""
+    names = [u.name for u in units]
+    formats = [f.name for f in palette]
+    if list(profile.units) != names:
+        raise BitallocError(
+            "the profile's units do not match this model's units; re-profile this model or pass "
+            "the profile made for it"
+        )
+    missing = [f for f in formats if f not in profile.formats]
+    if missing:
+        raise BitallocError(
+            f"the profile has no column for {missing}; re-profile with this palette"
+        )
+    objective = np.stack([profile.column(f) for f in formats], axis=1)
+    numel = sum(u.numel for u in units)
+    return Problem(
+        objective=objective,
+        costs={"bits": cost_table(units, palette)},
+        budgets={"bits": avg_bits * numel},
+        unit_names=names,
+        option_names=formats,
+    )
+
+
+def to_allocation(
+    prep: Prepared, profile: Profile, solution: Solution, budget: float
+) -> Allocation:
+    """Turn a solver's choice into an :class:`Allocation` with its summaries."""
+    choices = []
+    for unit, j in zip(prep.units, solution.choice):
+        fmt = prep.palette[int(j)]
+        choices.append(
+            UnitChoice(
+                name=unit.name,
+                format=fmt.name,
+                bits_per_weight=fmt.bits_per_weight(unit.shape),
+                numel=unit.numel,
+                shape=unit.shape,
+                layer=unit.layer,
+                role=unit.role,
+                group=unit.group,
+                predicted_loss=float(profile.column(fmt.name)[prep.units.index(unit)]),
+            )
+        )
+    meta = profile.metadata
+    return Allocation.from_choices(
+        model=prep.loaded.source,
+        budget=budget,
+        units=choices,
+        excluded=excluded_parameters(prep.model, prep.units),
+        solver=SolverSummary(
+            method=solution.method,
+            status=solution.status,
+            objective=solution.objective,
+            lower_bound=solution.lower_bound,
+            gap=solution.gap,
+            wall_time_s=solution.wall_time_s,
+        ),
+        profile=ProfileSummary(
+            method=str(meta.get("method", "unknown")),
+            tokens=meta.get("tokens"),
+            seconds=meta.get("seconds"),
+            model_fingerprint=meta.get("model_fingerprint"),
+            calibration_fingerprint=meta.get("calibration_fingerprint"),
+            cache=meta.get("cache"),
+        ),
+    )
+
+
+def uniform_assignment(units: Sequence[Unit], fmt: QuantFormat | str) -> dict[str, str]:
+    """Every unit in one format."""
+    name = parse_format(fmt).name
+    return {u.name: name for u in units}
+
+
+def baseline_formats(
+    units: Sequence[Unit], palette: Sequence[QuantFormat], avg_bits: float
+) -> list[QuantFormat]:
+    """Uniform baselines for a budget: the palette formats nearest below and above it (by their
+    exact average bits on these units), ``int4-g128``, and ``fp16`` (unquantized)."""
+    numel = sum(u.numel for u in units)
+    exact = [(sum(f.storage_bits(u.shape) for u in units) / numel, f) for f in palette]
+    below = [e for e in exact if e[0] <= avg_bits and not e[1].is_float]
+    above = [e for e in exact if e[0] > avg_bits and not e[1].is_float]
+    chosen = []
+    if below:
+        chosen.append(max(below, key=lambda e: e[0])[1])
+    if above:
+        chosen.append(min(above, key=lambda e: e[0])[1])
+    for extra in ("int4-g128", "fp16"):
+        fmt = parse_format(extra)
+        if fmt not in chosen:
+            chosen.append(fmt)
+    return chosen
+
+
+def measure(
+    prep: Prepared,
+    allocation: Allocation,
+    *,
+    eval_tokens: int | None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Measured:
+    """Perplexity of the allocation beside uniform baselines on the evaluation split."""
+    allocation.check_model(prep.model)
+    ev = prep.evaluation_windows(eval_tokens)
+    numel = sum(u.numel for u in prep.units)
+    baselines: dict[str, float] = {}
+    baseline_bits: dict[str, float] = {}
+    for fmt in baseline_formats(prep.units, prep.palette, allocation.data.budget):
+        with fake_quantized(prep.model, uniform_assignment(prep.units, fmt)):
+            result = perplexity(
+                prep.model,
+                ev,
+                batch_size=batch_size,
+                progress=progress,
+                desc=f"perplexity {fmt.name}",
+            )
+        baselines[fmt.name] = result.perplexity
+        baseline_bits[fmt.name] = sum(fmt.storage_bits(u.shape) for u in prep.units) / numel
+    with fake_quantized(prep.model, allocation.formats):
+        result = perplexity(
+            prep.model, ev, batch_size=batch_size, progress=progress, desc="perplexity allocation"
+        )
+    return Measured(
+        perplexity=result.perplexity,
+        baselines=baselines,
+        baseline_avg_bits=baseline_bits,
+        eval_tokens=result.tokens,
+        seq_len=result.seq_len,
+        measured_loss_increase=math.log(result.perplexity) - math.log(baselines["fp16"]),
+        predicted_loss_increase=float(allocation.data.predicted_loss or 0.0),
+    )
+
+
+def profile_model(
+    prep: Prepared,
+    profiler: str = "fisher",
+    *,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> Profile:
+    """Profile the prepared model (cached on disk, keyed by model, palette and calibration)."""
+    cal = prep.calibration_windows()
+    prof = make_profiler(profiler, tokens=calibration_tokens, progress=progress)
+    return cached_profile(
+        prof,
+        prep.model,
+        prep.units,
+        prep.palette,
+        cal,
+        model_fingerprint=model_fingerprint(prep.model, prep.units),
+        calibration_fingerprint=tensor_fingerprint(cal),
+        use_cache=use_cache,
+    )
+
+
+def allocate(
+    model: nn.Module | str | Path | None = None,
+    avg_bits: float | None = None,
+    *,
+    profiler: str = "fisher",
+    solver: str = "lagrangian",
+    formats: Sequence[str | QuantFormat] | str | None = None,
+    calibration: str | Path | Sequence[str | Path] | None = None,
+    evaluation: str | Path | Sequence[str | Path] | None = None,
+    verify: bool = False,
+    tokenizer: object | None = None,
+    profile: Profile | str | Path | None = None,
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    eval_tokens: int | None = DEFAULT_EVAL_TOKENS,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> Allocation:
+    """Choose a format for every unit so that average bits per weight <= ``avg_bits`` and the
+    predicted loss increase is as small as possible.
+
+    ``model`` is an ``nn.Module`` (pass ``tokenizer`` if it cannot be found from the model), a
+    Hugging Face directory, a ``.gguf`` file, or None for the embedded default model.
+    ``calibration`` / ``evaluation`` are text files (default: ``pydoc_data.topics`` splits).
+    ``profile`` reuses a saved profile instead of profiling. With ``verify`` the allocation's
+    perplexity is measured on ``eval_tokens`` evaluation tokens beside uniform baselines.
+    """
+    if avg_bits is None:
+        raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
+    prep = prepare(
+        model,
+        formats=formats,
+        calibration=calibration,
+        evaluation=evaluation,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+    )
+    check_budget(avg_bits, prep.units, prep.palette)
+    if profile is None:
+        prof = profile_model(
+            prep,
+            profiler,
+            calibration_tokens=calibration_tokens,
+            use_cache=use_cache,
+            progress=progress,
+        )
+    else:
+        prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    solution = solve(build_problem(prep.units, prep.palette, prof, avg_bits), method=solver)
+    allocation = to_allocation(prep, prof, solution, avg_bits)
+    if verify:
+        allocation = allocation.with_measured(
+            measure(prep, allocation, eval_tokens=eval_tokens, progress=progress)
+        )
+    return allocation

@@ -1,0 +1,104 @@
+"""The profiler protocol and the on-disk profile cache."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from bitalloc.formats import QuantFormat
+from bitalloc.models import Unit, cache_root
+from bitalloc.sensitivity.profile import Profile, cache_key
+
+
+class BaseProfiler(ABC):
+    """Estimates what each unit loses under each format.
+
+    Contract for implementations:
+
+    - :meth:`profile` takes the model (not modified: any temporary change is undone before it
+      returns, also on error), the units in network order, the palette, and calibration token
+      windows of shape (n_windows, seq_len). It returns a :class:`Profile` whose rows are the
+      units in the given order and whose columns are the palette's format names in order.
+    - Values are finite and non-negative predicted increases of the language-model loss (mean
+      next-token cross-entropy, in nats) when only that unit takes that format.
+    - ``metadata`` holds at least ``method``, ``tokens`` (calibration tokens used),
+      ``skipped_batches`` and ``seconds``.
+    - :meth:`options` returns every setting that changes the result; it keys the cache, so two
+      profilers with equal options on equal inputs must give equal profiles.
+    - Batches whose statistics are not finite are skipped and counted; when none is usable the
+      profiler raises :class:`~bitalloc.errors.BitallocError`.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def options(self) -> dict[str, Any]:
+        """Settings that determine the result (used in the cache key)."""
+
+    @abstractmethod
+    def profile(
+        self,
+        model: nn.Module,
+        units: Sequence[Unit],
+        palette: Sequence[QuantFormat],
+        calibration: torch.Tensor,
+    ) -> Profile:
+        """Compute the units x formats table of predicted loss increase."""
+
+
+def cached_profile(
+    profiler: BaseProfiler,
+    model: nn.Module,
+    units: Sequence[Unit],
+    palette: Sequence[QuantFormat],
+    calibration: torch.Tensor,
+    *,
+    model_fingerprint: str,
+    calibration_fingerprint: str,
+    use_cache: bool = True,
+) -> Profile:
+    """Return the profile from the cache when one matches, else compute and store it.
+
+    The key covers the method and its options, the model's weights, the palette and the
+    calibration tokens, so a stale profile is never reused.
+    """
+    parts = {
+        "method": profiler.name,
+        "options": profiler.options(),
+        "model": model_fingerprint,
+        "palette": [f.name for f in palette],
+        "units": [u.name for u in units],
+        "calibration": calibration_fingerprint,
+    }
+    path = cache_root() / "profiles" / f"{profiler.name}-{cache_key(parts)}.json"
+    if use_cache and path.is_file():
+        cached = Profile.load(path)
+        return Profile(
+            cached.units,
+            cached.formats,
+            cached.loss,
+            {**cached.metadata, "cache": "hit", "cache_path": str(path)},
+        )
+    start = time.perf_counter()
+    result = profiler.profile(model, units, palette, calibration)
+    metadata = {
+        **result.metadata,
+        "model_fingerprint": model_fingerprint,
+        "calibration_fingerprint": calibration_fingerprint,
+        "palette": [f.name for f in palette],
+        "seconds": result.metadata.get("seconds", time.perf_counter() - start),
+    }
+    result = Profile(result.units, result.formats, result.loss, metadata)
+    if use_cache:
+        result.save(path)
+    return Profile(
+        result.units,
+        result.formats,
+        result.loss,
+        {**metadata, "cache": "miss", "cache_path": str(path) if use_cache else None},
+    )

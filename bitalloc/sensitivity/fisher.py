@@ -1,0 +1,152 @@
+"""Fisher (squared-gradient) sensitivity.
+
+Statistics are gathered first (:meth:`FisherAccumulator.add_batch`, one calibration window per
+backward pass) and then turned into the table in one short step: for unit ``u`` and format
+``f``, ``0.5 * T * sum(F_u * (Q_f(W_u) - W_u) ** 2)`` where ``F_u`` is the mean over windows of
+the squared gradient of the window's mean token loss and ``T`` the tokens predicted per window.
+
+Why ``T``: the squared gradient of a mean over ``T`` tokens is about ``1/T`` of the per-token
+Fisher (cross terms between tokens average out), so multiplying by ``T`` puts the prediction on
+the scale of the mean per-token loss, which is what perplexity measures (ppl = exp(loss)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bitalloc.errors import BitallocError
+from bitalloc.formats import QuantFormat
+from bitalloc.models import Unit, get_linear
+from bitalloc.sensitivity.base import BaseProfiler
+from bitalloc.sensitivity.profile import Profile
+
+
+class FisherAccumulator:
+    """Running mean of squared per-window gradients of every unit's weight."""
+
+    def __init__(self, model: nn.Module, units: Sequence[Unit]):
+        self.model = model
+        self.weights = [get_linear(model, u.name).weight for u in units]
+        self.sums = [torch.zeros_like(w, dtype=torch.float32) for w in self.weights]
+        self.batches = 0
+        self.skipped = 0
+        self.tokens = 0
+
+    def add_batch(self, window: torch.Tensor) -> bool:
+        """Forward and backward one window (1-D or (1, seq_len)); False if it was skipped."""
+        ids = window.reshape(1, -1)
+        for w in self.weights:
+            w.grad = None
+        loss = self.model(input_ids=ids, labels=ids).loss
+        grads = None
+        if torch.isfinite(loss):
+            loss.backward()
+            grads = [w.grad for w in self.weights]
+        if grads is None or any(g is None or not torch.isfinite(g).all() for g in grads):
+            self.skipped += 1
+            return False
+        for acc, g in zip(self.sums, grads):
+            acc.add_(g.detach().float().square())
+        self.batches += 1
+        self.tokens += ids.numel()
+        return True
+
+    def fisher(self) -> list[torch.Tensor]:
+        """Mean squared gradient per unit; fails when no window was usable."""
+        if self.batches == 0:
+            raise BitallocError(
+                f"all {self.skipped} calibration windows gave non-finite gradients; check the "
+                "model's weights (NaN/inf) or use a different calibration text"
+            )
+        return [s / self.batches for s in self.sums]
+
+
+@contextlib.contextmanager
+def _grad_only_for(model: nn.Module, weights: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Enable gradients for ``weights`` alone (skips e.g. the 28M-weight embedding gradient),
+    restoring every flag afterwards."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in saved:
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        model.eval()
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+
+
+class FisherProfiler(BaseProfiler):
+    """Diagonal empirical-Fisher profiler (``fisher``).
+
+    ``tokens`` caps the calibration tokens used (windows are spread evenly over the split).
+    """
+
+    name = "fisher"
+
+    def __init__(self, tokens: int = 8192, progress: bool = True):
+        if tokens <= 0:
+            raise BitallocError(f"calibration tokens must be positive, got {tokens}")
+        self.tokens = tokens
+        self.progress = progress
+
+    def options(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "scaling": "0.5*T*sum(F*dW^2)"}
+
+    def profile(
+        self,
+        model: nn.Module,
+        units: Sequence[Unit],
+        palette: Sequence[QuantFormat],
+        calibration: torch.Tensor,
+    ) -> Profile:
+        start = time.perf_counter()
+        seq_len = calibration.shape[1]
+        n_windows = max(1, min(len(calibration), self.tokens // seq_len))
+        picks = [(i * len(calibration)) // n_windows for i in range(n_windows)]
+        acc = FisherAccumulator(model, units)
+        with _grad_only_for(model, acc.weights):
+            for idx in tqdm(
+                picks, desc="fisher: gradients", unit="window", disable=not self.progress
+            ):
+                acc.add_batch(calibration[idx])
+        fisher = acc.fisher()
+        table = np.zeros((len(units), len(palette)))
+        scale = 0.5 * (seq_len - 1)
+        with torch.no_grad():
+            pairs = tqdm(
+                list(enumerate(zip(acc.weights, fisher))),
+                desc="fisher: formats",
+                unit="unit",
+                disable=not self.progress,
+            )
+            for i, (w, f) in pairs:
+                for j, fmt in enumerate(palette):
+                    dw = fmt.fake_quantize(w.detach()).float() - w.detach().float()
+                    table[i, j] = scale * float((f * dw.square()).sum())
+        return Profile(
+            units=tuple(u.name for u in units),
+            formats=tuple(f.name for f in palette),
+            loss=table,
+            metadata={
+                "method": self.name,
+                "tokens": acc.tokens,
+                "windows": acc.batches,
+                "skipped_batches": acc.skipped,
+                "seq_len": seq_len,
+                "seconds": time.perf_counter() - start,
+            },
+        )

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny random Llama (fast tests) and the real default model (slow tests)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+    "How vexingly quick daft zebras jump! Sphinx of black quartz, judge my vow. "
+) * 40
+
+
+class ByteTokenizer:
+    """Bytes as token ids: enough of the tokenizer interface that bitalloc uses."""
+
+    vocab_size = 256
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 96):
+    """A random LlamaForCausalLM small enough for unit tests (input dims not multiples of 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def byte_tokenizer():
+    return ByteTokenizer()
+
+
+@pytest.fixture
+def text_files(tmp_path):
+    cal = tmp_path / "cal.txt"
+    ev = tmp_path / "eval.txt"
+    cal.write_text(TEXT)
+    ev.write_text(TEXT[::-1])
+    return cal, ev
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Profiles written under a temporary cache root."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("BITALLOC_CACHE_DIR", str(root))
+    return root
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M (loaded once per session; tests must not modify it)."""
+    from bitalloc.models import load_model
+
+    return load_model()

@@ -1,0 +1,104 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bitalloc.cli import main
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "bitalloc.cli", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["allocate", "--model", "/no/such/model", "--avg-bits", "3"], "does not exist"),
+        (["eval", "--allocation", "/no/such.json"], "does not exist"),
+        (["allocate", "--avg-bits", "3", "--formats", "int7-g9"], "unsupported code width"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(args, message):
+    result = _run(*args)
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("bitalloc")]
+    assert len(lines) == 1 and message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_budget_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["allocate"])
+    assert info.value.code == 2
+    assert "--avg-bits" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_budget_out_of_range_on_default_model(capsys):
+    assert main(["allocate", "--avg-bits", "1.5", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "choose a budget between 2.2" in err and "16.0000" in err
+
+
+@pytest.mark.slow
+def test_cli_allocate_verify_writes_json(tmp_path, isolated_cache):
+    out = tmp_path / "alloc.json"
+    code = main(
+        [
+            "allocate",
+            "--avg-bits",
+            "3.25",
+            "--formats",
+            "int2-g64,int3-g128,int4-g128",
+            "--calibration-tokens",
+            "1024",
+            "--eval-tokens",
+            "1024",
+            "--verify",
+            "--quiet",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["budget"] == 3.25 and doc["avg_bits"] <= 3.25
+    assert len(doc["units"]) == 210
+    assert {"name", "format", "bits_per_weight", "numel"} <= doc["units"][0].keys()
+    measured = doc["measured"]
+    assert measured["perplexity"] > 1
+    assert {"fp16", "int4-g128", "int2-g64", "int3-g128"} <= measured["baselines"].keys()
+    profile_out = tmp_path / "p.json"
+    assert (
+        main(
+            [
+                "profile",
+                "--tokens",
+                "512",
+                "--formats",
+                "int2-g64,int3-g128,int4-g128",
+                "--quiet",
+                "--out",
+                str(profile_out),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "allocate",
+                "--avg-bits",
+                "3.5",
+                "--formats",
+                "int2-g64,int3-g128,int4-g128",
+                "--profile",
+                str(profile_out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
