@@ -18,8 +18,8 @@ from torch import nn
 
 from bitalloc.apply import fake_quantize_
 from bitalloc.errors import BitallocError
-from bitalloc.formats import parse_format
-from bitalloc.models import get_linear
+from bitalloc.formats import QuantFormat, parse_format
+from bitalloc.models import Unit, get_linear
 from bitalloc.sensitivity.profile import read_json, write_json_atomic
 
 ALLOCATION_VERSION = 1
@@ -41,6 +41,21 @@ class UnitChoice(_Strict):
     role: str
     group: str
     predicted_loss: float | None = None
+
+    @classmethod
+    def of(cls, unit: Unit, fmt: QuantFormat, predicted_loss: float | None = None) -> UnitChoice:
+        """The record of ``unit`` taking ``fmt`` (bits per weight derived from its shape)."""
+        return cls(
+            name=unit.name,
+            format=fmt.name,
+            bits_per_weight=fmt.bits_per_weight(unit.shape),
+            numel=unit.numel,
+            shape=unit.shape,
+            layer=unit.layer,
+            role=unit.role,
+            group=unit.group,
+            predicted_loss=predicted_loss,
+        )
 
 
 class ExcludedParameter(_Strict):

@@ -25,7 +25,7 @@ from bitalloc.allocation import (
 from bitalloc.apply import fake_quantized
 from bitalloc.data import TextSplits, load_text, tensor_fingerprint, tokenize, windows
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
-from bitalloc.evaluate import perplexity
+from bitalloc.evaluate import Perplexity, perplexity
 from bitalloc.formats import QuantFormat, parse_format, parse_palette
 from bitalloc.models import (
     LoadedModel,
@@ -148,22 +148,10 @@ def to_allocation(
     prep: Prepared, profile: Profile, solution: Solution, budget: float
 ) -> Allocation:
     """Turn a solver's choice into an :class:`Allocation` with its summaries."""
-    choices = []
-    for unit, j in zip(prep.units, solution.choice):
-        fmt = prep.palette[int(j)]
-        choices.append(
-            UnitChoice(
-                name=unit.name,
-                format=fmt.name,
-                bits_per_weight=fmt.bits_per_weight(unit.shape),
-                numel=unit.numel,
-                shape=unit.shape,
-                layer=unit.layer,
-                role=unit.role,
-                group=unit.group,
-                predicted_loss=float(profile.column(fmt.name)[prep.units.index(unit)]),
-            )
-        )
+    choices = [
+        UnitChoice.of(unit, prep.palette[int(j)], float(profile.loss[i, int(j)]))
+        for i, (unit, j) in enumerate(zip(prep.units, solution.choice))
+    ]
     meta = profile.metadata
     return Allocation.from_choices(
         model=prep.loaded.source,
@@ -216,6 +204,20 @@ def baseline_formats(
     return chosen
 
 
+def measure_assignment(
+    prep: Prepared,
+    assignment: dict[str, str],
+    ev: torch.Tensor,
+    *,
+    batch_size: int = 4,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> Perplexity:
+    """Perplexity with ``assignment`` (unit -> format) fake-applied; the model is restored."""
+    with fake_quantized(prep.model, assignment):
+        return perplexity(prep.model, ev, batch_size=batch_size, progress=progress, desc=desc)
+
+
 def measure(
     prep: Prepared,
     allocation: Allocation,
@@ -231,20 +233,24 @@ def measure(
     baselines: dict[str, float] = {}
     baseline_bits: dict[str, float] = {}
     for fmt in baseline_formats(prep.units, prep.palette, allocation.data.budget):
-        with fake_quantized(prep.model, uniform_assignment(prep.units, fmt)):
-            result = perplexity(
-                prep.model,
-                ev,
-                batch_size=batch_size,
-                progress=progress,
-                desc=f"perplexity {fmt.name}",
-            )
+        result = measure_assignment(
+            prep,
+            uniform_assignment(prep.units, fmt),
+            ev,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"perplexity {fmt.name}",
+        )
         baselines[fmt.name] = result.perplexity
         baseline_bits[fmt.name] = sum(fmt.storage_bits(u.shape) for u in prep.units) / numel
-    with fake_quantized(prep.model, allocation.formats):
-        result = perplexity(
-            prep.model, ev, batch_size=batch_size, progress=progress, desc="perplexity allocation"
-        )
+    result = measure_assignment(
+        prep,
+        allocation.formats,
+        ev,
+        batch_size=batch_size,
+        progress=progress,
+        desc="perplexity allocation",
+    )
     return Measured(
         perplexity=result.perplexity,
         baselines=baselines,

@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prepare(args: argparse.Namespace):
+    """Model, units, palette and text from the options every subcommand shares."""
+    from bitalloc.allocator import prepare
+
+    return prepare(
+        args.model,
+        formats=args.formats,
+        calibration=args.calibration,
+        evaluation=args.evaluation,
+        seq_len=args.seq_len,
+    )
+
+
 def _allocate(args: argparse.Namespace) -> None:
     from bitalloc.allocator import allocate
 
@@ -149,15 +162,9 @@ def _print_measured(alloc) -> None:
 
 
 def _profile(args: argparse.Namespace) -> None:
-    from bitalloc.allocator import prepare, profile_model
+    from bitalloc.allocator import profile_model
 
-    prep = prepare(
-        args.model,
-        formats=args.formats,
-        calibration=args.calibration,
-        evaluation=args.evaluation,
-        seq_len=args.seq_len,
-    )
+    prep = _prepare(args)
     prof = profile_model(
         prep,
         args.method,
@@ -176,16 +183,10 @@ def _profile(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from bitalloc.allocation import Allocation
-    from bitalloc.allocator import measure, prepare
+    from bitalloc.allocator import measure
 
     alloc = Allocation.load(args.allocation)
-    prep = prepare(
-        args.model,
-        formats=args.formats,
-        calibration=args.calibration,
-        evaluation=args.evaluation,
-        seq_len=args.seq_len,
-    )
+    prep = _prepare(args)
     alloc = alloc.with_measured(
         measure(prep, alloc, eval_tokens=args.eval_tokens, progress=not args.quiet)
     )

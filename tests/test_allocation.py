@@ -11,22 +11,10 @@ from bitalloc.models import discover_units, get_linear
 
 def _allocation(model, formats=("int2-g32", "int4-g64", "fp16")):
     units = discover_units(model)
-    choices = []
-    for i, u in enumerate(units):
-        fmt = parse_format(formats[i % len(formats)])
-        choices.append(
-            UnitChoice(
-                name=u.name,
-                format=fmt.name,
-                bits_per_weight=fmt.bits_per_weight(u.shape),
-                numel=u.numel,
-                shape=u.shape,
-                layer=u.layer,
-                role=u.role,
-                group=u.group,
-                predicted_loss=0.01 * i,
-            )
-        )
+    choices = [
+        UnitChoice.of(u, parse_format(formats[i % len(formats)]), 0.01 * i)
+        for i, u in enumerate(units)
+    ]
     return Allocation.from_choices(
         model="tiny", budget=8.0, units=choices, excluded={"model.embed_tokens.weight": 256 * 64}
     )

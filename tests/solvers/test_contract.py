@@ -6,7 +6,6 @@ checks without editing this file.
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import numpy as np
@@ -14,21 +13,9 @@ import pytest
 
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
 from bitalloc.solvers import BaseSolver, Problem, Solution, available_solvers, solve
-from bitalloc.solvers.problem import feasibility_tolerance
+from tests.solvers.brute import brute_force
 
 METHODS = sorted(available_solvers())
-
-
-def brute_force(problem: Problem) -> float:
-    """Optimal objective by enumerating every allowed choice (tiny problems only)."""
-    options = [np.flatnonzero(row) for row in problem.allowed]
-    choices = np.array(list(itertools.product(*options)), dtype=np.int64)
-    rows = np.arange(problem.n_units)
-    ok = np.ones(len(choices), dtype=bool)
-    for name, bound in problem.budgets.items():
-        totals = problem.costs[name][rows, choices].sum(axis=1)
-        ok &= totals <= bound + feasibility_tolerance(bound)
-    return float(problem.objective[rows, choices].sum(axis=1)[ok].min())
 
 
 def small_problems() -> list[Problem]:

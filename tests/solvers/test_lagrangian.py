@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 
 import numpy as np
@@ -10,19 +9,7 @@ import pytest
 
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
 from bitalloc.solvers import LagrangianSolver, Problem, solve
-from bitalloc.solvers.problem import feasibility_tolerance
-
-
-def brute_force(problem: Problem) -> float:
-    """Optimal objective by enumerating every allowed choice (tiny problems only)."""
-    options = [np.flatnonzero(row) for row in problem.allowed]
-    choices = np.array(list(itertools.product(*options)), dtype=np.int64)
-    rows = np.arange(problem.n_units)
-    ok = np.ones(len(choices), dtype=bool)
-    for name, bound in problem.budgets.items():
-        totals = problem.costs[name][rows, choices].sum(axis=1)
-        ok &= totals <= bound + feasibility_tolerance(bound)
-    return float(problem.objective[rows, choices].sum(axis=1)[ok].min())
+from tests.solvers.brute import brute_force
 
 
 def random_problem(seed: int, budget_fraction: float) -> Problem:
