@@ -58,22 +58,30 @@ class BaseSolver(abc.ABC):
       with more budgets than :attr:`max_budgets` raises :class:`~bitalloc.errors.BitallocError`.
       Both checks happen in :meth:`solve` before :meth:`_solve` runs.
     * The problem is never modified (its arrays are read-only).
+    * Ties and pins are handled here, not by ``_solve``: :meth:`solve` reduces the problem to
+      one without them (:meth:`Problem.collapsed`), so ``_solve`` sees independent units with an
+      ``allowed`` mask, and maps the choice back. A solver whose ``_solve`` does not optimise
+      interaction terms keeps ``supports_interactions = False`` and is refused such problems.
     """
 
     #: Registered method name, as passed to :func:`solve` (``method="..."``).
     name: ClassVar[str]
     #: Most budgeted costs the method handles; ``None`` means any number.
     max_budgets: ClassVar[int | None] = None
+    #: Whether ``_solve`` optimises pairwise interaction terms.
+    supports_interactions: ClassVar[bool] = False
 
     def solve(self, problem: Problem) -> Solution:
         """Solve ``problem`` and return a feasible :class:`Solution`.
 
-        Checks the problem against the solver's limits, runs :meth:`_solve`, verifies the
-        choice, and fills in objective, resources, gap, status and timing.
+        Checks the problem against the solver's limits, reduces ties and pins, runs
+        :meth:`_solve`, maps the choice back, verifies it, and fills in objective, resources,
+        gap, status and timing.
 
         Raises:
             InfeasibleBudgetError: a budget is below the smallest achievable total.
-            BitallocError: the problem has more budgets than the method supports.
+            BitallocError: the problem has more budgets than the method supports, or
+                interaction terms the method ignores.
         """
         if not isinstance(problem, Problem):
             raise BitallocError(
@@ -84,6 +92,15 @@ class BaseSolver(abc.ABC):
                 f"method {self.name!r} supports at most {self.max_budgets} budget(s) but the "
                 f"problem has {len(problem.budgets)} ({', '.join(map(repr, problem.budgets))}); "
                 "drop budgets or use a method that supports several constraints, e.g. 'ilp'"
+            )
+        if problem.has_interactions and not self.supports_interactions:
+            supported = ", ".join(
+                repr(name) for name, cls in available_solvers().items() if cls.supports_interactions
+            )
+            raise BitallocError(
+                f"method {self.name!r} ignores pairwise interaction terms but the problem has "
+                f"{len(problem.interaction_pairs)}; use a method that optimises them "
+                f"({supported or 'none registered'}) or drop the interactions"
             )
         for cost_name, budget in problem.budgets.items():
             low, high = problem.feasible_range(cost_name)
@@ -96,10 +113,16 @@ class BaseSolver(abc.ABC):
                 )
 
         start = time.perf_counter()
-        output = self._solve(problem)
+        reduced = problem.collapsed()
+        output = self._solve(reduced.problem)
         wall = time.perf_counter() - start
 
-        choice = problem.validate_choice(output.choice)
+        info = dict(output.info)
+        if reduced.identity:
+            choice = problem.validate_choice(output.choice)
+        else:
+            choice = reduced.expand(reduced.problem.validate_choice(output.choice))
+            info["reduced_units"] = reduced.problem.n_units
         problems = problem.violations(choice)
         if problems:
             # The problem was checked above, so this is the solver's fault, not the user's.
@@ -128,7 +151,7 @@ class BaseSolver(abc.ABC):
             gap=gap,
             wall_time_s=wall,
             method=self.name,
-            info=dict(output.info),
+            info=info,
         )
 
     @abc.abstractmethod
@@ -136,7 +159,8 @@ class BaseSolver(abc.ABC):
         """Find a choice for ``problem`` (and a lower bound, if the method has one).
 
         Called only by :meth:`solve`, after the budget count and each budget's feasibility
-        have been checked. Must not modify ``problem`` and must be deterministic.
+        have been checked, with a problem that has no ties and no pins. Must not modify
+        ``problem`` and must be deterministic.
         """
 
 

@@ -1,9 +1,11 @@
-"""The allocation problem (a multiple-choice knapsack) and the solution record.
+"""The allocation problem: a multiple-choice knapsack with ties, pins and interactions.
 
 A :class:`Problem` has ``n`` units (weight matrices) and ``k`` options (quantization formats).
 Every unit takes exactly one allowed option; each option has a predicted objective
 (loss increase) and a cost in every named cost table; some cost tables carry an upper budget.
-Solvers return a :class:`Solution`.
+Units may be pinned to an option or tied into groups that take one option together, and
+pairs of units may add interaction terms to the objective. Solvers return a
+:class:`~bitalloc.solvers.solution.Solution`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,17 @@ from typing import Any
 import numpy as np
 
 from bitalloc.errors import BitallocError
+from bitalloc.solvers.solution import Solution, _read_only
+from bitalloc.solvers.structure import (
+    Collapsed,
+    collapse,
+    interaction_sum,
+    normalise_interactions,
+    normalise_pins,
+    normalise_ties,
+)
+
+__all__ = ["FEASIBILITY_RTOL", "Problem", "Solution", "feasibility_tolerance"]
 
 #: Relative slack allowed when comparing a summed cost with its budget. Sums of many floats
 #: taken in different orders differ in the last bits, so an exact ``<=`` would reject choices
@@ -26,13 +39,6 @@ FEASIBILITY_RTOL = 1e-9
 def feasibility_tolerance(budget: float) -> float:
     """Absolute amount by which a summed cost may exceed ``budget`` and still count as within it."""
     return FEASIBILITY_RTOL * max(1.0, abs(budget))
-
-
-def _read_only(array: np.ndarray) -> np.ndarray:
-    # Copy first so the caller's array is neither frozen nor able to change ours later.
-    out = np.array(array, copy=True)
-    out.setflags(write=False)
-    return out
 
 
 def _float_table(label: str, value: Any) -> np.ndarray:
@@ -71,8 +77,10 @@ def _names(label: str, names: Sequence[str] | None, expected: int) -> tuple[str,
 class Problem:
     """A multiple-choice knapsack: pick one allowed option per unit, minimising the objective.
 
-    Minimise ``sum_i objective[i, choice[i]]`` subject to, for every ``name`` in ``budgets``,
-    ``sum_i costs[name][i, choice[i]] <= budgets[name]`` and ``allowed[i, choice[i]]``.
+    Minimise ``sum_i objective[i, x_i] + sum_(a,b) interactions[a,b][x_a, x_b]`` subject to,
+    for every ``name`` in ``budgets``, ``sum_i costs[name][i, x_i] <= budgets[name]``,
+    ``allowed[i, x_i]``, ``x_i == pins[i]`` for pinned units, and ``x_a == x_b`` for units in
+    one tie group.
 
     Everything is validated at construction and stored as read-only float64 (bool for
     ``allowed``) copies; invalid input raises :class:`~bitalloc.errors.BitallocError`.
@@ -87,6 +95,16 @@ class Problem:
             this attribute is always a bool array. Every unit needs one allowed option.
         unit_names: Optional ``n`` strings, used in messages.
         option_names: Optional ``k`` strings, used in messages.
+        pins: Optional ``{unit: option}`` (indices, or names when names are given). Stored as
+            ``{unit index: option index}``. A pin must be an allowed option.
+        ties: Optional groups of units that must take the same option (fused q/k/v or
+            gate/up kernels). Overlapping groups are merged; stored as sorted, disjoint tuples
+            of unit indices. Tied units need identical ``allowed`` rows and compatible pins.
+        interactions: Optional pairwise terms: ``{(unit_a, unit_b): (k, k) table}`` or a list
+            of ``(unit_a, unit_b, table)``; ``table[p, q]`` is added when ``unit_a`` takes
+            option ``p`` and ``unit_b`` option ``q``. Stored canonically as
+            :attr:`interaction_pairs` and :attr:`interaction_values`; ``interactions`` itself
+            becomes a list of ``(a, b, table)`` with ``a < b``.
     """
 
     objective: np.ndarray
@@ -95,6 +113,9 @@ class Problem:
     allowed: np.ndarray | None = None
     unit_names: Sequence[str] | None = None
     option_names: Sequence[str] | None = None
+    pins: Mapping[Any, Any] | None = None
+    ties: Sequence[Sequence[Any]] | None = None
+    interactions: Any = None
 
     def __post_init__(self) -> None:
         objective = _float_table("objective", self.objective)
@@ -183,22 +204,66 @@ class Problem:
                 "all); allow at least one option per unit"
             )
 
+        names = (self.unit_names, self.option_names)
+        pins = normalise_pins(self.pins, allowed, *names, self.unit_label)
+        ties = normalise_ties(self.ties, allowed, pins, *names, self.unit_label)
+        pairs, values = normalise_interactions(self.interactions, (n, k), self.unit_names)
+
         object.__setattr__(self, "objective", _read_only(objective))
         object.__setattr__(self, "costs", costs)
         object.__setattr__(self, "budgets", budgets)
         object.__setattr__(self, "allowed", _read_only(allowed))
+        object.__setattr__(self, "pins", pins)
+        object.__setattr__(self, "ties", ties)
+        pairs, values = _read_only(pairs), _read_only(values)
+        listed = [(int(a), int(b), table) for (a, b), table in zip(pairs, values)]
+        object.__setattr__(self, "interactions", listed)
+        object.__setattr__(self, "_pairs", pairs)
+        object.__setattr__(self, "_values", values)
+        object.__setattr__(self, "_collapsed", None)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuild through the constructor so unpickled arrays are read-only again (pickle
         # does not keep numpy's write flag); this matters when problems are shipped to workers.
         fields = (self.objective, self.costs, self.budgets, self.allowed)
-        return (type(self), (*fields, self.unit_names, self.option_names))
+        structure = (self.pins, self.ties, self.interactions or None)
+        return (type(self), (*fields, self.unit_names, self.option_names, *structure))
 
     def __repr__(self) -> str:
+        extras = ""
+        if self.pins:
+            extras += f", pins={len(self.pins)}"
+        if self.ties:
+            extras += f", ties={len(self.ties)}"
+        if self.has_interactions:
+            extras += f", interactions={len(self._pairs)}"
         return (
             f"Problem(n_units={self.n_units}, n_options={self.n_options}, "
-            f"costs={list(self.costs)}, budgets={dict(self.budgets)})"
+            f"costs={list(self.costs)}, budgets={dict(self.budgets)}{extras})"
         )
+
+    # -- structure ------------------------------------------------------------------------
+
+    @property
+    def interaction_pairs(self) -> np.ndarray:
+        """``(m, 2)`` int64 unit pairs ``(a, b)`` with ``a < b``, sorted, without repeats."""
+        return self._pairs
+
+    @property
+    def interaction_values(self) -> np.ndarray:
+        """``(m, k, k)`` tables: pair ``p`` adds ``values[p, x_a, x_b]`` to the objective."""
+        return self._values
+
+    @property
+    def has_interactions(self) -> bool:
+        """Whether any pairwise interaction term exists."""
+        return self._pairs.shape[0] > 0
+
+    def collapsed(self) -> Collapsed:
+        """The equivalent problem without ties and pins, and the map back (cached)."""
+        if self._collapsed is None:
+            object.__setattr__(self, "_collapsed", collapse(self))
+        return self._collapsed
 
     # -- naming helpers -------------------------------------------------------------------
 
@@ -254,9 +319,10 @@ class Problem:
         return arr
 
     def objective_of(self, choice: Any) -> float:
-        """Sum of the objective at ``choice`` (one option index per unit)."""
+        """Objective at ``choice`` (one option index per unit), interaction terms included."""
         arr = self.validate_choice(choice)
-        return float(self.objective[np.arange(self.n_units), arr].sum())
+        linear = float(self.objective[np.arange(self.n_units), arr].sum())
+        return linear + interaction_sum(self._pairs, self._values, arr)
 
     def resources(self, choice: Any) -> dict[str, float]:
         """Total of every cost table (budgeted or not) at ``choice``."""
@@ -265,7 +331,9 @@ class Problem:
         return {name: float(table[rows, arr].sum()) for name, table in self.costs.items()}
 
     def violations(self, choice: Any) -> list[str]:
-        """Messages for every way ``choice`` breaks the mask or a budget; empty if feasible.
+        """Messages for every way ``choice`` breaks the mask, a pin, a tie or a budget.
+
+        Empty if ``choice`` is feasible.
 
         A budget counts as met when the total exceeds it by at most
         :func:`feasibility_tolerance` (rounding of long float sums).
@@ -278,6 +346,19 @@ class Problem:
             problems.append(
                 f"{int(banned.sum())} unit(s) take a disallowed option, first "
                 f"{self._where(i, arr[i])}"
+            )
+        pinned = [i for i, j in self.pins.items() if arr[i] != j]
+        if pinned:
+            i = pinned[0]
+            problems.append(
+                f"{len(pinned)} pinned unit(s) take another option, first {self.unit_label(i)} "
+                f"takes {self.option_label(arr[i])} instead of {self.option_label(self.pins[i])}"
+            )
+        split = [g for g in self.ties if len(set(arr[list(g)].tolist())) > 1]
+        if split:
+            problems.append(
+                f"{len(split)} tie group(s) take different options, first the group of "
+                f"{self.unit_label(split[0][0])}"
             )
         totals = self.resources(arr)
         for name, bound in self.budgets.items():
@@ -306,97 +387,22 @@ class Problem:
         return self.costs[name]
 
     def min_resource(self, name: str) -> float:
-        """Smallest achievable total of cost ``name``: every unit at its cheapest allowed option."""
-        table = np.where(self.allowed, self._cost(name), np.inf)
+        """Smallest achievable total of cost ``name`` on its own (ignoring other budgets).
+
+        Every unit (tie group) at its cheapest allowed option, pins respected.
+        """
+        self._cost(name)
+        reduced = self.collapsed().problem
+        table = np.where(reduced.allowed, reduced.costs[name], np.inf)
         return float(table.min(axis=1).sum())
 
     def max_resource(self, name: str) -> float:
-        """Largest achievable total of cost ``name``: every unit at its dearest allowed option."""
-        table = np.where(self.allowed, self._cost(name), -np.inf)
+        """Largest achievable total of cost ``name``: every unit (group) at its dearest option."""
+        self._cost(name)
+        reduced = self.collapsed().problem
+        table = np.where(reduced.allowed, reduced.costs[name], -np.inf)
         return float(table.max(axis=1).sum())
 
     def feasible_range(self, name: str) -> tuple[float, float]:
         """``(min_resource(name), max_resource(name))``."""
         return self.min_resource(name), self.max_resource(name)
-
-
-def _jsonable(value: Any) -> Any:
-    """Plain-Python copy of ``value`` that :func:`json.dumps` accepts (non-finite -> None)."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
-
-
-@dataclass(frozen=True, eq=False)
-class Solution:
-    """What a solver returns.
-
-    Attributes:
-        choice: ``(n,)`` int64 option index per unit (read-only).
-        objective: Objective at ``choice``.
-        resources: Total of every cost table at ``choice``.
-        status: ``"optimal"`` when proven optimal (``gap`` within a tiny tolerance),
-            otherwise ``"feasible"``. A returned solution is always feasible.
-        lower_bound: Certified lower bound on the optimum, or ``None`` if the method has none.
-        gap: ``objective - lower_bound`` (>= 0), or ``None`` without a bound.
-        wall_time_s: Seconds spent in the solver.
-        method: Registered name of the solver.
-        info: Method-specific extras (plain numbers and strings).
-    """
-
-    choice: np.ndarray
-    objective: float
-    resources: dict[str, float]
-    status: str
-    lower_bound: float | None
-    gap: float | None
-    wall_time_s: float
-    method: str
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "choice", _read_only(np.asarray(self.choice, dtype=np.int64)))
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict (``choice`` as a list; non-finite numbers become ``None``)."""
-        return {
-            "choice": [int(c) for c in self.choice],
-            "objective": _jsonable(self.objective),
-            "resources": _jsonable(self.resources),
-            "status": self.status,
-            "lower_bound": _jsonable(self.lower_bound),
-            "gap": _jsonable(self.gap),
-            "wall_time_s": float(self.wall_time_s),
-            "method": self.method,
-            "info": _jsonable(self.info),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Solution:
-        """Inverse of :meth:`to_dict`."""
-        try:
-            return cls(
-                choice=np.asarray(data["choice"], dtype=np.int64),
-                objective=float(data["objective"]),
-                resources={str(k): float(v) for k, v in data["resources"].items()},
-                status=str(data["status"]),
-                lower_bound=None if data["lower_bound"] is None else float(data["lower_bound"]),
-                gap=None if data["gap"] is None else float(data["gap"]),
-                wall_time_s=float(data["wall_time_s"]),
-                method=str(data["method"]),
-                info=dict(data.get("info", {})),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BitallocError(f"not a serialised Solution: {exc!r}") from exc
