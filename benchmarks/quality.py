@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from bitalloc.allocator import (
+    allocation_for,
     build_problem,
     measure_assignment,
     prepare,
     profile_model,
-    to_allocation,
     uniform_assignment,
 )
 from bitalloc.formats import parse_format
@@ -82,7 +82,7 @@ def main() -> None:
         t = time.perf_counter()
         solution = solve(problem, method="lagrangian")
         solve_ms[budget] = (time.perf_counter() - t) * 1000
-        alloc = to_allocation(prep, profile, solution, budget)
+        alloc = allocation_for(prep, profile, solution, budget)
         ppl = measure_assignment(prep, alloc.formats, ev).perplexity
         rows.append((f"allocation @ {budget:g}", alloc.avg_bits, ppl, alloc.data.predicted_loss))
         print(rows[-1], flush=True)

@@ -18,9 +18,9 @@ from torch import nn
 
 from bitalloc.apply import fake_quantize_
 from bitalloc.errors import BitallocError
+from bitalloc.fileio import read_json, write_json_atomic
 from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.models import Unit, get_linear
-from bitalloc.sensitivity.profile import read_json, write_json_atomic
 
 ALLOCATION_VERSION = 1
 

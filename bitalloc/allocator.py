@@ -7,24 +7,21 @@ This is the one module that ties profiling, solving and evaluation together.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from bitalloc.allocation import (
     Allocation,
     Measured,
-    ProfileSummary,
-    SolverSummary,
-    UnitChoice,
 )
 from bitalloc.apply import fake_quantized
 from bitalloc.data import TextSplits, load_text, tensor_fingerprint, tokenize, windows
-from bitalloc.errors import BitallocError, InfeasibleBudgetError
+from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Perplexity, perplexity
 from bitalloc.formats import QuantFormat, parse_format, parse_palette
 from bitalloc.models import (
@@ -35,8 +32,32 @@ from bitalloc.models import (
     load_model,
     model_fingerprint,
 )
+from bitalloc.planning import (
+    Frontier,
+    FrontierPoint,
+    build_problem,
+    check_budget,
+    describe_units,
+    feasible_avg_bits,
+    to_allocation,
+)
 from bitalloc.sensitivity import Profile, cached_profile, make_profiler
-from bitalloc.solvers import Problem, Solution, solve
+from bitalloc.solvers import Solution, solve
+
+__all__ = [
+    "Prepared",
+    "allocate",
+    "allocation_for",
+    "baseline_formats",
+    "build_problem",
+    "feasible_avg_bits",
+    "measure",
+    "measure_assignment",
+    "measure_frontier",
+    "prepare",
+    "profile_model",
+    "uniform_assignment",
+]
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_CALIBRATION_TOKENS = 8192
@@ -85,95 +106,16 @@ def prepare(
     return Prepared(loaded, units, palette, text, seq_len)
 
 
-def cost_table(units: Sequence[Unit], palette: Sequence[QuantFormat]) -> np.ndarray:
-    """Exact stored bits of every unit under every format, (n_units, n_formats)."""
-    return np.array([[f.storage_bits(u.shape) for f in palette] for u in units], dtype=np.float64)
-
-
-def feasible_avg_bits(units: Sequence[Unit], palette: Sequence[QuantFormat]) -> tuple[float, float]:
-    """Lowest and highest achievable average bits per weight for these units."""
-    costs = cost_table(units, palette)
-    numel = sum(u.numel for u in units)
-    return float(costs.min(axis=1).sum() / numel), float(costs.max(axis=1).sum() / numel)
-
-
-def check_budget(avg_bits: float, units: Sequence[Unit], palette: Sequence[QuantFormat]) -> None:
-    """Raise :class:`InfeasibleBudgetError` naming the feasible range if ``avg_bits`` is outside."""
-    if (
-        isinstance(avg_bits, bool)
-        or not isinstance(avg_bits, (int, float))
-        or not math.isfinite(avg_bits)
-    ):
-        raise BitallocError(
-            f"avg_bits must be a finite number of bits per weight, got {avg_bits!r}"
-        )
-    lo, hi = feasible_avg_bits(units, palette)
-    if avg_bits < lo - 1e-12 or avg_bits > hi + 1e-12:
-        raise InfeasibleBudgetError(
-            f"avg_bits={avg_bits:g} is outside what this palette can reach on this model: choose "
-            f"a budget between {lo:.4f} (every unit at its cheapest format) and {hi:.4f} "
-            f"(every unit at its richest)",
-            feasible_range=(lo, hi),
-        )
-
-
-def build_problem(
-    units: Sequence[Unit], palette: Sequence[QuantFormat], profile: Profile, avg_bits: float
-) -> Problem:
-    """The multiple-choice knapsack: profile losses, exact bit costs, one bits budget."""
-    names = [u.name for u in units]
-    formats = [f.name for f in palette]
-    if list(profile.units) != names:
-        raise BitallocError(
-            "the profile's units do not match this model's units; re-profile this model or pass "
-            "the profile made for it"
-        )
-    missing = [f for f in formats if f not in profile.formats]
-    if missing:
-        raise BitallocError(
-            f"the profile has no column for {missing}; re-profile with this palette"
-        )
-    objective = np.stack([profile.column(f) for f in formats], axis=1)
-    numel = sum(u.numel for u in units)
-    return Problem(
-        objective=objective,
-        costs={"bits": cost_table(units, palette)},
-        budgets={"bits": avg_bits * numel},
-        unit_names=names,
-        option_names=formats,
-    )
-
-
-def to_allocation(
-    prep: Prepared, profile: Profile, solution: Solution, budget: float
-) -> Allocation:
-    """Turn a solver's choice into an :class:`Allocation` with its summaries."""
-    choices = [
-        UnitChoice.of(unit, prep.palette[int(j)], float(profile.loss[i, int(j)]))
-        for i, (unit, j) in enumerate(zip(prep.units, solution.choice))
-    ]
-    meta = profile.metadata
-    return Allocation.from_choices(
+def allocation_for(prep: Prepared, profile: Profile, solution: Solution, budget: float):
+    """The :class:`Allocation` of a solver's choice on the prepared model."""
+    return to_allocation(
+        prep.units,
+        prep.palette,
+        profile,
+        solution,
+        budget,
         model=prep.loaded.source,
-        budget=budget,
-        units=choices,
         excluded=excluded_parameters(prep.model, prep.units),
-        solver=SolverSummary(
-            method=solution.method,
-            status=solution.status,
-            objective=solution.objective,
-            lower_bound=solution.lower_bound,
-            gap=solution.gap,
-            wall_time_s=solution.wall_time_s,
-        ),
-        profile=ProfileSummary(
-            method=str(meta.get("method", "unknown")),
-            tokens=meta.get("tokens"),
-            seconds=meta.get("seconds"),
-            model_fingerprint=meta.get("model_fingerprint"),
-            calibration_fingerprint=meta.get("calibration_fingerprint"),
-            cache=meta.get("cache"),
-        ),
     )
 
 
@@ -270,10 +212,14 @@ def profile_model(
     use_cache: bool = True,
     progress: bool = True,
 ) -> Profile:
-    """Profile the prepared model (cached on disk, keyed by model, palette and calibration)."""
+    """Profile the prepared model (cached on disk, keyed by model, palette and calibration).
+
+    The profile's metadata also describes the units, the model and the parameters left out,
+    so that it can be solved later without the model (:mod:`bitalloc.planning`).
+    """
     cal = prep.calibration_windows()
     prof = make_profiler(profiler, tokens=calibration_tokens, progress=progress)
-    return cached_profile(
+    result = cached_profile(
         prof,
         prep.model,
         prep.units,
@@ -283,6 +229,12 @@ def profile_model(
         calibration_fingerprint=tensor_fingerprint(cal),
         use_cache=use_cache,
     )
+    described = {
+        "model": prep.loaded.source,
+        "unit_info": describe_units(prep.units),
+        "excluded": excluded_parameters(prep.model, prep.units),
+    }
+    return Profile(result.units, result.formats, result.loss, {**result.metadata, **described})
 
 
 def allocate(
@@ -291,6 +243,9 @@ def allocate(
     *,
     profiler: str = "fisher",
     solver: str = "lagrangian",
+    ties: str | Sequence[str] | None = None,
+    max_bytes: float | None = None,
+    solver_options: Mapping[str, Any] | None = None,
     formats: Sequence[str | QuantFormat] | str | None = None,
     calibration: str | Path | Sequence[str | Path] | None = None,
     evaluation: str | Path | Sequence[str | Path] | None = None,
@@ -309,8 +264,12 @@ def allocate(
     ``model`` is an ``nn.Module`` (pass ``tokenizer`` if it cannot be found from the model), a
     Hugging Face directory, a ``.gguf`` file, or None for the embedded default model.
     ``calibration`` / ``evaluation`` are text files (default: ``pydoc_data.topics`` splits).
-    ``profile`` reuses a saved profile instead of profiling. With ``verify`` the allocation's
-    perplexity is measured on ``eval_tokens`` evaluation tokens beside uniform baselines.
+    ``profile`` reuses a saved profile instead of profiling. ``solver`` is any registered
+    method (``lagrangian``, ``dp``, ``ilp``, ``qp``, ...). ``ties`` ties fused projections
+    (``"qkv"``, ``"gateup"``) to one format; ``max_bytes`` adds a bound on the units' stored
+    bytes; ``solver_options`` go to the solver (e.g. ``{"time_limit": 30}``). With ``verify``
+    the allocation's perplexity is measured on ``eval_tokens``
+    evaluation tokens beside uniform baselines.
     """
     if avg_bits is None:
         raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
@@ -333,10 +292,47 @@ def allocate(
         )
     else:
         prof = profile if isinstance(profile, Profile) else Profile.load(profile)
-    solution = solve(build_problem(prep.units, prep.palette, prof, avg_bits), method=solver)
-    allocation = to_allocation(prep, prof, solution, avg_bits)
+    problem = build_problem(
+        prep.units, prep.palette, prof, avg_bits, max_bytes=max_bytes, ties=ties
+    )
+    allocation = allocation_for(
+        prep, prof, solve(problem, method=solver, **dict(solver_options or {})), avg_bits
+    )
     if verify:
         allocation = allocation.with_measured(
             measure(prep, allocation, eval_tokens=eval_tokens, progress=progress)
         )
     return allocation
+
+
+def measure_frontier(
+    prep: Prepared,
+    front: Frontier,
+    *,
+    eval_tokens: int | None,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> Frontier:
+    """Measure every frontier point's perplexity (and unquantized fp16) on one evaluation set."""
+    ev = prep.evaluation_windows(eval_tokens)
+    fp16 = measure_assignment(
+        prep,
+        uniform_assignment(prep.units, "fp16"),
+        ev,
+        batch_size=batch_size,
+        progress=progress,
+        desc="perplexity fp16",
+    ).perplexity
+    points = []
+    for point in front.points:
+        point.allocation.check_model(prep.model)
+        result = measure_assignment(
+            prep,
+            point.allocation.formats,
+            ev,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"perplexity @ {point.budget:g} bits",
+        )
+        points.append(FrontierPoint(point.budget, point.allocation, result.perplexity))
+    return Frontier(tuple(points), front.method, front.ties, fp16)

@@ -1,4 +1,4 @@
-"""Command line: ``bitalloc allocate | profile | eval``.
+"""Command line: ``bitalloc allocate | profile | solve | frontier | eval``.
 
 Errors in the user's input print one line (``bitalloc: error: ...``) and exit with status 2;
 no traceback.
@@ -7,8 +7,10 @@ no traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from bitalloc.errors import BitallocError
 
@@ -44,6 +46,56 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _solver_options(p: argparse.ArgumentParser, method_flag: str) -> None:
+    p.add_argument(
+        method_flag,
+        default="lagrangian",
+        help="solver: lagrangian (default), dp, ilp, qp, or any registered method",
+    )
+    p.add_argument(
+        "--tie",
+        default=None,
+        metavar="KINDS",
+        help="tie fused projections to one format: qkv, gateup or qkv,gateup",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="solver option, repeatable (e.g. --option time_limit=30 --option backend=cp-sat); "
+        "VALUE is read as JSON when it parses, else as a string",
+    )
+
+
+def _budget_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "--avg-bits",
+        type=float,
+        required=required,
+        help="budget: average stored bits per weight of the allocated matrices",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=float,
+        default=None,
+        help="budget: stored bytes of the allocated matrices (codes, scales, zeros)",
+    )
+
+
+def _parse_options(items: Sequence[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BitallocError(f"--option {item!r}: write KEY=VALUE, e.g. time_limit=30")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and documentation)."""
     parser = argparse.ArgumentParser(
@@ -53,12 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("allocate", help="choose a format per weight matrix under a bit budget")
     _common(a)
-    a.add_argument(
-        "--avg-bits",
-        type=float,
-        required=True,
-        help="budget: average stored bits per weight of the allocated matrices",
-    )
+    _budget_options(a, required=True)
     a.add_argument("--profiler", default="fisher", help="sensitivity profiler (default fisher)")
     a.add_argument(
         "--profile",
@@ -66,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="reuse a saved profile (from `bitalloc profile`) instead of profiling",
     )
-    a.add_argument("--solver", default="lagrangian", help="solver (default lagrangian)")
+    _solver_options(a, "--solver")
     a.add_argument(
         "--calibration-tokens",
         type=int,
@@ -94,6 +141,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the profile JSON")
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached profiles")
+
+    s = sub.add_parser(
+        "solve", help="allocate from a saved profile, or solve a problem file, without a model"
+    )
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", metavar="FILE", help="profile JSON from `bitalloc profile`")
+    source.add_argument(
+        "--problem",
+        metavar="FILE",
+        help="problem file (.json or .npz, see bitalloc.solvers.io); budgets come from the file",
+    )
+    _budget_options(s, required=False)
+    _solver_options(s, "--method")
+    s.add_argument("--formats", default=None, help="restrict the palette to these profile columns")
+    s.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE",
+        help="write the allocation (with --profile) or the solution (with --problem) as JSON",
+    )
+    s.add_argument("--units", action="store_true", help="print every unit, not one row per layer")
+
+    f = sub.add_parser("frontier", help="predicted loss (and perplexity) against many budgets")
+    _common(f)
+    f.add_argument(
+        "--profile",
+        default=None,
+        metavar="FILE",
+        help="saved profile (default: profile the model, cached)",
+    )
+    f.add_argument(
+        "--budgets",
+        default="2.5:4.5:0.25",
+        help="average bits: start:stop:step or a comma list (default 2.5:4.5:0.25)",
+    )
+    _solver_options(f, "--method")
+    f.add_argument("--profiler", default="fisher", help="profiler when profiling (default fisher)")
+    f.add_argument("--calibration-tokens", type=int, default=8192, help="(default 8192)")
+    f.add_argument("--verify", action="store_true", help="measure every point's perplexity")
+    f.add_argument(
+        "--eval-tokens", type=int, default=4096, help="evaluation tokens for --verify (4096)"
+    )
+    f.add_argument("--out", default=None, metavar="FILE", help="write the frontier as JSON")
+    f.add_argument("--no-cache", action="store_true", help="do not read or write cached profiles")
 
     e = sub.add_parser("eval", help="measure the perplexity of a saved allocation")
     _common(e)
@@ -123,6 +214,9 @@ def _allocate(args: argparse.Namespace) -> None:
         args.avg_bits,
         profiler=args.profiler,
         solver=args.solver,
+        ties=args.tie,
+        max_bytes=args.max_bytes,
+        solver_options=_parse_options(args.option),
         formats=args.formats,
         calibration=args.calibration,
         evaluation=args.evaluation,
@@ -134,7 +228,16 @@ def _allocate(args: argparse.Namespace) -> None:
         use_cache=not args.no_cache,
         progress=not args.quiet,
     )
-    print(alloc.table() if args.units else alloc.layer_table())
+    _print_allocation(alloc, units=args.units)
+    if alloc.measured is not None:
+        _print_measured(alloc)
+    if args.out:
+        alloc.save(args.out)
+        print(f"wrote {args.out}")
+
+
+def _print_allocation(alloc, *, units: bool) -> None:
+    print(alloc.table() if units else alloc.layer_table())
     solver = alloc.data.solver
     if solver is not None:
         gap = "n/a" if solver.gap is None else f"{solver.gap:.3g}"
@@ -142,10 +245,89 @@ def _allocate(args: argparse.Namespace) -> None:
             f"solver {solver.method}: {solver.status}, objective {solver.objective:.5g}, "
             f"gap {gap}, {solver.wall_time_s * 1000:.1f} ms"
         )
-    if alloc.measured is not None:
-        _print_measured(alloc)
+
+
+def _solve(args: argparse.Namespace) -> None:
+    options = _parse_options(args.option)
+    if args.problem:
+        from bitalloc.fileio import write_json_atomic
+        from bitalloc.solvers import solve
+        from bitalloc.solvers.io import load_problem
+
+        if args.avg_bits is not None or args.max_bytes is not None or args.tie or args.formats:
+            raise BitallocError(
+                "--problem files carry their own budgets and ties; drop --avg-bits, "
+                "--max-bytes, --tie and --formats (or edit the file)"
+            )
+        sol = solve(load_problem(args.problem), method=args.method, **options)
+        gap = "n/a" if sol.gap is None else f"{sol.gap:.3g}"
+        used = ", ".join(f"{k} {v:.10g}" for k, v in sol.resources.items())
+        print(
+            f"{sol.method}: {sol.status}, objective {sol.objective:.10g}, gap {gap}, "
+            f"{sol.wall_time_s * 1000:.1f} ms; {used}"
+        )
+        if args.out:
+            write_json_atomic(args.out, sol.to_dict())
+            print(f"wrote {args.out}")
+        return
+    from bitalloc.planning import solve_profile
+    from bitalloc.sensitivity import Profile
+
+    if args.avg_bits is None and args.max_bytes is None:
+        raise BitallocError("give a budget: --avg-bits and/or --max-bytes")
+    alloc = solve_profile(
+        Profile.load(args.profile),
+        args.avg_bits,
+        max_bytes=args.max_bytes,
+        method=args.method,
+        ties=args.tie,
+        formats=args.formats,
+        options=options,
+    )
+    _print_allocation(alloc, units=args.units)
+    print(f"{alloc.avg_bits:.4f} bits per weight, {alloc.data.bytes:,.0f} bytes")
     if args.out:
         alloc.save(args.out)
+        print(f"wrote {args.out}")
+
+
+def _frontier(args: argparse.Namespace) -> None:
+    from bitalloc.allocator import measure_frontier, profile_model
+    from bitalloc.fileio import write_json_atomic
+    from bitalloc.planning import frontier, parse_budgets
+    from bitalloc.sensitivity import Profile
+
+    parse_budgets(args.budgets)  # fail on a bad spec before loading anything
+    options = _parse_options(args.option)
+    prep = None
+    if args.profile:
+        prof = Profile.load(args.profile)
+    else:
+        prep = _prepare(args)
+        prof = profile_model(
+            prep,
+            args.profiler,
+            calibration_tokens=args.calibration_tokens,
+            use_cache=not args.no_cache,
+            progress=not args.quiet,
+        )
+    units = prep.units if prep is not None else None
+    formats = [f.name for f in prep.palette] if prep is not None else args.formats
+    front = frontier(
+        prof,
+        args.budgets,
+        method=args.method,
+        ties=args.tie,
+        formats=formats,
+        units=units,
+        options=options,
+    )
+    if args.verify:
+        prep = prep or _prepare(args)
+        front = measure_frontier(prep, front, eval_tokens=args.eval_tokens, progress=not args.quiet)
+    print(front.table())
+    if args.out:
+        write_json_atomic(args.out, front.to_json())
         print(f"wrote {args.out}")
 
 
@@ -196,7 +378,13 @@ def _eval(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bitalloc`` console script."""
     args = build_parser().parse_args(argv)
-    handlers = {"allocate": _allocate, "profile": _profile, "eval": _eval}
+    handlers = {
+        "allocate": _allocate,
+        "profile": _profile,
+        "solve": _solve,
+        "frontier": _frontier,
+        "eval": _eval,
+    }
     try:
         handlers[args.command](args)
     except BitallocError as exc:

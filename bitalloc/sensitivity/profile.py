@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from bitalloc.errors import BitallocError
+from bitalloc.fileio import read_json, write_json_atomic
 
 PROFILE_VERSION = 1
 
@@ -97,30 +96,6 @@ def cache_key(parts: dict[str, Any]) -> str:
     """A stable hash of everything that determines a profile."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path, what: str) -> Any:
-    """Load a JSON file, turning missing files and syntax errors into :class:`BitallocError`."""
-    if not path.is_file():
-        raise BitallocError(f"{what} file {path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BitallocError(f"{what} file {path} is not valid JSON: {exc}") from None
 
 
 def finite_or_none(x: float | None) -> float | None:

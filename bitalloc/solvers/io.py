@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from bitalloc.errors import BitallocError
+from bitalloc.fileio import write_atomic, write_json_atomic
 from bitalloc.solvers.problem import Problem
 from bitalloc.solvers.solution import _jsonable
 
@@ -207,21 +207,9 @@ def _suffix(path: Path) -> str:
 def save_problem(problem: Problem, path: str | os.PathLike[str]) -> Path:
     """Write ``problem`` to ``path`` (``.json`` or ``.npz``) atomically; return the path."""
     path = Path(path)
-    suffix = _suffix(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            if suffix == ".json":
-                text = json.dumps(problem_to_dict(problem), allow_nan=False)
-                handle.write(text.encode())
-            else:
-                np.savez_compressed(handle, **_npz_arrays(problem))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    if _suffix(path) == ".json":
+        return write_json_atomic(path, problem_to_dict(problem))
+    return write_atomic(path, lambda handle: np.savez_compressed(handle, **_npz_arrays(problem)))
 
 
 def load_problem(path: str | os.PathLike[str]) -> Problem:
