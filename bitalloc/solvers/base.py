@@ -70,6 +70,9 @@ class BaseSolver(abc.ABC):
     max_budgets: ClassVar[int | None] = None
     #: Whether ``_solve`` optimises pairwise interaction terms.
     supports_interactions: ClassVar[bool] = False
+    #: Whether the method, with default options, proves optimality (status ``"optimal"``) on
+    #: small problems whose budgeted costs are integers. The contract suite holds it to that.
+    exact: ClassVar[bool] = False
 
     def solve(self, problem: Problem) -> Solution:
         """Solve ``problem`` and return a feasible :class:`Solution`.

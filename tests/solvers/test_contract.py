@@ -121,3 +121,85 @@ def test_to_dict_is_json(method):
     assert back.objective == sol.objective
     assert back.status == sol.status
     assert back.method == method
+
+
+def structured_problems(cls) -> list[Problem]:
+    """Small instances with ties, pins, as many budgets as the method takes (up to 3), and
+    interactions when it optimises them; budgeted costs are integers."""
+    problems = []
+    budgets_max = 3 if cls.max_budgets is None else min(3, cls.max_budgets)
+    for seed in range(10):
+        rng = np.random.default_rng(2000 + seed)
+        n, k = int(rng.integers(3, 8)), int(rng.integers(2, 5))
+        allowed = rng.random((n, k)) < 0.8
+        allowed[:, 0] = True
+        ties = [[0, 1]] if seed % 2 else ([[0, 2], [3, n - 1]] if n > 4 else [[1, 2]])
+        for group in ties:
+            allowed[group] = allowed[group[0]]
+        pins = {int(rng.integers(0, n)): 0} if seed % 3 == 0 else {}
+        objective = rng.exponential(1.0, (n, k))
+        names = [f"c{c}" for c in range(1 + seed % budgets_max)]
+        costs = {name: rng.integers(1, 9, (n, k)).astype(float) for name in names}
+        interactions = None
+        if cls.supports_interactions and seed % 2 == 0:
+            interactions = {
+                (0, n - 1): rng.normal(0, 0.5, (k, k)),
+                (1, 2): rng.normal(0, 1, (k, k)),
+            }
+        base = Problem(objective, costs, {}, allowed, pins=pins, ties=ties)
+        budgets = {}
+        for name in names:
+            low, high = base.feasible_range(name)
+            budgets[name] = float(np.floor(low + (0.3 + 0.2 * (seed % 3)) * (high - low)))
+        problem = Problem(
+            objective, costs, budgets, allowed, pins=pins, ties=ties, interactions=interactions
+        )
+        try:
+            brute_force(problem)
+        except ValueError:
+            continue  # budgets that are jointly infeasible: covered by the ILP's own tests
+        problems.append(problem)
+    return problems
+
+
+def test_structured_instances(method):
+    cls = available_solvers()[method]
+    problems = structured_problems(cls)
+    assert len(problems) >= 6
+    for problem in problems:
+        sol = solve(problem, method=method)
+        assert problem.is_feasible(sol.choice), problem.violations(sol.choice)
+        for group in problem.ties:
+            assert len(set(sol.choice[list(group)].tolist())) == 1
+        for unit, option in problem.pins.items():
+            assert sol.choice[unit] == option
+        best = brute_force(problem)
+        assert sol.objective >= best - 1e-9
+        if sol.lower_bound is not None:
+            assert sol.lower_bound <= best + 1e-9
+        if cls.exact:
+            assert sol.status == "optimal"
+        if sol.status == "optimal":
+            assert sol.objective == pytest.approx(best, abs=1e-9)
+        again = solve(problem, method=method)
+        assert np.array_equal(again.choice, sol.choice)
+
+
+def test_interactions_refused_or_optimised(method):
+    cls = available_solvers()[method]
+    problem = small_problems()[2]
+    k = problem.n_options
+    coupled = Problem(
+        problem.objective,
+        problem.costs,
+        problem.budgets,
+        problem.allowed,
+        interactions={(0, 1): np.full((k, k), 0.5)},
+    )
+    if not cls.supports_interactions:
+        with pytest.raises(BitallocError, match="interaction"):
+            solve(coupled, method=method)
+    else:
+        sol = solve(coupled, method=method)
+        assert sol.objective == pytest.approx(coupled.objective_of(sol.choice))
+        assert sol.objective >= brute_force(coupled) - 1e-9
