@@ -3,34 +3,51 @@
 >>> from bitalloc import allocate
 >>> alloc = allocate(avg_bits=3.25)            # embedded default model  # doctest: +SKIP
 >>> alloc.save("alloc.json")                   # doctest: +SKIP
+
+Names are imported on first use, so that ``bitalloc.solvers`` (numpy only) does not pay for
+importing torch and transformers.
 """
 
-from bitalloc.allocation import Allocation
-from bitalloc.allocator import allocate, prepare, profile_model
-from bitalloc.errors import BitallocError, InfeasibleBudgetError
-from bitalloc.formats import QuantFormat, default_palette, parse_format
-from bitalloc.models import Unit, discover_units, load_model
-from bitalloc.sensitivity import FisherProfiler, Profile
-from bitalloc.solvers import Problem, Solution, solve
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Allocation",
-    "BitallocError",
-    "FisherProfiler",
-    "InfeasibleBudgetError",
-    "Problem",
-    "Profile",
-    "QuantFormat",
-    "Solution",
-    "Unit",
-    "allocate",
-    "default_palette",
-    "discover_units",
-    "load_model",
-    "parse_format",
-    "prepare",
-    "profile_model",
-    "solve",
-]
+_EXPORTS = {
+    "Allocation": "bitalloc.allocation",
+    "allocate": "bitalloc.allocator",
+    "prepare": "bitalloc.allocator",
+    "profile_model": "bitalloc.allocator",
+    "BitallocError": "bitalloc.errors",
+    "InfeasibleBudgetError": "bitalloc.errors",
+    "QuantFormat": "bitalloc.formats",
+    "default_palette": "bitalloc.formats",
+    "parse_format": "bitalloc.formats",
+    "Unit": "bitalloc.models",
+    "discover_units": "bitalloc.models",
+    "load_model": "bitalloc.models",
+    "frontier": "bitalloc.planning",
+    "solve_profile": "bitalloc.planning",
+    "FisherProfiler": "bitalloc.sensitivity",
+    "Profile": "bitalloc.sensitivity",
+    "Problem": "bitalloc.solvers",
+    "Solution": "bitalloc.solvers",
+    "solve": "bitalloc.solvers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bitalloc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
