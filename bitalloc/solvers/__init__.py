@@ -5,11 +5,13 @@ Build a :class:`Problem`, then call :func:`solve` (or a solver's ``solve``) to g
 """
 
 from bitalloc.solvers.base import BaseSolver, available_solvers, solve
+from bitalloc.solvers.dp import DPSolver
 from bitalloc.solvers.lagrangian import LagrangianSolver
 from bitalloc.solvers.problem import Problem, Solution
 
 __all__ = [
     "BaseSolver",
+    "DPSolver",
     "LagrangianSolver",
     "Problem",
     "Solution",

@@ -170,9 +170,10 @@ class BaseSolver(abc.ABC):
 def _solver_classes() -> tuple[type[BaseSolver], ...]:
     """Every solver class, in a fixed order. Add new solvers here (and nowhere else)."""
     # Imported here because each solver module imports BaseSolver from this module.
+    from bitalloc.solvers.dp import DPSolver
     from bitalloc.solvers.lagrangian import LagrangianSolver
 
-    return (LagrangianSolver,)
+    return (LagrangianSolver, DPSolver)
 
 
 def available_solvers() -> dict[str, type[BaseSolver]]:

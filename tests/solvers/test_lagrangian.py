@@ -182,8 +182,8 @@ def test_bad_options(options, match):
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(BitallocError, match="unknown solver method 'dp'.*'lagrangian'"):
-        solve(random_problem(1, 0.5), method="dp")
+    with pytest.raises(BitallocError, match="unknown solver method 'simplex'.*'lagrangian'"):
+        solve(random_problem(1, 0.5), method="simplex")
 
 
 def test_budget_a_rounding_error_below_minimum_is_accepted():
