@@ -6,12 +6,14 @@ Build a :class:`Problem`, then call :func:`solve` (or a solver's ``solve``) to g
 
 from bitalloc.solvers.base import BaseSolver, available_solvers, solve
 from bitalloc.solvers.dp import DPSolver
+from bitalloc.solvers.ilp import ILPSolver
 from bitalloc.solvers.lagrangian import LagrangianSolver
 from bitalloc.solvers.problem import Problem, Solution
 
 __all__ = [
     "BaseSolver",
     "DPSolver",
+    "ILPSolver",
     "LagrangianSolver",
     "Problem",
     "Solution",
