@@ -31,3 +31,4 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/solvers.py

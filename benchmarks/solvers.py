@@ -151,10 +151,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="100,1000,10000,100000")
     parser.add_argument("--time-limit", type=float, default=120.0, help="per ILP solve")
+    parser.add_argument("--methods", default=None, help="comma-separated labels (default: all)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     configs = configurations(args.time_limit)
+    if args.methods:
+        wanted = args.methods.split(",")
+        configs = [c for c in configs if c[0] in wanted or c[1] in wanted]
     tmp = Path(tempfile.mkdtemp(prefix="bitalloc-bench-"))
     paths = {n: str(save_problem(make_problem(n), tmp / f"n{n}.npz")) for n in [10, *sizes]}
     baseline = _baseline_mb(paths[10])
