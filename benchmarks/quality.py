@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _report import cpu_description, write_section
 
 from bitalloc.allocator import (
     allocation_for,
@@ -39,16 +38,8 @@ START, END = "<!-- quality:start -->", "<!-- quality:end -->"
 
 def machine() -> str:
     """A one-line description of where the numbers were taken."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"{cpu_description()}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
     )
 
@@ -122,22 +113,8 @@ def main() -> None:
         + ".",
         END,
     ]
-    write_section(Path(args.out), "\n".join(lines))
+    write_section(args.out, START, END, "\n".join(lines))
     print("\n".join(lines))
-
-
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (or append it), atomically."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    text = (
-        pattern.sub(lambda _: section, text)
-        if pattern.search(text)
-        else (text.rstrip() + "\n\n" + section + "\n")
-    )
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

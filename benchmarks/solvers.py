@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import platform
-import re
 import resource
 import shutil
 import sys
@@ -26,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _report import cpu_description, write_section
 
 from bitalloc.solvers import Problem, available_solvers, solve
 from bitalloc.solvers.io import load_problem, save_problem
@@ -136,15 +135,7 @@ def run_one(path: str, method: str, options: dict[str, Any], wall_limit: float) 
 
 def machine() -> str:
     """A one-line description of where the numbers were taken."""
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{cpu_description()}, Python {platform.python_version()}"
 
 
 def main() -> None:
@@ -206,15 +197,7 @@ def main() -> None:
     lines += ["", "`*`: not proven optimal by the method itself.", END]
     section = "\n".join(lines)
 
-    path = Path(args.out)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        text = re.sub(
-            re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S
-        )
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section(args.out, START, END, section)
     print(section)
 
 

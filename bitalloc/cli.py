@@ -292,7 +292,7 @@ def _solve(args: argparse.Namespace) -> None:
 
 
 def _frontier(args: argparse.Namespace) -> None:
-    from bitalloc.allocator import measure_frontier, profile_model
+    from bitalloc.allocator import measure_frontier
     from bitalloc.fileio import write_json_atomic
     from bitalloc.planning import frontier, parse_budgets
     from bitalloc.sensitivity import Profile
@@ -304,13 +304,7 @@ def _frontier(args: argparse.Namespace) -> None:
         prof = Profile.load(args.profile)
     else:
         prep = _prepare(args)
-        prof = profile_model(
-            prep,
-            args.profiler,
-            calibration_tokens=args.calibration_tokens,
-            use_cache=not args.no_cache,
-            progress=not args.quiet,
-        )
+        prof = _profile_model(args, prep, args.profiler, args.calibration_tokens)
     units = prep.units if prep is not None else None
     formats = [f.name for f in prep.palette] if prep is not None else args.formats
     front = frontier(
@@ -343,17 +337,20 @@ def _print_measured(alloc) -> None:
     )
 
 
-def _profile(args: argparse.Namespace) -> None:
+def _profile_model(args: argparse.Namespace, prep, method: str, tokens: int):
     from bitalloc.allocator import profile_model
 
-    prep = _prepare(args)
-    prof = profile_model(
+    return profile_model(
         prep,
-        args.method,
-        calibration_tokens=args.tokens,
+        method,
+        calibration_tokens=tokens,
         use_cache=not args.no_cache,
         progress=not args.quiet,
     )
+
+
+def _profile(args: argparse.Namespace) -> None:
+    prof = _profile_model(args, _prepare(args), args.method, args.tokens)
     prof.save(args.out)
     meta = prof.metadata
     print(

@@ -176,3 +176,28 @@ def test_cli_solve_problem_file(tmp_path, capsys):
     assert "optimal" in capsys.readouterr().out
     assert main(["solve", "--problem", str(path), "--avg-bits", "3"]) == 2
     assert "carry their own budgets" in capsys.readouterr().err
+
+
+def test_measured_frontier_on_a_tiny_model(tiny_model, byte_tokenizer, text_files):
+    from bitalloc.allocator import measure_frontier, prepare, profile_model
+
+    cal, ev = text_files
+    prep = prepare(
+        tiny_model,
+        formats="int2-g32,int4-g32,fp16",
+        calibration=cal,
+        evaluation=ev,
+        tokenizer=byte_tokenizer,
+        seq_len=64,
+    )
+    prof = profile_model(prep, calibration_tokens=256, use_cache=False, progress=False)
+    assert units_from_profile(prof) == prep.units  # the profile describes its units
+    lo, hi = feasible_avg_bits(prep.units, prep.palette)
+    front = frontier(prof, [lo, (lo + hi) / 2, hi], formats=["int2-g32", "int4-g32", "fp16"])
+    measured = measure_frontier(prep, front, eval_tokens=256, progress=False)
+    ppl = [p.perplexity for p in measured.points]
+    assert all(np.isfinite(ppl)) and measured.fp16_perplexity is not None
+    # The richest budget keeps every unit in fp16: the same model, the same perplexity.
+    assert set(measured.points[-1].allocation.formats.values()) == {"fp16"}
+    assert ppl[-1] == pytest.approx(measured.fp16_perplexity, rel=1e-6)
+    assert "perplexity" in measured.table() and json.dumps(measured.to_json())
