@@ -21,8 +21,9 @@ exactly optimal. With ``resolution=None`` the solver looks for such an ``r``: th
 common step of the extra costs (integers, or integers over a power of two); if that step needs
 more than ``max_bins`` bins it falls back to ``room / max_bins`` and reports the certified gap.
 In that inexact case the reported lower bound is the larger of the bound DP and the LP
-relaxation's bound (the Lagrangian dual, tighter when there are many units per bin), and a
-greedy fill spends the budget that rounding up left unused.
+relaxation's bound (the Lagrangian dual, tighter when there are many units per bin), a greedy
+fill spends the budget that rounding up left unused, and when the Lagrangian choice is better
+than the DP's (many units per bin) it is returned instead, with ``info["primal"]`` saying so.
 """
 
 from __future__ import annotations
@@ -327,7 +328,8 @@ class DPSolver(BaseSolver):
         bound_dp = bound.value(cap) + offset
         # The LP relaxation's bound (Lagrangian dual) is often tighter than rounding down
         # when there are many units per bin; both are certified, so report the larger.
-        lp_bound = LagrangianSolver(fill=False).solve(problem).lower_bound
+        lagrangian = LagrangianSolver().solve(problem)
+        lp_bound = lagrangian.lower_bound
         info.update(bound_dp_objective=bound_dp, lp_bound=lp_bound)
         lower_bound = bound_dp if lp_bound is None else max(bound_dp, lp_bound)
         if self.fill:
@@ -335,4 +337,11 @@ class DPSolver(BaseSolver):
                 objective, cost, allowed, budget, choice, max_rounds=10_000
             )
             info["fill_moves"] = moves
+        # With about as many units as bins, rounding every unit up wastes much of the budget
+        # and the Lagrangian choice (computed for the bound anyway) is better: keep the better
+        # one and say which.
+        info["primal"] = "dp"
+        if lagrangian.objective < problem.objective_of(choice):
+            choice = lagrangian.choice
+            info["primal"] = "lagrangian"
         return SolverOutput(choice, lower_bound, info)
