@@ -202,7 +202,9 @@ class DPSolver(BaseSolver):
         resolution: Cost units per bin, or ``None`` to choose it (exact when possible).
         max_bins: Most bins the DP may use; with ``resolution=None`` the bin count when no
             exact step fits, with an explicit resolution a limit that raises when exceeded.
-        max_memory_bytes: Refuse (before allocating) a DP whose back-pointers need more.
+        max_memory_bytes: Memory for back-pointers (default 1 GiB). An automatic resolution
+            uses fewer bins to fit; an explicit one that would need more is refused before
+            anything is allocated.
         fill: When inexact, spend budget left by rounding on greedy improving moves.
     """
 
@@ -216,7 +218,7 @@ class DPSolver(BaseSolver):
         *,
         resolution: float | None = None,
         max_bins: int = 20_000,
-        max_memory_bytes: int = 2 * 1024**3,
+        max_memory_bytes: int = 1024**3,
         fill: bool = True,
     ) -> None:
         if resolution is not None:
@@ -242,15 +244,17 @@ class DPSolver(BaseSolver):
         self.max_memory_bytes = int(max_memory_bytes)
         self.fill = fill
 
-    def _pick_resolution(self, extras: np.ndarray, room: float) -> tuple[float, str]:
+    def _pick_resolution(
+        self, extras: np.ndarray, room: float, bin_limit: int
+    ) -> tuple[float, str]:
         """Cost units per bin and how they were chosen."""
         if self.resolution is not None:
             return self.resolution, "given"
         step = _common_step(extras)
-        if step is not None and room / step <= self.max_bins:
+        if step is not None and room / step <= bin_limit:
             return step, "common_step"
         if room > 0:
-            return room / self.max_bins, "room/max_bins"
+            return room / bin_limit, "room/max_bins"
         # No room: only free (extra 0) options fit. Bins of the smallest positive extra make
         # both roundings agree (every positive extra takes at least one bin).
         return (float(extras.min()) if extras.size else 1.0), "no_room"
@@ -275,7 +279,18 @@ class DPSolver(BaseSolver):
         extra = np.where(allowed, cost - cheapest[:, None], 0.0)
         # solve() accepts budgets a rounding error below the cheapest total; treat them as it.
         room = max(budget - float(cheapest.sum()), 0.0)
-        resolution, how = self._pick_resolution(extra[allowed & (extra > 0)], room)
+        # An automatic resolution also keeps the back-pointers (n x bins) within the memory
+        # limit, so big problems get coarser bins instead of an error.
+        itemsize = np.dtype(_option_dtype(k)).itemsize
+        bin_limit = min(self.max_bins, self.max_memory_bytes // (n * itemsize) - 1)
+        if self.resolution is None and bin_limit < 1:
+            raise BitallocError(
+                f"{n} units leave no room for DP bins within max_memory_bytes="
+                f"{self.max_memory_bytes:,}; raise max_memory_bytes or use 'lagrangian'"
+            )
+        resolution, how = self._pick_resolution(
+            extra[allowed & (extra > 0)], room, max(bin_limit, 1)
+        )
         capacity = room / resolution
         if capacity > self.max_bins * (1 + SNAP_RTOL):
             raise BitallocError(
@@ -298,7 +313,6 @@ class DPSolver(BaseSolver):
         values = objective - base[:, None]
         offset = float(base.sum())
         primal = _Knapsack(values, high_w, cap)
-        itemsize = np.dtype(_option_dtype(k)).itemsize
         needed = primal.active.size * (cap + 1) * itemsize
         if needed > self.max_memory_bytes:
             raise BitallocError(

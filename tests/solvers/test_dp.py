@@ -215,9 +215,16 @@ def test_memory_guard_and_bin_limit():
     assert DPSolver().solve(problem).info["case"] == "dp"
     with pytest.raises(BitallocError, match="max_memory_bytes") as caught:
         DPSolver(max_memory_bytes=1).solve(problem)
-    assert "max_bins" in str(caught.value) and "lagrangian" in str(caught.value)
-
+    assert "lagrangian" in str(caught.value)
+    # An explicit resolution that needs more memory is refused, naming what to change.
     room = problem.budgets["bits"] - problem.min_resource("bits")
+    with pytest.raises(BitallocError, match="max_memory_bytes") as caught:
+        DPSolver(resolution=room / 100, max_bins=100, max_memory_bytes=n * 50).solve(problem)
+    assert "max_bins" in str(caught.value) and "lagrangian" in str(caught.value)
+    # An automatic resolution shrinks the bins to fit instead.
+    fitted = DPSolver(max_memory_bytes=n * 51).solve(problem)
+    assert fitted.info["bins"] <= 50 and problem.is_feasible(fitted.choice)
+
     with pytest.raises(BitallocError, match="max_bins"):
         DPSolver(resolution=room / 100, max_bins=10).solve(problem)
     # Big enough exactly: n units x (bins + 1) one-byte pointers.
