@@ -9,6 +9,7 @@ from bitalloc.solvers.dp import DPSolver
 from bitalloc.solvers.ilp import ILPSolver
 from bitalloc.solvers.lagrangian import LagrangianSolver
 from bitalloc.solvers.problem import Problem, Solution
+from bitalloc.solvers.qp import QPSolver
 
 __all__ = [
     "BaseSolver",
@@ -16,6 +17,7 @@ __all__ = [
     "ILPSolver",
     "LagrangianSolver",
     "Problem",
+    "QPSolver",
     "Solution",
     "available_solvers",
     "solve",

@@ -176,8 +176,9 @@ def _solver_classes() -> tuple[type[BaseSolver], ...]:
     from bitalloc.solvers.dp import DPSolver
     from bitalloc.solvers.ilp import ILPSolver
     from bitalloc.solvers.lagrangian import LagrangianSolver
+    from bitalloc.solvers.qp import QPSolver
 
-    return (LagrangianSolver, DPSolver, ILPSolver)
+    return (LagrangianSolver, DPSolver, ILPSolver, QPSolver)
 
 
 def available_solvers() -> dict[str, type[BaseSolver]]:
