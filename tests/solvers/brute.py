@@ -38,3 +38,26 @@ def brute_force_choice(problem: Problem) -> tuple[float, np.ndarray]:
 def brute_force(problem: Problem) -> float:
     """Optimal objective by enumerating every allowed choice (tiny problems only)."""
     return brute_force_choice(problem)[0]
+
+
+def random_budgets(
+    rng: np.random.Generator,
+    costs: dict[str, np.ndarray],
+    allowed: np.ndarray,
+    count: int,
+    spread: float,
+) -> dict[str, float]:
+    """Budgets for the first ``count`` cost tables that one random allowed choice meets.
+
+    Each budget lies a random fraction (up to ``spread``) of the way from that choice's total
+    to the dearest total, so the budgets are jointly feasible and usually binding.
+    """
+    n = allowed.shape[0]
+    anchor = np.array([rng.choice(np.flatnonzero(row)) for row in allowed])
+    budgets = {}
+    for name in list(costs)[:count]:
+        table = costs[name]
+        used = table[np.arange(n), anchor].sum()
+        top = np.where(allowed, table, 0).max(axis=1).sum()
+        budgets[name] = float(used + rng.uniform(0, spread) * (top - used))
+    return budgets

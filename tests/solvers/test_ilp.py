@@ -13,7 +13,7 @@ from bitalloc.solvers import ilp as ilp_module
 from bitalloc.solvers._ilp_model import build_model, integer_budget
 from bitalloc.solvers.ilp import BACKENDS, ILPSolver
 from bitalloc.solvers.problem import feasibility_tolerance
-from tests.solvers.brute import brute_force_choice
+from tests.solvers.brute import brute_force_choice, random_budgets
 
 
 def _available(backend: str) -> bool:
@@ -46,13 +46,7 @@ def random_problem(seed: int, n_budgets: int, n_pairs: int = 0) -> Problem:
     }
     allowed = rng.random((n, k)) < 0.75
     allowed[np.arange(n), rng.integers(0, k, n)] = True
-    anchor = np.array([rng.choice(np.flatnonzero(row)) for row in allowed])
-    budgets = {}
-    for name in list(costs)[:n_budgets]:
-        table = costs[name]
-        used = table[np.arange(n), anchor].sum()
-        top = np.where(allowed, table, 0).max(axis=1).sum()
-        budgets[name] = used + rng.uniform(0, 0.6) * (top - used)
+    budgets = random_budgets(rng, costs, allowed, n_budgets, 0.6)
     interactions = []
     for _ in range(n_pairs):
         a, b = rng.choice(n, 2, replace=False)

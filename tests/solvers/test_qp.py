@@ -14,6 +14,7 @@ from bitalloc.solvers import LagrangianSolver, Problem
 from bitalloc.solvers._qp_search import build_model, local_search
 from bitalloc.solvers.problem import feasibility_tolerance
 from bitalloc.solvers.qp import QPSolver, _solve_arrays
+from tests.solvers.brute import random_budgets
 
 
 def enumerate_feasible(problem: Problem) -> tuple[float, float, np.ndarray]:
@@ -44,13 +45,7 @@ def random_problem(seed: int, n_budgets: int, n_pairs: int, zero_tables: bool = 
     costs["c1"] += rng.uniform(0, 1, (n, k))  # one integral and one fractional cost
     allowed = rng.random((n, k)) < 0.8
     allowed[np.arange(n), rng.integers(0, k, n)] = True
-    anchor = np.array([rng.choice(np.flatnonzero(row)) for row in allowed])
-    budgets = {}
-    for name in list(costs)[:n_budgets]:
-        table = costs[name]
-        used = table[np.arange(n), anchor].sum()
-        top = np.where(allowed, table, 0).max(axis=1).sum()
-        budgets[name] = float(used + rng.uniform(0, 0.5) * (top - used))
+    budgets = random_budgets(rng, costs, allowed, n_budgets, 0.5)
     every_pair = list(itertools.combinations(range(n), 2))
     picked = rng.choice(len(every_pair), min(n_pairs, len(every_pair)), replace=False)
     interactions = {}
