@@ -69,7 +69,66 @@ def configurations(time_limit: float) -> list[tuple[str, str, dict[str, Any]]]:
             continue  # measured methods need a model, not a table
         else:
             configs.append((name, name, {}))
+    # The backends on their own at default settings, as a user would call them directly.
+    configs.append(("HiGHS default", RAW_HIGHS, {"time_limit": time_limit}))
+    configs.append(("CP-SAT default", RAW_CP_SAT, {"time_limit": time_limit}))
     return configs
+
+
+def _raw_highs(problem: Problem, time_limit: float) -> dict[str, Any]:
+    """scipy.optimize.milp with HiGHS's defaults (relative gap 1e-4), only a time limit."""
+    import scipy.sparse as sp
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n, k = problem.n_units, problem.n_options
+    rows = np.repeat(np.arange(n), k)
+    one_each = sp.csr_matrix((np.ones(n * k), (rows, np.arange(n * k))), shape=(n, n * k))
+    ((name, budget),) = problem.budgets.items()
+    constraints = [
+        LinearConstraint(one_each, 1, 1),
+        LinearConstraint(problem.costs[name].reshape(1, -1), -np.inf, budget),
+    ]
+    res = milp(
+        problem.objective.ravel(),
+        integrality=np.ones(n * k),
+        bounds=Bounds(0, 1),
+        constraints=constraints,
+        options={"time_limit": time_limit},
+    )
+    if res.x is None:
+        raise RuntimeError(f"HiGHS found no solution: {res.message}")
+    choice = res.x.reshape(n, k).argmax(axis=1)
+    return {"choice": choice, "status": "optimal" if res.status == 0 else "feasible"}
+
+
+def _raw_cp_sat(problem: Problem, time_limit: float) -> dict[str, Any]:
+    """CP-SAT with default parameters (all cores), only a time limit. CP-SAT needs integer
+    coefficients: the objective is scaled so its largest entry is 1e6 and rounded."""
+    from ortools.sat.python import cp_model
+
+    n, k = problem.n_units, problem.n_options
+    ((name, budget),) = problem.budgets.items()
+    scale = 1e6 / float(np.abs(problem.objective).max())
+    obj = np.rint(problem.objective * scale).astype(np.int64)
+    cost = problem.costs[name].astype(np.int64)  # stored bits are integers
+    model = cp_model.CpModel()
+    x = [[model.new_bool_var(f"x{i}_{j}") for j in range(k)] for i in range(n)]
+    for row in x:
+        model.add_exactly_one(row)
+    flat = [v for row in x for v in row]
+    model.add(cp_model.LinearExpr.weighted_sum(flat, cost.ravel().tolist()) <= int(budget))
+    model.minimize(cp_model.LinearExpr.weighted_sum(flat, obj.ravel().tolist()))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit
+    status = solver.solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise RuntimeError(f"CP-SAT found no solution ({solver.status_name(status)})")
+    choice = np.array([[solver.value(v) for v in row] for row in x]).argmax(axis=1)
+    return {"choice": choice, "status": "optimal" if status == cp_model.OPTIMAL else "feasible"}
+
+
+RAW_HIGHS, RAW_CP_SAT = "raw:highs", "raw:cp-sat"
+_RAW = {RAW_HIGHS: _raw_highs, RAW_CP_SAT: _raw_cp_sat}
 
 
 def _peak_mb() -> float:
@@ -87,16 +146,28 @@ def _child(path: str, method: str, options: dict[str, Any], queue: Any) -> None:
         # imports torch, and the memory figure should show the solver's own footprint.
         problem = load_problem(path)
         start = time.perf_counter()
-        sol = solve(problem, method=method, **options)
-        wall = time.perf_counter() - start
-        peak_mb = _peak_mb()
+        if method in _RAW:
+            # Not certified by bitalloc: its bound is left out of the best-bound yardstick.
+            raw = _RAW[method](problem, options["time_limit"])
+            wall = time.perf_counter() - start
+            if not problem.is_feasible(raw["choice"]):
+                raise RuntimeError("the backend's choice misses the budget")
+            objective, lower_bound, status = (
+                problem.objective_of(raw["choice"]),
+                None,
+                raw["status"],
+            )
+        else:
+            sol = solve(problem, method=method, **options)
+            wall = time.perf_counter() - start
+            objective, lower_bound, status = sol.objective, sol.lower_bound, sol.status
         queue.put(
             {
-                "objective": sol.objective,
-                "lower_bound": sol.lower_bound,
-                "status": sol.status,
+                "objective": objective,
+                "lower_bound": lower_bound,
+                "status": status,
                 "wall_s": wall,
-                "peak_mb": peak_mb,
+                "peak_mb": _peak_mb(),
             }
         )
     except Exception as exc:  # reported in the table, e.g. a memory guard or a time limit
@@ -194,7 +265,14 @@ def main() -> None:
             mark = "" if r["status"] == "optimal" else "*"
             cells.append(f"{r['wall_s']:.3g} s / {gap}{mark} / {r['peak_mb']:.0f} MB")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "`*`: not proven optimal by the method itself.", END]
+    lines += [
+        "",
+        "`*`: not proven optimal by the method itself. `HiGHS default` and `CP-SAT default` are "
+        "the backends called directly with default settings (HiGHS stops at a 1e-4 relative "
+        "gap; CP-SAT uses every core, objective scaled to integers up to 1e6); `optimal` there "
+        "is the backend's own claim, measured against the certified bounds above.",
+        END,
+    ]
     section = "\n".join(lines)
 
     write_section(args.out, START, END, section)
