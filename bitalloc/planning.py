@@ -85,7 +85,9 @@ def tie_groups(units: Sequence[Unit], ties: str | Sequence[str] | None) -> list[
     return [members for members in groups.values() if len(members) > 1]
 
 
-def check_profile_matches(units: Sequence[Unit], palette: Sequence[QuantFormat], profile: Profile):
+def check_profile_matches(
+    units: Sequence[Unit], palette: Sequence[QuantFormat], profile: Profile
+) -> None:
     """Raise unless the profile has a row per unit (in order) and a column per format."""
     if list(profile.units) != [u.name for u in units]:
         raise BitallocError(
@@ -212,7 +214,10 @@ def to_allocation(
     )
 
 
-def _budget_in_bits(units: Sequence[Unit], avg_bits: float | None, max_bytes: float | None):
+def _avg_bits_budget(
+    units: Sequence[Unit], avg_bits: float | None, max_bytes: float | None
+) -> float:
+    # The tighter of the two budgets, as average bits per weight (the Allocation's unit).
     numel = sum(u.numel for u in units)
     candidates = [b for b in (avg_bits, None if max_bytes is None else 8 * max_bytes / numel) if b]
     return min(candidates)
@@ -244,7 +249,7 @@ def solve_profile(
         palette,
         profile,
         solution,
-        _budget_in_bits(units, avg_bits, max_bytes),
+        _avg_bits_budget(units, avg_bits, max_bytes),
         model=str(profile.metadata.get("model", "unknown")),
         excluded=profile.metadata.get("excluded"),
     )
