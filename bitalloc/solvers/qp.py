@@ -187,16 +187,13 @@ def _solve_arrays(
     allowed: np.ndarray,
     pairs: np.ndarray,
     values: np.ndarray,
-    *,
-    max_iter: int = 50,
-    gap_tol: float = 1e-6,
-    max_moves: int = 20_000,
-    swap_candidates: int = 64,
-    feasibility_time_limit: float = 30.0,
-    restarts: int = 20,
-    seed: int = 0,
+    settings: QPSolver,
 ) -> SolverOutput:
-    """The whole method on plain arrays (see the module docstring); options as in QPSolver."""
+    """The whole method on plain arrays (see the module docstring), with ``settings``'
+    options; pairs may come in either order."""
+    max_iter, gap_tol, max_moves = settings.max_iter, settings.gap_tol, settings.max_moves
+    swap_candidates, restarts, seed = settings.swap_candidates, settings.restarts, settings.seed
+    feasibility_time_limit = settings.feasibility_time_limit
     k = objective.shape[1]
     values = np.asarray(values, dtype=np.float64).reshape(-1, k, k)
     # All-zero tables change nothing; dropping them lets a zero-interaction problem take the
@@ -346,11 +343,5 @@ class QPSolver(BaseSolver):
             problem.allowed,
             problem.interaction_pairs,
             problem.interaction_values,
-            max_iter=self.max_iter,
-            gap_tol=self.gap_tol,
-            max_moves=self.max_moves,
-            swap_candidates=self.swap_candidates,
-            feasibility_time_limit=self.feasibility_time_limit,
-            restarts=self.restarts,
-            seed=self.seed,
+            self,
         )

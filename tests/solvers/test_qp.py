@@ -231,6 +231,7 @@ def test_core_on_plain_arrays_matches_solve():
         problem.allowed,
         problem.interaction_pairs,
         problem.interaction_values,
+        QPSolver(),
     )
     assert np.array_equal(out.choice, QPSolver().solve(problem).choice)
 
@@ -239,8 +240,8 @@ def test_core_accepts_pairs_in_either_order():
     problem = random_problem(8, 2, 4)
     pairs, values = problem.interaction_pairs, problem.interaction_values
     arrays = (problem.objective, problem.costs, problem.budgets, problem.allowed)
-    forward = _solve_arrays(*arrays, pairs, values)
-    backward = _solve_arrays(*arrays, pairs[:, ::-1], values.transpose(0, 2, 1))
+    forward = _solve_arrays(*arrays, pairs, values, QPSolver())
+    backward = _solve_arrays(*arrays, pairs[:, ::-1], values.transpose(0, 2, 1), QPSolver())
     assert np.array_equal(forward.choice, backward.choice)
     assert forward.info["relaxation_value"] == pytest.approx(backward.info["relaxation_value"])
 
