@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat
 from bitalloc.models import Unit, cache_root
 from bitalloc.sensitivity.profile import Profile, cache_key
@@ -49,6 +51,40 @@ class BaseProfiler(ABC):
         calibration: torch.Tensor,
     ) -> Profile:
         """Compute the units x formats table of predicted loss increase."""
+
+
+def spread_windows(n_windows: int, seq_len: int, tokens: int) -> list[int]:
+    """Indices of the calibration windows a profiler uses for a ``tokens`` cap: as many whole
+    windows as fit (at least one), spread evenly over all ``n_windows``, fixed and
+    deterministic."""
+    if tokens <= 0:
+        raise BitallocError(f"calibration tokens must be positive, got {tokens}")
+    if n_windows <= 0:
+        raise BitallocError(
+            "no calibration windows: the calibration text is shorter than one sequence"
+        )
+    wanted = max(1, min(n_windows, tokens // seq_len))
+    return [(i * n_windows) // wanted for i in range(wanted)]
+
+
+@contextlib.contextmanager
+def grad_only_for(model: nn.Module, weights: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Enable gradients for ``weights`` alone (skips e.g. the 28M-weight embedding gradient),
+    restoring every flag afterwards."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in saved:
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        model.eval()
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
 
 
 def cached_profile(

@@ -12,9 +12,8 @@ the scale of the mean per-token loss, which is what perplexity measures (ppl = e
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat
 from bitalloc.models import Unit, get_linear
-from bitalloc.sensitivity.base import BaseProfiler
+from bitalloc.sensitivity.base import BaseProfiler, grad_only_for, spread_windows
 from bitalloc.sensitivity.profile import Profile
 
 
@@ -69,26 +68,6 @@ class FisherAccumulator:
         return [s / self.batches for s in self.sums]
 
 
-@contextlib.contextmanager
-def _grad_only_for(model: nn.Module, weights: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Enable gradients for ``weights`` alone (skips e.g. the 28M-weight embedding gradient),
-    restoring every flag afterwards."""
-    saved = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    try:
-        for p in saved:
-            p.requires_grad_(False)
-        for w in weights:
-            w.requires_grad_(True)
-        model.eval()
-        yield
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-            p.grad = None
-        model.train(was_training)
-
-
 class FisherProfiler(BaseProfiler):
     """Diagonal empirical-Fisher profiler (``fisher``).
 
@@ -115,10 +94,9 @@ class FisherProfiler(BaseProfiler):
     ) -> Profile:
         start = time.perf_counter()
         seq_len = calibration.shape[1]
-        n_windows = max(1, min(len(calibration), self.tokens // seq_len))
-        picks = [(i * len(calibration)) // n_windows for i in range(n_windows)]
+        picks = spread_windows(len(calibration), seq_len, self.tokens)
         acc = FisherAccumulator(model, units)
-        with _grad_only_for(model, acc.weights):
+        with grad_only_for(model, acc.weights):
             for idx in tqdm(
                 picks, desc="fisher: gradients", unit="window", disable=not self.progress
             ):
