@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _report import cpu_description, write_section
+from _report import cpu_description, peak_mb, write_section
 
 from bitalloc.solvers import Problem, available_solvers, solve
 from bitalloc.solvers.io import load_problem, save_problem
@@ -131,15 +130,6 @@ RAW_HIGHS, RAW_CP_SAT = "raw:highs", "raw:cp-sat"
 _RAW = {RAW_HIGHS: _raw_highs, RAW_CP_SAT: _raw_cp_sat}
 
 
-def _peak_mb() -> float:
-    """This process's peak resident memory (VmHWM; ru_maxrss would carry the parent's peak
-    across the exec that starts a spawned child)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _child(path: str, method: str, options: dict[str, Any], queue: Any) -> None:
     try:
         # Loaded from a file rather than built here: building needs bitalloc.formats, which
@@ -167,7 +157,7 @@ def _child(path: str, method: str, options: dict[str, Any], queue: Any) -> None:
                 "lower_bound": lower_bound,
                 "status": status,
                 "wall_s": wall,
-                "peak_mb": _peak_mb(),
+                "peak_mb": peak_mb(),
             }
         )
     except Exception as exc:  # reported in the table, e.g. a memory guard or a time limit
@@ -186,7 +176,7 @@ def _baseline_mb(path: str) -> float:
 
 def _baseline_child(path: str, queue: Any) -> None:
     load_problem(path)
-    queue.put(_peak_mb())
+    queue.put(peak_mb())
 
 
 def run_one(path: str, method: str, options: dict[str, Any], wall_limit: float) -> dict[str, Any]:

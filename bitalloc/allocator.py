@@ -7,6 +7,7 @@ This is the one module that ties profiling, solving and evaluation together.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +38,21 @@ from bitalloc.planning import (
     FrontierPoint,
     build_problem,
     check_budget,
+    check_profile_matches,
+    default_method,
     describe_units,
     feasible_avg_bits,
     to_allocation,
 )
-from bitalloc.sensitivity import Profile, cached_profile, make_profiler
+from bitalloc.sensitivity import (
+    MEASURING_PROFILERS,
+    Interactions,
+    Profile,
+    cached_profile,
+    make_profiler,
+    measure_interactions,
+    select_pairs,
+)
 from bitalloc.solvers import Solution, solve
 
 __all__ = [
@@ -51,16 +62,17 @@ __all__ = [
     "baseline_formats",
     "build_problem",
     "feasible_avg_bits",
+    "load_profile_for",
     "measure",
     "measure_assignment",
     "measure_frontier",
     "prepare",
     "profile_model",
+    "select_units",
     "uniform_assignment",
 ]
 
 DEFAULT_SEQ_LEN = 512
-DEFAULT_CALIBRATION_TOKENS = 8192
 DEFAULT_EVAL_TOKENS = 4096
 
 
@@ -204,37 +216,134 @@ def measure(
     )
 
 
+def select_units(units: Sequence[Unit], pattern: str | None) -> list[Unit]:
+    r"""The units whose name matches the regular expression ``pattern`` (searched, so
+    ``layers\.(0|1)\.`` or ``mlp`` work); all units when it is None."""
+    if pattern is None:
+        return list(units)
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise BitallocError(
+            f"units filter {pattern!r} is not a valid regular expression ({exc})"
+        ) from None
+    chosen = [u for u in units if regex.search(u.name)]
+    if not chosen:
+        raise BitallocError(
+            f"units filter {pattern!r} matches none of the {len(units)} units (e.g. "
+            f"{units[0].name!r}); fix the pattern"
+        )
+    return chosen
+
+
+def _default_interaction_formats(palette: Sequence[QuantFormat]) -> list[QuantFormat]:
+    """The two lowest-bit integer formats of the largest group size: interactions matter most
+    where single-unit losses are large."""
+    ints = [f for f in palette if not f.is_float]
+    if not ints:
+        raise BitallocError("interaction terms need an integer format in the palette")
+    group = max(f.group_size for f in ints)
+    return sorted((f for f in ints if f.group_size == group), key=lambda f: f.bits)[:2]
+
+
 def profile_model(
     prep: Prepared,
     profiler: str = "fisher",
     *,
-    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    calibration_tokens: int | None = None,
+    profiler_options: Mapping[str, Any] | None = None,
+    units: str | None = None,
+    workers: int = 0,
+    ray_address: str | None = None,
+    interactions: str | Sequence[Sequence[str]] | None = None,
+    interaction_formats: Sequence[str | QuantFormat] | str | None = None,
+    interaction_tokens: int = 1024,
     use_cache: bool = True,
     progress: bool = True,
 ) -> Profile:
     """Profile the prepared model (cached on disk, keyed by model, palette and calibration).
 
+    ``profiler`` is a method name (see :data:`bitalloc.sensitivity.PROFILERS`) and
+    ``profiler_options`` its options; ``calibration_tokens`` None takes the method's default.
+    ``units`` restricts profiling to units whose name matches that regular expression.
+    ``workers`` / ``ray_address`` run measurements on Ray (``measured``, ``kl``, interactions).
+    ``interactions`` adds measured pairwise terms (``"neighbours"``, ``"top:K"``, a pairs
+    file or a list of pairs) at ``interaction_formats`` (default: the two lowest-bit integer
+    formats of the largest group size).
+
     The profile's metadata also describes the units, the model and the parameters left out,
     so that it can be solved later without the model (:mod:`bitalloc.planning`).
     """
+    chosen = select_units(prep.units, units)
     cal = prep.calibration_windows()
-    prof = make_profiler(profiler, tokens=calibration_tokens, progress=progress)
+    options = dict(profiler_options or {})
+    if calibration_tokens is not None:
+        options["tokens"] = calibration_tokens
+    if profiler in MEASURING_PROFILERS:
+        options.setdefault("workers", workers)
+        options.setdefault("ray_address", ray_address)
+    prof = make_profiler(profiler, progress=progress, **options)
     result = cached_profile(
         prof,
         prep.model,
-        prep.units,
+        chosen,
         prep.palette,
         cal,
         model_fingerprint=model_fingerprint(prep.model, prep.units),
         calibration_fingerprint=tensor_fingerprint(cal),
         use_cache=use_cache,
     )
-    described = {
-        "model": prep.loaded.source,
-        "unit_info": describe_units(prep.units),
-        "excluded": excluded_parameters(prep.model, prep.units),
-    }
-    return Profile(result.units, result.formats, result.loss, {**result.metadata, **described})
+    result = result.with_metadata(
+        model=prep.loaded.source,
+        unit_info=describe_units(chosen),
+        excluded=excluded_parameters(prep.model, prep.units),
+    )
+    if interactions is not None:
+        fmts = (
+            _default_interaction_formats(prep.palette)
+            if interaction_formats is None
+            else list(parse_palette(interaction_formats))
+        )
+        pairs = select_pairs(chosen, interactions, result.loss)
+        terms = measure_interactions(
+            prep.model,
+            prep.units,
+            pairs,
+            fmts,
+            cal,
+            tokens=interaction_tokens,
+            workers=workers,
+            ray_address=ray_address,
+            progress=progress,
+        )
+        result = result.with_interactions(terms)
+    return result
+
+
+def load_profile_for(prep: Prepared, profile: Profile | str | Path) -> Profile:
+    """A saved profile, checked against the prepared model: same units, same weights (when the
+    profile records their fingerprint) and a column for every palette format."""
+    prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+    recorded = prof.metadata.get("model_fingerprint")
+    if recorded is not None and recorded != model_fingerprint(prep.model, prep.units):
+        raise BitallocError(
+            "the profile was made for a model with other weights (fingerprint "
+            f"{recorded} != {model_fingerprint(prep.model, prep.units)}); re-profile this model"
+        )
+    check_profile_matches(prep.units, prep.palette, prof)
+    return prof
+
+
+def _interaction_source(source: Profile | Interactions | str | Path) -> Interactions:
+    if isinstance(source, Interactions):
+        return source
+    prof = source if isinstance(source, Profile) else Profile.load(source)
+    if prof.interactions is None:
+        raise BitallocError(
+            "the profile given for interaction terms holds none; make one with "
+            "`bitalloc profile --interactions neighbours --out FILE`"
+        )
+    return prof.interactions
 
 
 def allocate(
@@ -242,17 +351,22 @@ def allocate(
     avg_bits: float | None = None,
     *,
     profiler: str = "fisher",
-    solver: str = "lagrangian",
+    solver: str | None = None,
     ties: str | Sequence[str] | None = None,
     max_bytes: float | None = None,
     solver_options: Mapping[str, Any] | None = None,
+    profiler_options: Mapping[str, Any] | None = None,
     formats: Sequence[str | QuantFormat] | str | None = None,
     calibration: str | Path | Sequence[str | Path] | None = None,
     evaluation: str | Path | Sequence[str | Path] | None = None,
     verify: bool = False,
     tokenizer: object | None = None,
     profile: Profile | str | Path | None = None,
-    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
+    interactions: str | Sequence[Sequence[str]] | None = None,
+    interactions_from: Profile | Interactions | str | Path | None = None,
+    workers: int = 0,
+    ray_address: str | None = None,
+    calibration_tokens: int | None = None,
     eval_tokens: int | None = DEFAULT_EVAL_TOKENS,
     seq_len: int = DEFAULT_SEQ_LEN,
     use_cache: bool = True,
@@ -264,15 +378,25 @@ def allocate(
     ``model`` is an ``nn.Module`` (pass ``tokenizer`` if it cannot be found from the model), a
     Hugging Face directory, a ``.gguf`` file, or None for the embedded default model.
     ``calibration`` / ``evaluation`` are text files (default: ``pydoc_data.topics`` splits).
-    ``profile`` reuses a saved profile instead of profiling. ``solver`` is any registered
-    method (``lagrangian``, ``dp``, ``ilp``, ``qp``, ...). ``ties`` ties fused projections
-    (``"qkv"``, ``"gateup"``) to one format; ``max_bytes`` adds a bound on the units' stored
-    bytes; ``solver_options`` go to the solver (e.g. ``{"time_limit": 30}``). With ``verify``
-    the allocation's perplexity is measured on ``eval_tokens``
-    evaluation tokens beside uniform baselines.
+    ``profiler`` is ``fisher``, ``hessian``, ``output``, ``kl`` or ``measured`` (options in
+    ``profiler_options``, calibration tokens in ``calibration_tokens``, default per method);
+    ``profile`` reuses a saved profile instead (checked against the model; its formats are the
+    palette unless ``formats`` is given). ``interactions`` measures pairwise terms
+    (``"neighbours"``, ``"top:K"``, a pairs file) and ``interactions_from`` takes them from
+    another profile; either needs a solver that handles them (default then ``qp``).
+    ``workers`` / ``ray_address`` run measurements on Ray. ``solver`` is any registered method
+    (default ``lagrangian``). ``ties`` ties fused projections (``"qkv"``, ``"gateup"``) to one
+    format; ``max_bytes`` adds a bound on the units' stored bytes; ``solver_options`` go to the
+    solver (e.g. ``{"time_limit": 30}``). With ``verify`` the allocation's perplexity is
+    measured on ``eval_tokens`` evaluation tokens beside uniform baselines.
     """
     if avg_bits is None:
         raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
+    saved = None
+    if profile is not None:
+        saved = profile if isinstance(profile, Profile) else Profile.load(profile)
+        if formats is None:
+            formats = list(saved.formats)
     prep = prepare(
         model,
         formats=formats,
@@ -282,16 +406,28 @@ def allocate(
         seq_len=seq_len,
     )
     check_budget(avg_bits, prep.units, prep.palette)
-    if profile is None:
+    if saved is None:
         prof = profile_model(
             prep,
             profiler,
             calibration_tokens=calibration_tokens,
+            profiler_options=profiler_options,
+            workers=workers,
+            ray_address=ray_address,
+            interactions=interactions,
             use_cache=use_cache,
             progress=progress,
         )
     else:
-        prof = profile if isinstance(profile, Profile) else Profile.load(profile)
+        if interactions is not None:
+            raise BitallocError(
+                "interactions are measured while profiling; with a saved profile pass "
+                "interactions_from=<profile holding them> instead"
+            )
+        prof = load_profile_for(prep, saved)
+    if interactions_from is not None:
+        prof = prof.with_interactions(_interaction_source(interactions_from))
+    solver = default_method(prof, solver)
     problem = build_problem(
         prep.units, prep.palette, prof, avg_bits, max_bytes=max_bytes, ties=ties
     )

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from bitalloc.errors import BitallocError
 
 
@@ -49,8 +51,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _solver_options(p: argparse.ArgumentParser, method_flag: str) -> None:
     p.add_argument(
         method_flag,
-        default="lagrangian",
-        help="solver: lagrangian (default), dp, ilp, qp, or any registered method",
+        default=None,
+        help="solver: lagrangian (default; qp when the profile has interaction terms), dp, ilp, "
+        "qp, or any registered method",
     )
     p.add_argument(
         "--tie",
@@ -83,6 +86,26 @@ def _budget_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     )
 
 
+def _measuring_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="Ray workers for measured, kl and interactions (default 0: in this process)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to run the workers on (default $RAY_ADDRESS, else a local Ray)",
+    )
+    p.add_argument(
+        "--interactions",
+        default=None,
+        metavar="PAIRS",
+        help="also measure pairwise terms: neighbours, top:K, or a file of 'unit_a,unit_b' lines",
+    )
+
+
 def _parse_options(items: Sequence[str]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for item in items:
@@ -106,7 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("allocate", help="choose a format per weight matrix under a bit budget")
     _common(a)
     _budget_options(a, required=True)
-    a.add_argument("--profiler", default="fisher", help="sensitivity profiler (default fisher)")
+    a.add_argument(
+        "--profiler",
+        default="fisher",
+        help="sensitivity profiler: fisher (default), hessian, output, kl, measured",
+    )
+    a.add_argument(
+        "--profiler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="profiler option, repeatable (e.g. max_probes=32 for hessian)",
+    )
+    _measuring_options(a)
+    a.add_argument(
+        "--interactions-from",
+        default=None,
+        metavar="FILE",
+        help="take interaction terms from this profile (combine with --profile or --profiler)",
+    )
     a.add_argument(
         "--profile",
         default=None,
@@ -117,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--calibration-tokens",
         type=int,
-        default=8192,
-        help="calibration tokens for profiling (default 8192)",
+        default=None,
+        help="calibration tokens for profiling (default per profiler: fisher 8192)",
     )
     a.add_argument(
         "--eval-tokens",
@@ -137,9 +178,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profile", help="compute and save a sensitivity profile")
     _common(p)
-    p.add_argument("--method", default="fisher", help="profiler (default fisher)")
-    p.add_argument("--tokens", type=int, default=8192, help="calibration tokens (default 8192)")
-    p.add_argument("--out", required=True, metavar="FILE", help="where to write the profile JSON")
+    p.add_argument(
+        "--method",
+        default="fisher",
+        help="profiler: fisher (default), hessian, output, kl, measured",
+    )
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="calibration tokens (default per method: fisher 8192, hessian 4096, output 8192, "
+        "kl and measured 1024)",
+    )
+    p.add_argument(
+        "--units",
+        default=None,
+        metavar="REGEX",
+        help="profile only the units whose name matches (e.g. 'layers\\.1[0-9]\\.')",
+    )
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="profiler option, repeatable (e.g. --option max_probes=32 --option seed=1)",
+    )
+    _measuring_options(p)
+    p.add_argument(
+        "--interaction-formats",
+        default=None,
+        metavar="FORMATS",
+        help="formats to measure interactions at (default: the two lowest-bit integer formats "
+        "of the largest group size)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="where to write the profile (.json, or .safetensors for the table as a tensor)",
+    )
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached profiles")
 
     s = sub.add_parser(
@@ -178,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _solver_options(f, "--method")
     f.add_argument("--profiler", default="fisher", help="profiler when profiling (default fisher)")
-    f.add_argument("--calibration-tokens", type=int, default=8192, help="(default 8192)")
+    f.add_argument("--calibration-tokens", type=int, default=None, help="(default per profiler)")
     f.add_argument("--verify", action="store_true", help="measure every point's perplexity")
     f.add_argument(
         "--eval-tokens", type=int, default=4096, help="evaluation tokens for --verify (4096)"
@@ -222,6 +299,11 @@ def _allocate(args: argparse.Namespace) -> None:
         evaluation=args.evaluation,
         verify=args.verify,
         profile=args.profile,
+        profiler_options=_parse_options(args.profiler_option),
+        interactions=args.interactions,
+        interactions_from=args.interactions_from,
+        workers=args.workers,
+        ray_address=args.ray_address,
         calibration_tokens=args.calibration_tokens,
         eval_tokens=args.eval_tokens,
         seq_len=args.seq_len,
@@ -259,7 +341,7 @@ def _solve(args: argparse.Namespace) -> None:
                 "--problem files carry their own budgets and ties; drop --avg-bits, "
                 "--max-bytes, --tie and --formats (or edit the file)"
             )
-        sol = solve(load_problem(args.problem), method=args.method, **options)
+        sol = solve(load_problem(args.problem), method=args.method or "lagrangian", **options)
         gap = "n/a" if sol.gap is None else f"{sol.gap:.3g}"
         used = ", ".join(f"{k} {v:.10g}" for k, v in sol.resources.items())
         print(
@@ -337,7 +419,7 @@ def _print_measured(alloc) -> None:
     )
 
 
-def _profile_model(args: argparse.Namespace, prep, method: str, tokens: int):
+def _profile_model(args: argparse.Namespace, prep, method: str, tokens: int | None, **extra):
     from bitalloc.allocator import profile_model
 
     return profile_model(
@@ -346,17 +428,38 @@ def _profile_model(args: argparse.Namespace, prep, method: str, tokens: int):
         calibration_tokens=tokens,
         use_cache=not args.no_cache,
         progress=not args.quiet,
+        **extra,
     )
 
 
 def _profile(args: argparse.Namespace) -> None:
-    prof = _profile_model(args, _prepare(args), args.method, args.tokens)
+    prof = _profile_model(
+        args,
+        _prepare(args),
+        args.method,
+        args.tokens,
+        profiler_options=_parse_options(args.option),
+        units=args.units,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        interactions=args.interactions,
+        interaction_formats=args.interaction_formats,
+    )
     prof.save(args.out)
     meta = prof.metadata
     print(
         f"profile {meta.get('method')}: {len(prof.units)} units x {len(prof.formats)} formats, "
         f"{meta.get('tokens')} tokens, {meta.get('seconds', 0):.1f} s (cache {meta.get('cache')})"
     )
+    skipped = meta.get("skipped_batches")
+    if skipped:
+        print(f"skipped {skipped} calibration batches with non-finite statistics")
+    if prof.interactions is not None:
+        rho = prof.interactions.rho
+        print(
+            f"interaction terms: {len(rho)} pairs at {', '.join(prof.interactions.formats)}; "
+            f"rho median {float(np.median(rho)):.3g}, range [{rho.min():.3g}, {rho.max():.3g}]"
+        )
     print(f"wrote {args.out}")
 
 

@@ -110,7 +110,8 @@ def build_problem(
     max_bytes: float | None = None,
     ties: str | Sequence[str] | None = None,
 ) -> Problem:
-    """The allocation problem: profile losses, exact bit and byte costs, the budgets given.
+    """The allocation problem: profile losses, exact bit and byte costs, the budgets given,
+    and the profile's interaction terms when it has them.
 
     ``avg_bits`` bounds the stored bits of the units per weight; ``max_bytes`` bounds their
     stored bytes. ``ties`` ties fused projections (``"qkv"``, ``"gateup"``) to one format.
@@ -129,14 +130,29 @@ def build_problem(
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, (int, float)) or max_bytes <= 0:
             raise BitallocError(f"max_bytes must be a positive number, got {max_bytes!r}")
         budgets["bytes"] = float(max_bytes)
+    names = [u.name for u in units]
+    interactions = (
+        None
+        if profile.interactions is None
+        else profile.interactions.tables(names, formats, objective)
+    )
     return Problem(
         objective=objective,
         costs={"bits": bits, "bytes": bits / 8},
         budgets=budgets,
-        unit_names=[u.name for u in units],
+        unit_names=names,
         option_names=formats,
         ties=tie_groups(units, ties) or None,
+        interactions=interactions,
     )
+
+
+def default_method(profile: Profile, method: str | None) -> str:
+    """``method``, or the default solver for this profile: ``qp`` when it carries interaction
+    terms (the Lagrangian method cannot use them), else ``lagrangian``."""
+    if method is not None:
+        return method
+    return "qp" if profile.interactions is not None else "lagrangian"
 
 
 def describe_units(units: Sequence[Unit]) -> list[dict[str, Any]]:
@@ -228,7 +244,7 @@ def solve_profile(
     avg_bits: float | None = None,
     *,
     max_bytes: float | None = None,
-    method: str = "lagrangian",
+    method: str | None = None,
     ties: str | Sequence[str] | None = None,
     formats: Sequence[str | QuantFormat] | str | None = None,
     units: Sequence[Unit] | None = None,
@@ -243,7 +259,7 @@ def solve_profile(
     units = list(units) if units is not None else units_from_profile(profile)
     palette = parse_palette(formats) if formats is not None else _profile_palette(profile)
     problem = build_problem(units, palette, profile, avg_bits, max_bytes=max_bytes, ties=ties)
-    solution = solve(problem, method=method, **dict(options or {}))
+    solution = solve(problem, method=default_method(profile, method), **dict(options or {}))
     return to_allocation(
         units,
         palette,
@@ -351,7 +367,7 @@ def frontier(
     profile: Profile,
     budgets: str | Sequence[float],
     *,
-    method: str = "lagrangian",
+    method: str | None = None,
     ties: str | Sequence[str] | None = None,
     formats: Sequence[str | QuantFormat] | str | None = None,
     units: Sequence[Unit] | None = None,
@@ -363,6 +379,7 @@ def frontier(
     any solve. Measure the points with :func:`bitalloc.allocator.measure_frontier`.
     """
     values = parse_budgets(budgets)
+    method = default_method(profile, method)
     units = list(units) if units is not None else units_from_profile(profile)
     palette = parse_palette(formats) if formats is not None else _profile_palette(profile)
     for value in values:

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -65,6 +66,26 @@ def spread_windows(n_windows: int, seq_len: int, tokens: int) -> list[int]:
         )
     wanted = max(1, min(n_windows, tokens // seq_len))
     return [(i * n_windows) // wanted for i in range(wanted)]
+
+
+def monotone_in_bits(table: np.ndarray, palette: Sequence[QuantFormat]) -> tuple[np.ndarray, int]:
+    """Cap each value at the value of fewer bits with the same group size; returns the table and
+    how many entries were lowered."""
+    out = table.copy()
+    fixed = 0
+    for group in {f.group_size for f in palette if not f.is_float}:
+        cols = sorted(
+            (j for j, f in enumerate(palette) if f.group_size == group),
+            key=lambda j: palette[j].bits,
+        )
+        for prev, j in zip(cols, cols[1:]):
+            # More bits never make a weight worse to represent. A higher value is an artefact:
+            # the clipping search minimises plain (not weighted) squared error, and measured
+            # values carry noise of about 1e-5 nats.
+            lower = out[:, j] > out[:, prev]
+            fixed += int(lower.sum())
+            out[:, j] = np.minimum(out[:, j], out[:, prev])
+    return out, fixed
 
 
 @contextlib.contextmanager

@@ -1,0 +1,268 @@
+"""Measurement jobs: score the model with a few units quantized, in this process or on Ray
+workers, with every result journaled as it completes.
+
+A job is a tuple of ``(unit, format)`` pairs, quantized together; the empty job scores the
+unquantized model. Workers each hold one copy of the model and a :class:`LayerReplay` of the
+calibration windows, and take jobs until none are left.
+
+The journal is a JSON-lines file: a header line naming the run, then one line per finished
+job, flushed and fsynced. Records hold the loss and, when the run kept reference
+log-probabilities, the KL divergence, so ``measured`` and ``kl`` share one journal per model and
+calibration windows: a ``kl`` run also answers a later ``measured`` run. A run that is
+interrupted (Ctrl-C, a killed process, a lost worker) loses at most the jobs in flight; running
+it again with the same journal skips every job already recorded. A torn last line from a killed
+writer is ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import resource
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bitalloc.apply import fake_quantized
+from bitalloc.errors import BitallocError
+from bitalloc.sensitivity.replay import LayerReplay
+
+Job = tuple[tuple[str, str], ...]
+JOURNAL_VERSION = 1
+#: Name prefix of the Ray actors that run measurement jobs.
+ACTOR_PREFIX = "bitalloc-measure-"
+
+
+def job_key(job: Job) -> str:
+    """Stable text key of a job (``unit=format`` pairs joined by ``;``; empty for the base)."""
+    return ";".join(f"{unit}={fmt}" for unit, fmt in sorted(job))
+
+
+class JobEvaluator:
+    """Scores jobs on one model copy. ``layers`` maps unit name -> decoder layer index."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        windows: torch.Tensor,
+        layers: Mapping[str, int],
+        *,
+        keep_logprobs: bool,
+    ):
+        self.model = model
+        self.layers = dict(layers)
+        self.replay = LayerReplay(model, windows, keep_logprobs=keep_logprobs)
+
+    def run(self, job: Job) -> dict[str, Any]:
+        """The job's scores: ``loss`` and ``kl`` (None without reference log-probs)."""
+        if not job:
+            kl = None if self.replay.score(0).kl is None else 0.0
+            return {"loss": self.replay.base_loss, "kl": kl}
+        start = min(self.layers[unit] for unit, _ in job)
+        with fake_quantized(self.model, dict(job)):
+            score = self.replay.score(start)
+        return {"loss": score.loss, "kl": score.kl}
+
+
+class Journal:
+    """Append-only record of finished jobs for one run (see the module docstring)."""
+
+    def __init__(self, path: Path, run: Mapping[str, Any]):
+        self.path = Path(path)
+        self.run = dict(run)
+        self.done: dict[str, dict[str, Any]] = {}
+        if self.path.is_file():
+            self._read()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._append({"version": JOURNAL_VERSION, "run": self.run})
+
+    def _read(self) -> None:
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except json.JSONDecodeError:
+            header = {}
+        if header.get("run") != json.loads(json.dumps(self.run)):
+            raise BitallocError(
+                f"journal {self.path} belongs to another run (different model, units, formats, "
+                "tokens or method); pass another results path or delete that file"
+            )
+        for line in lines[1:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a killed writer; that job is simply run again
+            self.done[record["job"]] = record
+
+    def _append(self, record: Mapping[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def record(self, job: Job, result: Mapping[str, Any]) -> None:
+        """Persist one finished job (a later record of the same job replaces an earlier one)."""
+        entry = {"job": job_key(job), **result}
+        self._append(entry)
+        self.done[entry["job"]] = entry
+
+
+def run_jobs(
+    model: nn.Module,
+    windows: torch.Tensor,
+    layers: Mapping[str, int],
+    jobs: Sequence[Job],
+    *,
+    keep_logprobs: bool,
+    journal: Journal | None = None,
+    workers: int = 0,
+    ray_address: str | None = None,
+    progress: bool = True,
+    desc: str = "measuring",
+) -> dict[str, dict[str, Any]]:
+    """Score every job; returns job key -> result (``loss``, ``kl``).
+
+    ``workers=0`` runs in this process on ``model`` itself (restored after every job);
+    ``workers>=1`` starts that many Ray actors (one CPU and one torch thread each), on a local
+    Ray started here or on the cluster at ``ray_address`` / ``$RAY_ADDRESS``. Jobs recorded in
+    ``journal`` are not run again.
+    """
+    results: dict[str, dict[str, Any]] = dict(journal.done) if journal else {}
+    # A job recorded without KL (by a loss-only run) is run again when KL is wanted.
+    todo = [
+        job
+        for job in dict.fromkeys(jobs)
+        if job_key(job) not in results
+        or (keep_logprobs and results[job_key(job)].get("kl") is None)
+    ]
+    bar = tqdm(
+        total=len(set(jobs)),
+        initial=len(set(jobs)) - len(todo),
+        desc=desc,
+        unit="job",
+        disable=not progress,
+    )
+    try:
+        if todo and workers <= 0:
+            evaluator = JobEvaluator(model, windows, layers, keep_logprobs=keep_logprobs)
+            for job in todo:
+                _finish(job, evaluator.run(job), results, journal, bar)
+        elif todo:
+            _run_on_ray(
+                model,
+                windows,
+                layers,
+                todo,
+                keep_logprobs,
+                results,
+                journal,
+                bar,
+                workers=workers,
+                address=ray_address,
+            )
+    finally:
+        bar.close()
+    return results
+
+
+def _finish(job, result, results, journal, bar) -> None:
+    if journal is not None:
+        journal.record(job, result)
+    results[job_key(job)] = {"job": job_key(job), **result}
+    bar.update(1)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Any]:
+    """Use the running Ray, or connect to ``address``, or start a local Ray with ``num_cpus``;
+    a Ray started here is shut down on exit."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        ray.init(
+            address=address,
+            num_cpus=None if address else num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+        )
+        started = True
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run_on_ray(
+    model, windows, layers, todo, keep_logprobs, results, journal, bar, *, workers, address
+) -> None:
+    with ray_session(address, workers) as ray:
+        from ray.exceptions import RayActorError
+
+        actor_cls = ray.remote(num_cpus=1)(_RayWorker)
+        model_ref = ray.put(model)
+
+        run_id = uuid.uuid4().hex[:8]
+        started = itertools.count()
+
+        def new_actor():
+            # Named, so that the workers of a run can be found (inspection, tests).
+            name = f"{ACTOR_PREFIX}{run_id}-{next(started)}"
+            return actor_cls.options(name=name).remote(
+                model_ref, windows, dict(layers), keep_logprobs
+            )
+
+        actors = [new_actor() for _ in range(min(workers, len(todo)))]
+        queue = list(todo)
+        attempts: dict[str, int] = {}
+        running = {}
+        for actor in actors:
+            if queue:
+                job = queue.pop(0)
+                running[actor.run.remote(job)] = (actor, job)
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor, job = running.pop(ready[0])
+            try:
+                _finish(job, ray.get(ready[0]), results, journal, bar)
+            except RayActorError:
+                # A worker died (killed, out of memory): a new one takes its place and the job
+                # goes back in the queue; a job that kills its worker three times fails the run.
+                ray.kill(actor)
+                actor = new_actor()
+                key = job_key(job)
+                attempts[key] = attempts.get(key, 0) + 1
+                if attempts[key] > 2:
+                    raise BitallocError(
+                        f"measuring {key or 'the unquantized model'} failed 3 times (worker "
+                        "lost); finished jobs are kept in the journal, run again to resume"
+                    ) from None
+                queue.append(job)
+            if queue:
+                job = queue.pop(0)
+                running[actor.run.remote(job)] = (actor, job)
+
+
+class _RayWorker:
+    """A Ray actor holding one model copy (single-threaded: the actors share the cores)."""
+
+    def __init__(self, model, windows, layers, keep_logprobs):
+        torch.set_num_threads(1)
+        self.evaluator = JobEvaluator(model, windows, layers, keep_logprobs=keep_logprobs)
+
+    def run(self, job: Job) -> dict[str, Any]:
+        result = self.evaluator.run(tuple(tuple(pair) for pair in job))
+        # Peak resident memory of this worker so far (Linux reports KiB), for benchmarks.
+        result["worker_peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return result
