@@ -32,3 +32,4 @@ lint: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/solvers.py
+	$(PY) benchmarks/profilers.py

@@ -85,6 +85,11 @@ class ProfileSummary(_Strict):
     model_fingerprint: str | None = None
     calibration_fingerprint: str | None = None
     cache: str | None = None
+    #: Pairs with measured interaction terms in the objective (0: purely additive).
+    interaction_pairs: int = 0
+    interaction_formats: list[str] | None = None
+    #: The pairwise terms' share of the predicted loss (included in ``predicted_loss``).
+    interaction_loss: float = 0.0
 
 
 class Measured(_Strict):
@@ -139,12 +144,16 @@ class Allocation:
         excluded: dict[str, int] | None = None,
         solver: SolverSummary | None = None,
         profile: ProfileSummary | None = None,
+        interaction_loss: float = 0.0,
     ) -> Allocation:
-        """Build an allocation, deriving the summary from the unit choices."""
+        """Build an allocation, deriving the summary from the unit choices; the predicted loss
+        is the sum of the units' terms plus ``interaction_loss`` (the pairwise terms)."""
         total_bits = sum(parse_format(u.format).storage_bits(u.shape) for u in units)
         numel = sum(u.numel for u in units)
         losses = [u.predicted_loss for u in units]
-        predicted = None if any(x is None for x in losses) else float(sum(losses))
+        predicted = (
+            None if any(x is None for x in losses) else float(sum(losses)) + interaction_loss
+        )
         excluded = excluded or {}
         return cls(
             AllocationData(

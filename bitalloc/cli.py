@@ -286,6 +286,8 @@ def _prepare(args: argparse.Namespace):
 def _allocate(args: argparse.Namespace) -> None:
     from bitalloc.allocator import allocate
 
+    if args.profile is None:
+        _check_profiler(args.profiler)
     alloc = allocate(
         args.model,
         args.avg_bits,
@@ -432,7 +434,16 @@ def _profile_model(args: argparse.Namespace, prep, method: str, tokens: int | No
     )
 
 
+def _check_profiler(name: str) -> None:
+    """Fail on an unknown profiler before the model is loaded."""
+    from bitalloc.sensitivity import PROFILERS
+
+    if name not in PROFILERS:
+        raise BitallocError(f"unknown profiler {name!r}; choose one of {sorted(PROFILERS)}")
+
+
 def _profile(args: argparse.Namespace) -> None:
+    _check_profiler(args.method)
     prof = _profile_model(
         args,
         _prepare(args),

@@ -206,6 +206,19 @@ def to_allocation(
         for i, (unit, j) in enumerate(zip(units, solution.choice))
     ]
     meta = profile.metadata
+    terms = profile.interactions
+    pair_loss = 0.0
+    if terms is not None:
+        names = [f.name for f in palette]
+        objective = np.stack([profile.column(f) for f in names], axis=1)
+        index = {u.name: i for i, u in enumerate(units)}
+        tables = terms.tables([u.name for u in units], names, objective)
+        pair_loss = float(
+            sum(
+                t[solution.choice[index[a]], solution.choice[index[b]]]
+                for (a, b), t in tables.items()
+            )
+        )
     return Allocation.from_choices(
         model=model,
         budget=budget,
@@ -226,7 +239,11 @@ def to_allocation(
             model_fingerprint=meta.get("model_fingerprint"),
             calibration_fingerprint=meta.get("calibration_fingerprint"),
             cache=meta.get("cache"),
+            interaction_pairs=0 if terms is None else len(terms.pairs),
+            interaction_formats=None if terms is None else list(terms.formats),
+            interaction_loss=pair_loss,
         ),
+        interaction_loss=pair_loss,
     )
 
 

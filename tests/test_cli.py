@@ -19,6 +19,8 @@ def _run(*args):
         (["allocate", "--model", "/no/such/model", "--avg-bits", "3"], "does not exist"),
         (["eval", "--allocation", "/no/such.json"], "does not exist"),
         (["allocate", "--avg-bits", "3", "--formats", "int7-g9"], "unsupported code width"),
+        (["profile", "--method", "magic", "--out", "p.json"], "unknown profiler 'magic'"),
+        (["allocate", "--avg-bits", "3", "--profiler", "magic"], "unknown profiler 'magic'"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message):
@@ -102,3 +104,59 @@ def test_cli_allocate_verify_writes_json(tmp_path, isolated_cache):
         )
         == 0
     )
+
+
+@pytest.mark.slow
+def test_cli_profilers_interactions_and_combined_allocation(tmp_path, isolated_cache, capsys):
+    """profile --method output (every unit) and measured with interaction terms (two layers),
+    then allocate from the first with the second's interaction terms."""
+    formats = ["--formats", "int2-g128,int3-g128,int4-g128", "--quiet"]
+    table = tmp_path / "output.safetensors"
+    assert (
+        main(["profile", "--method", "output", "--tokens", "512", *formats, "--out", str(table)])
+        == 0
+    )
+    terms = tmp_path / "measured.json"
+    code = main(
+        [
+            "profile",
+            "--method",
+            "measured",
+            "--units",
+            r"layers\.2[89]\.",
+            "--tokens",
+            "512",
+            "--interactions",
+            "neighbours",
+            "--interaction-formats",
+            "int2-g128",
+            *formats,
+            "--out",
+            str(terms),
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "14 units x 3 formats" in out and "interaction terms: 7 pairs at int2-g128" in out
+    alloc = tmp_path / "alloc.json"
+    code = main(
+        [
+            "allocate",
+            "--avg-bits",
+            "3.25",
+            "--profile",
+            str(table),
+            "--interactions-from",
+            str(terms),
+            "--quiet",
+            "--out",
+            str(alloc),
+        ]
+    )
+    assert code == 0
+    doc = json.loads(alloc.read_text())
+    assert doc["solver"]["method"] == "qp" and doc["avg_bits"] <= 3.25
+    assert doc["profile"]["method"] == "output"
+    # A profile of two layers cannot allocate the whole model: a clear error, not a crash.
+    assert main(["allocate", "--avg-bits", "3.25", "--profile", str(terms), "--quiet"]) == 2
+    assert "do not match this model's units" in capsys.readouterr().err

@@ -91,6 +91,14 @@ def test_allocate_with_measured_interactions_uses_them(
         tiny_model, 3.5, profiler="output", interactions="neighbours", progress=False, **kwargs
     )
     assert alloc.data.solver.method == "qp"
+    summary = alloc.data.profile
+    assert summary.interaction_pairs == 7 and summary.interaction_formats == [
+        "int2-g32",
+        "int3-g32",
+    ]
+    units_sum = sum(u.predicted_loss for u in alloc.data.units)
+    assert alloc.data.predicted_loss == pytest.approx(units_sum + summary.interaction_loss)
+    assert alloc.data.predicted_loss == pytest.approx(alloc.data.solver.objective, rel=1e-9)
     prep = prepare(tiny_model, **kwargs)
     with_terms = profile_model(prep, "output", interactions="neighbours", progress=False)
     assert len(with_terms.interactions.pairs) == 7
