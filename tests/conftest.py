@@ -40,6 +40,12 @@ def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermedia
     return model
 
 
+def random_windows(n: int = 4, seq_len: int = 32, seed: int = 0) -> torch.Tensor:
+    """(n, seq_len) random byte-token windows: calibration for the tiny model."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n * seq_len,), generator=g).reshape(n, seq_len)
+
+
 @pytest.fixture
 def tiny_model():
     return make_tiny_llama()

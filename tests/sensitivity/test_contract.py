@@ -9,6 +9,7 @@ import torch
 from bitalloc.formats import parse_palette
 from bitalloc.models import discover_units
 from bitalloc.sensitivity import PROFILERS, Profile, make_profiler
+from tests.conftest import random_windows
 
 PALETTE = parse_palette("int2-g32,int3-g32,int4-g32,int8-g32,int2-g64,int4-g64,fp16")
 
@@ -23,8 +24,7 @@ OPTIONS = {
 
 
 def _calibration(n=4, seq_len=32):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n * seq_len,), generator=g).reshape(n, seq_len)
+    return random_windows(n=n, seq_len=seq_len)
 
 
 def _profiler(name, tmp_path, tag="a", **extra):

@@ -7,13 +7,13 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import parse_palette
 from bitalloc.models import discover_units, get_linear, model_fingerprint
 from bitalloc.sensitivity import FisherProfiler, Profile, cached_profile
+from tests.conftest import random_windows
 
 PALETTE = parse_palette("int2-g32,int3-g32,int4-g32,int8-g32,int2-g64,int4-g64,fp16")
 
 
 def _calibration(seed=0, n=6, seq_len=32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n * seq_len,), generator=g).reshape(n, seq_len)
+    return random_windows(seed=seed, n=n, seq_len=seq_len)
 
 
 def test_profile_shape_order_and_values(tiny_model):

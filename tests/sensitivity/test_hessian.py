@@ -9,14 +9,13 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import parse_palette
 from bitalloc.models import discover_units, get_linear
 from bitalloc.sensitivity.hessian import HessianProfiler, rademacher
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, random_windows
 
 PALETTE = parse_palette("int2-g32,int3-g32,int4-g32,int8-g32,int2-g64,int4-g64,fp16")
 
 
 def _calibration(seed=0, n=6, seq_len=32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n * seq_len,), generator=g).reshape(n, seq_len)
+    return random_windows(seed=seed, n=n, seq_len=seq_len)
 
 
 def _loss_fn(model, names, window):

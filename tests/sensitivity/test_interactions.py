@@ -3,7 +3,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from bitalloc.apply import fake_quantized
 from bitalloc.errors import BitallocError
@@ -13,11 +12,11 @@ from bitalloc.models import discover_units
 from bitalloc.planning import build_problem, default_method
 from bitalloc.sensitivity import Interactions, Profile, measure_interactions, select_pairs
 from bitalloc.solvers import solve
+from tests.conftest import random_windows
 
 
 def _calibration(n=4, seq_len=32):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n * seq_len,), generator=g).reshape(n, seq_len)
+    return random_windows(n=n, seq_len=seq_len)
 
 
 def _loss(model, ids):

@@ -15,13 +15,13 @@ from bitalloc.models import discover_units
 from bitalloc.sensitivity import KLProfiler, MeasuredProfiler
 from bitalloc.sensitivity import jobs as jobs_module
 from bitalloc.sensitivity.jobs import ACTOR_PREFIX, Journal, job_key, run_jobs
+from tests.conftest import random_windows
 
 PALETTE = parse_palette("int2-g32,int4-g32,fp16")
 
 
 def _calibration(n=4, seq_len=32):
-    g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n * seq_len,), generator=g).reshape(n, seq_len)
+    return random_windows(n=n, seq_len=seq_len)
 
 
 def _loss(model, ids):
