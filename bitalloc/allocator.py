@@ -378,8 +378,9 @@ def allocate(
     ``model`` is an ``nn.Module`` (pass ``tokenizer`` if it cannot be found from the model), a
     Hugging Face directory, a ``.gguf`` file, or None for the embedded default model.
     ``calibration`` / ``evaluation`` are text files (default: ``pydoc_data.topics`` splits).
-    ``profiler`` is ``fisher``, ``hessian``, ``output``, ``kl`` or ``measured`` (options in
-    ``profiler_options``, calibration tokens in ``calibration_tokens``, default per method);
+    ``profiler`` is ``fisher``, ``hessian``, ``output``, ``kfac``, ``kl`` or ``measured``
+    (options in ``profiler_options``, calibration tokens in ``calibration_tokens``, default per
+    method);
     ``profile`` reuses a saved profile instead (checked against the model; its formats are the
     palette unless ``formats`` is given). ``interactions`` measures pairwise terms
     (``"neighbours"``, ``"top:K"``, a pairs file) and ``interactions_from`` takes them from

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--profiler",
         default="fisher",
-        help="sensitivity profiler: fisher (default), hessian, output, kl, measured",
+        help="sensitivity profiler: fisher (default), hessian, output, kfac, kl, measured",
     )
     a.add_argument(
         "--profiler-option",
@@ -181,14 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--method",
         default="fisher",
-        help="profiler: fisher (default), hessian, output, kl, measured",
+        help="profiler: fisher (default), hessian, output, kfac, kl, measured",
     )
     p.add_argument(
         "--tokens",
         type=int,
         default=None,
-        help="calibration tokens (default per method: fisher 8192, hessian 4096, output 8192, "
-        "kl and measured 1024)",
+        help="calibration tokens (default per method: fisher, output and kfac 8192, hessian "
+        "4096, kl and measured 1024)",
     )
     p.add_argument(
         "--units",

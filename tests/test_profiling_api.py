@@ -14,6 +14,7 @@ FAST = {
     "fisher": {},
     "hessian": {"max_probes": 2, "min_probes": 1},
     "output": {},
+    "kfac": {},
     "kl": {},
     "measured": {},
 }

@@ -9,13 +9,21 @@ from bitalloc.sensitivity.base import BaseProfiler, cached_profile
 from bitalloc.sensitivity.fisher import FisherAccumulator, FisherProfiler
 from bitalloc.sensitivity.hessian import HessianProfiler
 from bitalloc.sensitivity.interactions import Interactions, measure_interactions, select_pairs
+from bitalloc.sensitivity.kfac import KFACProfiler, KroneckerAccumulator
 from bitalloc.sensitivity.measured import KLProfiler, MeasuredProfiler
 from bitalloc.sensitivity.output import InputGramAccumulator, OutputProfiler
 from bitalloc.sensitivity.profile import Profile
 
 PROFILERS: dict[str, type[BaseProfiler]] = {
     cls.name: cls
-    for cls in (FisherProfiler, HessianProfiler, OutputProfiler, KLProfiler, MeasuredProfiler)
+    for cls in (
+        FisherProfiler,
+        HessianProfiler,
+        OutputProfiler,
+        KFACProfiler,
+        KLProfiler,
+        MeasuredProfiler,
+    )
 }
 # Methods that score one (unit, format) job at a time and can spread the jobs over Ray.
 MEASURING_PROFILERS = frozenset({KLProfiler.name, MeasuredProfiler.name})
@@ -42,7 +50,9 @@ __all__ = [
     "HessianProfiler",
     "InputGramAccumulator",
     "Interactions",
+    "KFACProfiler",
     "KLProfiler",
+    "KroneckerAccumulator",
     "MEASURING_PROFILERS",
     "MeasuredProfiler",
     "OutputProfiler",

@@ -18,6 +18,7 @@ OPTIONS = {
     "fisher": {"tokens": 96},
     "hessian": {"tokens": 64, "max_probes": 3, "min_probes": 2},
     "output": {"tokens": 96},
+    "kfac": {"tokens": 96},
     "kl": {"tokens": 64},
     "measured": {"tokens": 64},
 }
