@@ -124,3 +124,13 @@ def _plain_profile(prep, tmp_path):
     path = tmp_path / "plain.json"
     profile_model(prep, "output", progress=False).save(path)
     return path
+
+
+def test_calibration_shorter_than_one_window_is_refused(
+    tiny_model, byte_tokenizer, tmp_path, isolated_cache
+):
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    prep = prepare(tiny_model, formats=FORMATS, calibration=short, tokenizer=byte_tokenizer)
+    with pytest.raises(BitallocError, match="fewer than one sequence of 512"):
+        profile_model(prep, "fisher", progress=False)

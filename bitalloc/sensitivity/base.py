@@ -88,6 +88,39 @@ def monotone_in_bits(table: np.ndarray, palette: Sequence[QuantFormat]) -> tuple
     return out, fixed
 
 
+#: How a window's gradient is formed: ``window`` differentiates the window's mean token loss;
+#: ``token`` weights each token's loss by a random sign first (see :func:`window_objective`).
+ESTIMATORS = ("window", "token")
+
+
+def check_estimator(estimator: str) -> str:
+    """Validate a gradient-estimator name."""
+    if estimator not in ESTIMATORS:
+        raise BitallocError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    return estimator
+
+
+def window_objective(
+    model: nn.Module, ids: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The scalar whose gradient a Fisher-type profiler squares, for one (1, seq_len) window.
+
+    Without ``generator``: the mean next-token loss. Squaring its gradient and multiplying by
+    the tokens ``T`` estimates the per-token Fisher only when the tokens' gradients are
+    uncorrelated; a unit whose output feeds many later positions (attention values) has
+    correlated ones and is overestimated. With ``generator``: ``mean_t(s_t * loss_t)`` with
+    independent random signs ``s_t``. The cross terms between tokens then vanish in
+    expectation, so ``T`` times the squared gradient is an unbiased estimate of the mean
+    per-token squared gradient, at the cost of the same one backward pass.
+    """
+    if generator is None:
+        return model(input_ids=ids, labels=ids).loss
+    logits = model(input_ids=ids).logits[0, :-1].float()
+    per_token = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")
+    signs = torch.randint(0, 2, (per_token.numel(),), generator=generator) * 2 - 1
+    return (per_token * signs.to(per_token)).mean()
+
+
 @contextlib.contextmanager
 def grad_only_for(model: nn.Module, weights: Sequence[nn.Parameter]) -> Iterator[None]:
     """Enable gradients for ``weights`` alone (skips e.g. the 28M-weight embedding gradient),

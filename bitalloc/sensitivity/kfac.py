@@ -35,7 +35,13 @@ from tqdm.auto import tqdm
 from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat
 from bitalloc.models import Unit
-from bitalloc.sensitivity.base import BaseProfiler, monotone_in_bits, spread_windows
+from bitalloc.sensitivity.base import (
+    BaseProfiler,
+    check_estimator,
+    monotone_in_bits,
+    spread_windows,
+    window_objective,
+)
 from bitalloc.sensitivity.output import InputGramAccumulator
 from bitalloc.sensitivity.profile import Profile
 
@@ -45,8 +51,11 @@ class KroneckerAccumulator(InputGramAccumulator):
     windows of ``sum_t g_t^2`` per output channel, from one forward and one activation-only
     backward per window."""
 
-    def __init__(self, model: nn.Module, units: Sequence[Unit]):
+    def __init__(
+        self, model: nn.Module, units: Sequence[Unit], generator: torch.Generator | None = None
+    ):
         super().__init__(model, units)
+        self.generator = generator
         self._out_sq: list[torch.Tensor | None] = [None] * len(units)
         self._pending_sq: dict[int, torch.Tensor] = {}
         self.windows = 0
@@ -74,7 +83,7 @@ class KroneckerAccumulator(InputGramAccumulator):
         usable = False
         try:
             with torch.enable_grad():
-                loss = self.model(input_ids=ids, labels=ids).loss
+                loss = window_objective(self.model, ids, self.generator)
                 if torch.isfinite(loss):
                     loss.backward()
                     usable = (
@@ -113,14 +122,26 @@ class KFACProfiler(BaseProfiler):
 
     name = "kfac"
 
-    def __init__(self, tokens: int = 8192, progress: bool = True):
+    def __init__(
+        self,
+        tokens: int = 8192,
+        progress: bool = True,
+        *,
+        estimator: str = "token",
+        seed: int = 0,
+    ):
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
             raise BitallocError(f"calibration tokens must be a positive integer, got {tokens!r}")
         self.tokens = tokens
         self.progress = progress
+        self.estimator = check_estimator(estimator)
+        self.seed = int(seed)
 
     def options(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "scaling": "0.5*T*sum_i D_i (dW G dW^T)_ii"}
+        options = {"tokens": self.tokens, "scaling": "0.5*T*sum_i D_i (dW G dW^T)_ii"}
+        if self.estimator == "token":
+            options.update(estimator="token", seed=self.seed)
+        return options
 
     def profile(
         self,
@@ -134,7 +155,8 @@ class KFACProfiler(BaseProfiler):
             raise BitallocError("no units to profile; pass at least one unit")
         seq_len = calibration.shape[1]
         picks = spread_windows(len(calibration), seq_len, self.tokens)
-        acc = KroneckerAccumulator(model, units)
+        generator = torch.Generator().manual_seed(self.seed) if self.estimator == "token" else None
+        acc = KroneckerAccumulator(model, units, generator)
         saved = {p: p.requires_grad for p in model.parameters()}
         was_training = model.training
         try:
@@ -165,6 +187,7 @@ class KFACProfiler(BaseProfiler):
             loss=table,
             metadata={
                 "method": self.name,
+                "estimator": self.estimator,
                 "tokens": acc.tokens,
                 "windows": acc.batches,
                 "skipped_batches": acc.skipped,

@@ -43,7 +43,9 @@ def test_prediction_matches_quadratic_form(tiny_model):
     """0.5 * T * sum(F * dW^2) with F the mean squared per-window gradient."""
     units = discover_units(tiny_model)[:1]
     cal = _calibration(n=2)
-    prof = FisherProfiler(tokens=64, progress=False).profile(tiny_model, units, PALETTE, cal)
+    prof = FisherProfiler(tokens=64, progress=False, estimator="window").profile(
+        tiny_model, units, PALETTE, cal
+    )
     w = get_linear(tiny_model, units[0].name).weight
     fisher = torch.zeros_like(w)
     for window in cal:
@@ -121,3 +123,25 @@ def test_bad_profiles_raise(tmp_path):
         Profile.load(tmp_path / "x.json")
     with pytest.raises(BitallocError, match="tokens must be positive"):
         FisherProfiler(tokens=0)
+
+
+def test_token_estimator_is_unbiased_for_the_mean_per_token_fisher():
+    """T * E_signs[(grad of mean_t s_t loss_t)^2] = mean_t (grad loss_t)^2, elementwise."""
+    from bitalloc.sensitivity import FisherAccumulator
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(layers=1, hidden=16, intermediate=24)
+    unit = discover_units(model)[2]  # v_proj: its output feeds every later position
+    window = _calibration(n=1, seq_len=9)[0]
+    w = get_linear(model, unit.name).weight
+    per_token = torch.zeros_like(w)
+    logits = model(input_ids=window[None]).logits[0, :-1]
+    losses = torch.nn.functional.cross_entropy(logits, window[1:], reduction="none")
+    for t in range(len(losses)):
+        (g,) = torch.autograd.grad(losses[t], w, retain_graph=True)
+        per_token += g.square() / len(losses)
+    acc = FisherAccumulator(model, [unit], torch.Generator().manual_seed(0))
+    for _ in range(600):
+        acc.add_batch(window)
+    estimate = len(losses) * acc.fisher()[0]
+    assert float(estimate.sum()) == pytest.approx(float(per_token.sum()), rel=0.1)

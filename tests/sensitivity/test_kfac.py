@@ -11,7 +11,7 @@ from tests.conftest import random_windows
 PALETTE = parse_palette("int2-g32,int4-g32,fp16")
 
 
-def _reference(model, unit, windows, fmt):
+def _reference(model, unit, windows, fmt, seed=None):
     """0.5 * T * sum_i D_i (dW G dW^T)_ii from a plain backward with the model's own gradients."""
     lin = get_linear(model, unit.name)
     xs, sq = [], []
@@ -21,10 +21,17 @@ def _reference(model, unit, windows, fmt):
         out.register_hook(lambda g: sq.append(g.reshape(-1, g.shape[-1]).square().sum(0)))
 
     handle = lin.register_forward_hook(capture)
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
     try:
         for ids in windows:
             model.zero_grad()
-            model(input_ids=ids[None], labels=ids[None]).loss.backward()
+            if generator is None:
+                model(input_ids=ids[None], labels=ids[None]).loss.backward()
+            else:
+                logits = model(input_ids=ids[None]).logits[0, :-1]
+                losses = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")
+                signs = torch.randint(0, 2, (len(losses),), generator=generator) * 2 - 1
+                (losses * signs).mean().backward()
     finally:
         handle.remove()
         model.zero_grad(set_to_none=True)
@@ -39,11 +46,19 @@ def _reference(model, unit, windows, fmt):
 def test_prediction_matches_an_independent_computation(tiny_model):
     units = discover_units(tiny_model)
     cal = random_windows(n=3)
-    prof = KFACProfiler(tokens=96, progress=False).profile(tiny_model, units, PALETTE, cal)
+    prof = KFACProfiler(tokens=96, progress=False, estimator="window").profile(
+        tiny_model, units, PALETTE, cal
+    )
     for i in (0, 2, 6, 11):
         expected = _reference(tiny_model, units[i], cal, PALETTE[0])
         assert prof.loss[i, 0] == pytest.approx(expected, rel=1e-4)
     assert prof.metadata["windows"] == 3 and prof.metadata["skipped_batches"] == 0
+    signed = KFACProfiler(tokens=96, progress=False, seed=3).profile(
+        tiny_model, units, PALETTE, cal
+    )
+    for i in (1, 5):
+        expected = _reference(tiny_model, units[i], cal, PALETTE[0], seed=3)
+        assert signed.loss[i, 0] == pytest.approx(expected, rel=1e-4)
     assert (prof.column("fp16") < 1e-3 * prof.column("int4-g32")).all()
 
 
