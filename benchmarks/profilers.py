@@ -3,23 +3,25 @@ allocation it leads to.
 
 On the default model:
 
-1. ``fisher``, ``hessian`` and ``output`` profile the full palette, each in its own child
-   process (wall time and peak memory).
-2. ``measured`` runs on Ray workers over the fixed sample, every unit of all 30 layers at
+1. ``fisher`` (32,768 tokens), ``hessian``, ``output`` and ``kfac`` profile the full palette,
+   each in its own child process (wall time and peak memory); ``fisher`` and ``kfac`` also with
+   the older per-window gradient estimator (``-window`` rows).
+2. ``measured`` runs on Ray workers over the unit sample, every unit of all 30 layers at
    ``int2-g128`` and ``int3-g128`` (timed alone: the issue's target), then adds ``int4-g128``;
-   ``kl`` measures the same three formats. Both journal their jobs under ``.work``, so an
-   interrupted benchmark resumes.
-3. Spearman and Kendall rank correlation of every profiler's predictions with ``measured`` over
-   the sample (420 unit-format pairs), per format, and per layer (the sum over a layer's units
-   at ``int2-g128``).
+   ``kl`` measures the same three formats; then the layer sample: all 7 units of a layer at
+   once, 30 layers x the same 2 formats, over more tokens. Every job is journaled under
+   ``.work``, so an interrupted benchmark resumes.
+3. Spearman and Kendall rank correlation of every profiler's predictions with the measured
+   truth: over the 420 unit-format pairs, per format, and over the 60 layer-format pairs (the
+   sum of a layer's unit predictions against the measured layer).
 4. The allocation each profiler leads to at 3.25 bits (Lagrangian solver): on the full palette
-   for the profilers that cover it, and on the three sample formats for all five, with
+   for the profilers that cover it, and on the three sample formats for all of them, with
    perplexity measured on the evaluation split.
 
 Results go to BENCHMARKS.md between markers. Profiles and journals are kept in
 ``benchmarks/.work/profilers`` and reused by later runs (``--fresh`` recomputes them).
 
-    .venv/bin/python benchmarks/profilers.py [--eval-tokens 16384] [--workers 2] [--fresh]
+    .venv/bin/python benchmarks/profilers.py [--eval-tokens 8192] [--workers 2] [--fresh]
 """
 
 from __future__ import annotations
@@ -43,13 +45,17 @@ WORK = Path(__file__).resolve().parent / ".work" / "profilers"
 SAMPLE_FORMATS = ("int2-g128", "int3-g128")
 SMALL_PALETTE = ("int2-g128", "int3-g128", "int4-g128")
 BUDGET = 3.25
-#: (profiler, options, formats or None for the full palette)
-RUNS: list[tuple[str, dict[str, Any], tuple[str, ...] | None]] = [
-    ("fisher", {"tokens": 32768}, None),
-    ("hessian", {}, None),
-    ("output", {}, None),
-    ("kfac", {}, None),
+#: (label, profiler, options) run on the full palette. ``-window`` rows keep the gradient of
+#: each window's mean loss, the estimator that the per-token default replaced.
+RUNS: list[tuple[str, str, dict[str, Any]]] = [
+    ("fisher", "fisher", {"tokens": 32768}),
+    ("fisher-window", "fisher", {"tokens": 32768, "estimator": "window"}),
+    ("hessian", "hessian", {}),
+    ("output", "output", {}),
+    ("kfac", "kfac", {}),
+    ("kfac-window", "kfac", {"estimator": "window"}),
 ]
+PREDICTORS = [label for label, _, _ in RUNS] + ["kl"]
 
 
 def _profile_child(name: str, options: dict[str, Any], formats, out: str, queue) -> None:
@@ -178,8 +184,8 @@ def main() -> None:
     measuring = {"tokens": args.measured_tokens, "workers": args.workers, "results": journal}
 
     runs: dict[str, dict[str, Any]] = {}
-    for name, options, formats in RUNS:
-        runs[name] = run_profile(name, options, formats, WORK / f"{name}.json")
+    for label, name, options in RUNS:
+        runs[label] = run_profile(name, options, None, WORK / f"{label}.json")
     # measured alone over the sample: the timed target; then the third format; then kl.
     runs["measured"] = run_profile("measured", measuring, SAMPLE_FORMATS, WORK / "sample.json")
     run_profile("measured", measuring, SMALL_PALETTE, WORK / "measured.json")
@@ -198,7 +204,7 @@ def main() -> None:
     from bitalloc.sensitivity import Profile
     from bitalloc.solvers import solve
 
-    names = ("fisher", "hessian", "output", "kfac", "kl")
+    names = PREDICTORS
     profiles = {name: Profile.load(WORK / f"{name}.json") for name in names}
     profiles["measured"] = Profile.load(WORK / "measured.json")
     sample = profiles["measured"]
@@ -225,7 +231,7 @@ def main() -> None:
     fp16 = measure_assignment(prep_full, uniform_assignment(prep_full.units, "fp16"), ev)
     alloc_rows = []
     for palette_name, formats, chosen in (
-        ("full", None, ("fisher", "hessian", "output", "kfac")),
+        ("full", None, tuple(label for label, _, _ in RUNS)),
         ("int{2,3,4}-g128", SMALL_PALETTE, (*names, "measured")),
     ):
         prep = prepare(formats=list(formats) if formats else None)
