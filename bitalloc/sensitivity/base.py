@@ -54,6 +54,36 @@ class BaseProfiler(ABC):
         """Compute the units x formats table of predicted loss increase."""
 
 
+class GradientProfiler(BaseProfiler):
+    """Shared settings of the profilers that square loss gradients (``fisher``, ``kfac``):
+    ``tokens`` (calibration cap), ``estimator`` (see :func:`window_objective`) and ``seed``
+    (the token signs)."""
+
+    def __init__(
+        self,
+        tokens: int = 8192,
+        progress: bool = True,
+        *,
+        estimator: str = "token",
+        seed: int = 0,
+    ):
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+            raise BitallocError(f"calibration tokens must be a positive integer, got {tokens!r}")
+        self.tokens = tokens
+        self.progress = progress
+        self.estimator = check_estimator(estimator)
+        self.seed = int(seed)
+
+    def estimator_options(self) -> dict[str, Any]:
+        """The estimator settings for :meth:`options` (none for ``window``, so that profiles
+        cached before the per-token estimator existed keep their key)."""
+        return {"estimator": "token", "seed": self.seed} if self.estimator == "token" else {}
+
+    def sign_generator(self) -> torch.Generator | None:
+        """A fresh generator of token signs, or None for the ``window`` estimator."""
+        return torch.Generator().manual_seed(self.seed) if self.estimator == "token" else None
+
+
 def spread_windows(n_windows: int, seq_len: int, tokens: int) -> list[int]:
     """Indices of the calibration windows a profiler uses for a ``tokens`` cap: as many whole
     windows as fit (at least one), spread evenly over all ``n_windows``, fixed and

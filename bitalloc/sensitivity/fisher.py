@@ -31,8 +31,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat
 from bitalloc.models import Unit, get_linear
 from bitalloc.sensitivity.base import (
-    BaseProfiler,
-    check_estimator,
+    GradientProfiler,
     grad_only_for,
     spread_windows,
     window_objective,
@@ -83,7 +82,7 @@ class FisherAccumulator:
         return [s / self.batches for s in self.sums]
 
 
-class FisherProfiler(BaseProfiler):
+class FisherProfiler(GradientProfiler):
     """Diagonal empirical-Fisher profiler (``fisher``).
 
     ``tokens`` caps the calibration tokens used (windows are spread evenly over the split).
@@ -94,26 +93,8 @@ class FisherProfiler(BaseProfiler):
 
     name = "fisher"
 
-    def __init__(
-        self,
-        tokens: int = 8192,
-        progress: bool = True,
-        *,
-        estimator: str = "token",
-        seed: int = 0,
-    ):
-        if tokens <= 0:
-            raise BitallocError(f"calibration tokens must be positive, got {tokens}")
-        self.tokens = tokens
-        self.progress = progress
-        self.estimator = check_estimator(estimator)
-        self.seed = int(seed)
-
     def options(self) -> dict[str, Any]:
-        options = {"tokens": self.tokens, "scaling": "0.5*T*sum(F*dW^2)"}
-        if self.estimator == "token":
-            options.update(estimator="token", seed=self.seed)
-        return options
+        return {"tokens": self.tokens, "scaling": "0.5*T*sum(F*dW^2)", **self.estimator_options()}
 
     def profile(
         self,
@@ -125,7 +106,7 @@ class FisherProfiler(BaseProfiler):
         start = time.perf_counter()
         seq_len = calibration.shape[1]
         picks = spread_windows(len(calibration), seq_len, self.tokens)
-        generator = torch.Generator().manual_seed(self.seed) if self.estimator == "token" else None
+        generator = self.sign_generator()
         acc = FisherAccumulator(model, units, generator)
         with grad_only_for(model, acc.weights):
             for idx in tqdm(

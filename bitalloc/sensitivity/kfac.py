@@ -36,8 +36,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat
 from bitalloc.models import Unit
 from bitalloc.sensitivity.base import (
-    BaseProfiler,
-    check_estimator,
+    GradientProfiler,
     monotone_in_bits,
     spread_windows,
     window_objective,
@@ -116,32 +115,18 @@ class KroneckerAccumulator(InputGramAccumulator):
         return [s / self.batches for s in self._out_sq]
 
 
-class KFACProfiler(BaseProfiler):
+class KFACProfiler(GradientProfiler):
     """Kronecker-factored Fisher profiler (``kfac``): input correlations and output-gradient
     weights, from one forward and one activation-only backward per calibration window."""
 
     name = "kfac"
 
-    def __init__(
-        self,
-        tokens: int = 8192,
-        progress: bool = True,
-        *,
-        estimator: str = "token",
-        seed: int = 0,
-    ):
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
-            raise BitallocError(f"calibration tokens must be a positive integer, got {tokens!r}")
-        self.tokens = tokens
-        self.progress = progress
-        self.estimator = check_estimator(estimator)
-        self.seed = int(seed)
-
     def options(self) -> dict[str, Any]:
-        options = {"tokens": self.tokens, "scaling": "0.5*T*sum_i D_i (dW G dW^T)_ii"}
-        if self.estimator == "token":
-            options.update(estimator="token", seed=self.seed)
-        return options
+        return {
+            "tokens": self.tokens,
+            "scaling": "0.5*T*sum_i D_i (dW G dW^T)_ii",
+            **self.estimator_options(),
+        }
 
     def profile(
         self,
@@ -155,7 +140,7 @@ class KFACProfiler(BaseProfiler):
             raise BitallocError("no units to profile; pass at least one unit")
         seq_len = calibration.shape[1]
         picks = spread_windows(len(calibration), seq_len, self.tokens)
-        generator = torch.Generator().manual_seed(self.seed) if self.estimator == "token" else None
+        generator = self.sign_generator()
         acc = KroneckerAccumulator(model, units, generator)
         saved = {p: p.requires_grad for p in model.parameters()}
         was_training = model.training

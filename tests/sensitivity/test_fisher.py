@@ -121,7 +121,7 @@ def test_bad_profiles_raise(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(BitallocError, match="not valid JSON"):
         Profile.load(tmp_path / "x.json")
-    with pytest.raises(BitallocError, match="tokens must be positive"):
+    with pytest.raises(BitallocError, match="tokens must be a positive integer"):
         FisherProfiler(tokens=0)
 
 
