@@ -325,11 +325,13 @@ def load_profile_for(prep: Prepared, profile: Profile | str | Path) -> Profile:
     profile records their fingerprint) and a column for every palette format."""
     prof = profile if isinstance(profile, Profile) else Profile.load(profile)
     recorded = prof.metadata.get("model_fingerprint")
-    if recorded is not None and recorded != model_fingerprint(prep.model, prep.units):
-        raise BitallocError(
-            "the profile was made for a model with other weights (fingerprint "
-            f"{recorded} != {model_fingerprint(prep.model, prep.units)}); re-profile this model"
-        )
+    if recorded is not None:
+        actual = model_fingerprint(prep.model, prep.units)
+        if recorded != actual:
+            raise BitallocError(
+                "the profile was made for a model with other weights (fingerprint "
+                f"{recorded} != {actual}); re-profile this model"
+            )
     check_profile_matches(prep.units, prep.palette, prof)
     return prof
 

@@ -63,8 +63,11 @@ class JobEvaluator:
     def run(self, job: Job) -> dict[str, Any]:
         """The job's scores: ``loss`` and ``kl`` (None without reference log-probs)."""
         if not job:
-            kl = None if self.replay.score(0).kl is None else 0.0
-            return {"loss": self.replay.base_loss, "kl": kl}
+            # The unquantized model is its own reference: its KL is exactly zero.
+            return {
+                "loss": self.replay.base_loss,
+                "kl": 0.0 if self.replay.keeps_logprobs else None,
+            }
         start = min(self.layers[unit] for unit, _ in job)
         with fake_quantized(self.model, dict(job)):
             score = self.replay.score(start)

@@ -111,6 +111,11 @@ class LayerReplay:
             self.replays = self._check_replay(logits, len(windows) - 1)
 
     @property
+    def keeps_logprobs(self) -> bool:
+        """Whether :meth:`score` also returns the KL divergence."""
+        return self._ref_logprobs is not None
+
+    @property
     def tokens(self) -> int:
         """Predicted tokens per score (every window position but the first)."""
         return self.windows.shape[0] * (self.windows.shape[1] - 1)
@@ -161,5 +166,5 @@ class LayerReplay:
                     ref = self._ref_logprobs[index]
                     logq = F.log_softmax(logits[0, :-1].float(), dim=-1)
                     total_kl += float((ref.exp() * (ref - logq)).sum())
-        kl = None if self._ref_logprobs is None else total_kl / self.tokens
+        kl = total_kl / self.tokens if self.keeps_logprobs else None
         return Score(loss=total_nll / self.tokens, kl=kl)
