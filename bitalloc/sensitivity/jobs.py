@@ -21,8 +21,9 @@ import itertools
 import json
 import os
 import resource
+import socket
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,33 +155,182 @@ def run_jobs(
         disable=not progress,
     )
     try:
-        if todo and workers <= 0:
-            evaluator = JobEvaluator(model, windows, layers, keep_logprobs=keep_logprobs)
-            for job in todo:
-                _finish(job, evaluator.run(job), results, journal, bar)
-        elif todo:
-            _run_on_ray(
+        if todo:
+            with job_pool(
                 model,
                 windows,
                 layers,
-                todo,
-                keep_logprobs,
-                results,
-                journal,
-                bar,
-                workers=workers,
-                address=ray_address,
-            )
+                keep_logprobs=keep_logprobs,
+                workers=min(workers, len(todo)),
+                ray_address=ray_address,
+            ) as pool:
+                queue = list(todo)
+                while queue or pool.pending:
+                    while queue and pool.pending < pool.capacity:
+                        job = queue.pop(0)
+                        pool.submit(job, job)
+                    _, job, result = pool.wait()
+                    if journal is not None:
+                        journal.record(job, result)
+                    results[job_key(job)] = {"job": job_key(job), **result}
+                    bar.update(1)
     finally:
         bar.close()
     return results
 
 
-def _finish(job, result, results, journal, bar) -> None:
-    if journal is not None:
-        journal.record(job, result)
-    results[job_key(job)] = {"job": job_key(job), **result}
-    bar.update(1)
+class InProcessPool:
+    """Runs jobs one at a time in this process, on the model itself (restored after each)."""
+
+    capacity = 1
+
+    def __init__(self, evaluator: JobEvaluator):
+        self.evaluator = evaluator
+        self._queue: list[tuple[Hashable, Job]] = []
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not yet returned by :meth:`wait`."""
+        return len(self._queue)
+
+    def submit(self, tag: Hashable, job: Job) -> None:
+        """Queue ``job``; ``tag`` comes back with its result."""
+        self._queue.append((tag, job))
+
+    def wait(self) -> tuple[Hashable, Job, dict[str, Any]]:
+        """Run the oldest queued job and return ``(tag, job, result)``."""
+        tag, job = self._queue.pop(0)
+        return tag, job, self.evaluator.run(job)
+
+    def cancel(self) -> list[tuple[Hashable, Job]]:
+        """Drop the queued jobs, returning them."""
+        dropped, self._queue = self._queue, []
+        return dropped
+
+
+class RayPool:
+    """Runs jobs on ``workers`` Ray actors, each holding one model copy.
+
+    A job whose worker dies (killed, out of memory) goes back to the queue on a fresh actor;
+    a job that loses its worker three times raises :class:`BitallocError`. Results already
+    returned are never affected.
+    """
+
+    def __init__(self, ray: Any, model, windows, layers, *, keep_logprobs: bool, workers: int):
+        self._ray = ray
+        self._actor_cls = ray.remote(num_cpus=1)(_RayWorker)
+        self._args = (ray.put(model), windows, dict(layers), keep_logprobs)
+        self._run_id = uuid.uuid4().hex[:8]
+        self._started = itertools.count()
+        self._idle = [self._new_actor() for _ in range(workers)]
+        self._running: dict[Any, tuple[Any, Hashable, Job]] = {}
+        self._queue: list[tuple[Hashable, Job]] = []
+        self._attempts: dict[str, int] = {}
+        self.capacity = workers
+
+    def _new_actor(self) -> Any:
+        # Named, so that the workers of a run can be found (inspection, tests).
+        name = f"{ACTOR_PREFIX}{self._run_id}-{next(self._started)}"
+        return self._actor_cls.options(name=name).remote(*self._args)
+
+    @property
+    def pending(self) -> int:
+        """Jobs submitted and not yet returned by :meth:`wait`."""
+        return len(self._running) + len(self._queue)
+
+    def submit(self, tag: Hashable, job: Job) -> None:
+        """Start ``job`` on an idle worker (or queue it); ``tag`` comes back with its result."""
+        self._queue.append((tag, job))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self._idle and self._queue:
+            actor = self._idle.pop()
+            tag, job = self._queue.pop(0)
+            self._running[actor.run.remote(job)] = (actor, tag, job)
+
+    def wait(self) -> tuple[Hashable, Job, dict[str, Any]]:
+        """Block until some job finishes; return ``(tag, job, result)``."""
+        from ray.exceptions import OutOfMemoryError, RayActorError, WorkerCrashedError
+
+        while True:
+            ready, _ = self._ray.wait(list(self._running), num_returns=1)
+            actor, tag, job = self._running.pop(ready[0])
+            try:
+                result = self._ray.get(ready[0])
+            except (RayActorError, OutOfMemoryError, WorkerCrashedError):
+                # The worker died (killed, out of memory): a fresh one takes its place.
+                self._ray.kill(actor)
+                key = job_key(job)
+                self._attempts[key] = self._attempts.get(key, 0) + 1
+                if self._attempts[key] > 2:
+                    raise BitallocError(
+                        f"measuring {key or 'the unquantized model'} failed 3 times (worker "
+                        "lost); finished results are kept, run again to resume"
+                    ) from None
+                self._idle.append(self._new_actor())
+                self._queue.append((tag, job))
+                self._dispatch()
+                continue
+            self._idle.append(actor)
+            self._dispatch()
+            return tag, job, result
+
+    def cancel(self) -> list[tuple[Hashable, Job]]:
+        """Drop queued and running jobs (their workers are killed), returning them."""
+        dropped = [(tag, job) for _, tag, job in self._running.values()] + self._queue
+        for actor, _, _ in self._running.values():
+            self._ray.kill(actor)
+        self._running.clear()
+        self._queue.clear()
+        return dropped
+
+
+@contextlib.contextmanager
+def job_pool(
+    model: nn.Module,
+    windows: torch.Tensor,
+    layers: Mapping[str, int],
+    *,
+    keep_logprobs: bool,
+    workers: int = 0,
+    ray_address: str | None = None,
+) -> Iterator[InProcessPool | RayPool]:
+    """A pool that scores jobs: in this process (``workers=0``) or on that many Ray actors.
+
+    Both pools share one interface: ``capacity``, ``pending``, ``submit(tag, job)``,
+    ``wait() -> (tag, job, result)`` and ``cancel()``.
+    """
+    if workers <= 0:
+        yield InProcessPool(JobEvaluator(model, windows, layers, keep_logprobs=keep_logprobs))
+        return
+    with ray_session(ray_address, workers) as ray:
+        pool = RayPool(ray, model, windows, layers, keep_logprobs=keep_logprobs, workers=workers)
+        try:
+            yield pool
+        finally:
+            pool.cancel()
+
+
+def check_ray_address(address: str) -> None:
+    """Fail fast, with the fix, when nothing listens at a Ray address (``ray.init`` itself
+    retries for a long time before it gives up)."""
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise BitallocError(
+            f"Ray address {address!r} is not HOST:PORT (e.g. 127.0.0.1:6379 or ray://head:10001)"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+    except OSError as exc:
+        raise BitallocError(
+            f"cannot reach Ray at {address!r} ({exc.strerror or exc}); start a head there with "
+            "`ray start --head`, fix --ray-address / RAY_ADDRESS, or leave it unset to start a "
+            "local Ray"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -192,6 +342,8 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Any]:
     started = False
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            check_ray_address(address)
         ray.init(
             address=address,
             num_cpus=None if address else num_cpus,
@@ -205,56 +357,6 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Any]:
     finally:
         if started:
             ray.shutdown()
-
-
-def _run_on_ray(
-    model, windows, layers, todo, keep_logprobs, results, journal, bar, *, workers, address
-) -> None:
-    with ray_session(address, workers) as ray:
-        from ray.exceptions import RayActorError
-
-        actor_cls = ray.remote(num_cpus=1)(_RayWorker)
-        model_ref = ray.put(model)
-
-        run_id = uuid.uuid4().hex[:8]
-        started = itertools.count()
-
-        def new_actor():
-            # Named, so that the workers of a run can be found (inspection, tests).
-            name = f"{ACTOR_PREFIX}{run_id}-{next(started)}"
-            return actor_cls.options(name=name).remote(
-                model_ref, windows, dict(layers), keep_logprobs
-            )
-
-        actors = [new_actor() for _ in range(min(workers, len(todo)))]
-        queue = list(todo)
-        attempts: dict[str, int] = {}
-        running = {}
-        for actor in actors:
-            if queue:
-                job = queue.pop(0)
-                running[actor.run.remote(job)] = (actor, job)
-        while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
-            actor, job = running.pop(ready[0])
-            try:
-                _finish(job, ray.get(ready[0]), results, journal, bar)
-            except RayActorError:
-                # A worker died (killed, out of memory): a new one takes its place and the job
-                # goes back in the queue; a job that kills its worker three times fails the run.
-                ray.kill(actor)
-                actor = new_actor()
-                key = job_key(job)
-                attempts[key] = attempts.get(key, 0) + 1
-                if attempts[key] > 2:
-                    raise BitallocError(
-                        f"measuring {key or 'the unquantized model'} failed 3 times (worker "
-                        "lost); finished jobs are kept in the journal, run again to resume"
-                    ) from None
-                queue.append(job)
-            if queue:
-                job = queue.pop(0)
-                running[actor.run.remote(job)] = (actor, job)
 
 
 class _RayWorker:
