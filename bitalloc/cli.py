@@ -1,4 +1,4 @@
-"""Command line: ``bitalloc allocate | profile | solve | frontier | eval``.
+"""Command line: ``bitalloc allocate | profile | solve | frontier | eval | search``.
 
 Errors in the user's input print one line (``bitalloc: error: ...``) and exit with status 2;
 no traceback.
@@ -7,116 +7,21 @@ no traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
+from bitalloc.cliargs import (
+    budget_options,
+    check_profiler,
+    common_options,
+    measuring_options,
+    parse_options,
+    solver_options,
+)
 from bitalloc.errors import BitallocError
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default=None,
-        help="Hugging Face directory (safetensors) or .gguf file "
-        "(default: the embedded SmolLM2-135M-Instruct)",
-    )
-    p.add_argument(
-        "--formats",
-        default=None,
-        help="comma-separated palette, e.g. int2-g64,int3-g128,int4-g128,fp16 "
-        "(default: int{2,3,4,5,6,8}-g{32,64,128} and fp16)",
-    )
-    p.add_argument(
-        "--calibration",
-        nargs="+",
-        default=None,
-        metavar="FILE",
-        help="calibration text files (default: pydoc_data.topics calibration split)",
-    )
-    p.add_argument(
-        "--evaluation",
-        nargs="+",
-        default=None,
-        metavar="FILE",
-        help="evaluation text files (default: pydoc_data.topics evaluation split)",
-    )
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def _solver_options(p: argparse.ArgumentParser, method_flag: str) -> None:
-    p.add_argument(
-        method_flag,
-        default=None,
-        help="solver: lagrangian (default; qp when the profile has interaction terms), dp, ilp, "
-        "qp, or any registered method",
-    )
-    p.add_argument(
-        "--tie",
-        default=None,
-        metavar="KINDS",
-        help="tie fused projections to one format: qkv, gateup or qkv,gateup",
-    )
-    p.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="solver option, repeatable (e.g. --option time_limit=30 --option backend=cp-sat); "
-        "VALUE is read as JSON when it parses, else as a string",
-    )
-
-
-def _budget_options(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument(
-        "--avg-bits",
-        type=float,
-        required=required,
-        help="budget: average stored bits per weight of the allocated matrices",
-    )
-    p.add_argument(
-        "--max-bytes",
-        type=float,
-        default=None,
-        help="budget: stored bytes of the allocated matrices (codes, scales, zeros)",
-    )
-
-
-def _measuring_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="Ray workers for measured, kl and interactions (default 0: in this process)",
-    )
-    p.add_argument(
-        "--ray-address",
-        default=None,
-        help="Ray cluster to run the workers on (default $RAY_ADDRESS, else a local Ray)",
-    )
-    p.add_argument(
-        "--interactions",
-        default=None,
-        metavar="PAIRS",
-        help="also measure pairwise terms: neighbours, top:K, or a file of 'unit_a,unit_b' lines",
-    )
-
-
-def _parse_options(items: Sequence[str]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise BitallocError(f"--option {item!r}: write KEY=VALUE, e.g. time_limit=30")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+from bitalloc.search.cli import add_search_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("allocate", help="choose a format per weight matrix under a bit budget")
-    _common(a)
-    _budget_options(a, required=True)
+    common_options(a)
+    budget_options(a, required=True)
     a.add_argument(
         "--profiler",
         default="fisher",
@@ -141,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="profiler option, repeatable (e.g. max_probes=32 for hessian)",
     )
-    _measuring_options(a)
+    measuring_options(a)
     a.add_argument(
         "--interactions-from",
         default=None,
@@ -154,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="reuse a saved profile (from `bitalloc profile`) instead of profiling",
     )
-    _solver_options(a, "--solver")
+    solver_options(a, "--solver")
     a.add_argument(
         "--calibration-tokens",
         type=int,
@@ -177,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-cache", action="store_true", help="do not read or write cached profiles")
 
     p = sub.add_parser("profile", help="compute and save a sensitivity profile")
-    _common(p)
+    common_options(p)
     p.add_argument(
         "--method",
         default="fisher",
@@ -203,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="profiler option, repeatable (e.g. --option max_probes=32 --option seed=1)",
     )
-    _measuring_options(p)
+    measuring_options(p)
     p.add_argument(
         "--interaction-formats",
         default=None,
@@ -229,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="problem file (.json or .npz, see bitalloc.solvers.io); budgets come from the file",
     )
-    _budget_options(s, required=False)
-    _solver_options(s, "--method")
+    budget_options(s, required=False)
+    solver_options(s, "--method")
     s.add_argument("--formats", default=None, help="restrict the palette to these profile columns")
     s.add_argument(
         "--out",
@@ -241,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--units", action="store_true", help="print every unit, not one row per layer")
 
     f = sub.add_parser("frontier", help="predicted loss (and perplexity) against many budgets")
-    _common(f)
+    common_options(f)
     f.add_argument(
         "--profile",
         default=None,
@@ -253,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="2.5:4.5:0.25",
         help="average bits: start:stop:step or a comma list (default 2.5:4.5:0.25)",
     )
-    _solver_options(f, "--method")
+    solver_options(f, "--method")
     f.add_argument("--profiler", default="fisher", help="profiler when profiling (default fisher)")
     f.add_argument("--calibration-tokens", type=int, default=None, help="(default per profiler)")
     f.add_argument("--verify", action="store_true", help="measure every point's perplexity")
@@ -264,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-cache", action="store_true", help="do not read or write cached profiles")
 
     e = sub.add_parser("eval", help="measure the perplexity of a saved allocation")
-    _common(e)
+    common_options(e)
     e.add_argument("--allocation", required=True, metavar="FILE", help="allocation JSON")
     e.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (default 4096)")
+    add_search_parser(sub)
     return parser
 
 
@@ -287,7 +193,7 @@ def _allocate(args: argparse.Namespace) -> None:
     from bitalloc.allocator import allocate
 
     if args.profile is None:
-        _check_profiler(args.profiler)
+        check_profiler(args.profiler)
     alloc = allocate(
         args.model,
         args.avg_bits,
@@ -295,13 +201,13 @@ def _allocate(args: argparse.Namespace) -> None:
         solver=args.solver,
         ties=args.tie,
         max_bytes=args.max_bytes,
-        solver_options=_parse_options(args.option),
+        solver_options=parse_options(args.option),
         formats=args.formats,
         calibration=args.calibration,
         evaluation=args.evaluation,
         verify=args.verify,
         profile=args.profile,
-        profiler_options=_parse_options(args.profiler_option),
+        profiler_options=parse_options(args.profiler_option),
         interactions=args.interactions,
         interactions_from=args.interactions_from,
         workers=args.workers,
@@ -332,7 +238,7 @@ def _print_allocation(alloc, *, units: bool) -> None:
 
 
 def _solve(args: argparse.Namespace) -> None:
-    options = _parse_options(args.option)
+    options = parse_options(args.option)
     if args.problem:
         from bitalloc.fileio import write_json_atomic
         from bitalloc.solvers import solve
@@ -382,7 +288,7 @@ def _frontier(args: argparse.Namespace) -> None:
     from bitalloc.sensitivity import Profile
 
     parse_budgets(args.budgets)  # fail on a bad spec before loading anything
-    options = _parse_options(args.option)
+    options = parse_options(args.option)
     prep = None
     if args.profile:
         prof = Profile.load(args.profile)
@@ -434,22 +340,14 @@ def _profile_model(args: argparse.Namespace, prep, method: str, tokens: int | No
     )
 
 
-def _check_profiler(name: str) -> None:
-    """Fail on an unknown profiler before the model is loaded."""
-    from bitalloc.sensitivity import PROFILERS
-
-    if name not in PROFILERS:
-        raise BitallocError(f"unknown profiler {name!r}; choose one of {sorted(PROFILERS)}")
-
-
 def _profile(args: argparse.Namespace) -> None:
-    _check_profiler(args.method)
+    check_profiler(args.method)
     prof = _profile_model(
         args,
         _prepare(args),
         args.method,
         args.tokens,
-        profiler_options=_parse_options(args.option),
+        profiler_options=parse_options(args.option),
         units=args.units,
         workers=args.workers,
         ray_address=args.ray_address,
@@ -497,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": _eval,
     }
     try:
-        handlers[args.command](args)
+        handlers.get(args.command, getattr(args, "handler", None))(args)
     except BitallocError as exc:
         print(f"bitalloc: error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,12 @@ def _run(*args):
         (["allocate", "--avg-bits", "3", "--formats", "int7-g9"], "unsupported code width"),
         (["profile", "--method", "magic", "--out", "p.json"], "unknown profiler 'magic'"),
         (["allocate", "--avg-bits", "3", "--profiler", "magic"], "unknown profiler 'magic'"),
+        (["search", "--avg-bits", "3", "--storage", "nonsense"], "neither an RDB URL"),
+        (["search", "--avg-bits", "3", "--resume", "--run-dir", "/no/such/run"], "does not exist"),
+        (
+            ["search", "--avg-bits", "3", "--workers", "1", "--ray-address", "127.0.0.1:9"],
+            "cannot reach Ray at '127.0.0.1:9'",
+        ),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(args, message):

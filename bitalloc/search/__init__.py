@@ -1,0 +1,40 @@
+"""Measured search: candidate allocations evaluated (in parallel on Ray) and stored in a
+resumable Optuna study. See :func:`bitalloc.search.run.search`.
+
+Names are imported on first use, so that the CLI can register ``bitalloc search`` without
+importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DEFAULT_STUDY": "bitalloc.search.run",
+    "SAMPLERS": "bitalloc.search.run",
+    "SPACES": "bitalloc.search.run",
+    "SearchResult": "bitalloc.search.run",
+    "default_run_dir": "bitalloc.search.run",
+    "search": "bitalloc.search.run",
+    "search_space": "bitalloc.search.run",
+    "default_storage_url": "bitalloc.search.storage",
+    "open_storage": "bitalloc.search.storage",
+    "METRIC_NAMES": "bitalloc.search.study",
+    "pareto_front": "bitalloc.search.study",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bitalloc.search' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

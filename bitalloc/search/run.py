@@ -1,0 +1,561 @@
+"""``search()``: measured multi-objective search over allocations, seeded by the solvers.
+
+The profile predicts; the search measures. Candidate allocations are proposed by an Optuna
+sampler (NSGA-II or TPE) over a per-unit categorical space, evaluated on the evaluation split
+(loss, perplexity and KL to the unquantized model) in this process or on Ray actors, and told
+to a study in durable storage as each finishes. The study starts from the solvers' allocations
+at several budgets (``enqueue_trial``), so the sampler refines them instead of starting cold.
+
+Interruption loses no finished trial: each is committed when told. Ctrl-C fails the trials in
+flight and queues their parameters again; after ``kill -9`` the next ``--resume`` does the
+same for the trials the dead process left RUNNING.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from bitalloc.allocation import Allocation, Measured, UnitChoice
+from bitalloc.allocator import (
+    Prepared,
+    allocation_for,
+    baseline_formats,
+    load_profile_for,
+    prepare,
+    profile_model,
+    uniform_assignment,
+)
+from bitalloc.data import tensor_fingerprint
+from bitalloc.errors import BitallocError
+from bitalloc.fileio import write_json_atomic
+from bitalloc.formats import QuantFormat, parse_format
+from bitalloc.models import excluded_parameters, model_fingerprint
+from bitalloc.planning import build_problem, check_budget, default_method, feasible_avg_bits
+from bitalloc.search import study as studies
+from bitalloc.search.storage import default_storage_url, open_storage
+from bitalloc.sensitivity import Profile
+from bitalloc.sensitivity.jobs import check_ray_address, job_key, job_pool
+from bitalloc.solvers import solve
+
+DEFAULT_STUDY = "bitalloc"
+DEFAULT_TRIALS = 40
+SAMPLERS = ("nsga2", "tpe")
+SPACES = ("near", "full")
+#: Offsets from the budget (average bits) at which the solvers' allocations seed the study.
+SEED_OFFSETS = (-0.5, -0.25, 0.0, 0.25, 0.5)
+SEARCH_FILE = "search.json"
+
+
+def default_run_dir(study_name: str) -> Path:
+    """``runs/<study name>`` under the current directory."""
+    return Path("runs") / study_name
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What a search found: the best measured allocation within the budget, the measured
+    Pareto front (``(trial number, avg_bits, perplexity)``) and how the study got there."""
+
+    study_name: str
+    storage: str
+    run_dir: Path
+    budget: float
+    best: Allocation | None
+    best_trial: int | None
+    pareto: list[tuple[int, float, float]]
+    trials_completed: int
+    evaluations: int
+    recovered: list[int]
+    fp16_perplexity: float
+    uniform: dict[str, dict[str, float]]
+    wall_time_s: float
+    seeds: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        lines = [
+            f"study {self.study_name!r} in {self.storage}: {self.trials_completed} trials "
+            f"finished ({self.evaluations} evaluated in this run, {self.wall_time_s:.0f} s)",
+            f"unquantized perplexity {self.fp16_perplexity:.3f}; uniform: "
+            + ", ".join(f"{k} {v['perplexity']:.2f}" for k, v in self.uniform.items()),
+            "measured Pareto front (avg bits, perplexity): "
+            + ", ".join(f"{b:.3f}/{p:.2f}" for _, b, p in self.pareto),
+        ]
+        if self.best is None:
+            lines.append(f"no finished trial meets {self.budget:g} bits yet")
+        else:
+            lines.append(
+                f"best: avg_bits={self.best.avg_bits:.4f} "
+                f"perplexity={self.best.measured.perplexity:.4f} (trial {self.best_trial})"
+            )
+        return "\n".join(lines)
+
+
+def search_space(
+    units: Sequence[Any],
+    palette: Sequence[QuantFormat],
+    seeds: Sequence[Mapping[str, str]],
+    *,
+    space: str = "near",
+    radius: int = 1,
+) -> dict[str, list[str]]:
+    """Per unit, the formats the sampler may choose, cheapest first.
+
+    ``full`` is the whole palette. ``near`` keeps, in each unit's own cost order, the formats
+    from ``radius`` steps below the cheapest seed choice to ``radius`` steps above the
+    dearest, so every seed lies inside the space and the sampler refines around them.
+    """
+    if space not in SPACES:
+        raise BitallocError(f"search space {space!r} is not one of {', '.join(SPACES)}")
+    if radius < 0:
+        raise BitallocError(f"radius must be >= 0, not {radius}")
+    result = {}
+    for unit in units:
+        order = sorted(palette, key=lambda f: (f.storage_bits(unit.shape), f.name))
+        names = [f.name for f in order]
+        if space == "full" or not seeds:
+            result[unit.name] = names
+            continue
+        picked = [names.index(seed[unit.name]) for seed in seeds]
+        lo = max(0, min(picked) - radius)
+        hi = min(len(names) - 1, max(picked) + radius)
+        result[unit.name] = names[lo : hi + 1]
+    return result
+
+
+def make_sampler(name: str, *, seed: int, trials: int) -> Any:
+    """The Optuna sampler for ``name`` (``nsga2`` or ``tpe``), seeded."""
+    import optuna
+
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=max(8, min(50, trials // 4))
+        )
+    if name == "tpe":
+        return optuna.samplers.TPESampler(
+            seed=seed, multivariate=True, n_startup_trials=max(5, min(20, trials // 5))
+        )
+    raise BitallocError(f"sampler {name!r} is not one of {', '.join(SAMPLERS)}")
+
+
+def _seed_allocations(
+    prep: Prepared, prof: Profile, budget: float, solver: str | None
+) -> list[tuple[str, float, Allocation]]:
+    """The solver's allocations at the budget and :data:`SEED_OFFSETS` around it (clipped to
+    the feasible range, repeats dropped): ``(source, budget, allocation)``."""
+    low, high = feasible_avg_bits(prep.units, prep.palette)
+    method = default_method(prof, solver)
+    seeds: dict[str, tuple[str, float, Allocation]] = {}
+    for offset in SEED_OFFSETS:
+        target = min(max(budget + offset, low), high)
+        problem = build_problem(prep.units, prep.palette, prof, target)
+        alloc = allocation_for(prep, prof, solve(problem, method=method), target)
+        key = job_key(tuple(alloc.formats.items()))
+        seeds.setdefault(key, (f"seed:{method}@{target:g}", target, alloc))
+    return list(seeds.values())
+
+
+class _Costs:
+    """Average bits and predicted loss of any assignment, from the palette and profile."""
+
+    def __init__(self, prep: Prepared, prof: Profile):
+        self.units = prep.units
+        self.numel = sum(u.numel for u in prep.units)
+        self.formats = {f.name: f for f in prep.palette}
+        self.row = {name: i for i, name in enumerate(prof.units)}
+        self.col = {name: j for j, name in enumerate(prof.formats)}
+        self.loss = prof.loss
+
+    def avg_bits(self, assignment: Mapping[str, str]) -> float:
+        bits = sum(self.formats[assignment[u.name]].storage_bits(u.shape) for u in self.units)
+        return bits / self.numel
+
+    def predicted(self, assignment: Mapping[str, str]) -> float:
+        return float(
+            sum(self.loss[self.row[u.name], self.col[assignment[u.name]]] for u in self.units)
+        )
+
+    def unit_loss(self, unit: str, fmt: str) -> float:
+        return float(self.loss[self.row[unit], self.col[fmt]])
+
+
+def search(
+    model: Any = None,
+    avg_bits: float | None = None,
+    *,
+    trials: int = DEFAULT_TRIALS,
+    sampler: str = "nsga2",
+    storage: str | None = None,
+    study: str = DEFAULT_STUDY,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    space: str = "near",
+    radius: int = 1,
+    solver: str | None = None,
+    profiler: str = "fisher",
+    profile: Profile | str | Path | None = None,
+    profiler_options: Mapping[str, Any] | None = None,
+    formats: Sequence[str | QuantFormat] | str | None = None,
+    calibration: Any = None,
+    evaluation: Any = None,
+    tokenizer: object | None = None,
+    workers: int = 0,
+    ray_address: str | None = None,
+    calibration_tokens: int | None = None,
+    eval_tokens: int | None = 4096,
+    seq_len: int = 512,
+    seed: int = 0,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> SearchResult:
+    """Search allocations by measurement until the study holds ``trials`` finished trials.
+
+    Objectives: average bits and perplexity on the evaluation split (both minimised); the
+    result's ``best`` is the lowest-perplexity allocation within ``avg_bits``. The study lives
+    in ``storage`` (default SQLite in ``run_dir``, itself default ``runs/<study>``) under the
+    name ``study``; ``resume=True`` continues an existing one (checked to be the same search),
+    and without it an existing study of that name is an error. ``sampler`` is ``nsga2`` or
+    ``tpe``; ``space`` is ``near`` (``radius`` palette steps around the seeds) or ``full``.
+    Evaluations run in this process (``workers=0``) or on that many Ray actors (local Ray, or
+    ``ray_address`` / ``$RAY_ADDRESS``). The profile (``profiler`` or a saved ``profile``)
+    seeds the study with the solvers' allocations at the budget and around it.
+
+    Writes into ``run_dir``: ``search.json`` (summary), ``profile.safetensors``,
+    ``frontier.json`` (the seeds, measured) and ``best.json`` (the best allocation).
+    """
+    import optuna
+
+    start_time = time.perf_counter()
+    if avg_bits is None:
+        raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
+    if trials < 1:
+        raise BitallocError(f"trials must be >= 1, not {trials}")
+    if sampler not in SAMPLERS:
+        raise BitallocError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
+    if space not in SPACES:
+        raise BitallocError(f"search space {space!r} is not one of {', '.join(SPACES)}")
+    if not study or not isinstance(study, str):
+        raise BitallocError("give the study a name (--study NAME)")
+    if workers > 0 and (ray_address or os.environ.get("RAY_ADDRESS")):
+        check_ray_address(ray_address or os.environ["RAY_ADDRESS"])
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(study)
+    url = storage or default_storage_url(run_dir)
+    # Open the storage before any expensive work, so a bad URL fails at once.
+    store = open_storage(url, create=not resume)
+    known = [s.study_name for s in store.get_all_studies()]
+    if resume and study not in known:
+        raise BitallocError(
+            f"--resume: no study named {study!r} in {url} (it holds {known or 'no studies'}); "
+            "drop --resume to start one"
+        )
+    if not resume and study in known:
+        raise BitallocError(
+            f"a study named {study!r} already exists in {url}; continue it with --resume or "
+            "choose another --study name (nothing was changed)"
+        )
+
+    saved = None
+    if profile is not None:
+        saved = profile if isinstance(profile, Profile) else Profile.load(profile)
+        if formats is None:
+            formats = list(saved.formats)
+    prep = prepare(
+        model,
+        formats=formats,
+        calibration=calibration,
+        evaluation=evaluation,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+    )
+    check_budget(avg_bits, prep.units, prep.palette)
+    if saved is None:
+        prof = profile_model(
+            prep,
+            profiler,
+            calibration_tokens=calibration_tokens,
+            profiler_options=profiler_options,
+            workers=workers,
+            ray_address=ray_address,
+            use_cache=use_cache,
+            progress=progress,
+        )
+    else:
+        prof = load_profile_for(prep, saved)
+    ev = prep.evaluation_windows(eval_tokens)
+    identity = {
+        "model": prep.loaded.source,
+        "model_fingerprint": model_fingerprint(prep.model, prep.units),
+        "palette": [f.name for f in prep.palette],
+        "budget": float(avg_bits),
+        "eval_tokens": int(ev.numel()),
+        "seq_len": int(ev.shape[1]),
+        "eval_fingerprint": tensor_fingerprint(ev),
+        "space": space,
+        "units": [u.name for u in prep.units],
+    }
+    seeds = _seed_allocations(prep, prof, float(avg_bits), solver)
+    choices = search_space(
+        prep.units, prep.palette, [a.formats for _, _, a in seeds], space=space, radius=radius
+    )
+    costs = _Costs(prep, prof)
+
+    if resume:
+        # A resumed sampler gets a fresh seed, so it does not repeat the first run's draws.
+        done_before = store.get_n_trials(store.get_study_id_from_name(study))
+        opt_sampler = make_sampler(sampler, seed=seed + done_before, trials=trials)
+        st = studies.load_study(store, study, opt_sampler, identity)
+        recovered = studies.recover_abandoned(st)
+        # The space the study was started with: the sampler's history is only valid in it.
+        choices = st.user_attrs.get("space_choices", choices)
+    else:
+        opt_sampler = make_sampler(sampler, seed=seed, trials=trials)
+        st = studies.create_study(store, study, opt_sampler, identity)
+        st.set_user_attr("space_choices", choices)
+        for source, _, alloc in seeds:
+            st.enqueue_trial(dict(alloc.formats), user_attrs={"source": source})
+        recovered = []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prof.save(run_dir / "profile.safetensors")
+    write_json_atomic(
+        run_dir / SEARCH_FILE,
+        {"storage": url, "study": study, "budget": float(avg_bits), "status": "running"},
+    )
+
+    evaluations = 0
+    layers = {u.name: u.layer for u in prep.units}
+    owner = studies.owner_tag()
+    with job_pool(
+        prep.model,
+        ev,
+        layers,
+        keep_logprobs=True,
+        workers=workers,
+        ray_address=ray_address,
+    ) as pool:
+        evaluations += _measure_baselines(st, pool, prep, avg_bits, progress)
+        finished = len(studies.completed(st))
+        evaluated = {
+            job_key(tuple(t.user_attrs["formats"].items())): t for t in studies.completed(st)
+        }
+        in_flight: dict[int, Any] = {}
+        bar = tqdm(
+            total=trials,
+            initial=min(finished, trials),
+            desc=f"search {study}",
+            unit="trial",
+            disable=not progress,
+        )
+        try:
+            while finished + len(in_flight) < trials or in_flight:
+                while finished + len(in_flight) < trials and pool.pending < pool.capacity:
+                    trial = st.ask()
+                    assignment = {
+                        u.name: trial.suggest_categorical(u.name, choices[u.name])
+                        for u in prep.units
+                    }
+                    trial.set_user_attr("source", trial.user_attrs.get("source", "sampler"))
+                    trial.set_user_attr("owner", owner)
+                    trial.set_user_attr("formats", assignment)
+                    job = tuple(assignment.items())
+                    twin = evaluated.get(job_key(job))
+                    if twin is not None:
+                        # A repeat of a measured allocation: its values are known already.
+                        trial.set_user_attr("duplicate_of", twin.number)
+                        _tell(st, trial, twin.user_attrs, twin.values[1], costs, assignment)
+                        finished += 1
+                        bar.update(1)
+                        continue
+                    in_flight[trial.number] = trial
+                    pool.submit(trial.number, job)
+                if not in_flight:
+                    continue
+                number, job, result = pool.wait()
+                evaluations += 1
+                trial = in_flight.pop(number)
+                assignment = dict(job)
+                ppl = math.exp(result["loss"])
+                _tell(st, trial, result, ppl, costs, assignment)
+                evaluated[job_key(job)] = st.trials[number]
+                finished += 1
+                bar.update(1)
+                bar.set_postfix(ppl=f"{ppl:.2f}", bits=f"{costs.avg_bits(assignment):.3f}")
+        except BaseException:
+            # Ctrl-C or a failure: the trials in flight are failed and queued again, so that
+            # --resume evaluates them; every finished trial is already stored.
+            pool.cancel()
+            for number, trial in in_flight.items():
+                st.tell(number, state=optuna.trial.TrialState.FAIL)
+                st.enqueue_trial(
+                    dict(trial.params),
+                    user_attrs={"source": trial.user_attrs.get("source"), "retry_of": number},
+                )
+            raise
+        finally:
+            bar.close()
+
+    return _finish(
+        st,
+        prep,
+        costs,
+        seeds,
+        run_dir,
+        url,
+        float(avg_bits),
+        ev,
+        {
+            "evaluations": evaluations,
+            "recovered": recovered,
+            "wall_time_s": time.perf_counter() - start_time,
+        },
+    )
+
+
+def _tell(st: Any, trial: Any, scores: Mapping[str, Any], ppl: float, costs, assignment) -> None:
+    trial.set_user_attr("loss", scores.get("loss"))
+    trial.set_user_attr("kl", scores.get("kl"))
+    trial.set_user_attr("predicted_loss", costs.predicted(assignment))
+    st.tell(trial, [costs.avg_bits(assignment), ppl])
+
+
+def _finish(st, prep, costs, seeds, run_dir, url, budget, ev, run_info) -> SearchResult:
+    """Summarise the study, write the run directory's files and return the result."""
+    from bitalloc.planning import Frontier, FrontierPoint
+
+    trials = studies.completed(st)
+    front = studies.pareto_front([tuple(t.values) for t in trials])
+    pareto = [(trials[i].number, trials[i].values[0], trials[i].values[1]) for i in front]
+    fp16 = float(st.user_attrs["fp16_perplexity"])
+    uniform = dict(st.user_attrs["uniform"])
+    tokens = int(ev.shape[0] * (ev.shape[1] - 1))
+    best_trial = studies.best_within(trials, budget)
+    best = None
+    if best_trial is not None:
+        fmt = {f.name: f for f in prep.palette}
+        formats = best_trial.user_attrs["formats"]
+        best = Allocation.from_choices(
+            model=prep.loaded.source,
+            budget=budget,
+            units=[
+                UnitChoice.of(u, fmt[formats[u.name]], costs.unit_loss(u.name, formats[u.name]))
+                for u in prep.units
+            ],
+            excluded=excluded_parameters(prep.model, prep.units),
+        )
+        fp16_bits = costs_avg_bits_uniform(prep, parse_format("fp16"))
+        best = best.with_measured(
+            Measured(
+                perplexity=best_trial.values[1],
+                baselines={**{k: v["perplexity"] for k, v in uniform.items()}, "fp16": fp16},
+                baseline_avg_bits={
+                    **{k: v["avg_bits"] for k, v in uniform.items()},
+                    "fp16": fp16_bits,
+                },
+                eval_tokens=tokens,
+                seq_len=int(ev.shape[1]),
+                measured_loss_increase=math.log(best_trial.values[1]) - math.log(fp16),
+                predicted_loss_increase=float(best.data.predicted_loss or 0.0),
+            )
+        )
+        best.save(run_dir / "best.json")
+    by_source = {t.user_attrs.get("source"): t for t in trials}
+    seed_rows = []
+    points = []
+    for source, target, alloc in seeds:
+        measured = by_source.get(source)
+        ppl = None if measured is None else measured.values[1]
+        points.append(FrontierPoint(target, alloc, ppl))
+        seed_rows.append(
+            {
+                "source": source,
+                "avg_bits": alloc.avg_bits,
+                "predicted_loss": alloc.data.predicted_loss,
+                "perplexity": ppl,
+            }
+        )
+    method = seeds[0][0].split(":", 1)[1].split("@", 1)[0]
+    frontier = Frontier(tuple(points), method, (), fp16)
+    write_json_atomic(run_dir / "frontier.json", frontier.to_json())
+    result = SearchResult(
+        study_name=st.study_name,
+        storage=url,
+        run_dir=run_dir,
+        budget=budget,
+        best=best,
+        best_trial=None if best_trial is None else best_trial.number,
+        pareto=pareto,
+        trials_completed=len(trials),
+        fp16_perplexity=fp16,
+        uniform=uniform,
+        seeds=seed_rows,
+        **run_info,
+    )
+    write_json_atomic(
+        run_dir / SEARCH_FILE,
+        {
+            "storage": url,
+            "study": st.study_name,
+            "budget": budget,
+            "status": "finished",
+            "trials_completed": result.trials_completed,
+            "evaluations": result.evaluations,
+            "wall_time_s": result.wall_time_s,
+            "best": None
+            if best is None
+            else {
+                "trial": result.best_trial,
+                "avg_bits": best.avg_bits,
+                "perplexity": best.measured.perplexity,
+            },
+            "pareto": [{"trial": n, "avg_bits": b, "perplexity": p} for n, b, p in result.pareto],
+            "fp16_perplexity": fp16,
+            "uniform": uniform,
+            "seeds": seed_rows,
+        },
+    )
+    return result
+
+
+def costs_avg_bits_uniform(prep: Prepared, fmt: QuantFormat) -> float:
+    """Average bits per weight of every unit in ``fmt``."""
+    numel = sum(u.numel for u in prep.units)
+    return sum(fmt.storage_bits(u.shape) for u in prep.units) / numel
+
+
+def _measure_baselines(st: Any, pool: Any, prep: Prepared, budget: float, progress: bool) -> int:
+    """Measure the unquantized model and uniform baselines once per study (kept in its
+    attributes); returns the evaluations run."""
+    if "fp16_perplexity" in st.user_attrs and "uniform" in st.user_attrs:
+        return 0
+    jobs = {"fp16": ()}
+    for fmt in baseline_formats(prep.units, prep.palette, budget):
+        if not fmt.is_float:
+            jobs[fmt.name] = tuple(uniform_assignment(prep.units, fmt).items())
+    todo = list(jobs.items())
+    results = {}
+    bar = tqdm(total=len(todo), desc="baselines", unit="job", disable=not progress)
+    try:
+        while todo or pool.pending:
+            while todo and pool.pending < pool.capacity:
+                name, job = todo.pop(0)
+                pool.submit(name, job)
+            name, _, result = pool.wait()
+            results[name] = math.exp(result["loss"])
+            bar.update(1)
+    finally:
+        bar.close()
+    uniform = {
+        name: {"avg_bits": costs_avg_bits_uniform(prep, parse_format(name)), "perplexity": ppl}
+        for name, ppl in results.items()
+        if name != "fp16"
+    }
+    st.set_user_attr("uniform", uniform)
+    st.set_user_attr("fp16_perplexity", results["fp16"])
+    return len(jobs)

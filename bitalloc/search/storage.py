@@ -1,0 +1,85 @@
+"""Where searches are stored: Optuna storages named by one string, opened with clear errors.
+
+A storage string is one of:
+
+- an Optuna RDB URL (``sqlite:///path/study.db``, ``postgresql://...``, ``mysql://...``):
+  every finished trial is committed as it is told, so a killed search loses none;
+- ``journal:PATH``: Optuna's journal file (append-only, file-locked), for clusters whose
+  workers share a file system but no database server.
+
+By default a search keeps its study in SQLite inside its run directory
+(:func:`default_storage_url`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bitalloc.errors import BitallocError
+
+JOURNAL_PREFIX = "journal:"
+#: File name of the default SQLite study inside a run directory.
+STUDY_DB = "study.db"
+
+
+def default_storage_url(run_dir: str | Path) -> str:
+    """The SQLite URL of the study file in ``run_dir``."""
+    return f"sqlite:///{Path(run_dir).resolve() / STUDY_DB}"
+
+
+def open_storage(url: str, *, create: bool = True) -> Any:
+    """An Optuna storage object for ``url`` (see the module docstring).
+
+    With ``create=False`` a local file (SQLite database or journal) must already exist, so
+    that reading a study never creates an empty one. Any failure to open the storage (bad URL,
+    missing driver, unwritable directory, a file that is not a database) raises
+    :class:`BitallocError` naming the URL.
+    """
+    import optuna
+
+    if not isinstance(url, str) or not url.strip():
+        raise BitallocError("give a storage URL, e.g. sqlite:///runs/study.db or journal:FILE")
+    if url.startswith(JOURNAL_PREFIX):
+        path = Path(url[len(JOURNAL_PREFIX) :]).expanduser()
+        if not path.name:
+            raise BitallocError(f"storage {url!r}: give a journal file, e.g. journal:runs/j.log")
+        _check_local_file(url, path, create)
+        from optuna.storages.journal import JournalFileBackend
+
+        try:
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        except Exception as exc:  # noqa: BLE001 - any backend failure is the URL's fault here
+            raise BitallocError(f"cannot open journal storage {url!r}: {exc}") from None
+    if "://" not in url:
+        raise BitallocError(
+            f"storage {url!r} is neither an RDB URL (sqlite:///FILE, postgresql://...) nor "
+            "journal:FILE"
+        )
+    if url.startswith("sqlite:///"):
+        _check_local_file(url, Path(url[len("sqlite:///") :]).expanduser(), create)
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy, drivers and schema checks vary
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BitallocError(f"cannot open storage {url!r}: {first}") from None
+
+
+def _check_local_file(url: str, path: Path, create: bool) -> None:
+    if path.exists() and not path.is_file():
+        raise BitallocError(f"storage {url!r}: {path} is not a file")
+    if not path.exists():
+        if not create:
+            raise BitallocError(
+                f"storage {url!r}: {path} does not exist (no search has been stored there); "
+                "check the path or run `bitalloc search` first"
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BitallocError(f"storage {url!r}: cannot create {path.parent}: {exc}") from None
+
+
+def study_names(storage: Any) -> list[str]:
+    """Names of the studies held by an opened storage."""
+    return [s.study_name for s in storage.get_all_studies()]
