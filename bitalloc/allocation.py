@@ -104,6 +104,36 @@ class Measured(_Strict):
     predicted_loss_increase: float
 
 
+class RepairRound(_Strict):
+    """One round of verify-and-repair: the allocation at its start, predicted and measured
+    loss increase (nats/token, on the repair windows), the units then measured alone, and what
+    was done (``corrected``, or why it stopped: ``agrees``, ``budget spent``, ``no units left``)."""
+
+    avg_bits: float
+    predicted: float
+    measured: float
+    units_measured: list[str]
+    action: str
+
+
+class Repair(_Strict):
+    """What verify-and-repair measured and changed (losses are increases over the unquantized
+    model in nats/token on ``tokens`` calibration tokens)."""
+
+    tokens: int
+    tolerance: float
+    budget: int
+    evaluations: int
+    predicted_before: float
+    measured_before: float
+    predicted_after: float
+    measured_after: float
+    changed: bool
+    units_measured: int
+    rounds: list[RepairRound]
+    wall_time_s: float
+
+
 class AllocationData(_Strict):
     """The serialised form of an :class:`Allocation`."""
 
@@ -121,6 +151,7 @@ class AllocationData(_Strict):
     solver: SolverSummary | None = None
     profile: ProfileSummary | None = None
     measured: Measured | None = None
+    repair: Repair | None = None
 
 
 class Allocation:
@@ -191,6 +222,10 @@ class Allocation:
     def with_measured(self, measured: Measured) -> Allocation:
         """A copy carrying a measurement."""
         return Allocation(self.data.model_copy(update={"measured": measured}))
+
+    def with_repair(self, repair: Repair) -> Allocation:
+        """A copy carrying the record of verify-and-repair."""
+        return Allocation(self.data.model_copy(update={"repair": repair}))
 
     # --- presentation ----------------------------------------------------------------------
     def table(self) -> str:

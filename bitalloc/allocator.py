@@ -44,6 +44,10 @@ from bitalloc.planning import (
     feasible_avg_bits,
     to_allocation,
 )
+from bitalloc.repair import DEFAULT_BUDGET as DEFAULT_REPAIR_BUDGET
+from bitalloc.repair import DEFAULT_TOKENS as DEFAULT_REPAIR_TOKENS
+from bitalloc.repair import DEFAULT_TOLERANCE as DEFAULT_REPAIR_TOLERANCE
+from bitalloc.repair import verify_and_repair
 from bitalloc.sensitivity import (
     MEASURING_PROFILERS,
     Interactions,
@@ -362,6 +366,10 @@ def allocate(
     calibration: str | Path | Sequence[str | Path] | None = None,
     evaluation: str | Path | Sequence[str | Path] | None = None,
     verify: bool = False,
+    repair: bool = True,
+    repair_budget: int = DEFAULT_REPAIR_BUDGET,
+    repair_tolerance: float = DEFAULT_REPAIR_TOLERANCE,
+    repair_tokens: int = DEFAULT_REPAIR_TOKENS,
     tokenizer: object | None = None,
     profile: Profile | str | Path | None = None,
     interactions: str | Sequence[Sequence[str]] | None = None,
@@ -390,8 +398,16 @@ def allocate(
     ``workers`` / ``ray_address`` run measurements on Ray. ``solver`` is any registered method
     (default ``lagrangian``). ``ties`` ties fused projections (``"qkv"``, ``"gateup"``) to one
     format; ``max_bytes`` adds a bound on the units' stored bytes; ``solver_options`` go to the
-    solver (e.g. ``{"time_limit": 30}``). With ``verify`` the allocation's perplexity is
-    measured on ``eval_tokens`` evaluation tokens beside uniform baselines.
+    solver (e.g. ``{"time_limit": 30}``).
+
+    With ``verify`` the allocation is checked against reality. First (unless ``repair`` is
+    False) its loss increase is measured on ``repair_tokens`` calibration tokens; when it
+    exceeds the profile's additive prediction by more than ``repair_tolerance`` (relative), the
+    units with the largest predicted share are measured alone, their terms corrected and the
+    problem solved again, within ``repair_budget`` evaluations; the best measured allocation is
+    kept and ``allocation.data.repair`` records predicted and measured loss before and after
+    (:mod:`bitalloc.repair`). Then its perplexity is measured on ``eval_tokens`` evaluation
+    tokens beside uniform baselines.
     """
     if avg_bits is None:
         raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
@@ -431,16 +447,37 @@ def allocate(
     if interactions_from is not None:
         prof = prof.with_interactions(_interaction_source(interactions_from))
     solver = default_method(prof, solver)
-    problem = build_problem(
-        prep.units, prep.palette, prof, avg_bits, max_bytes=max_bytes, ties=ties
-    )
-    allocation = allocation_for(
-        prep, prof, solve(problem, method=solver, **dict(solver_options or {})), avg_bits
-    )
+
+    def solve_with(table: Profile) -> Allocation:
+        problem = build_problem(
+            prep.units, prep.palette, table, avg_bits, max_bytes=max_bytes, ties=ties
+        )
+        solution = solve(problem, method=solver, **dict(solver_options or {}))
+        return allocation_for(prep, table, solution, avg_bits)
+
+    allocation = solve_with(prof)
     if verify:
+        repair_record = None
+        if repair:
+            allocation, repair_record = verify_and_repair(
+                prep.model,
+                prep.calibration_windows(),
+                prep.units,
+                prof,
+                allocation,
+                solve_with,
+                budget=repair_budget,
+                tolerance=repair_tolerance,
+                tokens=repair_tokens,
+                workers=workers,
+                ray_address=ray_address,
+                progress=progress,
+            )
         allocation = allocation.with_measured(
             measure(prep, allocation, eval_tokens=eval_tokens, progress=progress)
         )
+        if repair_record is not None:
+            allocation = allocation.with_repair(repair_record)
     return allocation
 
 

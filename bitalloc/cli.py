@@ -75,7 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--verify",
         action="store_true",
-        help="measure perplexity of the allocation beside uniform baselines",
+        help="measure the allocation against its prediction, repair it when the prediction was "
+        "too optimistic, and measure perplexity beside uniform baselines",
+    )
+    a.add_argument(
+        "--no-repair", action="store_true", help="with --verify: measure only, never re-solve"
+    )
+    a.add_argument(
+        "--repair-budget",
+        type=int,
+        default=24,
+        help="evaluations verify-and-repair may spend (default 24)",
+    )
+    a.add_argument(
+        "--repair-tolerance",
+        type=float,
+        default=0.1,
+        help="accepted relative excess of measured over predicted loss (default 0.1)",
+    )
+    a.add_argument(
+        "--repair-tokens",
+        type=int,
+        default=2048,
+        help="calibration tokens per repair measurement (default 2048)",
     )
     a.add_argument("--out", default=None, metavar="FILE", help="write the allocation as JSON")
     a.add_argument("--units", action="store_true", help="print every unit, not one row per layer")
@@ -206,6 +228,10 @@ def _allocate(args: argparse.Namespace) -> None:
         calibration=args.calibration,
         evaluation=args.evaluation,
         verify=args.verify,
+        repair=not args.no_repair,
+        repair_budget=args.repair_budget,
+        repair_tolerance=args.repair_tolerance,
+        repair_tokens=args.repair_tokens,
         profile=args.profile,
         profiler_options=parse_options(args.profiler_option),
         interactions=args.interactions,
@@ -316,6 +342,15 @@ def _frontier(args: argparse.Namespace) -> None:
 
 
 def _print_measured(alloc) -> None:
+    r = alloc.data.repair
+    if r is not None:
+        print(
+            f"\nverify and repair ({r.evaluations} evaluations on {r.tokens} calibration tokens, "
+            f"{r.wall_time_s:.0f} s): loss increase predicted {r.predicted_before:.4f} / "
+            f"measured {r.measured_before:.4f} before, predicted {r.predicted_after:.4f} / "
+            f"measured {r.measured_after:.4f} after; "
+            + ("allocation changed" if r.changed else "allocation kept")
+        )
     m = alloc.measured
     print(f"\nperplexity on {m.eval_tokens} evaluation tokens ({m.seq_len}-token windows):")
     print(f"  {'allocation':<12} {alloc.avg_bits:6.3f} bits  ppl {m.perplexity:9.3f}")
