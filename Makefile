@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bitalloc-installed
 
-.PHONY: install demo test lint benchmark
+.PHONY: install demo test lint benchmark browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,15 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/bitalloc allocate --avg-bits 3.25 --verify --out alloc.json
 
-test: $(STAMP)
+# Headless Chromium (Debian package) for the report and dashboard tests; installed when missing
+# and this user may install packages, otherwise those tests are skipped and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium is not installed (apt-get install chromium): browser tests will be skipped"; fi
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
@@ -33,3 +41,4 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/profilers.py
+	$(PY) benchmarks/search.py

@@ -1,4 +1,5 @@
-"""Command line: ``bitalloc allocate | profile | solve | frontier | eval | search``.
+"""Command line: ``bitalloc allocate | profile | solve | frontier | eval | search | report |
+dashboard``.
 
 Errors in the user's input print one line (``bitalloc: error: ...``) and exit with status 2;
 no traceback.
@@ -19,6 +20,12 @@ from bitalloc.cliargs import (
     measuring_options,
     parse_options,
     solver_options,
+)
+from bitalloc.dashboards.cli import (
+    add_dashboard_parser,
+    add_report_parser,
+    dashboard_command,
+    report_command,
 )
 from bitalloc.errors import BitallocError
 from bitalloc.search.cli import add_search_parser
@@ -195,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allocation", required=True, metavar="FILE", help="allocation JSON")
     e.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (default 4096)")
     add_search_parser(sub)
+    add_report_parser(sub)
+    add_dashboard_parser(sub)
     return parser
 
 
@@ -428,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "solve": _solve,
         "frontier": _frontier,
         "eval": _eval,
+        "report": report_command,
+        "dashboard": dashboard_command,
     }
     try:
         handlers.get(args.command, getattr(args, "handler", None))(args)

@@ -80,8 +80,8 @@ def verify_and_repair(
 
     ``solve_with(profile)`` re-solves the same problem (budget, ties, solver) on a corrected
     profile. ``tolerance`` is the relative excess of measured over predicted loss that is
-    accepted, plus ``slack`` nats (measurement noise). Returns the best measured allocation (the given one when no repair beat it) and
-    the record of every round.
+    accepted, plus ``slack`` nats (measurement noise). Returns the best measured allocation
+    (the given one when no repair beat it) and the record of every round.
     """
     if budget < 2:
         raise BitallocError(f"the repair budget must allow >= 2 evaluations, not {budget}")
