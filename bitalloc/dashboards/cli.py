@@ -16,11 +16,11 @@ from typing import Any
 
 from bitalloc.dashboards.launcher import DEFAULT_HOST, DEFAULT_PORT, run_dashboard
 from bitalloc.dashboards.rundir import (
-    ALLOCATION_FILE,
+    BEST_FILE,
     DEFAULT_RUN_DIR,
     FRONTIER_FILE,
     PROFILE_FILE,
-    SEARCH_JSON,
+    SEARCH_FILE,
     load_frontier,
     load_run,
     load_study,
@@ -42,7 +42,7 @@ def _study_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="URL",
         help="the search's Optuna storage (sqlite:///FILE, postgresql://..., journal:FILE); "
-        f"default: the one named by the run's {SEARCH_JSON}, else its {STUDY_DB}",
+        f"default: the one named by the run's {SEARCH_FILE}, else its {STUDY_DB}",
     )
     p.add_argument(
         "--study",
@@ -71,7 +71,7 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--allocation",
         default=None,
         metavar="FILE",
-        help=f"allocation JSON (overrides the run's {ALLOCATION_FILE})",
+        help=f"allocation JSON (overrides the run's {BEST_FILE})",
     )
     p.add_argument(
         "--frontier",
@@ -136,7 +136,7 @@ def report_command(args: argparse.Namespace) -> None:
     if not inputs:
         where = f"{run_dir} holds" if run_dir.is_dir() else f"{run_dir} does not exist, so found"
         raise BitallocError(
-            f"nothing to report: {where} none of {PROFILE_FILE}, {ALLOCATION_FILE}, "
+            f"nothing to report: {where} none of {PROFILE_FILE}, {BEST_FILE}, "
             f"{FRONTIER_FILE} or a study; pass --run-dir, --storage, --profile, --allocation or "
             "--frontier"
         )
@@ -164,7 +164,7 @@ def dashboard_command(args: argparse.Namespace) -> None:
         location = study_location(run_dir, study_name=args.study)
         if location is None:
             raise BitallocError(
-                f"{run_dir} holds no study (no {SEARCH_JSON} or {STUDY_DB}); pass --storage URL "
+                f"{run_dir} holds no study (no {SEARCH_FILE} or {STUDY_DB}); pass --storage URL "
                 "or run `bitalloc search` first"
             )
         url, name = location

@@ -12,17 +12,23 @@ from typing import TYPE_CHECKING, Any
 from bitalloc.dashboards.data import frontier_points
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import read_json
-from bitalloc.search.storage import STUDY_DB, default_storage_url, open_storage, study_names
+from bitalloc.search.storage import (
+    BEST_FILE,
+    FRONTIER_FILE,
+    PROFILE_FILE,
+    SEARCH_FILE,
+    STUDY_DB,
+    default_run_dir,
+    default_storage_url,
+    open_storage,
+    study_names,
+)
 
 if TYPE_CHECKING:
     import optuna
 
 #: Where ``bitalloc search`` writes by default (``runs/<study name>``, study ``bitalloc``).
-DEFAULT_RUN_DIR = Path("runs") / "bitalloc"
-SEARCH_JSON = "search.json"
-PROFILE_FILE = "profile.safetensors"
-ALLOCATION_FILE = "best.json"
-FRONTIER_FILE = "frontier.json"
+DEFAULT_RUN_DIR = default_run_dir()
 
 
 def pick_study_name(url: str, names: list[str], study_name: str | None) -> str:
@@ -66,7 +72,7 @@ def study_location(
     if storage:
         return storage, study_name
     run_dir = Path(run_dir)
-    search = run_dir / SEARCH_JSON
+    search = run_dir / SEARCH_FILE
     if search.is_file():
         meta = read_json(search, "search")
         url = meta.get("storage") if isinstance(meta, dict) else None
@@ -115,8 +121,8 @@ def load_run(
     inputs: dict[str, Any] = {}
     if (run_dir / PROFILE_FILE).is_file():
         inputs["profile"] = Profile.load(run_dir / PROFILE_FILE)
-    if (run_dir / ALLOCATION_FILE).is_file():
-        inputs["allocation"] = Allocation.load(run_dir / ALLOCATION_FILE)
+    if (run_dir / BEST_FILE).is_file():
+        inputs["allocation"] = Allocation.load(run_dir / BEST_FILE)
     if (run_dir / FRONTIER_FILE).is_file():
         inputs["frontier"] = load_frontier(run_dir / FRONTIER_FILE)
     location = study_location(run_dir, storage=storage, study_name=study_name)
@@ -124,7 +130,7 @@ def load_run(
         inputs["study"] = load_study(*location)
     elif study_name is not None:
         raise BitallocError(
-            f"--study {study_name!r}: {run_dir} holds no {SEARCH_JSON} or {STUDY_DB}; "
+            f"--study {study_name!r}: {run_dir} holds no {SEARCH_FILE} or {STUDY_DB}; "
             "pass the search's storage with --storage URL"
         )
     return inputs

@@ -11,11 +11,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DEFAULT_STUDY": "bitalloc.search.run",
+    "DEFAULT_STUDY": "bitalloc.search.storage",
     "SAMPLERS": "bitalloc.search.run",
     "SPACES": "bitalloc.search.run",
     "SearchResult": "bitalloc.search.run",
-    "default_run_dir": "bitalloc.search.run",
+    "default_run_dir": "bitalloc.search.storage",
     "search": "bitalloc.search.run",
     "search_space": "bitalloc.search.run",
     "default_storage_url": "bitalloc.search.storage",

@@ -40,23 +40,25 @@ from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.models import excluded_parameters, model_fingerprint
 from bitalloc.planning import build_problem, check_budget, default_method, feasible_avg_bits
 from bitalloc.search import study as studies
-from bitalloc.search.storage import default_storage_url, open_storage
+from bitalloc.search.storage import (
+    BEST_FILE,
+    DEFAULT_STUDY,
+    FRONTIER_FILE,
+    PROFILE_FILE,
+    SEARCH_FILE,
+    default_run_dir,
+    default_storage_url,
+    open_storage,
+)
 from bitalloc.sensitivity import Profile
 from bitalloc.sensitivity.jobs import check_ray_address, job_key, job_pool
 from bitalloc.solvers import solve
 
-DEFAULT_STUDY = "bitalloc"
 DEFAULT_TRIALS = 40
 SAMPLERS = ("nsga2", "tpe")
 SPACES = ("near", "full")
 #: Offsets from the budget (average bits) at which the solvers' allocations seed the study.
 SEED_OFFSETS = (-0.5, -0.25, 0.0, 0.25, 0.5)
-SEARCH_FILE = "search.json"
-
-
-def default_run_dir(study_name: str) -> Path:
-    """``runs/<study name>`` under the current directory."""
-    return Path("runs") / study_name
 
 
 @dataclass(frozen=True)
@@ -323,7 +325,7 @@ def search(
             st.enqueue_trial(dict(alloc.formats), user_attrs={"source": source})
         recovered = []
     run_dir.mkdir(parents=True, exist_ok=True)
-    prof.save(run_dir / "profile.safetensors")
+    prof.save(run_dir / PROFILE_FILE)
     write_json_atomic(
         run_dir / SEARCH_FILE,
         {"storage": url, "study": study, "budget": float(avg_bits), "status": "running"},
@@ -464,7 +466,7 @@ def _finish(st, prep, costs, seeds, run_dir, url, budget, ev, run_info) -> Searc
                 predicted_loss_increase=float(best.data.predicted_loss or 0.0),
             )
         )
-        best.save(run_dir / "best.json")
+        best.save(run_dir / BEST_FILE)
     by_source = {t.user_attrs.get("source"): t for t in trials}
     seed_rows = []
     points = []
@@ -482,7 +484,7 @@ def _finish(st, prep, costs, seeds, run_dir, url, budget, ev, run_info) -> Searc
         )
     method = seeds[0][0].split(":", 1)[1].split("@", 1)[0]
     frontier = Frontier(tuple(points), method, (), fp16)
-    write_json_atomic(run_dir / "frontier.json", frontier.to_json())
+    write_json_atomic(run_dir / FRONTIER_FILE, frontier.to_json())
     result = SearchResult(
         study_name=st.study_name,
         storage=url,

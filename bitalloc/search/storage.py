@@ -19,8 +19,20 @@ from typing import Any
 from bitalloc.errors import BitallocError
 
 JOURNAL_PREFIX = "journal:"
-#: File name of the default SQLite study inside a run directory.
+#: The files of a search's run directory (``runs/<study>`` by default): the default SQLite
+#: study, the summary naming the storage and study, the profile, the measured seeds as a
+#: frontier, and the best allocation within the budget.
 STUDY_DB = "study.db"
+SEARCH_FILE = "search.json"
+PROFILE_FILE = "profile.safetensors"
+FRONTIER_FILE = "frontier.json"
+BEST_FILE = "best.json"
+DEFAULT_STUDY = "bitalloc"
+
+
+def default_run_dir(study_name: str = DEFAULT_STUDY) -> Path:
+    """``runs/<study name>`` under the current directory."""
+    return Path("runs") / study_name
 
 
 def default_storage_url(run_dir: str | Path) -> str:
