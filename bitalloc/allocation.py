@@ -106,13 +106,14 @@ class Measured(_Strict):
 
 class RepairRound(_Strict):
     """One round of verify-and-repair: the allocation at its start, predicted and measured
-    loss increase (nats/token, on the repair windows), the units then measured alone, and what
-    was done (``corrected``, or why it stopped: ``agrees``, ``budget spent``, ``no units left``)."""
+    loss increase (nats/token, on the repair windows), the groups then measured (unit names or
+    ``layer N``), and what was done (``corrected``, or why it stopped: ``agrees``,
+    ``budget spent``, ``nothing left``)."""
 
     avg_bits: float
     predicted: float
     measured: float
-    units_measured: list[str]
+    groups_measured: list[str]
     action: str
 
 
@@ -129,7 +130,8 @@ class Repair(_Strict):
     predicted_after: float
     measured_after: float
     changed: bool
-    units_measured: int
+    groups: str
+    groups_measured: int
     rounds: list[RepairRound]
     wall_time_s: float
 

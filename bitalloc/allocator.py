@@ -45,6 +45,7 @@ from bitalloc.planning import (
     to_allocation,
 )
 from bitalloc.repair import DEFAULT_BUDGET as DEFAULT_REPAIR_BUDGET
+from bitalloc.repair import DEFAULT_GROUPS as DEFAULT_REPAIR_GROUPS
 from bitalloc.repair import DEFAULT_TOKENS as DEFAULT_REPAIR_TOKENS
 from bitalloc.repair import DEFAULT_TOLERANCE as DEFAULT_REPAIR_TOLERANCE
 from bitalloc.repair import verify_and_repair
@@ -370,6 +371,7 @@ def allocate(
     repair_budget: int = DEFAULT_REPAIR_BUDGET,
     repair_tolerance: float = DEFAULT_REPAIR_TOLERANCE,
     repair_tokens: int = DEFAULT_REPAIR_TOKENS,
+    repair_groups: str = DEFAULT_REPAIR_GROUPS,
     tokenizer: object | None = None,
     profile: Profile | str | Path | None = None,
     interactions: str | Sequence[Sequence[str]] | None = None,
@@ -403,8 +405,9 @@ def allocate(
     With ``verify`` the allocation is checked against reality. First (unless ``repair`` is
     False) its loss increase is measured on ``repair_tokens`` calibration tokens; when it
     exceeds the profile's additive prediction by more than ``repair_tolerance`` (relative), the
-    units with the largest predicted share are measured alone, their terms corrected and the
-    problem solved again, within ``repair_budget`` evaluations; the best measured allocation is
+    groups with the largest predicted share (``repair_groups``: each unit alone, or each
+    layer's units at once) are measured, their terms rescaled to match and the problem solved
+    again, within ``repair_budget`` evaluations; the best measured allocation is
     kept and ``allocation.data.repair`` records predicted and measured loss before and after
     (:mod:`bitalloc.repair`). Then its perplexity is measured on ``eval_tokens`` evaluation
     tokens beside uniform baselines.
@@ -469,6 +472,7 @@ def allocate(
                 budget=repair_budget,
                 tolerance=repair_tolerance,
                 tokens=repair_tokens,
+                groups=repair_groups,
                 workers=workers,
                 ray_address=ray_address,
                 progress=progress,

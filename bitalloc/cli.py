@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="accepted relative excess of measured over predicted loss (default 0.1)",
     )
     a.add_argument(
+        "--repair-groups",
+        choices=("unit", "layer"),
+        default="unit",
+        help="what repair measures to correct terms: each unit alone (default) or each layer",
+    )
+    a.add_argument(
         "--repair-tokens",
         type=int,
         default=2048,
@@ -241,6 +247,7 @@ def _allocate(args: argparse.Namespace) -> None:
         repair_budget=args.repair_budget,
         repair_tolerance=args.repair_tolerance,
         repair_tokens=args.repair_tokens,
+        repair_groups=args.repair_groups,
         profile=args.profile,
         profiler_options=parse_options(args.profiler_option),
         interactions=args.interactions,

@@ -16,7 +16,7 @@ baselines is measured on the held-out evaluation split by :func:`bitalloc.alloca
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -33,31 +33,51 @@ from bitalloc.sensitivity.jobs import Job, job_pool
 DEFAULT_BUDGET = 24
 DEFAULT_TOLERANCE = 0.10
 DEFAULT_TOKENS = 2048
-#: Units measured alone per round (fewer when the evaluation budget runs short).
+DEFAULT_GROUPS = "unit"
+#: Groups measured per round (fewer when the evaluation budget runs short).
 UNITS_PER_ROUND = 8
 #: Absolute slack (nats) under which a prediction counts as right, whatever the ratio: the
 #: noise of a loss measured on a few thousand tokens.
 ABSOLUTE_SLACK = 0.005
 
 
-def corrected_profile(profile: Profile, measured: dict[tuple[str, str], float]) -> Profile:
-    """The profile with measured single-unit terms put in and each measured unit's row rescaled
-    by its measured/predicted ratio (more bits still never predict more loss)."""
+def corrected_profile(profile: Profile, measured: Mapping[Job, float]) -> Profile:
+    """The profile with each measured group's units rescaled so that the group's predicted
+    loss matches its measurement.
+
+    ``measured`` maps a group (a job: ``(unit, format)`` pairs quantized together) to its
+    measured loss increase. Every unit of a group gets the ratio measured / predicted (a
+    negative measurement, noise, counts as zero); a unit in several groups gets the median of
+    its ratios. A single-unit group thus puts its measured term in exactly. More bits still
+    never predict more loss.
+    """
     table = np.array(profile.loss, dtype=np.float64)
     row = {name: i for i, name in enumerate(profile.units)}
     col = {name: j for j, name in enumerate(profile.formats)}
     ratios: dict[str, list[float]] = {}
-    for (unit, fmt), value in measured.items():
-        predicted = profile.loss[row[unit], col[fmt]]
+    for job, value in measured.items():
+        predicted = sum(profile.loss[row[unit], col[fmt]] for unit, fmt in job)
         if predicted > 0:
-            ratios.setdefault(unit, []).append(max(value, 0.0) / predicted)
+            for unit, _ in job:
+                ratios.setdefault(unit, []).append(max(value, 0.0) / predicted)
     for unit, values in ratios.items():
         table[row[unit]] *= float(np.median(values))
-    for (unit, fmt), value in measured.items():
-        table[row[unit], col[fmt]] = max(value, 0.0)
     formats = tuple(parse_format(name) for name in profile.formats)
     table, _ = monotone_in_bits(table, formats)
     return replace(profile, loss=table)
+
+
+def repair_groups(allocation: Allocation, granularity: str) -> dict[str, Job]:
+    """The groups measured together, labelled: each quantized unit alone (``unit``) or each
+    layer's units at once (``layer``, which also sees the interactions inside a layer)."""
+    if granularity == "unit":
+        return {u.name: ((u.name, u.format),) for u in allocation.data.units}
+    if granularity == "layer":
+        layers: dict[int, list[tuple[str, str]]] = {}
+        for u in allocation.data.units:
+            layers.setdefault(u.layer, []).append((u.name, u.format))
+        return {f"layer {layer}": tuple(pairs) for layer, pairs in sorted(layers.items())}
+    raise BitallocError(f"repair groups {granularity!r}: choose unit or layer")
 
 
 def verify_and_repair(
@@ -72,6 +92,7 @@ def verify_and_repair(
     tolerance: float = DEFAULT_TOLERANCE,
     tokens: int = DEFAULT_TOKENS,
     slack: float = ABSOLUTE_SLACK,
+    groups: str = DEFAULT_GROUPS,
     workers: int = 0,
     ray_address: str | None = None,
     progress: bool = True,
@@ -80,13 +101,15 @@ def verify_and_repair(
 
     ``solve_with(profile)`` re-solves the same problem (budget, ties, solver) on a corrected
     profile. ``tolerance`` is the relative excess of measured over predicted loss that is
-    accepted, plus ``slack`` nats (measurement noise). Returns the best measured allocation
+    accepted, plus ``slack`` nats (measurement noise). ``groups`` is what is measured to
+    correct the terms (:func:`repair_groups`). Returns the best measured allocation
     (the given one when no repair beat it) and the record of every round.
     """
     if budget < 2:
         raise BitallocError(f"the repair budget must allow >= 2 evaluations, not {budget}")
     if tolerance < 0:
         raise BitallocError(f"the repair tolerance must be >= 0, not {tolerance}")
+    repair_groups(allocation, groups)  # an unknown granularity fails before any work
     start = time.perf_counter()
     chosen = spread_windows(len(calibration), calibration.shape[1], tokens)
     windows = calibration[chosen]
@@ -112,7 +135,7 @@ def verify_and_repair(
         measured_now = run([tuple(current.formats.items())])[0] - base
         first_measured = measured_now
         best, best_measured = current, measured_now
-        singles: dict[tuple[str, str], float] = {}
+        corrections: dict[Job, float] = {}
         rounds: list[RepairRound] = []
         joint = {_key(current): measured_now}
         while True:
@@ -123,24 +146,26 @@ def verify_and_repair(
                 action = "agrees" if agrees else "budget spent"
                 rounds.append(_round(current, predicted, measured_now, [], action))
                 break
-            terms = sorted(
+            share = {u.name: u.predicted_loss or 0.0 for u in current.data.units}
+            ranked = sorted(
                 (
-                    (u.predicted_loss or 0.0, u.name, u.format)
-                    for u in current.data.units
-                    if (u.name, u.format) not in singles and (u.predicted_loss or 0.0) > 0
+                    (sum(share[unit] for unit, _ in job), label, job)
+                    for label, job in repair_groups(current, groups).items()
+                    if job not in corrections
                 ),
-                reverse=True,
-            )[: min(UNITS_PER_ROUND, left - 1)]
-            if not terms:
-                rounds.append(_round(current, predicted, measured_now, [], "no units left"))
-                break
-            losses = run([((name, fmt),) for _, name, fmt in terms])
-            for (_, name, fmt), loss in zip(terms, losses):
-                singles[(name, fmt)] = loss - base
-            rounds.append(
-                _round(current, predicted, measured_now, [n for _, n, _ in terms], "corrected")
+                key=lambda item: -item[0],
             )
-            current = solve_with(corrected_profile(profile, singles))
+            picked = [item for item in ranked if item[0] > 0][: min(UNITS_PER_ROUND, left - 1)]
+            if not picked:
+                rounds.append(_round(current, predicted, measured_now, [], "nothing left"))
+                break
+            losses = run([job for _, _, job in picked])
+            for (_, _, job), loss in zip(picked, losses):
+                corrections[job] = loss - base
+            rounds.append(
+                _round(current, predicted, measured_now, [lb for _, lb, _ in picked], "corrected")
+            )
+            current = solve_with(corrected_profile(profile, corrections))
             if _key(current) not in joint:
                 joint[_key(current)] = run([tuple(current.formats.items())])[0] - base
             # A choice measured before is not measured again; its prediction now uses the
@@ -158,7 +183,8 @@ def verify_and_repair(
         predicted_after=float(best.data.predicted_loss or 0.0),
         measured_after=best_measured,
         changed=best.formats != allocation.formats,
-        units_measured=len(singles),
+        groups=groups,
+        groups_measured=len(corrections),
         rounds=rounds,
         wall_time_s=time.perf_counter() - start,
     )
@@ -168,11 +194,11 @@ def _key(alloc: Allocation) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(alloc.formats.items()))
 
 
-def _round(alloc: Allocation, predicted: float, measured: float, units: list[str], action: str):
+def _round(alloc: Allocation, predicted: float, measured: float, groups: list[str], action: str):
     return RepairRound(
         avg_bits=alloc.avg_bits,
         predicted=predicted,
         measured=measured,
-        units_measured=units,
+        groups_measured=groups,
         action=action,
     )

@@ -63,7 +63,7 @@ def test_repair_measures_corrects_and_never_gets_worse(setup):
     first, best, record = _repair(prep, prof, solve_with, budget=24)
     # The profile's prediction of this tiny random model is far too optimistic: repair runs.
     assert record.measured_before > record.predicted_before
-    assert record.rounds[0].action == "corrected" and record.units_measured > 0
+    assert record.rounds[0].action == "corrected" and record.groups_measured > 0
     assert record.evaluations <= 24
     # Measurements are real: they equal an independent perplexity evaluation.
     assert record.measured_before == pytest.approx(
@@ -79,6 +79,17 @@ def test_repair_measures_corrects_and_never_gets_worse(setup):
     # The model is restored.
     for k, v in prep.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_layer_groups_measure_each_layer_at_once(setup):
+    prep, prof, solve_with = setup
+    first, best, record = _repair(prep, prof, solve_with, groups="layer")
+    assert record.groups == "layer" and record.rounds[0].action == "corrected"
+    assert set(record.rounds[0].groups_measured) <= {"layer 0", "layer 1"}
+    assert record.measured_after <= record.measured_before
+    assert record.measured_after == pytest.approx(
+        _measured_increase(prep, best.formats, 512), rel=1e-4, abs=1e-6
+    )
 
 
 def test_a_prediction_within_tolerance_is_kept_after_two_evaluations(setup):
@@ -102,6 +113,8 @@ def test_bad_repair_settings(setup):
         _repair(prep, prof, solve_with, budget=1)
     with pytest.raises(BitallocError, match="tolerance"):
         _repair(prep, prof, solve_with, tolerance=-0.1)
+    with pytest.raises(BitallocError, match="choose unit or layer"):
+        _repair(prep, prof, solve_with, groups="block")
 
 
 def test_corrected_profile_puts_in_measured_terms_and_rescales_rows():
@@ -110,12 +123,15 @@ def test_corrected_profile_puts_in_measured_terms_and_rescales_rows():
         formats=("int2-g32", "int4-g32", "fp16"),
         loss=np.array([[0.4, 0.1, 0.0], [0.2, 0.05, 0.0]]),
     )
-    fixed = corrected_profile(prof, {("a", "int4-g32"): 0.3})
+    fixed = corrected_profile(prof, {(("a", "int4-g32"),): 0.3})
     # a's measured term is put in; its row scales by 0.3 / 0.1 = 3; b is untouched.
     np.testing.assert_allclose(fixed.loss, [[1.2, 0.3, 0.0], [0.2, 0.05, 0.0]])
     # A negative measurement (noise) counts as zero, and more bits still never cost more.
-    fixed = corrected_profile(prof, {("a", "int2-g32"): -0.01})
+    fixed = corrected_profile(prof, {(("a", "int2-g32"),): -0.01})
     assert fixed.loss[0, 0] == 0.0 and fixed.loss[0, 1] <= fixed.loss[0, 0]
+    # A group's ratio applies to all its units: (0.4 + 0.2) predicted, 0.3 measured -> x0.5.
+    fixed = corrected_profile(prof, {(("a", "int2-g32"), ("b", "int2-g32")): 0.3})
+    np.testing.assert_allclose(fixed.loss, [[0.2, 0.05, 0.0], [0.1, 0.025, 0.0]])
 
 
 def test_allocate_verify_reports_the_repair(
