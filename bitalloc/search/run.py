@@ -344,8 +344,10 @@ def search(
     ) as pool:
         evaluations += _measure_baselines(st, pool, prep, avg_bits, progress)
         finished = len(studies.completed(st))
+        # Measured allocation -> (trial number, scores, perplexity), to answer repeats.
         evaluated = {
-            job_key(tuple(t.user_attrs["formats"].items())): t for t in studies.completed(st)
+            job_key(tuple(t.user_attrs["formats"].items())): (t.number, t.user_attrs, t.values[1])
+            for t in studies.completed(st)
         }
         in_flight: dict[int, Any] = {}
         bar = tqdm(
@@ -370,8 +372,9 @@ def search(
                     twin = evaluated.get(job_key(job))
                     if twin is not None:
                         # A repeat of a measured allocation: its values are known already.
-                        trial.set_user_attr("duplicate_of", twin.number)
-                        _tell(st, trial, twin.user_attrs, twin.values[1], costs, assignment)
+                        number, scores, ppl = twin
+                        trial.set_user_attr("duplicate_of", number)
+                        _tell(st, trial, scores, ppl, costs, assignment)
                         finished += 1
                         bar.update(1)
                         continue
@@ -385,7 +388,7 @@ def search(
                 assignment = dict(job)
                 ppl = math.exp(result["loss"])
                 _tell(st, trial, result, ppl, costs, assignment)
-                evaluated[job_key(job)] = st.trials[number]
+                evaluated[job_key(job)] = (number, result, ppl)
                 finished += 1
                 bar.update(1)
                 bar.set_postfix(ppl=f"{ppl:.2f}", bits=f"{costs.avg_bits(assignment):.3f}")

@@ -23,6 +23,7 @@ import os
 import resource
 import socket
 import uuid
+import warnings
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -304,7 +305,16 @@ def job_pool(
     if workers <= 0:
         yield InProcessPool(JobEvaluator(model, windows, layers, keep_logprobs=keep_logprobs))
         return
-    with ray_session(ray_address, workers) as ray:
+    with ray_session(ray_address, min(workers, os.cpu_count() or 1)) as ray:
+        # Each actor takes one CPU: more actors than the cluster's CPUs would never start, and
+        # the jobs given to them would wait forever.
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        if workers > cpus:
+            warnings.warn(
+                f"{workers} workers asked for, but Ray has {cpus} CPUs: using {cpus}",
+                stacklevel=3,
+            )
+            workers = cpus
         pool = RayPool(ray, model, windows, layers, keep_logprobs=keep_logprobs, workers=workers)
         try:
             yield pool
@@ -344,13 +354,22 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Any]:
         address = address or os.environ.get("RAY_ADDRESS") or None
         if address:
             check_ray_address(address)
-        ray.init(
-            address=address,
-            num_cpus=None if address else num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level="ERROR",
-        )
+        try:
+            ray.init(
+                address=address,
+                num_cpus=None if address else num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level="ERROR",
+            )
+        except ConnectionError as exc:
+            # Ray >= 2.59 heads may require a token; a client without one fails here.
+            raise BitallocError(
+                f"cannot connect to the Ray cluster at {address!r} ({exc}); if the head uses "
+                "token authentication, set RAY_AUTH_MODE=token and give its token "
+                "(~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN); see README, "
+                "'On a Ray cluster'"
+            ) from None
         started = True
     try:
         yield ray

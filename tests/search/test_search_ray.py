@@ -1,0 +1,70 @@
+"""search() on Ray workers: the same measurements as in process, and a killed worker costs
+no trial."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import optuna
+import pytest
+
+from bitalloc.allocator import measure_assignment, prepare
+from bitalloc.search import default_storage_url
+from bitalloc.sensitivity.jobs import ACTOR_PREFIX
+from tests.conftest import TEXT, ByteTokenizer, make_tiny_llama
+
+from .driver import FORMATS, run
+
+
+@pytest.mark.slow
+def test_search_on_ray_survives_a_killed_worker(tmp_path, isolated_cache):
+    ray = pytest.importorskip("ray")
+    url = default_storage_url(tmp_path / "run")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = {}
+
+        def work():
+            out["result"] = run(tmp_path / "run", 12, workers=2, eval_tokens=2048)
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        deadline = time.monotonic() + 240
+        killed = False
+        while not killed and time.monotonic() < deadline and thread.is_alive():
+            try:
+                study = optuna.load_study(study_name="bitalloc", storage=url)
+                done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+            except KeyError:
+                done = 0
+            victims = [n for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]
+            if done >= 3 and victims:
+                ray.kill(ray.get_actor(victims[0]))
+                killed = True
+            time.sleep(0.05)
+        thread.join(timeout=300)
+        assert killed and not thread.is_alive()
+    finally:
+        ray.shutdown()
+    result = out["result"]
+    study = optuna.load_study(study_name="bitalloc", storage=url)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == result.trials_completed == 12
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    # The workers measured what this process measures for the same allocation.
+    prep = prepare(
+        make_tiny_llama(),
+        formats=FORMATS,
+        calibration=tmp_path / "cal.txt",
+        evaluation=tmp_path / "eval.txt",
+        tokenizer=ByteTokenizer(),
+        seq_len=64,
+    )
+    assert (tmp_path / "eval.txt").read_text() == TEXT[::-1] * 4
+    ev = prep.evaluation_windows(2048)
+    for trial in trials[:3]:
+        local = measure_assignment(prep, trial.user_attrs["formats"], ev)
+        assert trial.values[1] == pytest.approx(local.perplexity, rel=1e-5)
+        assert math.log(trial.values[1]) == pytest.approx(trial.user_attrs["loss"], rel=1e-9)
