@@ -13,12 +13,14 @@ By default a search keeps its study in SQLite inside its run directory
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 from bitalloc.errors import BitallocError
 
 JOURNAL_PREFIX = "journal:"
+_ATTEMPTS = 3
 #: The files of a search's run directory (``runs/<study>`` by default): the default SQLite
 #: study, the summary naming the storage and study, the profile, the measured seeds as a
 #: frontier, and the best allocation within the budget.
@@ -70,11 +72,18 @@ def open_storage(url: str, *, create: bool = True) -> Any:
         )
     if url.startswith("sqlite:///"):
         _check_local_file(url, Path(url[len("sqlite:///") :]).expanduser(), create)
-    try:
-        return optuna.storages.RDBStorage(url)
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy, drivers and schema checks vary
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BitallocError(f"cannot open storage {url!r}: {first}") from None
+    for attempt in range(_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as exc:  # noqa: BLE001 - SQLAlchemy, drivers and schema checks vary
+            # Two processes opening a new database at once (a search and its dashboard) race
+            # to create the schema; the loser sees "table already exists" and succeeds on retry.
+            if attempt + 1 < _ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BitallocError(f"cannot open storage {url!r}: {first}") from None
+    raise AssertionError("unreachable")
 
 
 def _check_local_file(url: str, path: Path, create: bool) -> None:

@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from bitalloc.allocator import measure_assignment, prepare
-from bitalloc.search import default_storage_url
+from bitalloc.search import default_storage_url, open_storage
 from bitalloc.sensitivity.jobs import ACTOR_PREFIX
 from tests.conftest import TEXT, ByteTokenizer, make_tiny_llama
 
@@ -34,11 +34,13 @@ def test_search_on_ray_survives_a_killed_worker(tmp_path, isolated_cache):
         deadline = time.monotonic() + 240
         killed = False
         while not killed and time.monotonic() < deadline and thread.is_alive():
-            try:
-                study = optuna.load_study(study_name="bitalloc", storage=url)
-                done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
-            except KeyError:
-                done = 0
+            done = 0
+            if (tmp_path / "run" / "study.db").exists():
+                try:
+                    study = optuna.load_study(study_name="bitalloc", storage=open_storage(url))
+                    done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+                except KeyError:  # the study is not created yet
+                    pass
             victims = [n for n in ray.util.list_named_actors() if n.startswith(ACTOR_PREFIX)]
             if done >= 3 and victims:
                 ray.kill(ray.get_actor(victims[0]))
