@@ -2,15 +2,13 @@
 
 ``add_report_parser`` / ``add_dashboard_parser`` add them to the main parser's subparsers;
 ``report_command`` / ``dashboard_command`` handle the parsed ``args`` and raise
-:class:`BitallocError` on bad input, like the other handlers. ``python -m
-bitalloc.dashboards.cli`` runs both on their own.
+:class:`BitallocError` on bad input, like the other handlers (``bitalloc.cli.main`` turns it
+into one line and exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -169,33 +167,3 @@ def dashboard_command(args: argparse.Namespace) -> None:
             )
         url, name = location
     run_dashboard(url, host=args.host, port=args.port, study_name=name)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A parser with just ``report`` and ``dashboard`` (for ``python -m``)."""
-    parser = argparse.ArgumentParser(
-        prog="bitalloc", description="Reports and dashboards of bitalloc searches."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_report_parser(sub)
-    add_dashboard_parser(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``report`` or ``dashboard``; errors print one line and return 2, as ``bitalloc``."""
-    args = build_parser().parse_args(argv)
-    handlers = {"report": report_command, "dashboard": dashboard_command}
-    try:
-        handlers[args.command](args)
-    except BitallocError as exc:
-        print(f"bitalloc: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bitalloc: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

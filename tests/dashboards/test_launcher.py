@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bitalloc.cli import main
 from bitalloc.dashboards import launcher
-from bitalloc.dashboards.cli import main
 from bitalloc.dashboards.launcher import dashboard_url, is_loopback, run_dashboard
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_json_atomic
@@ -140,7 +140,7 @@ def test_dashboard_serves_the_study_to_chromium(run_dir, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "bitalloc.dashboards.cli",
+        "bitalloc.cli",
         "dashboard",
         "--run-dir",
         str(run_dir),

@@ -11,9 +11,9 @@ import re
 import optuna
 import pytest
 
+from bitalloc.cli import main
 from bitalloc.dashboards import build_report, figures, load_run, write_report
 from bitalloc.dashboards import data as ddata
-from bitalloc.dashboards.cli import main
 from bitalloc.dashboards.report import PLOT_IDS
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_json_atomic
