@@ -66,6 +66,10 @@ def test_cli_allocate_verify_writes_json(tmp_path, isolated_cache):
             "--eval-tokens",
             "1024",
             "--verify",
+            "--repair-budget",
+            "6",
+            "--repair-tokens",
+            "1024",
             "--quiet",
             "--out",
             str(out),
@@ -73,6 +77,9 @@ def test_cli_allocate_verify_writes_json(tmp_path, isolated_cache):
     )
     assert code == 0
     doc = json.loads(out.read_text())
+    repair = doc["repair"]
+    assert 2 <= repair["evaluations"] <= 6 and repair["tokens"] == 1024
+    assert repair["measured_after"] <= repair["measured_before"]
     assert doc["budget"] == 3.25 and doc["avg_bits"] <= 3.25
     assert len(doc["units"]) == 210
     assert {"name", "format", "bits_per_weight", "numel"} <= doc["units"][0].keys()
