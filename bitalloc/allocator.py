@@ -72,6 +72,7 @@ __all__ = [
     "measure_assignment",
     "measure_frontier",
     "prepare",
+    "prepare_and_profile",
     "profile_model",
     "select_units",
     "uniform_assignment",
@@ -353,6 +354,66 @@ def _interaction_source(source: Profile | Interactions | str | Path) -> Interact
     return prof.interactions
 
 
+def prepare_and_profile(
+    model: nn.Module | str | Path | None,
+    avg_bits: float | None,
+    *,
+    profiler: str = "fisher",
+    profile: Profile | str | Path | None = None,
+    profiler_options: Mapping[str, Any] | None = None,
+    formats: Sequence[str | QuantFormat] | str | None = None,
+    calibration: str | Path | Sequence[str | Path] | None = None,
+    evaluation: str | Path | Sequence[str | Path] | None = None,
+    tokenizer: object | None = None,
+    interactions: str | Sequence[Sequence[str]] | None = None,
+    workers: int = 0,
+    ray_address: str | None = None,
+    calibration_tokens: int | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> tuple[Prepared, Profile]:
+    """The first steps of :func:`allocate` (and of the measured search): load the model, check
+    the budget against its units and palette, then profile it (cached) or check a saved
+    ``profile`` against it. A saved profile's formats are the palette unless ``formats`` is
+    given."""
+    if avg_bits is None:
+        raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
+    saved = None
+    if profile is not None:
+        saved = profile if isinstance(profile, Profile) else Profile.load(profile)
+        if formats is None:
+            formats = list(saved.formats)
+    prep = prepare(
+        model,
+        formats=formats,
+        calibration=calibration,
+        evaluation=evaluation,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+    )
+    check_budget(avg_bits, prep.units, prep.palette)
+    if saved is not None:
+        if interactions is not None:
+            raise BitallocError(
+                "interactions are measured while profiling; with a saved profile pass "
+                "interactions_from=<profile holding them> instead"
+            )
+        return prep, load_profile_for(prep, saved)
+    prof = profile_model(
+        prep,
+        profiler,
+        calibration_tokens=calibration_tokens,
+        profiler_options=profiler_options,
+        workers=workers,
+        ray_address=ray_address,
+        interactions=interactions,
+        use_cache=use_cache,
+        progress=progress,
+    )
+    return prep, prof
+
+
 def allocate(
     model: nn.Module | str | Path | None = None,
     avg_bits: float | None = None,
@@ -412,41 +473,24 @@ def allocate(
     (:mod:`bitalloc.repair`). Then its perplexity is measured on ``eval_tokens`` evaluation
     tokens beside uniform baselines.
     """
-    if avg_bits is None:
-        raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
-    saved = None
-    if profile is not None:
-        saved = profile if isinstance(profile, Profile) else Profile.load(profile)
-        if formats is None:
-            formats = list(saved.formats)
-    prep = prepare(
+    prep, prof = prepare_and_profile(
         model,
+        avg_bits,
+        profiler=profiler,
+        profile=profile,
+        profiler_options=profiler_options,
         formats=formats,
         calibration=calibration,
         evaluation=evaluation,
         tokenizer=tokenizer,
+        interactions=interactions,
+        workers=workers,
+        ray_address=ray_address,
+        calibration_tokens=calibration_tokens,
         seq_len=seq_len,
+        use_cache=use_cache,
+        progress=progress,
     )
-    check_budget(avg_bits, prep.units, prep.palette)
-    if saved is None:
-        prof = profile_model(
-            prep,
-            profiler,
-            calibration_tokens=calibration_tokens,
-            profiler_options=profiler_options,
-            workers=workers,
-            ray_address=ray_address,
-            interactions=interactions,
-            use_cache=use_cache,
-            progress=progress,
-        )
-    else:
-        if interactions is not None:
-            raise BitallocError(
-                "interactions are measured while profiling; with a saved profile pass "
-                "interactions_from=<profile holding them> instead"
-            )
-        prof = load_profile_for(prep, saved)
     if interactions_from is not None:
         prof = prof.with_interactions(_interaction_source(interactions_from))
     solver = default_method(prof, solver)

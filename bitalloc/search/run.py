@@ -29,9 +29,7 @@ from bitalloc.allocator import (
     Prepared,
     allocation_for,
     baseline_formats,
-    load_profile_for,
-    prepare,
-    profile_model,
+    prepare_and_profile,
     uniform_assignment,
 )
 from bitalloc.data import tensor_fingerprint
@@ -39,7 +37,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_json_atomic
 from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.models import excluded_parameters, model_fingerprint
-from bitalloc.planning import build_problem, check_budget, default_method, feasible_avg_bits
+from bitalloc.planning import build_problem, default_method, feasible_avg_bits
 from bitalloc.search import study as studies
 from bitalloc.search.storage import (
     BEST_FILE,
@@ -304,33 +302,23 @@ def search(
             "choose another --study name (nothing was changed)"
         )
 
-    saved = None
-    if profile is not None:
-        saved = profile if isinstance(profile, Profile) else Profile.load(profile)
-        if formats is None:
-            formats = list(saved.formats)
-    prep = prepare(
+    prep, prof = prepare_and_profile(
         model,
+        avg_bits,
+        profiler=profiler,
+        profile=profile,
+        profiler_options=profiler_options,
         formats=formats,
         calibration=calibration,
         evaluation=evaluation,
         tokenizer=tokenizer,
+        workers=workers,
+        ray_address=ray_address,
+        calibration_tokens=calibration_tokens,
         seq_len=seq_len,
+        use_cache=use_cache,
+        progress=progress,
     )
-    check_budget(avg_bits, prep.units, prep.palette)
-    if saved is None:
-        prof = profile_model(
-            prep,
-            profiler,
-            calibration_tokens=calibration_tokens,
-            profiler_options=profiler_options,
-            workers=workers,
-            ray_address=ray_address,
-            use_cache=use_cache,
-            progress=progress,
-        )
-    else:
-        prof = load_profile_for(prep, saved)
     ev = prep.evaluation_windows(eval_tokens)
     identity = {
         "model": prep.loaded.source,
