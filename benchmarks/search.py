@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--sampler", default="nsga2")
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--repair-budget", type=int, default=24)
+    parser.add_argument("--repair-groups", default="unit,layer", help="comma-separated")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -117,7 +118,7 @@ def main() -> None:
     first = solve_with(profile, args.avg_bits)
     first_ppl = measure_assignment(prep, first.formats, ev).perplexity
     repairs = []
-    for groups in ("unit", "layer"):
+    for groups in args.repair_groups.split(","):
         repaired, record = verify_and_repair(
             prep.model,
             prep.calibration_windows(),
@@ -143,7 +144,8 @@ def main() -> None:
         "## Measured search and verify-and-repair (default model)",
         "",
         f"Command: `.venv/bin/python benchmarks/search.py --avg-bits {args.avg_bits:g} "
-        f"--trials {args.trials} --workers {args.workers} --eval-tokens {args.eval_tokens}`  ",
+        f"--trials {args.trials} --workers {args.workers} --eval-tokens {args.eval_tokens} "
+        f"--repair-groups {args.repair_groups}`  ",
         f"Machine: {machine()}  ",
         f"Evaluation: {ev.numel()} tokens of the evaluation split ({len(ev)} windows of "
         f"{ev.shape[1]}). Profile: Fisher (default, {profile.metadata.get('tokens')} "
