@@ -24,6 +24,8 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
+        # mkstemp creates 0600; a finished file gets the usual 0644 (or keeps the old mode).
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
