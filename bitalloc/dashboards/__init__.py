@@ -8,8 +8,7 @@ plotly nor torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bitalloc.lazy import lazy_exports
 
 _EXPORTS = {
     "PLOT_IDS": "bitalloc.dashboards.report",
@@ -24,14 +23,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bitalloc.dashboards' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("bitalloc.dashboards", globals(), _EXPORTS)

@@ -7,8 +7,7 @@ importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from bitalloc.lazy import lazy_exports
 
 _EXPORTS = {
     "DEFAULT_STUDY": "bitalloc.search.storage",
@@ -27,14 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bitalloc.search' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports("bitalloc.search", globals(), _EXPORTS)
