@@ -140,37 +140,28 @@ def test_allocate_verify_reports_the_repair(
     from bitalloc import allocate
 
     cal, ev = text_files
-    alloc = allocate(
-        tiny_model,
-        BUDGET,
-        tokenizer=byte_tokenizer,
-        calibration=cal,
-        evaluation=ev,
-        formats=FORMATS,
-        calibration_tokens=256,
-        seq_len=64,
-        eval_tokens=256,
-        verify=True,
-        repair_tokens=512,
-        progress=False,
-    )
+
+    def verified(**kw):
+        return allocate(
+            tiny_model,
+            BUDGET,
+            tokenizer=byte_tokenizer,
+            calibration=cal,
+            evaluation=ev,
+            formats=FORMATS,
+            calibration_tokens=256,
+            seq_len=64,
+            eval_tokens=256,
+            verify=True,
+            progress=False,
+            **kw,
+        )
+
+    alloc = verified(repair_tokens=512)
     r = alloc.data.repair
     assert r is not None and r.evaluations >= 2 and r.tokens == 512
     assert alloc.measured is not None and alloc.avg_bits <= BUDGET + 1e-9
     alloc.save(tmp_path / "a.json")
     assert Allocation.load(tmp_path / "a.json").data.repair == r
-    measured_only = allocate(
-        tiny_model,
-        BUDGET,
-        tokenizer=byte_tokenizer,
-        calibration=cal,
-        evaluation=ev,
-        formats=FORMATS,
-        calibration_tokens=256,
-        seq_len=64,
-        eval_tokens=256,
-        verify=True,
-        repair=False,
-        progress=False,
-    )
+    measured_only = verified(repair=False)
     assert measured_only.data.repair is None and measured_only.measured is not None
