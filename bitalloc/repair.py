@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from bitalloc.allocation import Allocation, Repair, RepairRound
 from bitalloc.errors import BitallocError
@@ -115,9 +116,13 @@ def verify_and_repair(
     windows = calibration[chosen]
     layers = {u.name: u.layer for u in units}
     evaluations = 0
-    with job_pool(
-        model, windows, layers, keep_logprobs=False, workers=workers, ray_address=ray_address
-    ) as pool:
+    bar = tqdm(total=budget, desc="verify and repair", unit="eval", disable=not progress)
+    with (
+        bar,
+        job_pool(
+            model, windows, layers, keep_logprobs=False, workers=workers, ray_address=ray_address
+        ) as pool,
+    ):
 
         def run(jobs: list[Job]) -> list[float]:
             nonlocal evaluations
@@ -127,6 +132,7 @@ def verify_and_repair(
             while pool.pending:
                 i, _, result = pool.wait()
                 out[int(i)] = float(result["loss"])
+                bar.update(1)
             evaluations += len(jobs)
             return [out[i] for i in range(len(jobs))]
 
