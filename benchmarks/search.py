@@ -32,10 +32,12 @@ from bitalloc.allocator import (
     prepare,
     profile_model,
     uniform_assignment,
+    uniform_avg_bits,
 )
 from bitalloc.formats import parse_format
 from bitalloc.repair import verify_and_repair
 from bitalloc.search import search
+from bitalloc.search.study import best_within
 from bitalloc.solvers import solve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +50,6 @@ UNIFORM = ["int3-g128", "int3-g64", "int4-g128", "int4-g64"]
 def machine() -> str:
     """A one-line description of where the numbers were taken."""
     return f"{cpu_description()}, torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def best_within(trials, budget: float):
-    ok = [t for t in trials if t.values[0] <= budget + 1e-9]
-    return min(ok, key=lambda t: t.values[1], default=None)
 
 
 def main() -> None:
@@ -90,12 +87,11 @@ def main() -> None:
     study = optuna.load_study(study_name=result.study_name, storage=result.storage)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
 
-    numel = sum(u.numel for u in prep.units)
     fp16 = measure_assignment(prep, uniform_assignment(prep.units, "fp16"), ev).perplexity
     uniform = []
     for name in UNIFORM:
         f = parse_format(name)
-        bits = sum(f.storage_bits(u.shape) for u in prep.units) / numel
+        bits = uniform_avg_bits(prep.units, f)
         uniform.append(
             (name, bits, measure_assignment(prep, uniform_assignment(prep.units, f), ev).perplexity)
         )

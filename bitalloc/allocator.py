@@ -76,6 +76,7 @@ __all__ = [
     "profile_model",
     "select_units",
     "uniform_assignment",
+    "uniform_avg_bits",
 ]
 
 DEFAULT_SEQ_LEN = 512
@@ -143,13 +144,18 @@ def uniform_assignment(units: Sequence[Unit], fmt: QuantFormat | str) -> dict[st
     return {u.name: name for u in units}
 
 
+def uniform_avg_bits(units: Sequence[Unit], fmt: QuantFormat | str) -> float:
+    """Exact average stored bits per weight of every unit in one format."""
+    f = parse_format(fmt)
+    return sum(f.storage_bits(u.shape) for u in units) / sum(u.numel for u in units)
+
+
 def baseline_formats(
     units: Sequence[Unit], palette: Sequence[QuantFormat], avg_bits: float
 ) -> list[QuantFormat]:
     """Uniform baselines for a budget: the palette formats nearest below and above it (by their
     exact average bits on these units), ``int4-g128``, and ``fp16`` (unquantized)."""
-    numel = sum(u.numel for u in units)
-    exact = [(sum(f.storage_bits(u.shape) for u in units) / numel, f) for f in palette]
+    exact = [(uniform_avg_bits(units, f), f) for f in palette]
     below = [e for e in exact if e[0] <= avg_bits and not e[1].is_float]
     above = [e for e in exact if e[0] > avg_bits and not e[1].is_float]
     chosen = []
@@ -189,7 +195,6 @@ def measure(
     """Perplexity of the allocation beside uniform baselines on the evaluation split."""
     allocation.check_model(prep.model)
     ev = prep.evaluation_windows(eval_tokens)
-    numel = sum(u.numel for u in prep.units)
     baselines: dict[str, float] = {}
     baseline_bits: dict[str, float] = {}
     for fmt in baseline_formats(prep.units, prep.palette, allocation.data.budget):
@@ -202,7 +207,7 @@ def measure(
             desc=f"perplexity {fmt.name}",
         )
         baselines[fmt.name] = result.perplexity
-        baseline_bits[fmt.name] = sum(fmt.storage_bits(u.shape) for u in prep.units) / numel
+        baseline_bits[fmt.name] = uniform_avg_bits(prep.units, fmt)
     result = measure_assignment(
         prep,
         allocation.formats,

@@ -29,7 +29,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import parse_format
 from bitalloc.sensitivity import Profile
 from bitalloc.sensitivity.base import monotone_in_bits, spread_windows
-from bitalloc.sensitivity.jobs import Job, job_pool
+from bitalloc.sensitivity.jobs import Job, job_pool, run_all
 
 DEFAULT_BUDGET = 24
 DEFAULT_TOLERANCE = 0.10
@@ -126,11 +126,8 @@ def verify_and_repair(
 
         def run(jobs: list[Job]) -> list[float]:
             nonlocal evaluations
-            for i, job in enumerate(jobs):
-                pool.submit(i, job)
             out: dict[int, float] = {}
-            while pool.pending:
-                i, _, result = pool.wait()
+            for i, _, result in run_all(pool, list(enumerate(jobs))):
                 out[int(i)] = float(result["loss"])
                 bar.update(1)
             evaluations += len(jobs)

@@ -31,11 +31,12 @@ from bitalloc.allocator import (
     baseline_formats,
     prepare_and_profile,
     uniform_assignment,
+    uniform_avg_bits,
 )
 from bitalloc.data import tensor_fingerprint
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_json_atomic
-from bitalloc.formats import QuantFormat, parse_format
+from bitalloc.formats import QuantFormat
 from bitalloc.models import excluded_parameters, model_fingerprint
 from bitalloc.planning import build_problem, default_method, feasible_avg_bits
 from bitalloc.search import study as studies
@@ -50,7 +51,7 @@ from bitalloc.search.storage import (
     open_storage,
 )
 from bitalloc.sensitivity import Profile
-from bitalloc.sensitivity.jobs import check_ray_address, job_key, job_pool
+from bitalloc.sensitivity.jobs import check_ray_address, job_key, job_pool, run_all
 from bitalloc.solvers import solve
 
 DEFAULT_TRIALS = 40
@@ -154,12 +155,11 @@ def make_sampler(name: str, *, seed: int, trials: int) -> Any:
 
 
 def _seed_allocations(
-    prep: Prepared, prof: Profile, budget: float, solver: str | None
+    prep: Prepared, prof: Profile, budget: float, method: str
 ) -> list[tuple[str, float, Allocation]]:
     """The solver's allocations at the budget and :data:`SEED_OFFSETS` around it (clipped to
     the feasible range, repeats dropped): ``(source, budget, allocation)``."""
     low, high = feasible_avg_bits(prep.units, prep.palette)
-    method = default_method(prof, solver)
     seeds: dict[str, tuple[str, float, Allocation]] = {}
     for offset in SEED_OFFSETS:
         target = min(max(budget + offset, low), high)
@@ -174,7 +174,7 @@ def _perturbed_seeds(
     prep: Prepared,
     prof: Profile,
     budget: float,
-    solver: str | None,
+    method: str,
     count: int,
     seed: int,
     known: set[str],
@@ -186,7 +186,6 @@ def _perturbed_seeds(
     the search is made of them instead of random allocations, which in a space of hundreds of
     units are far worse (they mostly land between the palette's cheapest and dearest choices
     at random)."""
-    method = default_method(prof, solver)
     rng = np.random.default_rng(seed)
     out = []
     for k in range(4 * count):
@@ -331,14 +330,15 @@ def search(
         "space": space,
         "units": [u.name for u in prep.units],
     }
-    seeds = _seed_allocations(prep, prof, float(avg_bits), solver)
+    method = default_method(prof, solver)
+    seeds = _seed_allocations(prep, prof, float(avg_bits), method)
     # The first generation: the solver's seeds, then noisy-profile seeds up to its size.
     population = population_size(trials)
     extra = _perturbed_seeds(
         prep,
         prof,
         float(avg_bits),
-        solver,
+        method,
         max(0, population - len(seeds)),
         seed,
         {job_key(tuple(a.formats.items())) for _, _, a in seeds},
@@ -461,6 +461,7 @@ def search(
         prep,
         costs,
         seeds,
+        method,
         run_dir,
         url,
         float(avg_bits),
@@ -480,7 +481,7 @@ def _tell(st: Any, trial: Any, scores: Mapping[str, Any], ppl: float, costs, ass
     st.tell(trial, [costs.avg_bits(assignment), ppl])
 
 
-def _finish(st, prep, costs, seeds, run_dir, url, budget, ev, run_info) -> SearchResult:
+def _finish(st, prep, costs, seeds, method, run_dir, url, budget, ev, run_info) -> SearchResult:
     """Summarise the study, write the run directory's files and return the result."""
     from bitalloc.planning import Frontier, FrontierPoint
 
@@ -504,7 +505,7 @@ def _finish(st, prep, costs, seeds, run_dir, url, budget, ev, run_info) -> Searc
             ],
             excluded=excluded_parameters(prep.model, prep.units),
         )
-        fp16_bits = costs_avg_bits_uniform(prep, parse_format("fp16"))
+        fp16_bits = uniform_avg_bits(prep.units, "fp16")
         best = best.with_measured(
             Measured(
                 perplexity=best_trial.values[1],
@@ -535,7 +536,6 @@ def _finish(st, prep, costs, seeds, run_dir, url, budget, ev, run_info) -> Searc
                 "perplexity": ppl,
             }
         )
-    method = seeds[0][0].split(":", 1)[1].split("@", 1)[0]
     frontier = Frontier(tuple(points), method, (), fp16)
     write_json_atomic(run_dir / FRONTIER_FILE, frontier.to_json())
     result = SearchResult(
@@ -578,12 +578,6 @@ def _finish(st, prep, costs, seeds, run_dir, url, budget, ev, run_info) -> Searc
     return result
 
 
-def costs_avg_bits_uniform(prep: Prepared, fmt: QuantFormat) -> float:
-    """Average bits per weight of every unit in ``fmt``."""
-    numel = sum(u.numel for u in prep.units)
-    return sum(fmt.storage_bits(u.shape) for u in prep.units) / numel
-
-
 def _measure_baselines(st: Any, pool: Any, prep: Prepared, budget: float, progress: bool) -> int:
     """Measure the unquantized model and uniform baselines once per study (kept in its
     attributes); returns the evaluations run."""
@@ -593,21 +587,13 @@ def _measure_baselines(st: Any, pool: Any, prep: Prepared, budget: float, progre
     for fmt in baseline_formats(prep.units, prep.palette, budget):
         if not fmt.is_float:
             jobs[fmt.name] = tuple(uniform_assignment(prep.units, fmt).items())
-    todo = list(jobs.items())
     results = {}
-    bar = tqdm(total=len(todo), desc="baselines", unit="job", disable=not progress)
-    try:
-        while todo or pool.pending:
-            while todo and pool.pending < pool.capacity:
-                name, job = todo.pop(0)
-                pool.submit(name, job)
-            name, _, result = pool.wait()
+    with tqdm(total=len(jobs), desc="baselines", unit="job", disable=not progress) as bar:
+        for name, _, result in run_all(pool, list(jobs.items())):
             results[name] = math.exp(result["loss"])
             bar.update(1)
-    finally:
-        bar.close()
     uniform = {
-        name: {"avg_bits": costs_avg_bits_uniform(prep, parse_format(name)), "perplexity": ppl}
+        name: {"avg_bits": uniform_avg_bits(prep.units, name), "perplexity": ppl}
         for name, ppl in results.items()
         if name != "fp16"
     }

@@ -165,12 +165,7 @@ def run_jobs(
                 workers=min(workers, len(todo)),
                 ray_address=ray_address,
             ) as pool:
-                queue = list(todo)
-                while queue or pool.pending:
-                    while queue and pool.pending < pool.capacity:
-                        job = queue.pop(0)
-                        pool.submit(job, job)
-                    _, job, result = pool.wait()
+                for _, job, result in run_all(pool, [(job, job) for job in todo]):
                     if journal is not None:
                         journal.record(job, result)
                     results[job_key(job)] = {"job": job_key(job), **result}
@@ -285,6 +280,17 @@ class RayPool:
         self._running.clear()
         self._queue.clear()
         return dropped
+
+
+def run_all(
+    pool: InProcessPool | RayPool, items: Sequence[tuple[Hashable, Job]]
+) -> Iterator[tuple[Hashable, Job, dict[str, Any]]]:
+    """Submit every ``(tag, job)`` to ``pool`` and yield ``(tag, job, result)`` as each
+    finishes (both pools queue what their workers cannot start yet)."""
+    for tag, job in items:
+        pool.submit(tag, job)
+    while pool.pending:
+        yield pool.wait()
 
 
 @contextlib.contextmanager
