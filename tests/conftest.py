@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without CUDA, run Triton kernels in its CPU interpreter. Triton chooses between compiling and
+# interpreting when a kernel is defined (at import of the module holding it), so the variable
+# must be set here, before any test module can import triton or bitalloc's kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
