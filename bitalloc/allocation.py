@@ -297,13 +297,30 @@ class Allocation:
         return cls(data)
 
     # --- use -------------------------------------------------------------------------------
-    def apply(self, model: nn.Module, *, inplace: bool = False) -> nn.Module:
-        """Fake-quantize ``model`` per the allocation (a deep copy unless ``inplace``).
+    def apply(
+        self,
+        model: nn.Module,
+        *,
+        inplace: bool = False,
+        packed: bool = False,
+        cpu_path: str = "auto",
+    ) -> nn.Module:
+        """Quantize ``model`` per the allocation (a deep copy unless ``inplace``).
+
+        By default the weights are fake-quantized: replaced by Q(W) in their own dtype. With
+        ``packed=True`` each unit becomes a :class:`~bitalloc.kernels.QuantLinear` holding its
+        packed codes (an :class:`~bitalloc.kernels.Float16Linear` for ``fp16``), so the units
+        take the allocation's bytes; ``cpu_path`` picks their CPU kernel (``auto`` measures).
+        Save the result with :func:`bitalloc.packed.save_packed`.
 
         Every unit must exist in the model with the recorded shape; otherwise nothing is changed
         and :class:`BitallocError` is raised.
         """
         self.check_model(model)
+        if packed:
+            from bitalloc.packed import pack_model
+
+            return pack_model(model, self.formats, inplace=inplace, cpu_path=cpu_path)
         target = model if inplace else copy.deepcopy(model)
         return fake_quantize_(target, self.formats)
 

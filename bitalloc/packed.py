@@ -1,0 +1,478 @@
+"""Packed models: an allocation applied for real, so quantized units hold only their budgeted
+bytes, and saved as safetensors + JSON that reload without the full-precision weights.
+
+A packed directory holds:
+
+- ``model.safetensors``: every tensor of the model once (tied tensors once), units as
+  ``<unit>.qweight`` / ``.scales`` / ``.zeros`` (``.weight`` in fp16 for ``fp16`` units);
+- ``bitalloc_packed.json``: the manifest (unit -> format and shape, the packing layout, tied
+  tensors, the weights file's SHA-256, the allocation), validated strictly on load;
+- ``config.json`` (and ``generation_config.json``) of the Hugging Face model, and the
+  tokenizer's files when a tokenizer was given.
+
+The manifest is written last, so a save interrupted half-way leaves no directory that looks
+complete; the SHA-256 ties the manifest to the weights it was written with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from bitalloc.errors import BitallocError
+from bitalloc.fileio import read_json, write_atomic, write_json_atomic
+from bitalloc.formats import QuantFormat, parse_format
+from bitalloc.kernels import cpu
+from bitalloc.kernels.packing import PLANES, check_packed, packed_nbytes
+from bitalloc.kernels.quant_linear import Float16Linear, QuantLinear
+from bitalloc.models import get_linear
+
+MANIFEST = "bitalloc_packed.json"
+WEIGHTS = "model.safetensors"
+PACKED_FORMAT = "bitalloc-packed"
+PACKED_VERSION = 1
+CPU_POLICIES = ("auto", *cpu.CPU_PATHS)
+
+PackedLayer = QuantLinear | Float16Linear
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PackedUnit(_Strict):
+    """One unit of a packed model: its format, weight shape and whether it has a bias."""
+
+    format: str
+    shape: tuple[int, int]
+    bias: bool = False
+
+
+class PackedManifest(_Strict):
+    """The JSON written beside the tensors of a packed model."""
+
+    format: Literal["bitalloc-packed"] = PACKED_FORMAT
+    version: int = PACKED_VERSION
+    layout: Literal["planes"] = "planes"
+    planes: dict[str, tuple[int, ...]]
+    units: dict[str, PackedUnit]
+    tied: dict[str, str] = {}
+    weights_sha256: str
+    unit_bytes: int
+    predicted_unit_bytes: int
+    model_class: str
+    allocation: dict[str, Any] | None = None
+
+
+# --- building --------------------------------------------------------------------------------
+def pack_model(
+    model: nn.Module,
+    formats: Mapping[str, str | QuantFormat],
+    *,
+    inplace: bool = False,
+    cpu_path: str = "auto",
+) -> nn.Module:
+    """Replace each named ``nn.Linear`` by a :class:`QuantLinear` (or :class:`Float16Linear` for
+    ``fp16``) holding its quantized weight, then choose CPU paths (see :func:`choose_cpu_paths`).
+
+    Every name and format is checked before anything changes; a deep copy is packed unless
+    ``inplace``.
+    """
+    check_policy(cpu_path)
+    resolved = [(name, get_linear(model, name), parse_format(f)) for name, f in formats.items()]
+    if not resolved:
+        raise BitallocError("nothing to pack: the allocation names no unit")
+    target = model if inplace else copy.deepcopy(model)
+    with torch.no_grad():
+        for name, _, fmt in resolved:
+            linear = get_linear(target, name)
+            layer = (
+                Float16Linear.from_linear(linear)
+                if fmt.is_float
+                else QuantLinear.from_linear(linear, fmt)
+            )
+            _replace(target, name, layer)
+    choose_cpu_paths(target, cpu_path)
+    return target
+
+
+def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, layer)
+
+
+def packed_layers(model: nn.Module) -> dict[str, PackedLayer]:
+    """The packed units of ``model`` by module path, in network order."""
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, QuantLinear | Float16Linear)
+    }
+
+
+# --- CPU paths -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CpuPathChoice:
+    """Which CPU path each packed unit runs, and the measurements behind the choice
+    (keyed by ``format shape``; empty when a path was forced)."""
+
+    paths: dict[str, str]
+    timings: dict[str, tuple[cpu.PathTiming, ...]] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """Units per path."""
+        out: dict[str, int] = defaultdict(int)
+        for path in self.paths.values():
+            out[path] += 1
+        return dict(sorted(out.items()))
+
+
+def check_policy(policy: str) -> None:
+    """Raise unless ``policy`` is ``auto`` or a CPU path name."""
+    if policy not in CPU_POLICIES:
+        raise BitallocError(f"unknown CPU path {policy!r}; choose from {', '.join(CPU_POLICIES)}")
+
+
+def choose_cpu_paths(model: nn.Module, policy: str = "auto", *, repeats: int = 5) -> CpuPathChoice:
+    """Set every :class:`QuantLinear`'s CPU path.
+
+    ``auto`` measures each path that supports a (format, shape) once, on the first unit of that
+    kind, and gives all such units the fastest path whose output matches the dequantized
+    reference; a named path is used wherever it applies, ``unpack-matmul`` elsewhere.
+    """
+    check_policy(policy)
+    paths: dict[str, str] = {}
+    timings: dict[str, tuple[cpu.PathTiming, ...]] = {}
+    decided: dict[str, str] = {}
+    for name, layer in packed_layers(model).items():
+        if isinstance(layer, Float16Linear):
+            paths[name] = "fp16"
+            continue
+        usable = tuple(p for p in cpu.CPU_PATHS if not layer.cpu_path_unsupported(p))
+        if policy != "auto":
+            usable = (policy,) if policy in usable else (cpu.UNPACK_MATMUL,)
+        key = f"{layer.format.name} {layer.shape[0]}x{layer.shape[1]}"
+        if key not in decided:
+            if len(usable) == 1:
+                decided[key] = usable[0]
+            else:
+                measured = tuple(cpu.measure_paths(layer, usable, repeats=repeats))
+                timings[key] = measured
+                correct = [t for t in measured if t.correct] or [
+                    t for t in measured if t.path == cpu.UNPACK_MATMUL
+                ]
+                decided[key] = min(correct, key=lambda t: t.total_s).path
+        layer.set_cpu_path(decided[key])
+        paths[name] = decided[key]
+    return CpuPathChoice(paths, timings)
+
+
+# --- sizes -------------------------------------------------------------------------------------
+def unit_bytes(model: nn.Module) -> int:
+    """Bytes held by the packed units' weights (codes, scales, zeros, fp16 weights)."""
+    return sum(layer.nbytes for layer in packed_layers(model).values())
+
+
+def model_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of ``model``'s parameters and buffers, each storage once: ``units`` (packed unit
+    weights), ``other`` (everything else, biases included) and ``total``."""
+    units = unit_bytes(model)
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = tensor.untyped_storage().data_ptr()
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.untyped_storage().nbytes()
+    return {"units": units, "other": total - units, "total": total}
+
+
+def last_paths(model: nn.Module) -> dict[str, int]:
+    """How many packed units ran on each path in their last call."""
+    out: dict[str, int] = defaultdict(int)
+    for layer in packed_layers(model).values():
+        if layer.last_path is not None:
+            out[layer.last_path] += 1
+    return dict(sorted(out.items()))
+
+
+# --- saving ------------------------------------------------------------------------------------
+def save_packed(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    tokenizer: Any = None,
+    allocation: Any = None,
+) -> Path:
+    """Write a packed model (see the module docstring) to ``directory``; returns the directory.
+
+    ``allocation`` (an :class:`~bitalloc.allocation.Allocation`) is recorded in the manifest and
+    its predicted bytes are compared with the tensors.
+    """
+    from safetensors.torch import save
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise BitallocError(
+            "save_packed needs a Hugging Face model (with a .config) so that it can be rebuilt"
+        )
+    layers = packed_layers(model)
+    if not layers:
+        raise BitallocError("the model has no packed units; pack it with alloc.apply(packed=True)")
+    directory = Path(directory)
+    _check_target(directory)
+    tensors, tied = _unique_state(model)
+    blob = save(tensors, metadata={"format": PACKED_FORMAT})
+    units = {
+        name: PackedUnit(format=layer.format.name, shape=layer.shape, bias=layer.bias is not None)
+        for name, layer in layers.items()
+    }
+    predicted = sum(packed_nbytes(u.shape, parse_format(u.format)) for u in units.values())
+    manifest = PackedManifest(
+        planes={str(b): p for b, p in PLANES.items()},
+        units=units,
+        tied=tied,
+        weights_sha256=hashlib.sha256(blob).hexdigest(),
+        unit_bytes=unit_bytes(model),
+        predicted_unit_bytes=(
+            allocation.data.total_bits // 8 if allocation is not None else predicted
+        ),
+        model_class=type(model).__name__,
+        allocation=allocation.to_json() if allocation is not None else None,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / WEIGHTS, lambda handle: handle.write(blob))
+    write_atomic(directory / "config.json", lambda h: h.write(config.to_json_string().encode()))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "to_json_string"):
+        text = generation.to_json_string().encode()
+        write_atomic(directory / "generation_config.json", lambda h: h.write(text))
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(str(directory))
+    write_json_atomic(directory / MANIFEST, manifest.model_dump(mode="json"))
+    return directory
+
+
+def _check_target(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise BitallocError(f"{directory} is a file; give a directory for the packed model")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
+        raise BitallocError(
+            f"{directory} is not empty and holds no packed model; choose a new or empty "
+            "directory (an existing packed model there would be replaced)"
+        )
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each shared tensor once, and the aliases left out -> their source."""
+    tensors: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in first:
+            tied[name] = first[key]
+            continue
+        first[key] = name
+        tensors[name] = tensor.detach().cpu().contiguous()
+    return tensors, tied
+
+
+# --- loading -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedModel:
+    """A loaded packed model, its tokenizer (None when none was saved) and its manifest."""
+
+    model: nn.Module
+    tokenizer: Any
+    manifest: PackedManifest
+    cpu_paths: CpuPathChoice
+
+
+def read_manifest(directory: str | Path) -> PackedManifest:
+    """Read and validate ``bitalloc_packed.json``."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise BitallocError(
+            f"{directory} holds no packed model ({MANIFEST} is missing); write one with "
+            "`bitalloc apply --allocation alloc.json --out DIR`"
+        )
+    try:
+        manifest = PackedManifest.model_validate(read_json(path, "packed model manifest"))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BitallocError(
+            f"{path} is malformed at {where or 'top level'}: {first['msg']}"
+        ) from None
+    if manifest.planes != {str(b): p for b, p in PLANES.items()}:
+        raise BitallocError(f"{path} uses another bit-plane layout than this bitalloc reads")
+    for name, unit in manifest.units.items():
+        try:
+            parse_format(unit.format)
+        except BitallocError as exc:
+            raise BitallocError(f"{path}: unit {name!r}: {exc}") from None
+    return manifest
+
+
+def load_packed(directory: str | Path, *, cpu_path: str = "auto") -> PackedModel:
+    """Rebuild a model saved by :func:`save_packed`: skeleton from ``config.json``, packed units
+    from the manifest, tensors from ``model.safetensors`` (each checked against the manifest)."""
+    from safetensors.torch import load
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_policy(cpu_path)
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = directory / WEIGHTS
+    if not weights.is_file():
+        raise BitallocError(f"{directory} has a manifest but no {WEIGHTS}; save the model again")
+    blob = weights.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != manifest.weights_sha256:
+        raise BitallocError(
+            f"{weights} is not the file its manifest was written with (SHA-256 differs); "
+            "the directory was modified or a save was interrupted: save the model again"
+        )
+    tensors = load(blob)
+    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    with _no_init():
+        model = AutoModelForCausalLM.from_config(config)
+    model.eval()
+    for name, unit in manifest.units.items():
+        _install_unit(model, name, unit, tensors)
+    _load_rest(model, tensors, manifest, directory)
+    choice = choose_cpu_paths(model, cpu_path)
+    return PackedModel(model, _load_tokenizer(directory), manifest, choice)
+
+
+def _install_unit(
+    model: nn.Module, name: str, unit: PackedUnit, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    fmt = parse_format(unit.format)
+    try:
+        linear = get_linear(model, name)
+    except BitallocError:
+        raise BitallocError(
+            f"packed unit {name!r} is not a Linear layer of the model config.json describes"
+        ) from None
+    out_features, in_features = unit.shape
+    if (linear.out_features, linear.in_features) != (out_features, in_features):
+        raise BitallocError(
+            f"packed unit {name!r} is {unit.shape} in the manifest but "
+            f"{(linear.out_features, linear.in_features)} in config.json"
+        )
+    names = ["weight"] if fmt.is_float else ["qweight", "scales", "zeros"]
+    names += ["bias"] if unit.bias else []
+    missing = [n for n in names if f"{name}.{n}" not in tensors]
+    if missing:
+        raise BitallocError(f"{WEIGHTS} lacks {name}.{missing[0]} that the manifest requires")
+    t = {n: tensors[f"{name}.{n}"] for n in names}
+    if fmt.is_float:
+        if t["weight"].dtype != torch.float16 or tuple(t["weight"].shape) != unit.shape:
+            raise BitallocError(
+                f"{name}.weight is {t['weight'].dtype} {tuple(t['weight'].shape)}; the manifest "
+                f"says fp16 {unit.shape}"
+            )
+        layer: PackedLayer = Float16Linear(in_features, out_features, bias=unit.bias)
+        layer.weight = t["weight"]
+    else:
+        try:
+            check_packed(
+                t["qweight"], t["scales"], t["zeros"], fmt.bits, fmt.group_size, in_features
+            )
+        except BitallocError as exc:
+            raise BitallocError(
+                f"packed unit {name!r} does not match its manifest ({fmt.name}, {unit.shape}): "
+                f"{exc}"
+            ) from None
+        if t["qweight"].shape[0] != out_features:
+            raise BitallocError(
+                f"{name}.qweight has {t['qweight'].shape[0]} rows, not {out_features}"
+            )
+        layer = QuantLinear(in_features, out_features, fmt.bits, fmt.group_size, bias=unit.bias)
+        layer.qweight, layer.scales, layer.zeros = t["qweight"], t["scales"], t["zeros"]
+    if unit.bias:
+        if tuple(t["bias"].shape) != (out_features,):
+            raise BitallocError(f"{name}.bias has shape {tuple(t['bias'].shape)}")
+        layer.bias = t["bias"]
+    _replace(model, name, layer)
+
+
+def _load_rest(
+    model: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    manifest: PackedManifest,
+    directory: Path,
+) -> None:
+    expected = model.state_dict()
+    unit_keys = {k for k in tensors if any(k.startswith(f"{u}.") for u in manifest.units)}
+    rest = {k: v for k, v in tensors.items() if k not in unit_keys}
+    unexpected = sorted(set(rest) - set(expected))
+    if unexpected:
+        raise BitallocError(
+            f"{directory / WEIGHTS} holds {unexpected[0]!r}, which the model of config.json does "
+            "not have; the files belong to different models"
+        )
+    for key, value in rest.items():
+        want = expected[key]
+        if tuple(want.shape) != tuple(value.shape):
+            raise BitallocError(
+                f"{key} is {tuple(value.shape)} in {WEIGHTS} but {tuple(want.shape)} in the model "
+                "of config.json"
+            )
+    missing = sorted(set(expected) - set(tensors) - set(manifest.tied))
+    if missing:
+        raise BitallocError(f"{directory / WEIGHTS} lacks {missing[0]!r}; save the model again")
+    with torch.no_grad():
+        params = dict(model.named_parameters(remove_duplicate=False))
+        buffers = dict(model.named_buffers(remove_duplicate=False))
+        for key, value in rest.items():
+            target = params.get(key, buffers.get(key))
+            if target is None:
+                continue
+            if target.dtype != value.dtype:
+                target.data = value.clone()
+            else:
+                target.copy_(value)
+        for alias, source in manifest.tied.items():
+            src = params.get(source, buffers.get(source))
+            owner_name, _, attr = alias.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            if src is None or getattr(owner, attr, None) is None:
+                raise BitallocError(
+                    f"the manifest ties {alias!r} to {source!r}, which the model of config.json "
+                    "does not have"
+                )
+            # Share the very tensor (as the saved model did), not a copy of its values.
+            setattr(owner, attr, src)
+
+
+def _load_tokenizer(directory: Path) -> Any:
+    if not any((directory / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Skip random initialisation while the skeleton is built: every tensor is loaded after."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers
+        yield
+        return
+    with no_init_weights():
+        yield
