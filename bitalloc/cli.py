@@ -1,5 +1,5 @@
 """Command line: ``bitalloc allocate | profile | solve | frontier | eval | search | report |
-dashboard``.
+dashboard | apply | generate``.
 
 Errors in the user's input print one line (``bitalloc: error: ...``) and exit with status 2;
 no traceback.
@@ -28,6 +28,7 @@ from bitalloc.dashboards.cli import (
     report_command,
 )
 from bitalloc.errors import BitallocError
+from bitalloc.packed_cli import add_apply_parser, add_generate_parser
 from bitalloc.search.cli import add_search_parser
 
 
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_search_parser(sub)
     add_report_parser(sub)
     add_dashboard_parser(sub)
+    add_apply_parser(sub)
+    add_generate_parser(sub)
     return parser
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import TEXT, make_tiny_llama
+from tests.conftest import TEXT
+from tests.hfdirs import tiny_model_dir
 from tests.raycluster import ray_head
 
 pytestmark = pytest.mark.slow
@@ -56,29 +57,12 @@ def job_command(out: Path) -> tuple[list[str], list[str], str]:
     return cmd + ["--out", str(out / "alloc.json")], ["alloc.json"], f"wrote {out}/alloc.json"
 
 
-def _byte_tokenizer(directory: Path) -> None:
-    """A byte-level fast tokenizer (token id = UTF-8 byte, as tests.conftest.ByteTokenizer) that
-    AutoTokenizer loads from ``directory``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # GPT-2's printable stand-in for each byte, which the ByteLevel pre-tokenizer emits.
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    extra = iter(range(256, 512))
-    char = {b: chr(b if b in printable else next(extra)) for b in range(256)}
-    tok = Tokenizer(models.BPE(vocab={c: b for b, c in char.items()}, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(directory)
-
-
 def _job_dir(root: Path) -> Path:
     """The job's working dir: a tiny random Llama with its tokenizer, and two text files."""
     from transformers import AutoTokenizer
 
     root.mkdir()
-    make_tiny_llama().save_pretrained(root / "model", safe_serialization=True)
-    _byte_tokenizer(root / "model")
+    tiny_model_dir(root / "model")
     (root / "cal.txt").write_text(TEXT)
     (root / "eval.txt").write_text(TEXT[::-1])
     tok = AutoTokenizer.from_pretrained(root / "model", local_files_only=True)

@@ -1,0 +1,137 @@
+"""``bitalloc apply`` (write a packed model) and ``bitalloc generate`` (run one)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from bitalloc.errors import BitallocError
+
+MIB = 1024 * 1024
+
+
+def add_apply_parser(sub: Any) -> None:
+    """Register ``apply`` on ``sub`` (an argparse subparsers object)."""
+    a = sub.add_parser(
+        "apply",
+        help="apply an allocation for real: pack the weights and save a loadable low-bit model",
+    )
+    a.add_argument("--allocation", required=True, metavar="FILE", help="allocation JSON")
+    a.add_argument(
+        "--model",
+        default=None,
+        help="the model the allocation was made for: Hugging Face directory or .gguf file "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    a.add_argument("--out", required=True, metavar="DIR", help="directory of the packed model")
+    a.set_defaults(handler=apply_command)
+
+
+def add_generate_parser(sub: Any) -> None:
+    """Register ``generate`` on ``sub``."""
+    g = sub.add_parser("generate", help="generate text with a packed model (from `apply`)")
+    g.add_argument("--model", required=True, metavar="DIR", help="packed model directory")
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template"
+    )
+    g.add_argument(
+        "--sample",
+        action="store_true",
+        help="sample (temperature --temperature, seed --seed) instead of greedy decoding",
+    )
+    g.add_argument("--temperature", type=float, default=0.7, help="with --sample (0.7)")
+    g.add_argument("--seed", type=int, default=0, help="with --sample (0)")
+    g.add_argument(
+        "--cpu-path",
+        choices=("auto", "unpack-matmul", "int4pack"),
+        default="auto",
+        help="CPU kernel of the packed units: auto (measure and take the fastest correct), "
+        "or force one where it applies",
+    )
+    g.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when available (Triton kernels), else cpu",
+    )
+    g.set_defaults(handler=generate_command)
+
+
+def apply_command(args: argparse.Namespace) -> None:
+    """Pack the model per the allocation and save it."""
+    from bitalloc.allocation import Allocation
+    from bitalloc.models import load_model
+    from bitalloc.packed import model_bytes, save_packed
+
+    alloc = Allocation.load(args.allocation)
+    loaded = load_model(args.model)
+    alloc.check_model(loaded.model)
+    start = time.perf_counter()
+    packed = alloc.apply(loaded.model, inplace=True, packed=True, cpu_path="unpack-matmul")
+    seconds = time.perf_counter() - start
+    out = save_packed(packed, args.out, tokenizer=loaded.tokenizer, allocation=alloc)
+    sizes = model_bytes(packed)
+    predicted = alloc.data.total_bits / 8
+    print(f"packed {len(alloc.data.units)} units in {seconds:.1f} s: {alloc.summary()}")
+    print(
+        f"unit bytes {sizes['units']:,} ({sizes['units'] / MIB:.2f} MiB), predicted "
+        f"{predicted:,.0f} (ratio {sizes['units'] / predicted:.4f}); rest of the model "
+        f"{sizes['other'] / MIB:.2f} MiB; files {_dir_bytes(out) / MIB:.2f} MiB"
+    )
+    print(f"wrote {out}")
+
+
+def generate_command(args: argparse.Namespace) -> None:
+    """Load a packed model, generate, and report speed and the kernels that ran."""
+    import torch
+
+    from bitalloc.packed import last_paths, load_packed
+
+    if args.max_new_tokens < 1:
+        raise BitallocError("--max-new-tokens must be at least 1")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BitallocError("--device cuda: no CUDA device is available; use --device cpu")
+    loaded = load_packed(args.model, cpu_path=args.cpu_path)
+    if loaded.tokenizer is None:
+        raise BitallocError(f"{args.model} holds no tokenizer; write it with `bitalloc apply`")
+    model = loaded.model.to(device)
+    tok = loaded.tokenizer
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise BitallocError("the tokenizer has no chat template; leave out --chat")
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        text = args.prompt
+    ids = tok(text, return_tensors="pt", add_special_tokens=not args.chat)["input_ids"].to(device)
+    options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample}
+    if args.sample:
+        torch.manual_seed(args.seed)
+        options["temperature"] = args.temperature
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad, **options)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    print(tok.decode(new, skip_special_tokens=True))
+    paths = ", ".join(f"{p} {n}" for p, n in last_paths(model).items())
+    print(
+        f"{len(new)} tokens in {seconds:.2f} s ({len(new) / seconds:.2f} tokens/s) on {device}; "
+        f"units per kernel path: {paths}",
+        file=sys.stderr,
+    )
+
+
+def _dir_bytes(directory: Any) -> int:
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
