@@ -13,12 +13,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from bitalloc.apply import fake_quantize_
 from bitalloc.errors import BitallocError
-from bitalloc.fileio import read_json, write_json_atomic
+from bitalloc.fileio import read_model, write_json_atomic
 from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.models import Unit, get_linear
 
@@ -285,16 +285,7 @@ class Allocation:
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
         """Read and validate an allocation written by :meth:`save`."""
-        raw = read_json(Path(path), "allocation")
-        try:
-            data = AllocationData.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise BitallocError(
-                f"allocation file {path} is malformed at {where or 'top level'}: {first['msg']}"
-            ) from None
-        return cls(data)
+        return cls(read_model(Path(path), AllocationData, "allocation"))
 
     # --- use -------------------------------------------------------------------------------
     def apply(

@@ -11,9 +11,13 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from bitalloc.errors import BitallocError
+
+Schema = TypeVar("Schema", bound=BaseModel)
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
@@ -48,3 +52,17 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BitallocError(f"{what} file {path} is not valid JSON: {exc}") from None
+
+
+def read_model(path: str | os.PathLike[str], schema: type[Schema], what: str) -> Schema:
+    """Load a JSON file into the pydantic ``schema``; a missing file, bad JSON or a schema
+    violation becomes :class:`BitallocError` naming the first offending field."""
+    raw = read_json(path, what)
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BitallocError(
+            f"{what} file {path} is malformed at {where or 'top level'}: {first['msg']}"
+        ) from None

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from bitalloc.errors import BitallocError
-from bitalloc.fileio import read_json, write_atomic, write_json_atomic
+from bitalloc.fileio import read_model, write_atomic, write_json_atomic
 from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.kernels import cpu
 from bitalloc.kernels.packing import PLANES, check_packed, packed_nbytes
@@ -308,14 +308,7 @@ def read_manifest(directory: str | Path) -> PackedManifest:
             f"{directory} holds no packed model ({MANIFEST} is missing); write one with "
             "`bitalloc apply --allocation alloc.json --out DIR`"
         )
-    try:
-        manifest = PackedManifest.model_validate(read_json(path, "packed model manifest"))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BitallocError(
-            f"{path} is malformed at {where or 'top level'}: {first['msg']}"
-        ) from None
+    manifest = read_model(path, PackedManifest, "packed model manifest")
     if manifest.planes != {str(b): p for b, p in PLANES.items()}:
         raise BitallocError(f"{path} uses another bit-plane layout than this bitalloc reads")
     for name, unit in manifest.units.items():

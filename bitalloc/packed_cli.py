@@ -98,10 +98,12 @@ def generate_command(args: argparse.Namespace) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise BitallocError("--device cuda: no CUDA device is available; use --device cpu")
-    loaded = load_packed(args.model, cpu_path=args.cpu_path)
+    # On a GPU the Triton kernels run every unit; measuring CPU paths would be wasted time.
+    loaded = load_packed(args.model, cpu_path=args.cpu_path if device == "cpu" else "unpack-matmul")
     if loaded.tokenizer is None:
         raise BitallocError(f"{args.model} holds no tokenizer; write it with `bitalloc apply`")
-    model = loaded.model.to(device)
+    # fp16 activations on a GPU: the kernels' fast path (fp32 would run without tensor cores).
+    model = loaded.model.to(device) if device == "cpu" else loaded.model.to(device, torch.float16)
     tok = loaded.tokenizer
     if args.chat:
         if not getattr(tok, "chat_template", None):

@@ -20,6 +20,10 @@ def _run(*args, timeout=600):
     )
 
 
+def _apply(allocation, model, out):
+    return _run("apply", "--allocation", str(allocation), "--model", str(model), "--out", str(out))
+
+
 def test_apply_then_generate_without_the_source_model(tmp_path):
     source = tiny_model_dir(tmp_path / "source")
     alloc = cycling_allocation(
@@ -27,15 +31,7 @@ def test_apply_then_generate_without_the_source_model(tmp_path):
     )
     alloc.save(tmp_path / "alloc.json")
     out = tmp_path / "packed"
-    result = _run(
-        "apply",
-        "--allocation",
-        str(tmp_path / "alloc.json"),
-        "--model",
-        str(source),
-        "--out",
-        str(out),
-    )
+    result = _apply(tmp_path / "alloc.json", source, out)
     assert result.returncode == 0, result.stderr
     assert f"predicted {alloc.data.total_bits // 8:,} (ratio 1.0000)" in result.stdout
     assert f"wrote {out}" in result.stdout
@@ -91,15 +87,7 @@ def test_bad_input_is_one_line(tmp_path, args, message):
 def test_apply_refuses_an_allocation_for_another_model(tmp_path, tiny_model):
     source = tiny_model_dir(tmp_path / "source", hidden=32, intermediate=64)
     cycling_allocation(tiny_model, ("int4-g32",)).save(tmp_path / "alloc.json")
-    result = _run(
-        "apply",
-        "--allocation",
-        str(tmp_path / "alloc.json"),
-        "--model",
-        str(source),
-        "--out",
-        str(tmp_path / "o"),
-    )
+    result = _apply(tmp_path / "alloc.json", source, tmp_path / "o")
     assert result.returncode == 2 and "unit shapes differ" in result.stderr
     assert not (tmp_path / "o").exists()
 

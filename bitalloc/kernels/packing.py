@@ -76,7 +76,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         words = plane_words(in_features, width)
         field = (c >> offset) & ((1 << width) - 1)
         field = torch.nn.functional.pad(field, (0, words * per_word - in_features))
-        shifts = torch.arange(per_word, dtype=torch.int64) * width
+        shifts = torch.arange(per_word, dtype=torch.int64, device=c.device) * width
         # Fields never overlap, so a sum of shifted fields is their bitwise OR.
         word = (field.view(rows, words, per_word) << shifts).sum(dim=-1)
         parts.append(torch.where(word >= 2**31, word - 2**32, word).to(torch.int32))

@@ -165,10 +165,11 @@ class QuantLinear(nn.Module):
     def _set_layout(self, layout: str) -> None:
         if layout == self.layout:
             return
+        device = self.qweight.device
         if layout == INT4PACK_LAYOUT:
-            self.qweight = cpu.codes_to_int4pack(self.codes().cpu())
+            self.qweight = cpu.codes_to_int4pack(self.codes().cpu()).to(device)
         else:
-            self.qweight = pack_codes(self.codes(), self.bits)
+            self.qweight = pack_codes(self.codes(), self.bits).to(device)
         self.layout = layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
