@@ -147,12 +147,16 @@ def choose_cpu_paths(model: nn.Module, policy: str = "auto", *, repeats: int = 5
 
     ``auto`` measures each path that supports a (format, shape) once, on the first unit of that
     kind, and gives all such units the fastest path whose output matches the dequantized
-    reference; a named path is used wherever it applies, ``unpack-matmul`` elsewhere.
+    reference (one decode row plus one 32-row batch). When that is ``int4pack`` but
+    ``unpack-matmul`` wins at 512 rows, the units switch to unpacking above the batch size where
+    the two measured lines cross. A named path is used wherever it applies, ``unpack-matmul``
+    elsewhere.
     """
     check_policy(policy)
     paths: dict[str, str] = {}
     timings: dict[str, tuple[cpu.PathTiming, ...]] = {}
     decided: dict[str, str] = {}
+    switch: dict[str, int | None] = {}
     for name, layer in packed_layers(model).items():
         if isinstance(layer, Float16Linear):
             paths[name] = "fp16"
@@ -162,18 +166,34 @@ def choose_cpu_paths(model: nn.Module, policy: str = "auto", *, repeats: int = 5
             usable = (policy,) if policy in usable else (cpu.UNPACK_MATMUL,)
         key = f"{layer.format.name} {layer.shape[0]}x{layer.shape[1]}"
         if key not in decided:
-            if len(usable) == 1:
-                decided[key] = usable[0]
-            else:
-                measured = tuple(cpu.measure_paths(layer, usable, repeats=repeats))
-                timings[key] = measured
-                correct = [t for t in measured if t.correct] or [
-                    t for t in measured if t.path == cpu.UNPACK_MATMUL
-                ]
-                decided[key] = min(correct, key=lambda t: t.total_s).path
+            decided[key], switch[key] = _decide(layer, usable, repeats, timings, key)
         layer.set_cpu_path(decided[key])
+        layer.int4pack_max_rows = switch[key]
         paths[name] = decided[key]
     return CpuPathChoice(paths, timings)
+
+
+def _decide(
+    layer: QuantLinear,
+    usable: tuple[str, ...],
+    repeats: int,
+    timings: dict[str, tuple[cpu.PathTiming, ...]],
+    key: str,
+) -> tuple[str, int | None]:
+    """The fastest correct path for ``layer`` (decode + a 32-row batch), and for int4pack the
+    batch size above which unpack-matmul takes over (None: never)."""
+    if len(usable) == 1:
+        return usable[0], None
+    measured = tuple(cpu.measure_paths(layer, usable, repeats=repeats))
+    timings[key] = measured
+    correct = [t for t in measured if t.correct] or [
+        t for t in measured if t.path == cpu.UNPACK_MATMUL
+    ]
+    best = min(correct, key=lambda t: t.total_s)
+    unpack = next((t for t in correct if t.path == cpu.UNPACK_MATMUL), None)
+    if best.path != cpu.INT4PACK or unpack is None:
+        return best.path, None
+    return best.path, cpu.crossover_rows(best, unpack)
 
 
 # --- sizes -------------------------------------------------------------------------------------

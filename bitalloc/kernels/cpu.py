@@ -55,36 +55,44 @@ def int4pack_unsupported(bits: int, group_size: int, out_features: int, in_featu
     return ""
 
 
-def _nibble_source(out_features: int, in_features: int) -> torch.Tensor:
-    """For each nibble of torch's int4pack layout, the flat index ``n * in + k`` it holds.
-
-    torch documents no layout, so it is read off the converter: converting the 4-bit digits of
-    every element's own index shows where each element lands.
-    """
-    index = torch.arange(out_features * in_features, dtype=torch.int64).view(
-        out_features, in_features
-    )
-    source = torch.zeros(out_features * in_features, dtype=torch.int64)
-    digits = max(1, ((out_features * in_features - 1).bit_length() + 3) // 4)
-    for d in range(digits):
-        digit = ((index >> (4 * d)) & 15).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 1)
-        nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
-        source |= nibbles.to(torch.int64) << (4 * d)
-    return source
-
-
 def codes_to_int4pack(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes ``(N, K)`` in [0, 16) -> torch's packed layout ``(N, K / 2)`` uint8."""
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    """uint8 codes ``(N, K)`` in [0, 16) -> torch's packed layout ``(N, K / 2)`` uint8.
+
+    The result is read back with :func:`int4pack_to_codes` and compared, so a torch whose
+    layout differs from the one bitalloc reads is refused here rather than computing garbage.
+    """
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    rows, cols = codes.shape
+    if packed.shape != (rows, cols // 2) or not torch.equal(
+        int4pack_to_codes(packed, rows, cols), codes.to(torch.uint8)
+    ):
+        raise BitallocError(
+            f"torch {torch.__version__} packs int4 weights in a layout bitalloc does not read; "
+            "use the unpack-matmul CPU path"
+        )
+    return packed
 
 
 def int4pack_to_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`codes_to_int4pack`."""
-    nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1)
-    codes = torch.empty(out_features * in_features, dtype=torch.uint8)
-    codes[_nibble_source(out_features, in_features)] = nibbles
-    return codes.view(out_features, in_features)
+    """Inverse of :func:`codes_to_int4pack`, by reshapes only (cheap enough per call).
+
+    torch documents no layout; this is the one its CPU converter writes (read off it by
+    converting each element's own index): rows go in blocks of 32, and for each input ``k`` a
+    block stores 16 bytes whose low nibbles are rows 0-15 and high nibbles rows 16-31. A last
+    block of 16 rows stores 8 bytes per input, rows in pairs (low nibble first).
+    """
+    flat = packed.reshape(-1)
+    full = out_features // 32 * 32
+    parts = []
+    if full:
+        block = flat[: full * in_features // 2].view(full // 32, in_features, 16)
+        both = torch.cat([block & 15, block >> 4], dim=2)  # (blocks, K, 32)
+        parts.append(both.permute(0, 2, 1).reshape(full, in_features))
+    if out_features > full:
+        tail = flat[full * in_features // 2 :].view(in_features, 8)
+        pairs = torch.stack([tail & 15, tail >> 4], dim=2).reshape(in_features, 16)
+        parts.append(pairs.t())
+    return torch.cat(parts).contiguous() if len(parts) > 1 else parts[0].contiguous()
 
 
 def int4pack_matmul(
@@ -111,18 +119,38 @@ def int4pack_matmul(
 
 @dataclass(frozen=True)
 class PathTiming:
-    """One measured path for one layer shape: seconds per call and relative error."""
+    """One measured path for one layer shape: seconds per call at one row (``decode_s``), at
+    ``prefill_rows`` (``prefill_s``) and at ``large_rows`` (``large_s``), and its relative
+    error against the dequantized reference."""
 
     path: str
     decode_s: float
     prefill_s: float
+    large_s: float
     error: float
     correct: bool
+    prefill_rows: int = 32
+    large_rows: int = 512
 
     @property
     def total_s(self) -> float:
         """The figure paths are ranked by: one decode call plus one prefill call."""
         return self.decode_s + self.prefill_s
+
+
+def crossover_rows(small: PathTiming, large: PathTiming) -> int | None:
+    """Rows above which ``large`` beats ``small``, from a line through each path's times at
+    ``prefill_rows`` and ``large_rows``; None when ``small`` stays faster up to ``large_rows``.
+    """
+    if large.large_s >= small.large_s:
+        return None
+    span = small.large_rows - small.prefill_rows
+    slope_small = (small.large_s - small.prefill_s) / span
+    slope_large = (large.large_s - large.prefill_s) / span
+    if large.prefill_s <= small.prefill_s or slope_small <= slope_large:
+        return small.prefill_rows
+    rows = small.prefill_rows + (large.prefill_s - small.prefill_s) / (slope_small - slope_large)
+    return int(min(max(rows, small.prefill_rows), small.large_rows))
 
 
 def time_call(fn: Callable[[], torch.Tensor], repeats: int) -> float:
@@ -141,11 +169,13 @@ def measure_paths(
     paths: tuple[str, ...],
     *,
     prefill_rows: int = 32,
+    large_rows: int = 512,
     repeats: int = 5,
     tolerance: float = DEFAULT_TOLERANCE,
     seed: int = 0,
 ) -> list[PathTiming]:
-    """Time ``layer`` (a :class:`~bitalloc.kernels.quant_linear.QuantLinear`) on each path.
+    """Time ``layer`` (a :class:`~bitalloc.kernels.quant_linear.QuantLinear`) on each path at
+    1, ``prefill_rows`` and ``large_rows`` input rows.
 
     The layer is switched to each path in turn (its layout follows) and left on the last one;
     the caller sets the winner.
@@ -155,6 +185,7 @@ def measure_paths(
     g = torch.Generator().manual_seed(seed)
     decode = torch.randn(1, layer.in_features, generator=g)
     prefill = torch.randn(prefill_rows, layer.in_features, generator=g)
+    large = torch.randn(large_rows, layer.in_features, generator=g)
     with torch.no_grad():
         bias = layer.bias.to(torch.float32) if layer.bias is not None else None
         reference = F.linear(prefill, layer.dequantized_weight(torch.float32), bias)
@@ -168,8 +199,11 @@ def measure_paths(
                     path=path,
                     decode_s=time_call(lambda: layer(decode), repeats),
                     prefill_s=time_call(lambda: layer(prefill), repeats),
+                    large_s=time_call(lambda: layer(large), max(1, repeats // 2)),
                     error=error,
                     correct=error <= tolerance,
+                    prefill_rows=prefill_rows,
+                    large_rows=large_rows,
                 )
             )
     return results

@@ -76,6 +76,9 @@ class QuantLinear(nn.Module):
             self.bias = None
         self.layout = PLANES_LAYOUT
         self.cpu_path = cpu.UNPACK_MATMUL
+        # With the int4pack path: above this many rows, unpack and matmul instead (torch's int4
+        # kernel loses to a float matmul on large batches); None keeps int4pack for any batch.
+        self.int4pack_max_rows: int | None = None
         self.last_path: str | None = None
 
     # --- construction ---------------------------------------------------------------------
@@ -156,6 +159,7 @@ class QuantLinear(nn.Module):
             )
         self._set_layout(INT4PACK_LAYOUT if path == cpu.INT4PACK else PLANES_LAYOUT)
         self.cpu_path = path
+        self.int4pack_max_rows = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -181,7 +185,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x.device.type != "cpu" or self.cpu_path == TRITON:
             y = self._triton(x2)
-        elif self.cpu_path == cpu.INT4PACK:
+        elif self.cpu_path == cpu.INT4PACK and (
+            self.int4pack_max_rows is None or x2.shape[0] <= self.int4pack_max_rows
+        ):
             y = cpu.int4pack_matmul(x2, self.qweight, self.scales, self.zeros, self.group_size)
             self.last_path = cpu.INT4PACK
         else:

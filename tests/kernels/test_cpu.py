@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize(("rows", "cols"), [(16, 32), (48, 64), (64, 256), (96, 128)])
+@pytest.mark.parametrize(("rows", "cols"), [(16, 32), (48, 64), (64, 256), (96, 128), (80, 96)])
 def test_int4pack_layout_round_trip(rows, cols):
     codes = torch.randint(0, 16, (rows, cols), dtype=torch.uint8)
     packed = cpu.codes_to_int4pack(codes)
@@ -58,3 +58,36 @@ def test_time_call_is_the_median():
     calls = []
     assert cpu.time_call(lambda: calls.append(1), repeats=3) >= 0
     assert len(calls) == 4  # one warm-up
+
+
+def _timing(path, prefill_s, large_s):
+    return cpu.PathTiming(path, 0.0, prefill_s, large_s, 0.0, True, 32, 512)
+
+
+def test_crossover_rows_from_two_measured_lines():
+    int4 = _timing(cpu.INT4PACK, 1.0, 10.0)  # slope 9/480 per row
+    unpack = _timing(cpu.UNPACK_MATMUL, 2.0, 6.0)  # slope 4/480 per row
+    # 1 + 9/480 (m - 32) = 2 + 4/480 (m - 32)  ->  m = 32 + 96
+    assert cpu.crossover_rows(int4, unpack) == 128
+    assert cpu.crossover_rows(int4, _timing(cpu.UNPACK_MATMUL, 2.0, 11.0)) is None
+    assert cpu.crossover_rows(int4, _timing(cpu.UNPACK_MATMUL, 0.5, 6.0)) == 32
+
+
+def test_int4pack_layer_unpacks_above_its_row_limit():
+    torch.manual_seed(1)
+    lin = nn.Linear(128, 48)
+    fmt = QuantFormat(4, 64)
+    layer = QuantLinear.from_linear(lin, fmt)
+    layer.set_cpu_path(cpu.INT4PACK)
+    layer.int4pack_max_rows = 16
+    weight = fmt.fake_quantize(lin.weight)
+    for rows, path, tolerance in (
+        (8, cpu.INT4PACK, cpu.DEFAULT_TOLERANCE),
+        (20, cpu.UNPACK_MATMUL, 1e-5),
+    ):
+        x = torch.randn(rows, 128)
+        reference = torch.nn.functional.linear(x, weight, lin.bias)
+        with torch.no_grad():
+            error = float((layer(x) - reference).norm() / reference.norm())
+        assert layer.last_path == path and error < tolerance
+    assert layer.layout == "int4pack"  # unpacking reads the int4pack order; nothing converted
