@@ -42,7 +42,8 @@ class Variant:
     name: str
     model: torch.nn.Module
     predicted_bytes: float | None = None
-    paths: dict[str, int] = field(default_factory=dict)
+    decode_paths: dict[str, int] = field(default_factory=dict)
+    prefill_paths: dict[str, int] = field(default_factory=dict)
     decode: list[float] = field(default_factory=list)
     prefill: list[float] = field(default_factory=list)
     ppl: float | None = None
@@ -75,9 +76,8 @@ def prefill_tokens_per_s(model: torch.nn.Module, window: torch.Tensor) -> float:
     return window.numel() / (time.perf_counter() - start)
 
 
-def cpu_section(args: argparse.Namespace) -> str:
+def cpu_section(args: argparse.Namespace, prep) -> str:
     torch.set_num_threads(args.threads)
-    prep = prepare()
     base = prep.model
     alloc = allocate(base, args.avg_bits, tokenizer=prep.loaded.tokenizer)
     uniform = {u.name: "int4-g64" for u in prep.units}
@@ -99,16 +99,14 @@ def cpu_section(args: argparse.Namespace) -> str:
     prompt = evaluation[:1, : args.prompt_tokens]
     window = evaluation[:1, : args.prefill_tokens]
     for v in variants:
-        for layer in v.model.modules():
-            if hasattr(layer, "last_path"):
-                layer.last_path = None
         v.ppl = perplexity(v.model, evaluation).perplexity
-        v.paths = last_paths(v.model)
-        print(f"{v.name}: perplexity {v.ppl:.2f}, paths {v.paths}")
+        print(f"{v.name}: perplexity {v.ppl:.2f}")
     for r in range(args.rounds):
         for v in variants:
             v.decode.append(decode_tokens_per_s(v.model, prompt, args.new_tokens))
+            v.decode_paths = last_paths(v.model)  # the last call is a one-token step
             v.prefill.append(prefill_tokens_per_s(v.model, window))
+            v.prefill_paths = last_paths(v.model)
         print(f"round {r + 1}: " + ", ".join(f"{v.name} {v.decode[-1]:.2f}" for v in variants))
 
     ref = variants[0]
@@ -116,7 +114,7 @@ def cpu_section(args: argparse.Namespace) -> str:
     ref_prefill = statistics.median(ref.prefill)
     ref_bytes = model_bytes(ref.model)["total"]
     lines = [
-        "| model | CPU paths of the units | unit bytes (predicted) | model MiB (× fp32) "
+        "| model | units per path: decode / prefill | unit bytes (predicted) | model MiB (× fp32) "
         "| decode tok/s (× fp32) | prefill tok/s (× fp32) | perplexity |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -129,7 +127,10 @@ def cpu_section(args: argparse.Namespace) -> str:
         else:
             ratio = sizes["units"] / v.predicted_bytes
             units = f"{sizes['units'] / MIB:.2f} MiB ({ratio:.4f}×)"
-        paths = ", ".join(f"{p} {n}" for p, n in v.paths.items()) or "nn.Linear"
+        paths = " / ".join(
+            ", ".join(f"{p} {n}" for p, n in phase.items()) or "nn.Linear"
+            for phase in (v.decode_paths, v.prefill_paths)
+        )
         lines.append(
             f"| {v.name} | {paths} | {units} | {sizes['total'] / MIB:.1f} "
             f"({sizes['total'] / ref_bytes:.3f}) | {decode:.2f} ({decode / ref_decode:.3f}) "
@@ -154,10 +155,15 @@ def cpu_section(args: argparse.Namespace) -> str:
     )
 
 
-def gpu_section() -> str:
-    from kernels_gpu import gpu_markdown, gpu_rows
+def gpu_section(prep) -> str:
+    """Every width and group size at 4096 x 4096, Llama-8B-like shapes and the default
+    model's own shapes, against fp16 ``F.linear``."""
+    from kernels_gpu import DEFAULT_SHAPES, gpu_markdown, gpu_rows
 
-    rows = gpu_rows()
+    own = sorted({u.shape for u in prep.units}, reverse=True)
+    rows = gpu_rows(
+        shapes=[*DEFAULT_SHAPES, *own], bits_list=(2, 3, 4, 5, 6, 8), groups=(32, 64, 128)
+    )
     return "\n".join(["### GPU: fused kernels against fp16 matmul", "", gpu_markdown(rows)])
 
 
@@ -173,6 +179,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print, do not edit BENCHMARKS.md")
     args = parser.parse_args()
 
+    prep = prepare()
     command = "`.venv/bin/python benchmarks/kernels.py " + " ".join(sys.argv[1:]) + "`"
     machine = f"{cpu_description()}, torch {torch.__version__}, Python {platform.python_version()}"
     parts = [
@@ -182,10 +189,10 @@ def main() -> None:
         f"Command: {command.replace(' `', '`')}  ",
         f"Machine: {machine}",
         "",
-        cpu_section(args),
+        cpu_section(args, prep),
     ]
     if torch.cuda.is_available():
-        parts += ["", gpu_section()]
+        parts += ["", gpu_section(prep)]
     else:
         parts += ["", "GPU: no CUDA device on this machine; GPU timings were not taken."]
     parts.append(END)
