@@ -1,0 +1,1 @@
+"""Reinforcement-learning allocation (RAMP): unit embeddings and the allocation environment."""
