@@ -173,12 +173,13 @@ class BaseSolver(abc.ABC):
 def _solver_classes() -> tuple[type[BaseSolver], ...]:
     """Every solver class, in a fixed order. Add new solvers here (and nowhere else)."""
     # Imported here because each solver module imports BaseSolver from this module.
+    from bitalloc.rl.solver import RLSolver
     from bitalloc.solvers.dp import DPSolver
     from bitalloc.solvers.ilp import ILPSolver
     from bitalloc.solvers.lagrangian import LagrangianSolver
     from bitalloc.solvers.qp import QPSolver
 
-    return (LagrangianSolver, DPSolver, ILPSolver, QPSolver)
+    return (LagrangianSolver, DPSolver, ILPSolver, QPSolver, RLSolver)
 
 
 def available_solvers() -> dict[str, type[BaseSolver]]:

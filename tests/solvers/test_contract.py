@@ -16,6 +16,13 @@ from bitalloc.solvers import BaseSolver, Problem, Solution, available_solvers, s
 from tests.solvers.brute import brute_force
 
 METHODS = sorted(available_solvers())
+# Options that keep a method fast on these tiny instances without changing what it promises:
+# the RL solver trains SAC, so it gets a short step budget here.
+FAST = {"rl": {"steps": 60, "learning_starts": 30}}
+
+
+def _solve(problem, method):
+    return solve(problem, method=method, **FAST.get(method, {}))
 
 
 def small_problems() -> list[Problem]:
@@ -52,7 +59,7 @@ def test_registry_is_consistent():
 
 def test_feasible_allowed_and_bounds_valid(method):
     for problem in small_problems():
-        sol = solve(problem, method=method)
+        sol = _solve(problem, method)
         assert isinstance(sol, Solution)
         assert sol.method == method
         assert sol.choice.shape == (problem.n_units,)
@@ -74,8 +81,8 @@ def test_feasible_allowed_and_bounds_valid(method):
 
 def test_deterministic(method):
     for problem in small_problems():
-        first = solve(problem, method=method)
-        second = solve(problem, method=method)
+        first = _solve(problem, method)
+        second = _solve(problem, method)
         assert np.array_equal(first.choice, second.choice)
         assert first.objective == second.objective
 
@@ -85,7 +92,7 @@ def test_infeasible_budget_raises_with_range(method):
     low, high = problem.feasible_range("bits")
     tight = Problem(problem.objective, problem.costs, {"bits": low - 1.0}, problem.allowed)
     with pytest.raises(InfeasibleBudgetError) as caught:
-        solve(tight, method=method)
+        _solve(tight, method)
     assert caught.value.feasible_range == pytest.approx((low, high))
     assert f"{low:.10g}" in str(caught.value)
 
@@ -93,7 +100,7 @@ def test_infeasible_budget_raises_with_range(method):
 def test_unbudgeted_problem_is_solved_optimally(method):
     problem = small_problems()[3]
     free = Problem(problem.objective, problem.costs, {}, problem.allowed)
-    sol = solve(free, method=method)
+    sol = _solve(free, method)
     assert sol.objective == pytest.approx(brute_force(free))
 
 
@@ -110,11 +117,11 @@ def test_too_many_budgets_rejected(method):
         problem.allowed,
     )
     with pytest.raises(BitallocError, match="budget"):
-        solve(crowded, method=method)
+        _solve(crowded, method)
 
 
 def test_to_dict_is_json(method):
-    sol = solve(small_problems()[1], method=method)
+    sol = _solve(small_problems()[1], method)
     text = json.dumps(sol.to_dict(), allow_nan=False)
     back = Solution.from_dict(json.loads(text))
     assert np.array_equal(back.choice, sol.choice)
@@ -167,7 +174,7 @@ def test_structured_instances(method):
     problems = structured_problems(cls)
     assert len(problems) >= 6
     for problem in problems:
-        sol = solve(problem, method=method)
+        sol = _solve(problem, method)
         assert problem.is_feasible(sol.choice), problem.violations(sol.choice)
         for group in problem.ties:
             assert len(set(sol.choice[list(group)].tolist())) == 1
@@ -181,7 +188,7 @@ def test_structured_instances(method):
             assert sol.status == "optimal"
         if sol.status == "optimal":
             assert sol.objective == pytest.approx(best, abs=1e-9)
-        again = solve(problem, method=method)
+        again = _solve(problem, method)
         assert np.array_equal(again.choice, sol.choice)
 
 
@@ -198,8 +205,8 @@ def test_interactions_refused_or_optimised(method):
     )
     if not cls.supports_interactions:
         with pytest.raises(BitallocError, match="interaction"):
-            solve(coupled, method=method)
+            _solve(coupled, method)
     else:
-        sol = solve(coupled, method=method)
+        sol = _solve(coupled, method)
         assert sol.objective == pytest.approx(coupled.objective_of(sol.choice))
         assert sol.objective >= brute_force(coupled) - 1e-9

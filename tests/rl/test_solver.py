@@ -1,0 +1,123 @@
+import json
+
+import numpy as np
+import pytest
+
+from bitalloc.errors import BitallocError
+from bitalloc.rl.solver import problem_features
+from bitalloc.solvers import Problem, solve
+from tests.solvers.brute import brute_force
+
+FAST = {"steps": 150, "learning_starts": 50}
+
+
+def _problem(seed=0, n=6, k=4, fraction=0.5, names=True):
+    rng = np.random.default_rng(seed)
+    cost = np.sort(rng.integers(1, 20, (n, k)).astype(float), axis=1)
+    objective = np.sort(rng.exponential(1.0, (n, k)), axis=1)[:, ::-1].copy()
+    base = Problem(objective, {"bits": cost}, {})
+    low, high = base.feasible_range("bits")
+    extra = {"option_names": [f"int{b}-g64" for b in (2, 3, 4, 8)][:k]} if names else {}
+    return Problem(objective, {"bits": cost}, {"bits": low + fraction * (high - low)}, **extra)
+
+
+def test_trains_and_reports_what_it_did():
+    problem = _problem()
+    sol = solve(problem, method="rl", **FAST)
+    assert problem.is_feasible(sol.choice)
+    assert sol.lower_bound is None and sol.status == "feasible"
+    assert sol.info["trained"] and sol.info["steps"] == 150 and sol.info["episodes"] == 25
+    assert sol.info["features"] == "problem"
+    assert sol.objective <= sol.info["policy_objective"] + 1e-12
+    assert sol.objective >= brute_force(problem) - 1e-9
+
+
+def test_longer_training_gets_closer_to_the_optimum():
+    problem = _problem(seed=3, n=8)
+    best = brute_force(problem)
+    short = solve(problem, method="rl", steps=50, learning_starts=40).objective
+    long = solve(problem, method="rl", steps=800, learning_starts=100).objective
+    assert long <= short and long - best < 0.5 * (short - best) + 1e-9
+
+
+def test_saved_policy_transfers_to_another_budget(tmp_path):
+    problem = _problem(seed=1, fraction=0.6)
+    path = tmp_path / "policy.zip"
+    trained = solve(problem, method="rl", save_policy=str(path), **FAST)
+    assert trained.info["saved_policy"] == str(path)
+    meta = json.loads((tmp_path / "policy.zip.json").read_text())
+    assert meta["features"] == "problem" and meta["palette"][0] == "int2-g64"
+    # Same problem: the policy's own allocation comes back without training.
+    again = solve(problem, method="rl", policy=str(path))
+    assert not again.info["trained"] and again.objective == pytest.approx(
+        trained.info["policy_objective"]
+    )
+    # Another budget: feasible without training.
+    tighter = _problem(seed=1, fraction=0.3)
+    moved = solve(tighter, method="rl", policy=str(path))
+    assert tighter.is_feasible(moved.choice) and not moved.info["trained"]
+
+
+def test_model_embeddings_and_tie_groups():
+    rng = np.random.default_rng(0)
+    problem = _problem(seed=2)
+    tied = Problem(
+        problem.objective,
+        problem.costs,
+        problem.budgets,
+        ties=[[0, 1]],
+        option_names=problem.option_names,
+    )
+    sol = solve(tied, method="rl", embeddings=rng.normal(size=(6, 11)), **FAST)
+    assert sol.info["features"] == "model" and sol.choice[0] == sol.choice[1]
+    assert tied.is_feasible(sol.choice)
+
+
+def test_policy_mismatches_are_refused(tmp_path):
+    problem = _problem(seed=4)
+    path = tmp_path / "p.zip"
+    solve(problem, method="rl", save_policy=str(path), **FAST)
+    other_palette = Problem(
+        problem.objective,
+        problem.costs,
+        problem.budgets,
+        option_names=["int2-g32", "int3-g32", "int4-g32", "int8-g32"],
+    )
+    with pytest.raises(BitallocError, match="trained on the palette int2-g64"):
+        solve(other_palette, method="rl", policy=str(path))
+    with pytest.raises(BitallocError, match="trained on problem features"):
+        solve(problem, method="rl", policy=str(path), embeddings=np.zeros((6, 11)))
+    meta_path = tmp_path / "p.zip.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "obs_dims": 12}))
+    with pytest.raises(BitallocError, match="observes 12 values"):
+        solve(problem, method="rl", policy=str(path))
+    meta_path.unlink()
+    with pytest.raises(BitallocError, match="does not exist"):
+        solve(problem, method="rl", policy=str(path))
+    with pytest.raises(BitallocError, match="does not exist"):
+        solve(problem, method="rl", policy=str(tmp_path / "none.zip"))
+
+
+def test_bad_options_raise():
+    problem = _problem()
+    with pytest.raises(BitallocError, match=r"embeddings must be \(n_units, 11\)"):
+        solve(problem, method="rl", embeddings=np.zeros((6, 3)))
+    with pytest.raises(BitallocError, match="embeddings describe 5 units"):
+        solve(problem, method="rl", embeddings=np.zeros((5, 11)))
+    with pytest.raises(BitallocError, match="steps must be at least 1"):
+        solve(problem, method="rl", steps=0)
+    with pytest.raises(BitallocError, match="bad reward option"):
+        solve(problem, method="rl", reward={"greed": 1.0})
+    with pytest.raises(BitallocError, match="pass one"):
+        solve(problem, method="rl", policy="a.zip", save_policy="b.zip")
+    with pytest.raises(BitallocError, match="ends in .zip"):
+        solve(problem, method="rl", save_policy="policy.pt", **FAST)
+
+
+def test_problem_features_are_scaled_and_ordered():
+    problem = _problem(seed=5, n=7)
+    f = problem_features(problem)
+    assert f.shape == (7, 11) and np.isfinite(f).all() and np.abs(f).max() <= 5
+    assert f[0, 0] == 0 and f[-1, 0] == 1
+    np.testing.assert_allclose(f[:, 2].mean(), 0, atol=1e-12)
