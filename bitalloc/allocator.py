@@ -49,6 +49,7 @@ from bitalloc.repair import DEFAULT_GROUPS as DEFAULT_REPAIR_GROUPS
 from bitalloc.repair import DEFAULT_TOKENS as DEFAULT_REPAIR_TOKENS
 from bitalloc.repair import DEFAULT_TOLERANCE as DEFAULT_REPAIR_TOLERANCE
 from bitalloc.repair import verify_and_repair
+from bitalloc.rl.options import rl_solver_options
 from bitalloc.sensitivity import (
     MEASURING_PROFILERS,
     Interactions,
@@ -449,6 +450,7 @@ def allocate(
     seq_len: int = DEFAULT_SEQ_LEN,
     use_cache: bool = True,
     progress: bool = True,
+    policy: str | Path | None = None,
 ) -> Allocation:
     """Choose a format for every unit so that average bits per weight <= ``avg_bits`` and the
     predicted loss increase is as small as possible.
@@ -466,7 +468,8 @@ def allocate(
     ``workers`` / ``ray_address`` run measurements on Ray. ``solver`` is any registered method
     (default ``lagrangian``). ``ties`` ties fused projections (``"qkv"``, ``"gateup"``) to one
     format; ``max_bytes`` adds a bound on the units' stored bytes; ``solver_options`` go to the
-    solver (e.g. ``{"time_limit": 30}``).
+    solver (e.g. ``{"time_limit": 30}``). With ``solver="rl"`` the model's unit embeddings are
+    computed and passed to it, and ``policy`` (a path) applies a saved policy without training.
 
     With ``verify`` the allocation is checked against reality. First (unless ``repair`` is
     False) its loss increase is measured on ``repair_tokens`` calibration tokens; when it
@@ -499,12 +502,13 @@ def allocate(
     if interactions_from is not None:
         prof = prof.with_interactions(_interaction_source(interactions_from))
     solver = default_method(prof, solver)
+    options = rl_solver_options(solver, dict(solver_options or {}), policy, prep, progress)
 
     def solve_with(table: Profile) -> Allocation:
         problem = build_problem(
             prep.units, prep.palette, table, avg_bits, max_bytes=max_bytes, ties=ties
         )
-        solution = solve(problem, method=solver, **dict(solver_options or {}))
+        solution = solve(problem, method=solver, **options)
         return allocation_for(prep, table, solution, avg_bits)
 
     allocation = solve_with(prof)
