@@ -39,7 +39,7 @@ class TrainConfig:
     batch_size: int = 128
     hidden: tuple[int, ...] = (64, 64)
     learning_rate: float = 3e-4
-    gamma: float = 1.0
+    gamma: float = 0.99
     progress: bool = False
     reward: RewardConfig = field(default_factory=RewardConfig)
 

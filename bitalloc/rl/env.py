@@ -2,9 +2,13 @@
 
 An episode walks the units of a :class:`~bitalloc.solvers.problem.Problem` in network order.
 At each step the agent sees the unit's 11-dimensional embedding
-(:mod:`bitalloc.rl.embedding`) and the state of the budget, and answers with one number in
-[-1, 1]: the position of its choice among the unit's allowed options, cheapest (-1) to richest
-(+1).
+(:mod:`bitalloc.rl.embedding`) and the state of the budget, and answers with one number ``a``
+in [-1, 1] that moves the unit away from a budget-neutral choice. The neutral option is the
+allowed option whose cost is nearest to the same share of the unit's cost range as the budget
+left allows the remaining units (``slack``, below); the action moves ``a * (m - 1) / 2`` places
+from it along the unit's ``m`` options sorted by cost (clipped to the ends). So ``a = 0`` spends
+the budget evenly and the policy only has to learn which units deserve more or less than their
+share, which is what carries across models and budgets.
 
 Budget safety: an action that would leave too little budget for the remaining units (even at
 their cheapest options) is projected to the richest option that keeps the episode feasible, so
@@ -177,10 +181,21 @@ class AllocationEnv(gym.Env):
 
     # --- helpers ----------------------------------------------------------------------------------
     def option_for(self, i: int, action: float) -> int:
-        """The allowed option of unit ``i`` at position ``action`` in [-1, 1], cheapest first."""
+        """The allowed option of unit ``i`` for ``action`` in [-1, 1] (see the module
+        docstring): cost nearest to the neutral share of its range moved by ``action``."""
         options = self.options[i]
-        position = (min(max(action, -1.0), 1.0) + 1.0) / 2.0 * (len(options) - 1)
-        return int(options[int(round(position))])
+        target = self.min_cost[i] + self._slack() * (self.max_cost[i] - self.min_cost[i])
+        neutral = int(np.argmin(np.abs(self.cost[i, options] - target)))
+        shift = min(max(action, -1.0), 1.0) * (len(options) - 1) / 2.0
+        return int(options[min(max(int(round(neutral + shift)), 0), len(options) - 1)])
+
+    def _slack(self) -> float:
+        """Where the budget left lies between the remaining units' cheapest and richest."""
+        rest_min, rest_max = self.min_rest[self.unit], self.max_rest[self.unit]
+        if rest_max <= rest_min:
+            return 1.0
+        left = self.budget - self.spent
+        return min(max((left - rest_min) / (rest_max - rest_min), 0.0), 1.0)
 
     def _project(self, i: int, j: int) -> tuple[int, float]:
         """The richest option at most as costly as ``j`` that leaves the rest feasible, and how
@@ -222,10 +237,5 @@ class AllocationEnv(gym.Env):
     def _observation(self) -> np.ndarray:
         n = self.problem.n_units
         i = min(self.unit, n - 1)
-        rest_min, rest_max = self.min_rest[self.unit], self.max_rest[self.unit]
-        left = self.budget - self.spent
-        slack = 1.0 if rest_max <= rest_min else (left - rest_min) / (rest_max - rest_min)
-        state = np.array(
-            [self.unit / n, self.spent / self.budget, min(max(slack, 0.0), 1.0)], dtype=np.float32
-        )
+        state = np.array([self.unit / n, self.spent / self.budget, self._slack()], dtype=np.float32)
         return np.concatenate([self.embeddings[i], state]).astype(np.float32)

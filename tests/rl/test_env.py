@@ -125,3 +125,15 @@ def test_bad_inputs_raise():
     _episode(env, lambda o: 0.0)
     with pytest.raises(BitallocError, match="call reset"):
         env.step(np.array([0.0], dtype=np.float32))
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.7])
+def test_neutral_action_spends_the_budget_evenly(fraction):
+    problem = _problem(seed=6, n=12, fraction=fraction)
+    env = AllocationEnv(problem, _embeddings(problem.n_units))
+    _, info = _episode(env, lambda o: 0.0)
+    # Options are discrete: the nearest one to the share may overshoot once near the end.
+    assert info["projected_steps"] <= 1 and info["unused"] < 0.15
+    # Asking for more than the share everywhere runs into the budget and gets projected.
+    _, greedy = _episode(env, lambda o: 0.8)
+    assert greedy["projected_steps"] > 0
