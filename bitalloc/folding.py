@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bitalloc.calibration import observe_inputs
 from bitalloc.errors import BitallocError
 from bitalloc.models import decoder_blocks, get_linear
 
@@ -110,30 +111,16 @@ def activation_maxima(
     linears = {name: get_linear(model, name) for name in names}
     maxima: dict[str, torch.Tensor] = {}
 
-    def make_hook(name: str, in_features: int):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach().reshape(-1, in_features).abs().amax(dim=0).float()
+    def record(name: str, in_features: int):
+        def hook(x: torch.Tensor) -> None:
+            m = x.reshape(-1, in_features).abs().amax(dim=0).float()
             prev = maxima.get(name)
-            maxima[name] = x if prev is None else torch.maximum(prev, x)
+            maxima[name] = m if prev is None else torch.maximum(prev, m)
 
         return hook
 
-    handles = [
-        lin.register_forward_pre_hook(make_hook(name, lin.in_features))
-        for name, lin in linears.items()
-    ]
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(windows), BATCH_WINDOWS):
-                batch = windows[start : start + BATCH_WINDOWS].to(device)
-                model(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    hooks = {name: record(name, lin.in_features) for name, lin in linears.items()}
+    observe_inputs(model, linears, hooks, windows, BATCH_WINDOWS)
     missing = [name for name in names if name not in maxima]
     if missing:
         raise BitallocError(
@@ -379,9 +366,3 @@ def _check_width(norm: nn.Module, consumers: list[nn.Linear], where: str, name: 
             f"{where}.{name} weight has shape {tuple(norm.weight.shape)} but its consumers read "
             f"{consumers[0].in_features} channels; {_SUPPORTED}"
         )
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bitalloc.calibration import observe_inputs
 from bitalloc.errors import BitallocError
 from bitalloc.models import Unit, decoder_blocks, discover_units, get_linear
 
@@ -279,26 +280,8 @@ def _activation_moments(
 ) -> dict[str, _Moments]:
     moments = {name: _Moments() for name in linears}
 
-    def make_hook(acc: _Moments):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            if args:
-                acc.add(args[0])
-
-        return hook
-
-    handles = [lin.register_forward_pre_hook(make_hook(moments[n])) for n, lin in linears.items()]
-    device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(windows), batch_size):
-                batch = windows[start : start + batch_size].to(device)
-                model(input_ids=batch, use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    hooks = {name: moments[name].add for name in linears}
+    observe_inputs(model, linears, hooks, windows, batch_size)
     missing = [name for name, acc in moments.items() if acc.count == 0]
     if missing:
         raise BitallocError(
@@ -365,9 +348,3 @@ def _model_extent(model: nn.Module, units: Sequence[Unit]) -> tuple[int, int]:
 
 def _numel(linear: nn.Linear) -> int:
     return int(linear.weight.numel())
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
