@@ -153,15 +153,18 @@ class RLSolver(BaseSolver):
         result = agent.train_policy(env, self.config)
         choice = agent.rollout(result.model, env)
         from_policy = problem.objective_of(choice)
+        # Re-evaluate the best episode with the problem's own sum: the environment accumulates the
+        # same losses in another order, and the two may differ in the last bit.
+        best = None if result.best_choice is None else problem.objective_of(result.best_choice)
         info.update(
             trained=True,
             steps=result.steps,
             episodes=result.episodes,
             train_seconds=round(result.seconds, 3),
             policy_objective=from_policy,
-            best_episode_objective=result.best_objective,
+            best_episode_objective=best,
         )
-        if result.best_choice is not None and result.best_objective < from_policy:
+        if best is not None and best < from_policy:
             choice = result.best_choice
             info["source"] = "best training episode"
         else:
