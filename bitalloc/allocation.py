@@ -19,6 +19,7 @@ from torch import nn
 from bitalloc.apply import fake_quantize_
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import read_model, write_json_atomic
+from bitalloc.folding_record import ScaleFolding, apply_recorded_, is_folded
 from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.models import Unit, get_linear
 
@@ -154,6 +155,8 @@ class AllocationData(_Strict):
     profile: ProfileSummary | None = None
     measured: Measured | None = None
     repair: Repair | None = None
+    #: Scale folding done before profiling; :meth:`Allocation.apply` repeats it.
+    scale_folding: ScaleFolding | None = None
 
 
 class Allocation:
@@ -229,6 +232,10 @@ class Allocation:
         """A copy carrying the record of verify-and-repair."""
         return Allocation(self.data.model_copy(update={"repair": repair}))
 
+    def with_scale_folding(self, record: ScaleFolding) -> Allocation:
+        """A copy recording that the model was scale-folded (by ``record``) before allocating."""
+        return Allocation(self.data.model_copy(update={"scale_folding": record}))
+
     # --- presentation ----------------------------------------------------------------------
     def table(self) -> str:
         """Per-unit table: unit, format, bits per weight, weights, predicted loss."""
@@ -271,6 +278,8 @@ class Allocation:
         )
         if d.predicted_loss is not None:
             text += f" | predicted loss +{d.predicted_loss:.4f}"
+        if d.scale_folding is not None:
+            text += f" | scale folding (alpha {d.scale_folding.alpha:g})"
         return text
 
     # --- persistence -----------------------------------------------------------------------
@@ -304,15 +313,31 @@ class Allocation:
         take the allocation's bytes; ``cpu_path`` picks their CPU kernel (``auto`` measures).
         Save the result with :func:`bitalloc.packed.save_packed`.
 
+        When the allocation records scale folding (``data.scale_folding``), its formats were
+        chosen for the folded weights, so the recorded scales are folded into the target (the
+        copy, or ``model`` itself when ``inplace``) before quantizing; a model already folded by
+        this record (see :func:`bitalloc.folding_record.is_folded`) is not folded again, and one
+        folded for another allocation is refused. Pass the original model, not a saved folded
+        one: the mark that prevents folding twice does not survive saving.
+
         Every unit must exist in the model with the recorded shape; otherwise nothing is changed
         and :class:`BitallocError` is raised.
         """
         self.check_model(model)
+        record = self.data.scale_folding
         if packed:
-            from bitalloc.packed import pack_model
+            from bitalloc.packed import check_policy, pack_model
 
-            return pack_model(model, self.formats, inplace=inplace, cpu_path=cpu_path)
+            check_policy(cpu_path)
+            if record is None:
+                return pack_model(model, self.formats, inplace=inplace, cpu_path=cpu_path)
+        folding = record is not None and not is_folded(model, record)
         target = model if inplace else copy.deepcopy(model)
+        if folding:
+            apply_recorded_(target, record)
+        if packed:
+            # The target is already the copy (or the caller's model when inplace).
+            return pack_model(target, self.formats, inplace=True, cpu_path=cpu_path)
         return fake_quantize_(target, self.formats)
 
     def check_model(self, model: nn.Module) -> None:
@@ -341,6 +366,8 @@ class Allocation:
 def _check_consistent(data: AllocationData) -> None:
     if not data.units:
         raise BitallocError("an allocation needs at least one unit")
+    if data.scale_folding is not None:
+        data.scale_folding.check()
     names = [u.name for u in data.units]
     if len(set(names)) != len(names):
         raise BitallocError("the allocation lists a unit more than once")

@@ -6,6 +6,7 @@ This is the one module that ties profiling, solving and evaluation together.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,13 @@ from bitalloc.apply import fake_quantized
 from bitalloc.data import TextSplits, load_text, tensor_fingerprint, tokenize, windows
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Perplexity, perplexity
+from bitalloc.folding_record import (
+    FOLDED_PROFILE_HINT,
+    ScaleFolding,
+    fold_alpha,
+    fold_loaded,
+    require_folded,
+)
 from bitalloc.formats import QuantFormat, parse_format, parse_palette
 from bitalloc.models import (
     LoadedModel,
@@ -93,6 +101,8 @@ class Prepared:
     palette: tuple[QuantFormat, ...]
     text: TextSplits
     seq_len: int
+    #: Set when the model was scale-folded before profiling (see :func:`prepare_and_profile`).
+    scale_folding: ScaleFolding | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -195,6 +205,7 @@ def measure(
 ) -> Measured:
     """Perplexity of the allocation beside uniform baselines on the evaluation split."""
     allocation.check_model(prep.model)
+    require_folded(prep.model, allocation.data.scale_folding)
     ev = prep.evaluation_windows(eval_tokens)
     baselines: dict[str, float] = {}
     baseline_bits: dict[str, float] = {}
@@ -340,9 +351,10 @@ def load_profile_for(prep: Prepared, profile: Profile | str | Path) -> Profile:
     if recorded is not None:
         actual = model_fingerprint(prep.model, prep.units)
         if recorded != actual:
+            hint = FOLDED_PROFILE_HINT if prep.scale_folding is not None else ""
             raise BitallocError(
                 "the profile was made for a model with other weights (fingerprint "
-                f"{recorded} != {actual}); re-profile this model"
+                f"{recorded} != {actual}); re-profile this model{hint}"
             )
     check_profile_matches(prep.units, prep.palette, prof)
     return prof
@@ -378,13 +390,16 @@ def prepare_and_profile(
     seq_len: int = DEFAULT_SEQ_LEN,
     use_cache: bool = True,
     progress: bool = True,
+    scale_folding: bool | float | None = None,
 ) -> tuple[Prepared, Profile]:
     """The first steps of :func:`allocate` (and of the measured search): load the model, check
     the budget against its units and palette, then profile it (cached) or check a saved
     ``profile`` against it. A saved profile's formats are the palette unless ``formats`` is
-    given."""
+    given. ``scale_folding`` (see :func:`allocate`; off by default) folds the model between
+    loading and profiling and records it in ``prep.scale_folding``."""
     if avg_bits is None:
         raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
+    alpha = fold_alpha(scale_folding)  # checked before anything is loaded
     saved = None
     if profile is not None:
         saved = profile if isinstance(profile, Profile) else Profile.load(profile)
@@ -399,6 +414,15 @@ def prepare_and_profile(
         seq_len=seq_len,
     )
     check_budget(avg_bits, prep.units, prep.palette)
+    if alpha is not None:
+        # load_model does not copy a module passed in, so a copy of it is folded.
+        loaded, record = fold_loaded(
+            prep.loaded,
+            prep.calibration_windows(),
+            alpha,
+            copy_module=isinstance(model, nn.Module),
+        )
+        prep = dataclasses.replace(prep, loaded=loaded, scale_folding=record)
     if saved is not None:
         if interactions is not None:
             raise BitallocError(
@@ -451,6 +475,7 @@ def allocate(
     use_cache: bool = True,
     progress: bool = True,
     policy: str | Path | None = None,
+    scale_folding: bool | float = False,
 ) -> Allocation:
     """Choose a format for every unit so that average bits per weight <= ``avg_bits`` and the
     predicted loss increase is as small as possible.
@@ -480,6 +505,14 @@ def allocate(
     kept and ``allocation.data.repair`` records predicted and measured loss before and after
     (:mod:`bitalloc.repair`). Then its perplexity is measured on ``eval_tokens`` evaluation
     tokens beside uniform baselines.
+
+    ``scale_folding`` (True: alpha 0.5, or a float alpha in (0, 1)) scale-folds the model
+    (:mod:`bitalloc.folding`) after loading and before profiling, calibrated on the first
+    :data:`~bitalloc.folding_record.FOLD_TOKENS` (4096) calibration tokens; an ``nn.Module``
+    passed in is deep-copied first, so it is left unchanged. The profile (and its cache
+    entry, keyed by the weights' fingerprint) is then that of the folded model, so a saved
+    ``profile`` of the unfolded model is refused. ``allocation.data.scale_folding`` records the
+    scales, and :meth:`Allocation.apply` folds them into the original model before quantizing.
     """
     prep, prof = prepare_and_profile(
         model,
@@ -498,6 +531,7 @@ def allocate(
         seq_len=seq_len,
         use_cache=use_cache,
         progress=progress,
+        scale_folding=scale_folding,
     )
     if interactions_from is not None:
         prof = prof.with_interactions(_interaction_source(interactions_from))
@@ -509,7 +543,10 @@ def allocate(
             prep.units, prep.palette, table, avg_bits, max_bytes=max_bytes, ties=ties
         )
         solution = solve(problem, method=solver, **options)
-        return allocation_for(prep, table, solution, avg_bits)
+        chosen = allocation_for(prep, table, solution, avg_bits)
+        # Every allocation (also those verify-and-repair re-solves) carries the fold record.
+        record = prep.scale_folding
+        return chosen if record is None else chosen.with_scale_folding(record)
 
     allocation = solve_with(prof)
     if verify:

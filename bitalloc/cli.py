@@ -19,6 +19,7 @@ from bitalloc.cliargs import (
     common_options,
     measuring_options,
     parse_options,
+    scale_folding_option,
     solver_options,
 )
 from bitalloc.dashboards.cli import (
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2048,
         help="calibration tokens per repair measurement (default 2048)",
     )
+    scale_folding_option(a)
     a.add_argument("--out", default=None, metavar="FILE", help="write the allocation as JSON")
     a.add_argument("--units", action="store_true", help="print every unit, not one row per layer")
     a.add_argument("--no-cache", action="store_true", help="do not read or write cached profiles")
@@ -262,7 +264,12 @@ def _allocate(args: argparse.Namespace) -> None:
         seq_len=args.seq_len,
         use_cache=not args.no_cache,
         progress=not args.quiet,
+        scale_folding=False if args.scale_folding is None else args.scale_folding,
     )
+    if alloc.data.scale_folding is not None:
+        from bitalloc.folding_record import describe
+
+        print(describe(alloc.data.scale_folding))
     _print_allocation(alloc, units=args.units)
     if alloc.measured is not None:
         _print_measured(alloc)
@@ -432,6 +439,12 @@ def _eval(args: argparse.Namespace) -> None:
 
     alloc = Allocation.load(args.allocation)
     prep = _prepare(args)
+    if alloc.data.scale_folding is not None:
+        from bitalloc.folding_record import apply_recorded_
+
+        # The formats were chosen for the folded weights; this freshly loaded model is ours.
+        alloc.check_model(prep.model)
+        apply_recorded_(prep.model, alloc.data.scale_folding)
     alloc = alloc.with_measured(
         measure(prep, alloc, eval_tokens=args.eval_tokens, progress=not args.quiet)
     )

@@ -104,6 +104,21 @@ def measuring_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def scale_folding_option(p: argparse.ArgumentParser) -> None:
+    """``--scale-folding [ALPHA]``: fold per-channel scales into the model before profiling."""
+    p.add_argument(
+        "--scale-folding",
+        nargs="?",
+        type=float,
+        const=0.5,
+        default=None,
+        metavar="ALPHA",
+        help="scale-fold the model before profiling (move activation outliers into the weights, "
+        "function unchanged) with migration strength ALPHA in (0, 1) (default 0.5); the "
+        "allocation records the scales and `bitalloc apply` folds them in again",
+    )
+
+
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` items as a dict (VALUE read as JSON when it parses, else a string)."""
     options: dict[str, Any] = {}

@@ -33,7 +33,9 @@ Folds for Llama-family decoder blocks (``input_layernorm``, ``self_attn.{q,k,v,o
 All statistics come from one calibration pass before any weight changes: each fold changes only
 the inputs of its own consumers, and every fold is exact, so the other inputs are unaffected.
 A second pass measures the outlier ratio afterwards. Scales are clamped to [1e-4, 1e4]; a
-channel whose activation or weight maximum is zero keeps s = 1.
+channel whose activation or weight maximum is zero keeps s = 1. They are rounded to float16
+(any positive scale keeps the function), so a record of them (:mod:`bitalloc.folding_record`)
+holds exactly the values that :func:`apply_fold_scales_` folds, bit for bit on any machine.
 
 Norms of the Gemma kind (``x * (1 + w)``) cannot absorb a scale by dividing ``w`` and are
 refused; architectures that transform values or the MLP product differently than Llama (output
@@ -44,7 +46,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +132,48 @@ def activation_maxima(
     return {name: maxima[name] for name in names}
 
 
+def fold_scales(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    pairs: Sequence[str] | str = DEFAULT_PAIRS,
+) -> dict[str, torch.Tensor]:
+    """The per-channel scales that :func:`scale_fold_` would fold, without changing the model.
+
+    One calibration pass over ``windows`` (an (n, seq_len) tensor of token ids). The result maps
+    ``"{layer}.{pair}"`` (e.g. ``"3.norm-qkv"``) to a float32 vector whose values are exactly
+    representable in float16, so that a record of them reproduces the folded weights bit for
+    bit wherever :func:`apply_fold_scales_` applies them. For ``v-o`` the vector has one entry
+    per v_proj output row (n_kv_heads * head_dim); o_proj's columns take its grouped-query
+    expansion.
+    """
+    alpha, pairs, windows = check_alpha(alpha), _check_pairs(pairs), _check_windows(windows)
+    return _measure_and_scale(model, windows, alpha, pairs)[0]
+
+
+def apply_fold_scales_(model: nn.Module, scales: Mapping[str, torch.Tensor]) -> None:
+    """Fold ``scales`` (as returned by :func:`fold_scales`) into ``model`` in place.
+
+    Every key must name an existing decoder block and a supported pair, and every vector must
+    have the length that pair needs with finite, positive values; all of this is checked before
+    the first weight changes, so bad scales leave the model untouched. Any positive scales keep
+    the model's function (up to float rounding).
+    """
+    prefix, blocks = _llama_blocks(model)
+    if not scales:
+        raise BitallocError("no fold scales given; pass the mapping that fold_scales returned")
+    by_block: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in scales.items():
+        index, pair = _parse_key(key, len(blocks))
+        block = blocks[index]
+        _check_block(block, f"{prefix}.{index}", (pair,))
+        by_block.setdefault(index, {})[pair] = _check_scale(key, value, _scale_length(block, pair))
+    with torch.no_grad():
+        for index, block_scales in by_block.items():
+            _apply_block_(blocks[index], block_scales)
+
+
 def scale_fold_(
     model: nn.Module,
     windows: torch.Tensor,
@@ -142,30 +186,54 @@ def scale_fold_(
     ``windows`` is an (n, seq_len) tensor of token ids used for calibration. Everything is
     validated before the first weight changes, so a bad model or argument leaves it untouched.
     """
+    return fold_with_scales_(model, windows, alpha=alpha, pairs=pairs)[0]
+
+
+def fold_with_scales_(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    pairs: Sequence[str] | str = DEFAULT_PAIRS,
+) -> tuple[FoldReport, dict[str, torch.Tensor]]:
+    """:func:`scale_fold_` that also returns the scales it folded (see :func:`fold_scales`):
+    compute them, apply them, and measure the outlier ratio again afterwards."""
     started = time.perf_counter()
-    alpha = _check_alpha(alpha)
-    pairs = _check_pairs(pairs)
-    windows = _check_windows(windows)
+    alpha, pairs, windows = check_alpha(alpha), _check_pairs(pairs), _check_windows(windows)
+    scales, before = _measure_and_scale(model, windows, alpha, pairs)
+    apply_fold_scales_(model, scales)
+    after = activation_maxima(model, windows, list(before))
+    report = FoldReport(
+        alpha=alpha,
+        pairs=pairs,
+        tokens=int(windows.numel()),
+        layers=len(_llama_blocks(model)[1]),
+        outlier_ratio_before=_mean_outlier_ratio(before.values()),
+        outlier_ratio_after=_mean_outlier_ratio(after.values()),
+        seconds=time.perf_counter() - started,
+    )
+    return report, scales
+
+
+def _measure_and_scale(
+    model: nn.Module, windows: torch.Tensor, alpha: float, pairs: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(scales, input maxima of the measured Linears) from one calibration pass; the model
+    is checked first and not changed."""
     prefix, blocks = _llama_blocks(model)
     for index, block in enumerate(blocks):
         _check_block(block, f"{prefix}.{index}", pairs)
 
     measured = [f"{prefix}.{i}.{_MEASURED[p]}" for i in range(len(blocks)) for p in pairs]
     before = activation_maxima(model, windows, measured)
-    with torch.no_grad():
-        for index, block in enumerate(blocks):
-            acts = {p: before[f"{prefix}.{index}.{_MEASURED[p]}"] for p in pairs}
-            _fold_block(block, acts, alpha)
-    after = activation_maxima(model, windows, measured)
-    return FoldReport(
-        alpha=alpha,
-        pairs=pairs,
-        tokens=int(windows.numel()),
-        layers=len(blocks),
-        outlier_ratio_before=_mean_outlier_ratio(before.values()),
-        outlier_ratio_after=_mean_outlier_ratio(after.values()),
-        seconds=time.perf_counter() - started,
-    )
+    scales = {}
+    for index, block in enumerate(blocks):
+        for pair in pairs:
+            act = before[f"{prefix}.{index}.{_MEASURED[pair]}"]
+            # Rounded to float16 so that a stored record holds exactly the applied scales.
+            s = _pair_scales(block, pair, act, alpha)
+            scales[f"{index}.{pair}"] = s.to(torch.float16).to(torch.float32).cpu()
+    return scales, before
 
 
 def outlier_ratio(maxima: torch.Tensor) -> float:
@@ -183,45 +251,58 @@ def _mean_outlier_ratio(maxima: Iterable[torch.Tensor]) -> float:
 # ---------------------------------------------------------------- folding
 
 
-def _fold_block(block: nn.Module, acts: dict[str, torch.Tensor], alpha: float) -> None:
-    attn, mlp = block.self_attn, block.mlp
-    if "norm-qkv" in acts:
-        _fold_norm(
-            block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], acts["norm-qkv"], alpha
-        )
-    if "norm-gateup" in acts:
-        _fold_norm(
-            block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], acts["norm-gateup"], alpha
-        )
-    if "v-o" in acts:
-        _fold_v_o(attn, acts["v-o"], alpha)
-    if "up-down" in acts:
-        s = _scales(acts["up-down"], _column_max(mlp.down_proj.weight), alpha)
-        _scale_rows_(mlp.up_proj, s)
-        _scale_columns_(mlp.down_proj, s)
+def _pair_scales(block: nn.Module, pair: str, act: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The scale vector of one pair of one block from its consumers' input maxima ``act``."""
+    # Only the modules of the chosen pairs were checked to exist.
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    if pair == "norm-qkv":
+        return _scales(act, _consumers_max([attn.q_proj, attn.k_proj, attn.v_proj]), alpha)
+    if pair == "norm-gateup":
+        return _scales(act, _consumers_max([mlp.gate_proj, mlp.up_proj]), alpha)
+    if pair == "v-o":
+        n_kv, groups, head_dim = _gqa_shape(attn)
+        # o's input j = (kv * groups + g) * head_dim + d  reads v's output r = kv * head_dim + d;
+        # one scale per v row must serve every o column that reads it, so take the group max.
+        x = act.reshape(n_kv, groups, head_dim).amax(dim=1).reshape(-1)
+        w = _column_max(attn.o_proj.weight).reshape(n_kv, groups, head_dim).amax(dim=1)
+        return _scales(x, w.reshape(-1), alpha)
+    return _scales(act, _column_max(mlp.down_proj.weight), alpha)  # up-down
 
 
-def _fold_norm(norm: nn.Module, consumers: list[nn.Linear], act: torch.Tensor, alpha: float):
-    w_max = torch.stack([_column_max(lin.weight) for lin in consumers]).amax(dim=0)
-    s = _scales(act, w_max, alpha)
+def _apply_block_(block: nn.Module, scales: Mapping[str, torch.Tensor]) -> None:
+    # Only the modules of the chosen pairs were checked to exist.
+    attn, mlp = getattr(block, "self_attn", None), getattr(block, "mlp", None)
+    if "norm-qkv" in scales:
+        _fold_norm(
+            block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], scales["norm-qkv"]
+        )
+    if "norm-gateup" in scales:
+        _fold_norm(
+            block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], scales["norm-gateup"]
+        )
+    if "v-o" in scales:
+        s = scales["v-o"]
+        n_kv, groups, head_dim = _gqa_shape(attn)
+        _scale_rows_(attn.v_proj, s)
+        s_o = s.reshape(n_kv, 1, head_dim).expand(n_kv, groups, head_dim).reshape(-1)
+        _scale_columns_(attn.o_proj, s_o)
+    if "up-down" in scales:
+        _scale_rows_(mlp.up_proj, scales["up-down"])
+        _scale_columns_(mlp.down_proj, scales["up-down"])
+
+
+def _consumers_max(consumers: list[nn.Linear]) -> torch.Tensor:
+    """Largest column maximum over Linears reading one input: one ``s`` serves them all."""
+    return torch.stack([_column_max(lin.weight) for lin in consumers]).amax(dim=0)
+
+
+def _fold_norm(norm: nn.Module, consumers: list[nn.Linear], s: torch.Tensor) -> None:
     norm.weight.div_(s.to(norm.weight.device, norm.weight.dtype))
     bias = getattr(norm, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.div_(s.to(bias.device, bias.dtype))
     for lin in consumers:
         _scale_columns_(lin, s)
-
-
-def _fold_v_o(attn: nn.Module, act: torch.Tensor, alpha: float) -> None:
-    v, o = attn.v_proj, attn.o_proj
-    n_kv, groups, head_dim = _gqa_shape(attn)
-    # o's input j = (kv * groups + g) * head_dim + d  reads v's output r = kv * head_dim + d.
-    x = act.reshape(n_kv, groups, head_dim).amax(dim=1).reshape(-1)
-    w = _column_max(o.weight).reshape(n_kv, groups, head_dim).amax(dim=1).reshape(-1)
-    s = _scales(x, w, alpha)
-    _scale_rows_(v, s)
-    s_o = s.reshape(n_kv, 1, head_dim).expand(n_kv, groups, head_dim).reshape(-1)
-    _scale_columns_(o, s_o)
 
 
 def _gqa_shape(attn: nn.Module) -> tuple[int, int, int]:
@@ -271,7 +352,8 @@ def _scale_rows_(lin: nn.Linear, s: torch.Tensor) -> None:
 # ---------------------------------------------------------------- validation
 
 
-def _check_alpha(alpha: float) -> float:
+def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float in (0, 1), the migration strength; a clear error otherwise."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise BitallocError(f"alpha must be a number in (0, 1), got {alpha!r}")
     alpha = float(alpha)
@@ -366,3 +448,52 @@ def _check_width(norm: nn.Module, consumers: list[nn.Linear], where: str, name: 
             f"{where}.{name} weight has shape {tuple(norm.weight.shape)} but its consumers read "
             f"{consumers[0].in_features} channels; {_SUPPORTED}"
         )
+
+
+def _parse_key(key: object, n_blocks: int) -> tuple[int, str]:
+    """``"{layer}.{pair}"`` -> (layer, pair), checked against the model's blocks."""
+    layer, _, pair = key.partition(".") if isinstance(key, str) else ("", "", "")
+    if not (layer.isascii() and layer.isdigit()) or pair not in DEFAULT_PAIRS:
+        raise BitallocError(
+            f"fold scale key {key!r} is not '<layer>.<pair>' with a pair among "
+            f"{', '.join(DEFAULT_PAIRS)} (e.g. '0.norm-qkv')"
+        )
+    if int(layer) >= n_blocks:
+        raise BitallocError(
+            f"fold scale key {key!r} names layer {int(layer)}, but the model has {n_blocks} "
+            "decoder blocks; the scales were computed for another model"
+        )
+    return int(layer), pair
+
+
+def _scale_length(block: nn.Module, pair: str) -> int:
+    """How many scales ``pair`` needs in ``block``: the number of channels it rescales."""
+    if pair == "norm-qkv":
+        return int(block.self_attn.q_proj.in_features)
+    if pair == "norm-gateup":
+        return int(block.mlp.gate_proj.in_features)
+    if pair == "v-o":
+        return int(block.self_attn.v_proj.out_features)
+    return int(block.mlp.up_proj.out_features)
+
+
+def _check_scale(key: str, value: object, length: int) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+        raise BitallocError(
+            f"fold scales {key!r} must be a floating-point tensor, got {type(value).__name__}"
+            + (f" of {value.dtype}" if isinstance(value, torch.Tensor) else "")
+        )
+    if value.dim() != 1 or value.numel() != length:
+        raise BitallocError(
+            f"fold scales {key!r} have shape {tuple(value.shape)} but this model needs "
+            f"({length},); the scales were computed for another model"
+        )
+    s = value.detach().to(torch.float32)
+    bad = ~(torch.isfinite(s) & (s > 0))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise BitallocError(
+            f"fold scales {key!r} must be finite and positive (a fold divides by them); entry "
+            f"{first} is {float(s[first])}"
+        )
+    return s

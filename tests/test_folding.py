@@ -14,7 +14,14 @@ from torch import nn
 
 from bitalloc.apply import fake_quantized
 from bitalloc.errors import BitallocError
-from bitalloc.folding import DEFAULT_PAIRS, FoldReport, activation_maxima, scale_fold_
+from bitalloc.folding import (
+    DEFAULT_PAIRS,
+    FoldReport,
+    activation_maxima,
+    apply_fold_scales_,
+    fold_scales,
+    scale_fold_,
+)
 from bitalloc.models import discover_units
 from tests.conftest import make_tiny_llama, random_windows
 
@@ -217,6 +224,87 @@ def test_mlp_without_up_proj(tiny_model):
     del tiny_model.model.layers[0].mlp.up_proj
     with pytest.raises(BitallocError, match=r"no `mlp\.up_proj`; scale folding supports Llama"):
         scale_fold_(tiny_model, CAL, pairs="up-down")
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_stored_scales_reproduce_scale_fold_bit_for_bit(tiny_model):
+    _add_outliers(tiny_model, factor=30.0, seed=2)
+    original = copy.deepcopy(tiny_model)
+    scales = fold_scales(tiny_model, CAL)
+    assert _same_state(tiny_model, original)  # computing scales changes nothing
+    # One vector per layer and pair: hidden for the norms, n_kv * head_dim for v-o (2 kv heads
+    # of 16), intermediate for up-down.
+    sizes = {"norm-qkv": 64, "norm-gateup": 64, "v-o": 32, "up-down": 96}
+    assert {k: tuple(v.shape) for k, v in scales.items()} == {
+        f"{i}.{p}": (sizes[p],) for i in range(2) for p in DEFAULT_PAIRS
+    }
+    for s in scales.values():
+        assert s.dtype == torch.float32 and torch.equal(s.half().float(), s)  # float16 exact
+        assert bool((s > 0).all()) and not torch.equal(s, torch.ones_like(s))
+
+    folded = copy.deepcopy(original)
+    scale_fold_(folded, CAL)
+    apply_fold_scales_(tiny_model, scales)
+    assert _same_state(tiny_model, folded)
+    assert not _same_state(tiny_model, original)
+
+
+def test_apply_subset_of_scales_folds_only_those(tiny_model):
+    ref = _logits(tiny_model, EVAL)
+    scales = fold_scales(tiny_model, CAL, pairs="v-o")
+    layer0 = {"0.v-o": scales["0.v-o"]}
+    before = {n: p.clone() for n, p in tiny_model.state_dict().items()}
+    apply_fold_scales_(tiny_model, layer0)
+    changed = {n for n, p in tiny_model.state_dict().items() if not torch.equal(p, before[n])}
+    assert changed == {
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+    }
+    assert _rel_err(_logits(tiny_model, EVAL), ref) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"2.norm-qkv": torch.ones(64)}, "names layer 2, but the model has 2 decoder blocks"),
+        ({"0.q-k": torch.ones(64)}, "is not '<layer>.<pair>'"),
+        ({"norm-qkv": torch.ones(64)}, "is not '<layer>.<pair>'"),
+        ({"\u00b9.v-o": torch.ones(32)}, "is not '<layer>.<pair>'"),  # a non-ASCII digit
+        ({"1.up-down": torch.ones(64)}, r"shape \(64,\) but this model needs \(96,\)"),
+        ({"1.v-o": torch.ones(2, 16)}, r"shape \(2, 16\) but this model needs \(32,\)"),
+        ({"1.norm-qkv": torch.ones(64, dtype=torch.long)}, "floating-point tensor"),
+        ({"1.norm-qkv": [1.0] * 64}, "floating-point tensor, got list"),
+        ({"1.norm-gateup": torch.ones(64).index_fill(0, torch.tensor([7]), 0.0)}, "entry 7 is 0.0"),
+        ({"1.norm-gateup": -torch.ones(64)}, "finite and positive"),
+        ({"1.up-down": torch.full((96,), float("nan"))}, "finite and positive"),
+        ({"1.up-down": torch.full((96,), float("inf"))}, "finite and positive"),
+    ],
+)
+def test_apply_bad_scales_raises_and_changes_nothing(tiny_model, bad, message):
+    good = fold_scales(tiny_model, CAL)
+    original = copy.deepcopy(tiny_model)
+    # Valid keys first: the bad one must be caught before any of them is folded.
+    with pytest.raises(BitallocError, match=message):
+        apply_fold_scales_(tiny_model, {**good, **bad})
+    assert _same_state(tiny_model, original)
+
+
+def test_apply_needs_scales_and_a_llama_model(tiny_model):
+    with pytest.raises(BitallocError, match="no fold scales given"):
+        apply_fold_scales_(tiny_model, {})
+    with pytest.raises(BitallocError, match="Llama-family"):
+        apply_fold_scales_(nn.Sequential(nn.Linear(4, 4)), {"0.v-o": torch.ones(4)})
+    del tiny_model.model.layers[1].mlp.up_proj
+    with pytest.raises(BitallocError, match=r"model\.layers\.1 .*no `mlp\.up_proj`"):
+        apply_fold_scales_(tiny_model, {"1.up-down": torch.ones(96)})
+    # Only the modules of the given pairs are needed: v-o folds without the MLP.
+    o_before = tiny_model.model.layers[1].self_attn.o_proj.weight.clone()
+    apply_fold_scales_(tiny_model, {"1.v-o": torch.full((32,), 2.0)})
+    assert torch.equal(tiny_model.model.layers[1].self_attn.o_proj.weight, 2.0 * o_before)
 
 
 @pytest.mark.slow
