@@ -23,7 +23,7 @@ import torch
 
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import read_json, write_json_atomic
-from bitalloc.rl.env import OBS_DIMS, AllocationEnv, RewardConfig
+from bitalloc.rl.env import AllocationEnv, RewardConfig, obs_dims
 
 POLICY_FORMAT = "bitalloc-rl-policy"
 
@@ -39,7 +39,9 @@ class TrainConfig:
     batch_size: int = 128
     hidden: tuple[int, ...] = (64, 64)
     learning_rate: float = 3e-4
-    gamma: float = 0.99
+    #: Short horizon: the reward's price term already charges a step for the budget it takes
+    #: from later units, so little is left for discounting to carry.
+    gamma: float = 0.9
     progress: bool = False
     reward: RewardConfig = field(default_factory=RewardConfig)
 
@@ -65,7 +67,9 @@ class PolicyInfo:
     seed: int
     units: int
     format: str = POLICY_FORMAT
-    obs_dims: int = OBS_DIMS
+    observe_profile: bool = True
+    anchor: str = "lagrangian"
+    obs_dims: int = obs_dims(True)
     action_dims: int = 1
 
 
@@ -91,6 +95,8 @@ class TrainResult:
     best_choice: np.ndarray | None
     best_objective: float
     seconds: float
+    #: (predicted, measured) loss of every episode whose quality was measured.
+    measured: list[tuple[float, float]] = field(default_factory=list)
 
 
 def train_policy(env: AllocationEnv, config: TrainConfig) -> TrainResult:
@@ -104,7 +110,7 @@ def train_policy(env: AllocationEnv, config: TrainConfig) -> TrainResult:
     learning_starts = config.learning_starts
     if learning_starts is None:
         learning_starts = min(steps // 4, 10 * env.problem.n_units + 100)
-    best: dict[str, Any] = {"objective": np.inf, "choice": None, "episodes": 0}
+    best: dict[str, Any] = {"objective": np.inf, "choice": None, "episodes": 0, "measured": []}
 
     class _Track(BaseCallback):
         def __init__(self, bar: Any) -> None:
@@ -115,6 +121,8 @@ def train_policy(env: AllocationEnv, config: TrainConfig) -> TrainResult:
             for info in self.locals.get("infos", []):
                 if "choice" in info:
                     best["episodes"] += 1
+                    if "measured" in info:
+                        best["measured"].append((float(info["predicted"]), info["measured"]))
                     if info["predicted"] < best["objective"]:
                         best["objective"] = float(info["predicted"])
                         best["choice"] = info["choice"].copy()
@@ -145,6 +153,7 @@ def train_policy(env: AllocationEnv, config: TrainConfig) -> TrainResult:
         best["choice"],
         best["objective"],
         time.perf_counter() - start,
+        best["measured"],
     )
 
 
@@ -182,16 +191,8 @@ def save_policy(model: Any, path: str | Path, info: PolicyInfo) -> Path:
     return path
 
 
-def load_policy(
-    path: str | Path, *, features: str, palette: Sequence[str] | None
-) -> tuple[Any, PolicyInfo]:
-    """Load a policy the caller named explicitly, after checking what it was trained on.
-
-    Raises :class:`BitallocError` when the file or its JSON is missing, or when the policy's
-    observation or action sizes, feature kind or palette differ from this problem's.
-    """
-    from stable_baselines3 import SAC
-
+def read_policy_info(path: str | Path) -> PolicyInfo:
+    """The description saved beside a policy (``<path>.json``), checked to be one of ours."""
     path = Path(path)
     if not path.is_file():
         raise BitallocError(f"policy file {path} does not exist")
@@ -206,10 +207,37 @@ def load_policy(
         ) from None
     if info.format != POLICY_FORMAT:
         raise BitallocError(f"{path} is not a bitalloc policy (format {info.format!r})")
-    if info.obs_dims != OBS_DIMS or info.action_dims != 1:
+    return info
+
+
+def load_policy(
+    path: str | Path, *, features: str, palette: Sequence[str] | None, env: AllocationEnv
+) -> tuple[Any, PolicyInfo]:
+    """Load a policy the caller named explicitly, after checking what it was trained on.
+
+    Raises :class:`BitallocError` when the file or its JSON is missing, or when the policy's
+    observation or action sizes, feature kind or palette differ from this problem's (``env``).
+    """
+    from stable_baselines3 import SAC
+
+    path = Path(path)
+    info = read_policy_info(path)
+    expected = env.obs_dims
+    if info.observe_profile != (env.view is not None):
+        seen = "with" if info.observe_profile else "without"
+        raise BitallocError(
+            f"policy {path} was trained {seen} the profile view; pass "
+            f"observe_profile={info.observe_profile} or train a new policy"
+        )
+    if info.anchor != env.anchor:
+        raise BitallocError(
+            f"policy {path} acts relative to the {info.anchor!r} anchor, this environment to "
+            f"{env.anchor!r}; pass anchor={info.anchor!r} or train a new policy"
+        )
+    if info.obs_dims != expected or info.action_dims != 1:
         raise BitallocError(
             f"policy {path} observes {info.obs_dims} values and acts with {info.action_dims}; this "
-            f"bitalloc's environment has {OBS_DIMS} and 1: train a new policy"
+            f"environment has {expected} and 1: train a new policy"
         )
     if info.features != features:
         raise BitallocError(
@@ -224,9 +252,9 @@ def load_policy(
     with torch_threads(1):
         model = SAC.load(str(path), device="cpu")
     spaces = (model.observation_space.shape, model.action_space.shape)
-    if spaces != ((OBS_DIMS,), (1,)):
+    if spaces != ((expected,), (1,)):
         raise BitallocError(
-            f"policy {path} has observation/action shapes {spaces}; expected (({OBS_DIMS},), (1,))"
+            f"policy {path} has observation/action shapes {spaces}; expected (({expected},), (1,))"
         )
     return model, info
 

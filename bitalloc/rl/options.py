@@ -1,15 +1,21 @@
 """What :func:`bitalloc.allocate` adds to the ``rl`` solver's options: the model's unit
-embeddings, the policy path and progress."""
+embeddings, the policy path, progress and, when the reward asks for measured quality, the
+function that measures it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bitalloc.errors import BitallocError
 
 #: Calibration windows the embeddings are computed on (activation statistics settle quickly).
 EMBEDDING_WINDOWS = 4
+#: Calibration windows a measured reward evaluates (one forward pass each per measurement).
+MEASURE_WINDOWS = 2
 
 
 def rl_solver_options(
@@ -34,4 +40,26 @@ def rl_solver_options(
     if "embeddings" not in options:
         windows = prepared.calibration_windows()[:EMBEDDING_WINDOWS]
         options["embeddings"] = unit_embeddings(prepared.model, prepared.units, windows)
+    reward = options.get("reward") or {}
+    if isinstance(reward, dict) and reward.get("measure_every") and "measure" not in options:
+        options["measure"] = measured_loss(prepared)
     return options
+
+
+def measured_loss(prepared: Any, windows: int = MEASURE_WINDOWS) -> Callable[[np.ndarray], float]:
+    """``choice -> loss increase`` (nats/token) of the fake-quantized model on the first
+    ``windows`` calibration windows; ``choice`` indexes the palette per unit, in the units'
+    order (as :func:`bitalloc.planning.build_problem` lays out a problem)."""
+    from bitalloc.apply import fake_quantized
+    from bitalloc.evaluate import perplexity
+
+    ids = prepared.calibration_windows()[:windows]
+    model, units, palette = prepared.model, prepared.units, prepared.palette
+    base = perplexity(model, ids).nll
+
+    def measure(choice: np.ndarray) -> float:
+        formats = {u.name: palette[int(j)].name for u, j in zip(units, choice)}
+        with fake_quantized(model, formats) as quantized:
+            return perplexity(quantized, ids).nll - base
+
+    return measure

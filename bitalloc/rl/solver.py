@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from bitalloc.errors import BitallocError
-from bitalloc.rl.env import EMBEDDING_SIZE, RewardConfig
+from bitalloc.rl.env import ANCHORS, EMBEDDING_SIZE, RewardConfig
 from bitalloc.solvers.base import BaseSolver, SolverOutput
 from bitalloc.solvers.problem import Problem
 
@@ -65,6 +65,16 @@ class RLSolver(BaseSolver):
         steps, seed, threads, learning_starts, progress: SAC training (see
             :class:`bitalloc.rl.agent.TrainConfig`).
         reward: :class:`~bitalloc.rl.env.RewardConfig` fields as a dict.
+        measure: ``choice -> measured loss`` over the problem's units (the full problem, ties
+            expanded), used every ``reward["measure_every"]`` episodes;
+            :func:`bitalloc.allocate` supplies one that measures the loss increase on
+            calibration windows.
+        observe_profile: add the profile's view of each unit to the observation
+            (:mod:`bitalloc.rl.profile_view`); None means yes when training and the saved
+            policy's setting when applying one.
+        anchor: what an action of zero chooses (``lagrangian`` or ``share``, see
+            :mod:`bitalloc.rl.env`); None means ``lagrangian`` when training and the saved
+            policy's anchor when applying one.
     """
 
     name: ClassVar[str] = "rl"
@@ -82,6 +92,9 @@ class RLSolver(BaseSolver):
         learning_starts: int | None = None,
         progress: bool = False,
         reward: dict[str, Any] | None = None,
+        observe_profile: bool | None = None,
+        anchor: str | None = None,
+        measure: Any = None,
     ) -> None:
         from bitalloc.rl.agent import TrainConfig
 
@@ -96,6 +109,14 @@ class RLSolver(BaseSolver):
                 "policy applies a trained policy; save_policy saves a new one: pass one"
             )
         self.embeddings = embeddings
+        self.observe_profile = observe_profile
+        if anchor is not None and anchor not in ANCHORS:
+            raise BitallocError(f"unknown anchor {anchor!r}; choose one of {', '.join(ANCHORS)}")
+        self.anchor = anchor
+        if measure is not None and not callable(measure):
+            raise BitallocError("measure must be a function of a choice returning a loss")
+        self.measure = measure
+        self._measure: Any = None
         self.policy = policy
         self.save_policy = save_policy
         try:
@@ -126,10 +147,14 @@ class RLSolver(BaseSolver):
             self._features = np.stack(
                 [self.embeddings[groups == g].mean(axis=0) for g in range(reduced.problem.n_units)]
             )
+        if self.measure is not None:
+            measure = self.measure
+            self._measure = lambda choice: float(measure(reduced.expand(choice)))
         try:
             return super().solve(problem)
         finally:
             self._features = None
+            self._measure = None
 
     def _solve(self, problem: Problem) -> SolverOutput:
         from bitalloc.rl import agent
@@ -141,11 +166,23 @@ class RLSolver(BaseSolver):
             return SolverOutput(masked.argmin(axis=1), None, {"trained": False})
         kind = PROBLEM_FEATURES if self._features is None else MODEL_FEATURES
         features = problem_features(problem) if self._features is None else self._features
-        env = AllocationEnv(problem, features, self.config.reward)
-        info: dict[str, Any] = {"features": kind}
+        saved = None if self.policy is None else agent.read_policy_info(self.policy)
+        observe = self.observe_profile
+        if observe is None:
+            observe = True if saved is None else saved.observe_profile
+        anchor = self.anchor or ("lagrangian" if saved is None else saved.anchor)
+        env = AllocationEnv(
+            problem,
+            features,
+            self.config.reward,
+            self._measure,
+            observe_profile=observe,
+            anchor=anchor,
+        )
+        info: dict[str, Any] = {"features": kind, "observe_profile": observe, "anchor": anchor}
         if self.policy is not None:
             model, meta = agent.load_policy(
-                self.policy, features=kind, palette=problem.option_names
+                self.policy, features=kind, palette=problem.option_names, env=env
             )
             choice = agent.rollout(model, env)
             info.update(policy=str(self.policy), trained=False, policy_budget=meta.budget)
@@ -164,6 +201,10 @@ class RLSolver(BaseSolver):
             policy_objective=from_policy,
             best_episode_objective=best,
         )
+        if result.measured:
+            info["measured_episodes"] = [
+                {"predicted": p, "measured": m} for p, m in result.measured
+            ]
         if best is not None and best < from_policy:
             choice = result.best_choice
             info["source"] = "best training episode"
@@ -178,6 +219,9 @@ class RLSolver(BaseSolver):
                 steps=result.steps,
                 seed=self.config.seed,
                 units=problem.n_units,
+                observe_profile=observe,
+                anchor=anchor,
+                obs_dims=env.obs_dims,
             )
             info["saved_policy"] = str(agent.save_policy(result.model, self.save_policy, meta))
         return SolverOutput(choice, None, info)

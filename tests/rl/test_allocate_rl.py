@@ -1,6 +1,8 @@
 """``allocate(..., solver="rl")``: training on one model, zero-shot transfer to another."""
 
+import numpy as np
 import pytest
+import torch
 
 import bitalloc.rl.agent as agent
 from bitalloc import allocate
@@ -59,3 +61,124 @@ def test_train_on_one_model_and_transfer_to_another(
 def test_policy_needs_the_rl_solver(byte_tokenizer, text_files, isolated_cache, tiny_model):
     with pytest.raises(BitallocError, match="use solver='rl'"):
         _allocate(tiny_model, byte_tokenizer, text_files, 4.0, policy="p.zip")
+
+
+def test_measured_reward_every_n_episodes(
+    byte_tokenizer, text_files, isolated_cache, tiny_model, monkeypatch
+):
+    import bitalloc.rl.options as options
+
+    calls = []
+    real = options.measured_loss
+
+    def counting(prepared, windows=options.MEASURE_WINDOWS):
+        measure = real(prepared, windows)
+
+        def wrapped(choice):
+            calls.append(np.asarray(choice).copy())
+            return measure(choice)
+
+        return wrapped
+
+    monkeypatch.setattr(options, "measured_loss", counting)
+    alloc = _allocate(
+        tiny_model,
+        byte_tokenizer,
+        text_files,
+        4.0,
+        solver="rl",
+        ties="qkv",
+        solver_options={"steps": 200, "learning_starts": 50, "reward": {"measure_every": 3}},
+    )
+    assert alloc.avg_bits <= 4.0 + 1e-9
+    n_units = len(alloc.data.units)
+    assert calls and all(c.shape == (n_units,) for c in calls)
+    # Ties are expanded before measuring: q, k and v of a layer share a format.
+    roles = {u.role for u in alloc.data.units}
+    assert {"q", "k", "v"} <= roles
+    for c in calls:
+        for layer in {u.layer for u in alloc.data.units}:
+            qkv = {
+                int(j)
+                for u, j in zip(alloc.data.units, c)
+                if u.layer == layer and u.role in ("q", "k", "v")
+            }
+            assert len(qkv) == 1
+
+
+def test_measured_loss_is_the_loss_increase_on_calibration_windows(
+    byte_tokenizer, text_files, tiny_model
+):
+    from bitalloc.allocator import prepare
+    from bitalloc.apply import fake_quantized
+    from bitalloc.evaluate import perplexity
+    from bitalloc.rl.options import MEASURE_WINDOWS, measured_loss
+
+    prep = prepare(
+        tiny_model,
+        tokenizer=byte_tokenizer,
+        calibration=text_files[0],
+        evaluation=text_files[1],
+        formats=FORMATS,
+        seq_len=64,
+    )
+    measure = measured_loss(prep)
+    n = len(prep.units)
+    ids = prep.calibration_windows()[:MEASURE_WINDOWS]
+    base = perplexity(tiny_model, ids).nll
+    with fake_quantized(tiny_model, {u.name: "int2-g32" for u in prep.units}) as q:
+        direct = perplexity(q, ids).nll - base
+    assert measure(np.zeros(n, dtype=int)) == pytest.approx(direct, abs=1e-6)
+    assert direct != 0.0
+    assert abs(measure(np.full(n, len(prep.palette) - 1))) < 1e-3  # fp16
+    # The model's weights are restored after every measurement.
+    assert perplexity(tiny_model, ids).nll == pytest.approx(base, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_default_model_policy_transfers_to_a_config_built_llama(
+    default_model, isolated_cache, tmp_path, monkeypatch
+):
+    """Train on the real model at 3.25 bits; apply zero-shot to a differently sized Llama
+    (built from a config, random weights) at two budgets, against that model's optimum."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    formats = "int2-g64,int3-g128,int3-g64,int4-g128,int4-g64,int8-g128,fp16"
+    common = dict(formats=formats, calibration_tokens=512, progress=False)
+    policy = tmp_path / "smol.zip"
+    trained = allocate(
+        default_model.model,
+        3.25,
+        tokenizer=default_model.tokenizer,
+        solver="rl",
+        solver_options={"steps": 2100, "save_policy": str(policy)},
+        **common,
+    )
+    optimum = allocate(
+        default_model.model, 3.25, tokenizer=default_model.tokenizer, solver="ilp", **common
+    )
+    assert trained.avg_bits <= 3.25 + 1e-9 and len(trained.data.units) == 210
+    assert trained.data.predicted_loss <= 1.5 * optimum.data.predicted_loss
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a transferred policy must not train")
+
+    monkeypatch.setattr(agent, "train_policy", no_training)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(default_model.tokenizer),
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
+    other = LlamaForCausalLM(config).eval()
+    for budget in (3.25, 4.5):
+        moved = allocate(
+            other, budget, tokenizer=default_model.tokenizer, solver="rl", policy=policy, **common
+        )
+        best = allocate(other, budget, tokenizer=default_model.tokenizer, solver="ilp", **common)
+        assert len(moved.data.units) == 28 and moved.avg_bits <= budget + 1e-9
+        assert moved.data.predicted_loss <= 1.5 * best.data.predicted_loss

@@ -49,6 +49,7 @@ def test_saved_policy_transfers_to_another_budget(tmp_path):
     assert trained.info["saved_policy"] == str(path)
     meta = json.loads((tmp_path / "policy.zip.json").read_text())
     assert meta["features"] == "problem" and meta["palette"][0] == "int2-g64"
+    assert meta["observe_profile"] and meta["obs_dims"] == 17 and meta["anchor"] == "lagrangian"
     # Same problem: the policy's own allocation comes back without training.
     again = solve(problem, method="rl", policy=str(path))
     assert not again.info["trained"] and again.objective == pytest.approx(
@@ -89,6 +90,10 @@ def test_policy_mismatches_are_refused(tmp_path):
         solve(other_palette, method="rl", policy=str(path))
     with pytest.raises(BitallocError, match="trained on problem features"):
         solve(problem, method="rl", policy=str(path), embeddings=np.zeros((6, 11)))
+    with pytest.raises(BitallocError, match="trained with the profile view; pass observe_profile"):
+        solve(problem, method="rl", policy=str(path), observe_profile=False)
+    with pytest.raises(BitallocError, match="acts relative to the 'lagrangian' anchor"):
+        solve(problem, method="rl", policy=str(path), anchor="share")
     meta_path = tmp_path / "p.zip.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "obs_dims": 12}))
@@ -107,6 +112,8 @@ def test_bad_options_raise():
         solve(problem, method="rl", embeddings=np.zeros((6, 3)))
     with pytest.raises(BitallocError, match="embeddings describe 5 units"):
         solve(problem, method="rl", embeddings=np.zeros((5, 11)))
+    with pytest.raises(BitallocError, match="unknown anchor 'middle'"):
+        solve(problem, method="rl", anchor="middle")
     with pytest.raises(BitallocError, match="steps must be at least 1"):
         solve(problem, method="rl", steps=0)
     with pytest.raises(BitallocError, match="bad reward option"):
