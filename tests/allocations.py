@@ -23,3 +23,29 @@ def cycling_allocation(model: nn.Module, formats: Sequence[str], budget: float =
         units=choices,
         excluded=excluded_parameters(model, units),
     )
+
+
+#: What the fast allocate tests share: a few hundred tokens in short windows, no progress bars.
+SMALL = {"calibration_tokens": 256, "seq_len": 64, "eval_tokens": 256, "progress": False}
+
+
+def small_allocate(
+    model: nn.Module, tokenizer, files, avg_bits: float, formats: str, **overrides
+) -> Allocation:
+    """:func:`bitalloc.allocate` on a tiny model with :data:`SMALL` settings; ``files`` is the
+    (calibration, evaluation) pair of the ``text_files`` fixture."""
+    from bitalloc import allocate
+
+    cal, ev = files
+    settings = {"tokenizer": tokenizer, "calibration": cal, "evaluation": ev, "formats": formats}
+    return allocate(model, avg_bits, **{**settings, **SMALL, **overrides})
+
+
+def small_prepare(model: nn.Module, tokenizer, files, formats: str):
+    """:func:`bitalloc.allocator.prepare` with the settings of :func:`small_allocate`."""
+    from bitalloc.allocator import prepare
+
+    cal, ev = files
+    return prepare(
+        model, formats=formats, calibration=cal, evaluation=ev, tokenizer=tokenizer, seq_len=64
+    )

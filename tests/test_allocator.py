@@ -10,25 +10,13 @@ from bitalloc.errors import BitallocError, InfeasibleBudgetError
 from bitalloc.formats import parse_palette
 from bitalloc.models import discover_units
 from bitalloc.sensitivity import Profile
+from tests.allocations import small_allocate
 
 FORMATS = "int2-g32,int3-g32,int4-g32,int8-g32,fp16"
 
 
 def _allocate(model, tok, files, avg_bits, **kw):
-    cal, ev = files
-    return allocate(
-        model,
-        avg_bits,
-        tokenizer=tok,
-        calibration=cal,
-        evaluation=ev,
-        formats=FORMATS,
-        calibration_tokens=256,
-        seq_len=64,
-        eval_tokens=256,
-        progress=False,
-        **kw,
-    )
+    return small_allocate(model, tok, files, avg_bits, FORMATS, **kw)
 
 
 def test_allocate_meets_budget_and_reports(tiny_model, byte_tokenizer, text_files, isolated_cache):

@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from bitalloc import allocate
 from bitalloc.allocation import Allocation
 from bitalloc.apply import fake_quantize_
 from bitalloc.cli import main
@@ -30,7 +29,7 @@ from bitalloc.folding_record import (
 )
 from bitalloc.models import load_model
 from bitalloc.packed import load_packed, pack_model
-from tests.allocations import cycling_allocation
+from tests.allocations import cycling_allocation, small_allocate, small_prepare
 from tests.conftest import make_tiny_llama, random_windows
 from tests.hfdirs import tiny_model_dir
 
@@ -216,20 +215,7 @@ def test_apply_packed_folds_first(original, folded):
 
 
 def _allocate(model, tok, files, **kw):
-    cal, ev = files
-    return allocate(
-        model,
-        4.5,
-        tokenizer=tok,
-        calibration=cal,
-        evaluation=ev,
-        formats=FORMATS,
-        calibration_tokens=256,
-        seq_len=64,
-        eval_tokens=256,
-        progress=False,
-        **kw,
-    )
+    return small_allocate(model, tok, files, 4.5, FORMATS, **kw)
 
 
 def test_allocate_with_scale_folding(tiny_model, byte_tokenizer, text_files, isolated_cache):
@@ -271,17 +257,9 @@ def test_allocate_folding_with_verify_and_checks(
     assert alloc.data.scale_folding.alpha == 0.3
     assert alloc.data.repair is not None and alloc.measured is not None
 
-    from bitalloc.allocator import prepare, profile_model
+    from bitalloc.allocator import profile_model
 
-    cal, ev = text_files
-    prep = prepare(
-        tiny_model,
-        formats=FORMATS,
-        calibration=cal,
-        evaluation=ev,
-        tokenizer=byte_tokenizer,
-        seq_len=64,
-    )
+    prep = small_prepare(tiny_model, byte_tokenizer, text_files, FORMATS)
     profile_model(prep, calibration_tokens=256, progress=False).save(tmp_path / "p.json")
     with pytest.raises(BitallocError, match="other weights.*scale folding changed the weights"):
         _allocate(

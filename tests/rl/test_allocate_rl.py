@@ -7,25 +7,14 @@ import torch
 import bitalloc.rl.agent as agent
 from bitalloc import allocate
 from bitalloc.errors import BitallocError
+from tests.allocations import small_allocate, small_prepare
 from tests.conftest import make_tiny_llama
 
 FORMATS = "int2-g32,int3-g32,int4-g32,int8-g32,fp16"
 
 
 def _allocate(model, tok, files, avg_bits, **kw):
-    cal, ev = files
-    return allocate(
-        model,
-        avg_bits,
-        tokenizer=tok,
-        calibration=cal,
-        evaluation=ev,
-        formats=FORMATS,
-        calibration_tokens=256,
-        seq_len=64,
-        progress=False,
-        **kw,
-    )
+    return small_allocate(model, tok, files, avg_bits, FORMATS, **kw)
 
 
 def test_train_on_one_model_and_transfer_to_another(
@@ -109,19 +98,11 @@ def test_measured_reward_every_n_episodes(
 def test_measured_loss_is_the_loss_increase_on_calibration_windows(
     byte_tokenizer, text_files, tiny_model
 ):
-    from bitalloc.allocator import prepare
     from bitalloc.apply import fake_quantized
     from bitalloc.evaluate import perplexity
     from bitalloc.rl.options import MEASURE_WINDOWS, measured_loss
 
-    prep = prepare(
-        tiny_model,
-        tokenizer=byte_tokenizer,
-        calibration=text_files[0],
-        evaluation=text_files[1],
-        formats=FORMATS,
-        seq_len=64,
-    )
+    prep = small_prepare(tiny_model, byte_tokenizer, text_files, FORMATS)
     measure = measured_loss(prep)
     n = len(prep.units)
     ids = prep.calibration_windows()[:MEASURE_WINDOWS]
