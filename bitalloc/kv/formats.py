@@ -1,0 +1,321 @@
+"""KV-cache formats: a (key bits, value bits) pair per attention layer, its exact storage cost,
+and the KV units that an allocation decides.
+
+A format is a frozen object with a stable name:
+
+- ``K8V4``: keys in 8 bits, values in 4 bits, groups of 64, no full-precision window.
+- ``K8V4-g32-r128``: groups of 32 and the 128 most recent tokens kept at 16 bits. Both suffixes
+  are written whenever either differs from its default; on parse either may be left out.
+- ``KV8`` is accepted on parse as an alias of ``K8V8`` (the canonical name).
+
+Bits are taken from {2, 4, 8, 16}; 16 means the tensor is kept unquantized (fp16). The layout is
+KIVI's (Liu et al., 2024): keys are quantized per channel over groups of ``group_size``
+consecutive tokens (key outliers live in fixed channels, so a channel's range is narrow along the
+sequence), values per token over groups of ``group_size`` channels (values have no channel
+outliers, and per-token error stays local to the token it belongs to). Quantization is
+asymmetric min-max; every group stores an fp16 scale and an fp16 zero.
+
+Storage rule (the one :meth:`KVFormat.cache_bits` counts and the cache simulates), for a context
+of ``T`` tokens, residual window ``R`` and group size ``G``:
+
+- the last ``min(R, T)`` tokens are kept at 16 bits (keys and values);
+- of the ``T - R`` older tokens, keys are quantized in whole groups of ``G`` tokens counted from
+  the first token; a trailing partial key group stays at 16 bits until it fills (KIVI keeps it
+  in its full-precision buffer);
+- every older value token is quantized (a value group lies within one token, so none is partial).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from bitalloc.errors import BitallocError
+from bitalloc.models import Unit, decoder_blocks
+
+KV_BITS = (2, 4, 8, 16)
+DEFAULT_GROUP_SIZE = 64
+DEFAULT_RESIDUAL = 0
+SCALE_ZERO_BITS = 32  # fp16 scale + fp16 zero per group
+FULL_BITS = 16
+
+_NAME = re.compile(r"^k(\d+)v(\d+)(?:-g(\d+))?(?:-r(\d+))?$")
+_ALIAS = re.compile(r"^kv(\d+)(?:-g(\d+))?(?:-r(\d+))?$")
+
+
+def _check_int(value: object, what: str, minimum: int) -> int:
+    # bool is an int subclass; True as a group size is a bug, not a 1.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise BitallocError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """One KV-cache palette entry: key and value code widths, group size, residual window.
+
+    ``group_size`` is tokens per key group (per channel) and channels per value group (per
+    token; a group never spans two heads, so ``group_size >= head_dim`` means one group per head).
+    ``residual`` is how many of the most recent tokens stay at 16 bits.
+    """
+
+    key_bits: int
+    value_bits: int
+    group_size: int = DEFAULT_GROUP_SIZE
+    residual: int = DEFAULT_RESIDUAL
+
+    def __post_init__(self) -> None:
+        for what, bits in (("key", self.key_bits), ("value", self.value_bits)):
+            if isinstance(bits, bool) or bits not in KV_BITS:
+                raise BitallocError(
+                    f"unsupported {what} width {bits!r} bits; KV formats take bits from {KV_BITS} "
+                    "(16 keeps the tensor unquantized)"
+                )
+        _check_int(self.group_size, "KV group size", 1)
+        if self.group_size % 8:
+            raise BitallocError(
+                f"KV group size {self.group_size} is not a positive multiple of 8; use 32, 64 "
+                "or 128 (KIVI's sizes)"
+            )
+        _check_int(self.residual, "KV residual window (tokens kept at 16 bits)", 0)
+
+    @property
+    def name(self) -> str:
+        """Stable name: ``K8V4`` with default group and residual, else ``K8V4-g32-r128``."""
+        base = f"K{self.key_bits}V{self.value_bits}"
+        if self.group_size == DEFAULT_GROUP_SIZE and self.residual == DEFAULT_RESIDUAL:
+            return base
+        return f"{base}-g{self.group_size}-r{self.residual}"
+
+    @property
+    def is_lossless(self) -> bool:
+        """True when neither keys nor values are quantized (K16V16)."""
+        return self.key_bits == FULL_BITS and self.value_bits == FULL_BITS
+
+    @property
+    def avg_bits(self) -> float:
+        """Asymptotic bits per cached element (long context), for display.
+
+        Assumes ``head_dim`` is a multiple of ``group_size`` (value groups of ``group_size``
+        channels); :meth:`bits_per_element` is the exact figure for a given model and context.
+        """
+        per_group = SCALE_ZERO_BITS / self.group_size
+        k = FULL_BITS if self.key_bits == FULL_BITS else self.key_bits + per_group
+        v = FULL_BITS if self.value_bits == FULL_BITS else self.value_bits + per_group
+        return (k + v) / 2
+
+    def value_group(self, head_dim: int) -> int:
+        """Channels per value group for heads of ``head_dim`` channels (clear error if uneven)."""
+        _check_int(head_dim, "head_dim", 1)
+        group = min(self.group_size, head_dim)
+        if head_dim % group:
+            raise BitallocError(
+                f"{self.name}: value groups of {self.group_size} channels do not divide "
+                f"head_dim {head_dim}; choose a group size that divides {head_dim} or is >= it"
+            )
+        return group
+
+    def quantized_tokens(self, context: int) -> tuple[int, int]:
+        """(key tokens, value tokens) stored quantized in a context of ``context`` tokens.
+
+        The rest are at 16 bits (see the module docstring for the rule). A 16-bit side has 0.
+        """
+        _check_int(context, "context", 0)
+        old = max(0, context - self.residual)
+        keys = 0 if self.key_bits == FULL_BITS else (old // self.group_size) * self.group_size
+        values = 0 if self.value_bits == FULL_BITS else old
+        return keys, values
+
+    def cache_bits(self, context: int, batch: int, n_kv_heads: int, head_dim: int) -> int:
+        """Exact stored bits of one layer's K and V cache: codes, fp16 scales and zeros, and the
+        16-bit tokens (residual window and trailing partial key group).
+
+        Every other storage figure (bits per element, unit costs) derives from this count.
+        """
+        _check_int(batch, "batch", 1)
+        _check_int(n_kv_heads, "n_kv_heads", 1)
+        v_group = self.value_group(head_dim)
+        key_q, value_q = self.quantized_tokens(context)
+        key_bits = key_q * head_dim * self.key_bits
+        key_bits += (key_q // self.group_size) * head_dim * SCALE_ZERO_BITS
+        key_bits += (context - key_q) * head_dim * FULL_BITS
+        value_bits = value_q * head_dim * self.value_bits
+        value_bits += value_q * (head_dim // v_group) * SCALE_ZERO_BITS
+        value_bits += (context - value_q) * head_dim * FULL_BITS
+        return batch * n_kv_heads * (key_bits + value_bits)
+
+    def bits_per_element(self, head_dim: int, n_kv_heads: int, context: int) -> float:
+        """Stored bits per cached element (``2 * n_kv_heads * head_dim`` per token), averaged
+        over a context of ``context`` tokens: :meth:`cache_bits` divided by the element count."""
+        _check_int(context, "context", 1)
+        elements = 2 * n_kv_heads * head_dim * context
+        return self.cache_bits(context, 1, n_kv_heads, head_dim) / elements
+
+    def storage_bits(self, shape: tuple[int, int], context: int) -> int:
+        """Exact cache bits of a KV unit of ``shape`` = (2 * n_kv_heads, head_dim) over
+        ``context`` tokens at batch 1 (see :func:`kv_units`)."""
+        rows, head_dim = shape
+        if rows <= 0 or rows % 2:
+            raise BitallocError(
+                f"a KV unit's shape is (2 * n_kv_heads, head_dim); got {tuple(shape)}"
+            )
+        return self.cache_bits(context, 1, rows // 2, head_dim)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def parse_kv_format(name: str | KVFormat) -> KVFormat:
+    """Build a format from its name (``K8V4``, ``K4V2-g32-r128``, alias ``KV8``); formats pass."""
+    if isinstance(name, KVFormat):
+        return name
+    text = str(name).strip().lower()
+    match = _NAME.match(text)
+    if match:
+        key, value, group, residual = match.groups()
+    else:
+        alias = _ALIAS.match(text)
+        if not alias:
+            raise BitallocError(
+                f"unknown KV format {name!r}; use 'K<key bits>V<value bits>' such as 'K8V4', "
+                "optionally with '-g<group>' and '-r<recent tokens kept at 16 bits>' "
+                f"('K4V2-g32-r128'), bits from {KV_BITS}"
+            )
+        key, group, residual = alias.groups()
+        value = key
+    return KVFormat(
+        int(key),
+        int(value),
+        DEFAULT_GROUP_SIZE if group is None else int(group),
+        DEFAULT_RESIDUAL if residual is None else int(residual),
+    )
+
+
+def kv_palette(
+    spec: str | Iterable[str | KVFormat] | None = None,
+    *,
+    group_size: int = DEFAULT_GROUP_SIZE,
+    residual: int = DEFAULT_RESIDUAL,
+) -> tuple[KVFormat, ...]:
+    """A KV palette, cheapest first: None gives all 16 (key, value) pairs with ``group_size``
+    and ``residual``; otherwise a comma list of names or an iterable of names/formats."""
+    if spec is None:
+        palette = tuple(KVFormat(k, v, group_size, residual) for k in KV_BITS for v in KV_BITS)
+    else:
+        if isinstance(spec, str):
+            spec = [part for part in spec.split(",") if part.strip()]
+        palette = tuple(parse_kv_format(f) for f in spec)
+    if not palette:
+        raise BitallocError("the KV palette is empty; pass at least one format such as 'K8V4'")
+    names = [f.name for f in palette]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BitallocError(f"the KV palette lists {duplicates} more than once; list each once")
+    return tuple(sorted(palette, key=lambda f: (f.avg_bits, f.key_bits, f.name)))
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """What the KV cache of a model looks like: per attention layer, its module path and index,
+    plus the shared head layout."""
+
+    paths: tuple[str, ...]
+    layer_indices: tuple[int, ...]
+    n_kv_heads: int
+    head_dim: int
+
+
+def attention_geometry(model: nn.Module) -> AttentionGeometry:
+    """Find every Llama-like attention module (``k_proj`` and ``v_proj`` Linear layers) in the
+    decoder blocks and the KV head layout from the config; a clear error otherwise."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise BitallocError(
+            f"{type(model).__name__} has no config; KV-cache quantization needs a Hugging Face "
+            "causal LM with num_key_value_heads and head_dim (or hidden_size/num_attention_heads)"
+        )
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    n_heads = getattr(config, "num_attention_heads", None)
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None and n_heads and getattr(config, "hidden_size", None):
+        head_dim = config.hidden_size // n_heads
+    if not n_kv or not head_dim:
+        raise BitallocError(
+            f"the config of {type(model).__name__} gives no num_key_value_heads / head_dim; "
+            "KV-cache quantization supports Llama-like attention (k_proj, v_proj, grouped heads)"
+        )
+    _check_sliding(config)
+    prefix, blocks = decoder_blocks(model)
+    paths, indices = [], []
+    for layer, block in enumerate(blocks):
+        found = [
+            (sub, module)
+            for sub, module in block.named_modules()
+            if isinstance(getattr(module, "k_proj", None), nn.Linear)
+            and isinstance(getattr(module, "v_proj", None), nn.Linear)
+        ]
+        if not found:
+            continue
+        if len(found) > 1:
+            raise BitallocError(
+                f"block {prefix}.{layer} holds {len(found)} attention modules; KV-cache "
+                "quantization supports one self-attention per decoder block"
+            )
+        sub, attn = found[0]
+        for proj in ("k_proj", "v_proj"):
+            out = getattr(attn, proj).out_features
+            if out != n_kv * head_dim:
+                raise BitallocError(
+                    f"{prefix}.{layer}.{sub}.{proj} has {out} outputs, not num_key_value_heads "
+                    f"x head_dim = {n_kv} x {head_dim}; the config does not describe this model"
+                )
+        paths.append(f"{prefix}.{layer}.{sub}" if sub else f"{prefix}.{layer}")
+        # The cache is addressed by the attention's own layer_idx (what it passes to update).
+        indices.append(int(getattr(attn, "layer_idx", layer)))
+    if not paths:
+        raise BitallocError(
+            f"{type(model).__name__} has no Llama-like attention (modules with k_proj and v_proj "
+            "Linear layers) in its decoder blocks; KV-cache quantization cannot wrap it"
+        )
+    return AttentionGeometry(tuple(paths), tuple(indices), int(n_kv), int(head_dim))
+
+
+def _check_sliding(config: object) -> None:
+    # The quantized cache keeps every token; a sliding-window layer would need its own layer
+    # type, so such models are refused rather than silently given full attention.
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        other = sorted({t for t in layer_types if t != "full_attention"})
+        if other:
+            raise BitallocError(
+                f"the model has {other} attention layers; KV-cache quantization supports "
+                "full-attention models only"
+            )
+    elif getattr(config, "sliding_window", None) is not None and getattr(
+        config, "use_sliding_window", True
+    ):
+        raise BitallocError(
+            f"the model uses sliding-window attention (window {config.sliding_window}); "
+            "KV-cache quantization supports full-attention models only"
+        )
+
+
+def kv_units(model: nn.Module) -> list[Unit]:
+    """One unit per attention layer, kind ``kv``: the decision is that layer's :class:`KVFormat`.
+
+    Name ``<attention path>.kv`` (``model.layers.3.self_attn.kv``), role ``kv``, group = name.
+    ``shape`` is (2 * n_kv_heads, head_dim): one token's K and V rows in that layer, so ``numel``
+    is the number of elements cached per token and ``head_dim`` is recoverable for the value
+    grouping (:meth:`KVFormat.storage_bits` takes this shape).
+    """
+    geometry = attention_geometry(model)
+    shape = (2 * geometry.n_kv_heads, geometry.head_dim)
+    return [
+        Unit(name=f"{path}.kv", shape=shape, layer=index, role="kv", group=f"{path}.kv", kind="kv")
+        for path, index in zip(geometry.paths, geometry.layer_indices)
+    ]
