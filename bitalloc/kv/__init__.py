@@ -60,3 +60,30 @@ __all__ = [
     "quantize_values",
     "resolve_formats",
 ]
+
+
+# KV sensitivity profiling and search-space reduction, also imported on first use: the profiler
+# needs transformers (through the cache), and neither is needed to read formats.
+_LAZY_MODULES = {
+    "KVProfiler": "bitalloc.kv.profiler",
+    "key_value_sensitivity": "bitalloc.kv.report",
+    "kv_sensitivity_table": "bitalloc.kv.report",
+    "Clustering": "bitalloc.kv.reduce",
+    "Pruning": "bitalloc.kv.reduce",
+    "Reduced": "bitalloc.kv.reduce",
+    "SpaceSize": "bitalloc.kv.reduce",
+    "cluster_layers": "bitalloc.kv.reduce",
+    "intra_layer_pruning": "bitalloc.kv.reduce",
+    "prune_dominated": "bitalloc.kv.reduce",
+    "reduction_cost": "bitalloc.kv.reduce",
+}
+_cache_getattr = __getattr__
+
+
+def __getattr__(name: str) -> Any:  # extends the lookup of the cache names above
+    if name in _LAZY_MODULES:
+        return getattr(importlib.import_module(_LAZY_MODULES[name]), name)
+    return _cache_getattr(name)
+
+
+__all__ += sorted(_LAZY_MODULES)

@@ -1,0 +1,295 @@
+"""KV-cache sensitivity: what each attention layer's cache loses under each (key, value) format.
+
+:class:`KVProfiler` (``kv``) fills a units x formats table for KV units
+(:func:`bitalloc.kv.kv_units`) and a KV palette, with one of three measures (``method``):
+
+- ``loss``: the increase of the mean next-token loss (nats) on the calibration
+  windows when only that layer's cache takes the format and every other layer stays at 16
+  bits, scored through :class:`~bitalloc.kv.cache.QuantizedKVCache` at the windows' length
+  (the protocol of :func:`~bitalloc.kv.cache.kv_perplexity`). One forward per (layer,
+  quantizing format, batch). A difference below zero is measurement noise (a slightly
+  perturbed cache can, by chance, predict some tokens better) and is clipped to 0; the
+  unclipped values stay in the metadata as ``raw``.
+- ``kl`` (default): as ``loss``, but the mean KL divergence of the next-token distribution
+  from the one with an unquantized cache (ModelOpt's ``kl_div`` sensitivity). It needs no labels, is
+  never negative and is second order in the perturbation, so it is far less noisy than the
+  loss difference on a small calibration set or a model that does not fit the text. On the
+  default model with 256 calibration tokens, ``loss`` clipped 156 of 480 entries to 0 and its
+  allocations lost 0.23-0.31 nats on held-out text, against 0.011 for ``kl``'s at K4V4 bits.
+- ``proxy``: the relative error of the attention output,
+  ``||A(q, Kq, Vq) - A(q, K, V)||^2 / ||A(q, K, V)||^2`` summed over every token, head and
+  window, where ``A`` is causal softmax attention and ``Kq, Vq`` what the cache would hand
+  back (:func:`~bitalloc.kv.quantize.fake_quantize_kv`). One unquantized forward per batch;
+  the errors of all formats are computed offline from the captured states. The values are not
+  in loss units: they rank formats and layers, and a solver needs only a consistent additive
+  objective. Dividing by each layer's own output energy makes the layers comparable (a layer
+  whose attention output is large is not counted as more sensitive for that reason alone).
+
+Query capture for the proxy, chosen to survive transformers' attention refactors: keys and
+values are read from the cache after the forward (what attention actually received, after
+RoPE); queries are recomputed in a forward pre-hook on each attention module from its input,
+its ``q_proj`` (and ``q_norm`` when present) and the rotary embeddings that the decoder passes
+to it, with the model module's own ``apply_rotary_pos_emb``. A second pre-hook records the
+input of ``o_proj``, the model's own attention output; the offline attention must reproduce it
+before any error is computed, so a model whose attention differs (soft-capping, sinks, windows)
+is refused with a clear error instead of being profiled wrongly.
+
+K16V16 (and any format that quantizes nothing at the windows' length, e.g. a residual window
+covering the whole context) is exactly 0 under every measure and costs no computation.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from bitalloc.errors import BitallocError
+from bitalloc.kv.cache import QuantizedKVCache, _check_context, _device, _forward, _Plan, _plan
+from bitalloc.kv.formats import KVFormat, attention_geometry, parse_kv_format
+from bitalloc.kv.proxy import QueryCapture, attention_errors, quantizes
+from bitalloc.kv.report import key_value_sensitivity, kv_sensitivity_table
+from bitalloc.models import Unit
+from bitalloc.sensitivity.base import BaseProfiler, spread_windows
+from bitalloc.sensitivity.profile import Profile
+
+METHODS = ("loss", "kl", "proxy")
+#: What the table's values are, per method (recorded in the metadata).
+VALUES = {
+    "loss": "mean next-token loss increase (nats)",
+    "kl": "mean next-token KL divergence from the unquantized cache (nats)",
+    "proxy": "relative attention-output error (ranks formats and layers; not nats)",
+}
+
+
+class KVProfiler(BaseProfiler):
+    """KV sensitivity per (attention layer, KV format) (``kv``); see the module docstring.
+
+    ``tokens`` caps the calibration tokens (whole windows, spread over the calibration set);
+    ``batch_size`` windows go through one forward; ``progress`` shows a tqdm bar.
+    """
+
+    name = "kv"
+
+    def __init__(
+        self,
+        method: str = "kl",
+        tokens: int = 1024,
+        batch_size: int = 4,
+        progress: bool = False,
+    ) -> None:
+        if method not in METHODS:
+            raise BitallocError(f"KV profiler method must be one of {METHODS}, got {method!r}")
+        for what, value in (("calibration tokens", tokens), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BitallocError(f"{what} must be a positive integer, got {value!r}")
+        self.method = method
+        self.tokens = tokens
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def options(self) -> dict[str, Any]:
+        # batch_size only changes the order of float sums, not the measurement.
+        return {"method": self.method, "tokens": self.tokens}
+
+    def profile(
+        self,
+        model: nn.Module,
+        units: Sequence[Unit],
+        palette: Sequence[KVFormat | str],
+        calibration: torch.Tensor,
+    ) -> Profile:
+        """The KV units x KV formats table (rows in ``units`` order, columns in ``palette``
+        order); ``palette`` holds :class:`KVFormat` objects or their names."""
+        start = time.perf_counter()
+        formats = _formats(palette)
+        layers = _unit_layers(model, units)
+        windows = _windows(calibration, self.tokens)
+        _check_context(model, windows.shape[1])
+        plan = _plan(model, {})
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                run = self._proxy if self.method == "proxy" else self._measure
+                raw, skipped, extra = run(model, plan, layers, formats, windows)
+        finally:
+            model.train(was_training)
+        batches = math.ceil(len(windows) / self.batch_size)
+        if skipped == batches:
+            raise BitallocError(
+                f"every calibration batch ({batches}) gave a non-finite KV {self.method} "
+                "measurement; check the model's weights and the calibration tokens"
+            )
+        used = len(windows) - extra.pop("skipped_windows")
+        return Profile(
+            units=tuple(u.name for u in units),
+            formats=tuple(f.name for f in formats),
+            loss=np.maximum(raw, 0.0),
+            metadata={
+                "method": self.name,
+                "kv_method": self.method,
+                "values": VALUES[self.method],
+                "tokens": int(used * windows.shape[1]),
+                "windows": used,
+                "seq_len": int(windows.shape[1]),
+                "skipped_batches": skipped,
+                "negative_clipped": int((raw < 0).sum()),
+                "raw": raw.tolist(),
+                **extra,
+                "seconds": time.perf_counter() - start,
+            },
+        )
+
+    def _batches(self, windows: torch.Tensor, per_batch: int, desc: str):
+        bar = tqdm(
+            total=math.ceil(len(windows) / self.batch_size) * per_batch,
+            desc=f"kv {desc}",
+            unit="forward",
+            disable=not self.progress,
+        )
+        with bar:
+            for first in range(0, len(windows), self.batch_size):
+                yield windows[first : first + self.batch_size], bar
+
+    def _measure(self, model, plan: _Plan, layers, formats, windows):
+        """``loss`` and ``kl``: one forward per (layer, quantizing format) and batch."""
+        seq_len = windows.shape[1]
+        jobs = [(i, j) for i in range(len(layers)) for j, f in enumerate(formats)]
+        jobs = [(i, j) for i, j in jobs if quantizes(formats[j], seq_len)]
+        device = _device(model)
+        total = np.zeros((len(layers), len(formats)))
+        base_total, tokens, skipped, skipped_windows = 0.0, 0, 0, 0
+        for batch, bar in self._batches(windows, 1 + len(jobs), self.method):
+            ids = batch.to(device)
+            logits = _forward(model, ids, plan.new_cache(), plan)
+            base = _nll(logits, ids)
+            reference = None
+            if self.method == "kl":
+                reference = F.log_softmax(logits[:, :-1].float(), dim=-1)
+            bar.update()
+            delta = np.zeros_like(total)
+            for i, j in jobs:
+                cache = QuantizedKVCache({layers[i]: formats[j]}, plan.num_layers)
+                logits = _forward(model, ids, cache, plan)
+                # Per-batch differences: the shared base cancels before the sums grow.
+                delta[i, j] = (
+                    _nll(logits, ids) - base if reference is None else _kl(logits, reference)
+                )
+                bar.update()
+            if not (math.isfinite(base) and np.isfinite(delta).all()):
+                skipped, skipped_windows = skipped + 1, skipped_windows + len(batch)
+                continue
+            total += delta
+            base_total += base
+            tokens += ids[:, 1:].numel()
+        raw = total / max(tokens, 1)
+        extra = {"base_loss": base_total / tokens if tokens else None, "forwards": len(jobs) + 1}
+        return raw, skipped, {**extra, "skipped_windows": skipped_windows}
+
+    def _proxy(self, model, plan: _Plan, layers, formats, windows):
+        geometry = attention_geometry(model)
+        modules = {
+            i: model.get_submodule(p) for p, i in zip(geometry.paths, geometry.layer_indices)
+        }
+        capture = QueryCapture({layer: modules[layer] for layer in layers}, geometry.head_dim)
+        device = _device(model)
+        errors = np.zeros((len(layers), len(formats)))
+        energy = np.zeros(len(layers))
+        skipped, skipped_windows, worst_check = 0, 0, 0.0
+        try:
+            for batch, bar in self._batches(windows, 1, "proxy"):
+                ids = batch.to(device)
+                cache = plan.new_cache()
+                _forward(model, ids, cache, plan)
+                bar.update()
+                rows, norms = np.zeros_like(errors), np.zeros_like(energy)
+                for i, layer in enumerate(layers):
+                    keys, values = cache.layers[layer].keys, cache.layers[layer].values
+                    rows[i], norms[i], check = attention_errors(
+                        capture, layer, keys, values, formats, modules[layer]
+                    )
+                    worst_check = max(worst_check, check)
+                if not (np.isfinite(rows).all() and np.isfinite(norms).all() and norms.all()):
+                    skipped, skipped_windows = skipped + 1, skipped_windows + len(batch)
+                    continue
+                errors += rows
+                energy += norms
+        finally:
+            capture.remove()
+        raw = errors / np.where(energy > 0, energy, 1.0)[:, None]
+        extra = {"reconstruction_error": worst_check, "skipped_windows": skipped_windows}
+        return raw, skipped, extra
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token cross-entropy of a batch (as :func:`kv_perplexity` scores it)."""
+    logits = logits[:, :-1].float()
+    targets = ids[:, 1:]
+    return float(
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+    )
+
+
+def _kl(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """Summed KL(reference || model) over a batch's predicted positions."""
+    logq = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    return float((reference.exp() * (reference - logq)).sum())
+
+
+def _formats(palette: Sequence[KVFormat | str]) -> list[KVFormat]:
+    formats = [] if isinstance(palette, str | KVFormat) else [parse_kv_format(f) for f in palette]
+    if not formats:
+        raise BitallocError(
+            "the KV palette must be a non-empty list of KV formats or names such as "
+            "['K16V16', 'K8V4', 'K2V2']"
+        )
+    names = [f.name for f in formats]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BitallocError(f"the KV palette lists {duplicates} more than once; list each once")
+    return formats
+
+
+def _unit_layers(model: nn.Module, units: Sequence[Unit]) -> list[int]:
+    """The cache layer index of every KV unit (checked against the model)."""
+    if not units:
+        raise BitallocError("no KV units to profile; pass kv_units(model) or a subset of it")
+    geometry = attention_geometry(model)
+    by_name = {f"{p}.kv": i for p, i in zip(geometry.paths, geometry.layer_indices)}
+    layers = []
+    for unit in units:
+        if getattr(unit, "kind", None) != "kv" or unit.name not in by_name:
+            names = list(by_name)
+            raise BitallocError(
+                f"{unit.name!r} is not a KV unit of this model; the KV profiler takes units from "
+                f"bitalloc.kv.kv_units(model) ({names[0]} .. {names[-1]}), not weight units"
+            )
+        layers.append(by_name[unit.name])
+    if len(set(layers)) != len(layers):
+        raise BitallocError("a KV unit is listed twice; pass each attention layer's unit once")
+    return layers
+
+
+def _windows(calibration: torch.Tensor, tokens: int) -> torch.Tensor:
+    if (
+        not isinstance(calibration, torch.Tensor)
+        or calibration.dim() != 2
+        or calibration.is_floating_point()
+    ):
+        raise BitallocError("calibration must be an (n_windows, seq_len) tensor of token ids")
+    if calibration.shape[1] < 2:
+        raise BitallocError(
+            f"calibration windows need 2+ tokens to score, got shape {tuple(calibration.shape)}"
+        )
+    return calibration[spread_windows(len(calibration), calibration.shape[1], tokens)]
+
+
+__all__ = ["METHODS", "VALUES", "KVProfiler", "key_value_sensitivity", "kv_sensitivity_table"]
