@@ -9,6 +9,7 @@ exp(total negative log-likelihood / number of predicted tokens).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +36,13 @@ def perplexity(
     batch_size: int = 4,
     progress: bool = False,
     desc: str = "perplexity",
+    logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Perplexity:
-    """Perplexity of ``model`` on (n, seq_len) token windows, batched under inference mode."""
+    """Perplexity of ``model`` on (n, seq_len) token windows, batched under inference mode.
+
+    ``logits_of(ids)`` computes a batch's logits; the default is ``model(input_ids=ids).logits``
+    (the KV-cache evaluation passes one that runs the model with a quantized cache).
+    """
     total_nll = 0.0
     total_tokens = 0
     was_training = model.training
@@ -46,8 +52,9 @@ def perplexity(
             starts = range(0, len(windows), batch_size)
             for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
                 ids = windows[start : start + batch_size]
-                logits = model(input_ids=ids).logits[:, :-1].float()
-                targets = ids[:, 1:]
+                out = model(input_ids=ids).logits if logits_of is None else logits_of(ids)
+                logits = out[:, :-1].float()
+                targets = ids[:, 1:].to(logits.device)
                 nll = F.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
                 )

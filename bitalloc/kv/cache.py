@@ -22,17 +22,14 @@ head_dim) states before the model repeats them for its query heads, and quantize
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import Perplexity
+from bitalloc.evaluate import Perplexity, perplexity
 from bitalloc.kv.formats import AttentionGeometry, KVFormat, attention_geometry, parse_kv_format
 from bitalloc.kv.quantize import quantize_keys, quantize_values
 
@@ -273,25 +270,14 @@ def kv_perplexity(
     _check_context(model, windows.shape[1])
     plan = _plan(model, formats_by_layer)
     device = _device(model)
-    total_nll, total_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            starts = range(0, len(windows), batch_size)
-            for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-                ids = windows[start : start + batch_size].to(device)
-                logits = _forward(model, ids, plan.new_cache(), plan)[:, :-1].float()
-                targets = ids[:, 1:]
-                nll = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-                )
-                total_nll += float(nll)
-                total_tokens += targets.numel()
-    finally:
-        model.train(was_training)
-    mean = total_nll / total_tokens
-    return Perplexity(math.exp(mean), mean, total_tokens, len(windows), windows.shape[1])
+
+    def logits_of(ids: torch.Tensor) -> torch.Tensor:
+        # A fresh cache per batch: each window is scored at its own context length.
+        return _forward(model, ids.to(device), plan.new_cache(), plan)
+
+    return perplexity(
+        model, windows, batch_size=batch_size, progress=progress, desc=desc, logits_of=logits_of
+    )
 
 
 def generate_ids_with_kv(
