@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 
 from bitalloc.errors import BitallocError
+
+T = TypeVar("T")
 
 SCALE_ZERO_BITS = 32  # fp16 scale + fp16 zero per group
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -243,17 +246,26 @@ def default_palette() -> tuple[QuantFormat, ...]:
     return tuple(sorted(formats, key=lambda f: (f.nominal_bits, f.name)))
 
 
+def parse_format_list(
+    items: Iterable[Any] | str, parse: Callable[[Any], T], *, what: str, example: str
+) -> tuple[T, ...]:
+    """``items`` (a comma list or an iterable of names or formats) parsed with ``parse``; an
+    empty list or one naming a format twice raises :class:`BitallocError` naming ``what``."""
+    if isinstance(items, str):
+        items = [part for part in items.split(",") if part.strip()]
+    parsed = tuple(parse(item) for item in items)
+    if not parsed:
+        raise BitallocError(f"the {what} is empty; pass at least one format such as {example!r}")
+    names = [f.name for f in parsed]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BitallocError(f"the {what} lists {duplicates} more than once; list each format once")
+    return parsed
+
+
 def parse_palette(formats: Iterable[str | QuantFormat] | None) -> tuple[QuantFormat, ...]:
     """Normalise a user's palette (names or formats); None gives :func:`default_palette`."""
     if formats is None:
         return default_palette()
-    if isinstance(formats, str):
-        formats = [f for f in formats.split(",") if f.strip()]
-    palette = tuple(parse_format(f) for f in formats)
-    if not palette:
-        raise BitallocError("the palette is empty; pass at least one format such as 'int4-g128'")
-    names = [f.name for f in palette]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise BitallocError(f"the palette lists {duplicates} more than once; list each format once")
+    palette = parse_format_list(formats, parse_format, what="palette", example="int4-g128")
     return tuple(sorted(palette, key=lambda f: (f.nominal_bits, f.name)))

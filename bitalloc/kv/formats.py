@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from bitalloc.errors import BitallocError
+from bitalloc.formats import parse_format_list
 from bitalloc.models import Unit, decoder_blocks
 
 KV_BITS = (2, 4, 8, 16)
@@ -205,15 +206,7 @@ def kv_palette(
     if spec is None:
         palette = tuple(KVFormat(k, v, group_size, residual) for k in KV_BITS for v in KV_BITS)
     else:
-        if isinstance(spec, str):
-            spec = [part for part in spec.split(",") if part.strip()]
-        palette = tuple(parse_kv_format(f) for f in spec)
-    if not palette:
-        raise BitallocError("the KV palette is empty; pass at least one format such as 'K8V4'")
-    names = [f.name for f in palette]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise BitallocError(f"the KV palette lists {duplicates} more than once; list each once")
+        palette = parse_format_list(spec, parse_kv_format, what="KV palette", example="K8V4")
     return tuple(sorted(palette, key=lambda f: (f.avg_bits, f.key_bits, f.name)))
 
 
