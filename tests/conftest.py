@@ -28,21 +28,34 @@ class ByteTokenizer:
         return {"input_ids": list(text.encode("utf-8"))}
 
 
-def make_tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 96):
-    """A random LlamaForCausalLM small enough for unit tests (input dims not multiples of 128)."""
+def make_tiny_llama(
+    seed: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    intermediate: int = 96,
+    *,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 256,
+    max_positions: int = 256,
+    **config_fields,
+):
+    """A random LlamaForCausalLM small enough for unit tests (input dims not multiples of 128);
+    ``config_fields`` override or add LlamaConfig fields (e.g. ``attention_bias=True``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
+    fields = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": max_positions,
+        "tie_word_embeddings": True,
+    }
+    config = LlamaConfig(**{**fields, **config_fields})
     model = LlamaForCausalLM(config)
     model.eval()
     return model

@@ -77,21 +77,9 @@ def test_fold_keeps_logits_and_changes_weights(tiny_model, pairs):
 
 def test_fold_exact_with_biases_mqa_and_layernorm():
     """Biases on v/up and on a LayerNorm are divided too; one kv head serves all query heads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(3)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        attention_bias=True,
-        mlp_bias=True,
+    model = make_tiny_llama(
+        3, kv_heads=1, attention_bias=True, mlp_bias=True, tie_word_embeddings=False
     )
-    model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):

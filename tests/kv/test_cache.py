@@ -17,25 +17,12 @@ from bitalloc.kv import (
     generate_with_kv,
     kv_perplexity,
 )
-from tests.conftest import ByteTokenizer, random_windows
+from tests.conftest import ByteTokenizer, make_tiny_llama, random_windows
 
 
 def _gqa_llama(seed=0):
     """SmolLM2's head layout in miniature: 9 query heads sharing 3 KV heads of 8 channels."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=72,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return make_tiny_llama(seed, hidden=72, heads=9, kv_heads=3, max_positions=128)
 
 
 class _LatinTokenizer(ByteTokenizer):

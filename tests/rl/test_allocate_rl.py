@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 import bitalloc.rl.agent as agent
 from bitalloc import allocate
@@ -122,8 +121,6 @@ def test_default_model_policy_transfers_to_a_config_built_llama(
 ):
     """Train on the real model at 3.25 bits; apply zero-shot to a differently sized Llama
     (built from a config, random weights) at two budgets, against that model's optimum."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     formats = "int2-g64,int3-g128,int3-g64,int4-g128,int4-g64,int8-g128,fp16"
     common = dict(formats=formats, calibration_tokens=512, progress=False)
     policy = tmp_path / "smol.zip"
@@ -145,17 +142,16 @@ def test_default_model_policy_transfers_to_a_config_built_llama(
         raise AssertionError("a transferred policy must not train")
 
     monkeypatch.setattr(agent, "train_policy", no_training)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(default_model.tokenizer),
-        hidden_size=192,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+    other = make_tiny_llama(
+        0,
+        layers=4,
+        hidden=192,
+        intermediate=512,
+        heads=6,
+        vocab=len(default_model.tokenizer),
+        max_positions=1024,
+        tie_word_embeddings=False,
     )
-    other = LlamaForCausalLM(config).eval()
     for budget in (3.25, 4.5):
         moved = allocate(
             other, budget, tokenizer=default_model.tokenizer, solver="rl", policy=policy, **common
