@@ -19,7 +19,7 @@ from torch import nn
 from bitalloc.apply import fake_quantize_
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import read_model, write_json_atomic
-from bitalloc.folding_record import ScaleFolding, apply_recorded_, is_folded
+from bitalloc.folding_record import ScaleFolding, apply_recorded_
 from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.models import Unit, get_linear
 
@@ -328,15 +328,11 @@ class Allocation:
         if packed:
             from bitalloc.packed import check_policy, pack_model
 
-            check_policy(cpu_path)
-            if record is None:
-                return pack_model(model, self.formats, inplace=inplace, cpu_path=cpu_path)
-        folding = record is not None and not is_folded(model, record)
+            check_policy(cpu_path)  # before any copy or fold
         target = model if inplace else copy.deepcopy(model)
-        if folding:
-            apply_recorded_(target, record)
+        if record is not None:
+            apply_recorded_(target, record)  # no-op when already folded by this record
         if packed:
-            # The target is already the copy (or the caller's model when inplace).
             return pack_model(target, self.formats, inplace=True, cpu_path=cpu_path)
         return fake_quantize_(target, self.formats)
 

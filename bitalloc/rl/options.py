@@ -50,16 +50,15 @@ def measured_loss(prepared: Any, windows: int = MEASURE_WINDOWS) -> Callable[[np
     """``choice -> loss increase`` (nats/token) of the fake-quantized model on the first
     ``windows`` calibration windows; ``choice`` indexes the palette per unit, in the units'
     order (as :func:`bitalloc.planning.build_problem` lays out a problem)."""
-    from bitalloc.apply import fake_quantized
+    from bitalloc.allocator import measure_assignment
     from bitalloc.evaluate import perplexity
 
     ids = prepared.calibration_windows()[:windows]
-    model, units, palette = prepared.model, prepared.units, prepared.palette
-    base = perplexity(model, ids).nll
+    units, palette = prepared.units, prepared.palette
+    base = perplexity(prepared.model, ids).nll
 
     def measure(choice: np.ndarray) -> float:
         formats = {u.name: palette[int(j)].name for u, j in zip(units, choice)}
-        with fake_quantized(model, formats) as quantized:
-            return perplexity(quantized, ids).nll - base
+        return measure_assignment(prepared, formats, ids).nll - base
 
     return measure
