@@ -13,7 +13,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from bitalloc.apply import fake_quantize_
@@ -21,16 +20,14 @@ from bitalloc.errors import BitallocError
 from bitalloc.fileio import read_model, write_json_atomic
 from bitalloc.folding_record import ScaleFolding, apply_recorded_
 from bitalloc.formats import QuantFormat, parse_format
+from bitalloc.kv.record import JointBudget, KVAllocation
 from bitalloc.models import Unit, get_linear
+from bitalloc.records import ProfileSummary, SolverSummary, Strict
 
 ALLOCATION_VERSION = 1
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class UnitChoice(_Strict):
+class UnitChoice(Strict):
     """One unit's decision."""
 
     name: str
@@ -59,41 +56,14 @@ class UnitChoice(_Strict):
         )
 
 
-class ExcludedParameter(_Strict):
+class ExcludedParameter(Strict):
     """A parameter left out of the allocation (kept as it is), reported separately."""
 
     name: str
     numel: int
 
 
-class SolverSummary(_Strict):
-    """How the choice was made."""
-
-    method: str
-    status: str
-    objective: float
-    lower_bound: float | None = None
-    gap: float | None = None
-    wall_time_s: float
-
-
-class ProfileSummary(_Strict):
-    """Which profile predicted the losses."""
-
-    method: str
-    tokens: int | None = None
-    seconds: float | None = None
-    model_fingerprint: str | None = None
-    calibration_fingerprint: str | None = None
-    cache: str | None = None
-    #: Pairs with measured interaction terms in the objective (0: purely additive).
-    interaction_pairs: int = 0
-    interaction_formats: list[str] | None = None
-    #: The pairwise terms' share of the predicted loss (included in ``predicted_loss``).
-    interaction_loss: float = 0.0
-
-
-class Measured(_Strict):
+class Measured(Strict):
     """Measured quality of the allocation beside uniform baselines (``fp16`` = unquantized)."""
 
     perplexity: float
@@ -103,9 +73,13 @@ class Measured(_Strict):
     seq_len: int
     measured_loss_increase: float
     predicted_loss_increase: float
+    #: With a KV allocation: the allocation's weights with every layer's cache at one pair
+    #: (the uniform KV pairs nearest the allocation's KV bits), perplexity and bits per element.
+    kv_baselines: dict[str, float] = {}
+    kv_baseline_avg_bits: dict[str, float] = {}
 
 
-class RepairRound(_Strict):
+class RepairRound(Strict):
     """One round of verify-and-repair: the allocation at its start, predicted and measured
     loss increase (nats/token, on the repair windows), the groups then measured (unit names or
     ``layer N``), and what was done (``corrected``, or why it stopped: ``agrees``,
@@ -118,7 +92,7 @@ class RepairRound(_Strict):
     action: str
 
 
-class Repair(_Strict):
+class Repair(Strict):
     """What verify-and-repair measured and changed (losses are increases over the unquantized
     model in nats/token on ``tokens`` calibration tokens)."""
 
@@ -137,7 +111,7 @@ class Repair(_Strict):
     wall_time_s: float
 
 
-class AllocationData(_Strict):
+class AllocationData(Strict):
     """The serialised form of an :class:`Allocation`."""
 
     version: int = ALLOCATION_VERSION
@@ -157,6 +131,10 @@ class AllocationData(_Strict):
     repair: Repair | None = None
     #: Scale folding done before profiling; :meth:`Allocation.apply` repeats it.
     scale_folding: ScaleFolding | None = None
+    #: Per-layer KV-cache formats, when the KV cache was allocated too.
+    kv: KVAllocation | None = None
+    #: The joint weights + KV memory budget and its split, when one was given.
+    joint: JointBudget | None = None
 
 
 class Allocation:
@@ -232,6 +210,34 @@ class Allocation:
         """A copy carrying the record of verify-and-repair."""
         return Allocation(self.data.model_copy(update={"repair": repair}))
 
+    @property
+    def kv_formats(self) -> dict[str, str]:
+        """KV unit name -> KV format name; empty when the KV cache was not allocated."""
+        return {} if self.data.kv is None else self.data.kv.formats
+
+    @property
+    def predicted_total_loss(self) -> float | None:
+        """Predicted loss of the weights plus, when allocated, the KV cache."""
+        parts = [self.data.predicted_loss]
+        if self.data.kv is not None:
+            parts.append(self.data.kv.predicted_loss)
+        return None if any(p is None for p in parts) else float(sum(parts))
+
+    def with_kv(self, kv: KVAllocation, joint: JointBudget | None = None) -> Allocation:
+        """A copy carrying per-layer KV formats (and the joint budget that set them)."""
+        return Allocation(self.data.model_copy(update={"kv": kv, "joint": joint}))
+
+    def kv_cache(self, model: nn.Module):
+        """A fresh :class:`~bitalloc.kv.QuantizedKVCache` applying this allocation's KV formats
+        to ``model`` (pass it as the cache of a forward or of ``generate``)."""
+        if self.data.kv is None:
+            raise BitallocError(
+                "this allocation has no KV formats; allocate with kv_avg_bits= or memory_bytes="
+            )
+        from bitalloc.kv.cache import build_kv_cache
+
+        return build_kv_cache(model, self.kv_formats)
+
     def with_scale_folding(self, record: ScaleFolding) -> Allocation:
         """A copy recording that the model was scale-folded (by ``record``) before allocating."""
         return Allocation(self.data.model_copy(update={"scale_folding": record}))
@@ -268,6 +274,16 @@ class Allocation:
         lines.append(self.summary())
         return "\n".join(lines)
 
+    def kv_table(self) -> str:
+        """Per-layer KV formats and, for a joint budget, the memory split (empty without KV)."""
+        d = self.data
+        if d.kv is None:
+            return ""
+        parts = [d.kv.table()]
+        if d.joint is not None:
+            parts.append(d.joint.report())
+        return "\n".join(parts)
+
     def summary(self) -> str:
         """One line: achieved bits against the budget, size, predicted loss."""
         d = self.data
@@ -280,6 +296,8 @@ class Allocation:
             text += f" | predicted loss +{d.predicted_loss:.4f}"
         if d.scale_folding is not None:
             text += f" | scale folding (alpha {d.scale_folding.alpha:g})"
+        if d.kv is not None:
+            text += f" | KV {d.kv.avg_bits:.3f} bits/element, {d.kv.bytes / 2**20:.2f} MiB"
         return text
 
     # --- persistence -----------------------------------------------------------------------
@@ -364,6 +382,19 @@ def _check_consistent(data: AllocationData) -> None:
         raise BitallocError("an allocation needs at least one unit")
     if data.scale_folding is not None:
         data.scale_folding.check()
+    if data.kv is not None:
+        data.kv.check()
+    if data.joint is not None:
+        if data.kv is None:
+            raise BitallocError("a joint memory budget needs the KV formats it chose (kv)")
+        data.joint.check()
+        if not math.isclose(data.joint.kv_bytes, data.kv.bytes, rel_tol=1e-9) or not math.isclose(
+            data.joint.weight_bytes, data.bytes, rel_tol=1e-9
+        ):
+            raise BitallocError(
+                "the joint budget's weight or KV bytes differ from the allocation's; the file "
+                "was edited inconsistently"
+            )
     names = [u.name for u in data.units]
     if len(set(names)) != len(names):
         raise BitallocError("the allocation lists a unit more than once")

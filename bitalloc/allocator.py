@@ -7,7 +7,6 @@ This is the one module that ties profiling, solving and evaluation together.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,20 +18,32 @@ from torch import nn
 
 from bitalloc.allocation import (
     Allocation,
-    Measured,
 )
-from bitalloc.apply import fake_quantized
 from bitalloc.data import TextSplits, load_text, tensor_fingerprint, tokenize, windows
 from bitalloc.errors import BitallocError
-from bitalloc.evaluate import Perplexity, perplexity
 from bitalloc.folding_record import (
     FOLDED_PROFILE_HINT,
     ScaleFolding,
     fold_alpha,
     fold_loaded,
-    require_folded,
 )
-from bitalloc.formats import QuantFormat, parse_format, parse_palette
+from bitalloc.formats import QuantFormat, parse_palette
+from bitalloc.kv.allocate import (
+    DEFAULT_KV_METHOD,
+    allocate_kv_only,
+    allocate_with_kv,
+    keeping_kv,
+    kv_request,
+)
+from bitalloc.kv.formats import KVFormat
+from bitalloc.measuring import (
+    baseline_formats,
+    measure,
+    measure_assignment,
+    measure_frontier,
+    uniform_assignment,
+    uniform_avg_bits,
+)
 from bitalloc.models import (
     LoadedModel,
     Unit,
@@ -42,8 +53,6 @@ from bitalloc.models import (
     model_fingerprint,
 )
 from bitalloc.planning import (
-    Frontier,
-    FrontierPoint,
     build_problem,
     check_budget,
     check_profile_matches,
@@ -146,96 +155,6 @@ def allocation_for(prep: Prepared, profile: Profile, solution: Solution, budget:
         budget,
         model=prep.loaded.source,
         excluded=excluded_parameters(prep.model, prep.units),
-    )
-
-
-def uniform_assignment(units: Sequence[Unit], fmt: QuantFormat | str) -> dict[str, str]:
-    """Every unit in one format."""
-    name = parse_format(fmt).name
-    return {u.name: name for u in units}
-
-
-def uniform_avg_bits(units: Sequence[Unit], fmt: QuantFormat | str) -> float:
-    """Exact average stored bits per weight of every unit in one format."""
-    f = parse_format(fmt)
-    return sum(f.storage_bits(u.shape) for u in units) / sum(u.numel for u in units)
-
-
-def baseline_formats(
-    units: Sequence[Unit], palette: Sequence[QuantFormat], avg_bits: float
-) -> list[QuantFormat]:
-    """Uniform baselines for a budget: the palette formats nearest below and above it (by their
-    exact average bits on these units), ``int4-g128``, and ``fp16`` (unquantized)."""
-    exact = [(uniform_avg_bits(units, f), f) for f in palette]
-    below = [e for e in exact if e[0] <= avg_bits and not e[1].is_float]
-    above = [e for e in exact if e[0] > avg_bits and not e[1].is_float]
-    chosen = []
-    if below:
-        chosen.append(max(below, key=lambda e: e[0])[1])
-    if above:
-        chosen.append(min(above, key=lambda e: e[0])[1])
-    for extra in ("int4-g128", "fp16"):
-        fmt = parse_format(extra)
-        if fmt not in chosen:
-            chosen.append(fmt)
-    return chosen
-
-
-def measure_assignment(
-    prep: Prepared,
-    assignment: dict[str, str],
-    ev: torch.Tensor,
-    *,
-    batch_size: int = 4,
-    progress: bool = False,
-    desc: str = "perplexity",
-) -> Perplexity:
-    """Perplexity with ``assignment`` (unit -> format) fake-applied; the model is restored."""
-    with fake_quantized(prep.model, assignment):
-        return perplexity(prep.model, ev, batch_size=batch_size, progress=progress, desc=desc)
-
-
-def measure(
-    prep: Prepared,
-    allocation: Allocation,
-    *,
-    eval_tokens: int | None,
-    batch_size: int = 4,
-    progress: bool = True,
-) -> Measured:
-    """Perplexity of the allocation beside uniform baselines on the evaluation split."""
-    allocation.check_model(prep.model)
-    require_folded(prep.model, allocation.data.scale_folding)
-    ev = prep.evaluation_windows(eval_tokens)
-    baselines: dict[str, float] = {}
-    baseline_bits: dict[str, float] = {}
-    for fmt in baseline_formats(prep.units, prep.palette, allocation.data.budget):
-        result = measure_assignment(
-            prep,
-            uniform_assignment(prep.units, fmt),
-            ev,
-            batch_size=batch_size,
-            progress=progress,
-            desc=f"perplexity {fmt.name}",
-        )
-        baselines[fmt.name] = result.perplexity
-        baseline_bits[fmt.name] = uniform_avg_bits(prep.units, fmt)
-    result = measure_assignment(
-        prep,
-        allocation.formats,
-        ev,
-        batch_size=batch_size,
-        progress=progress,
-        desc="perplexity allocation",
-    )
-    return Measured(
-        perplexity=result.perplexity,
-        baselines=baselines,
-        baseline_avg_bits=baseline_bits,
-        eval_tokens=result.tokens,
-        seq_len=result.seq_len,
-        measured_loss_increase=math.log(result.perplexity) - math.log(baselines["fp16"]),
-        predicted_loss_increase=float(allocation.data.predicted_loss or 0.0),
     )
 
 
@@ -391,14 +310,19 @@ def prepare_and_profile(
     use_cache: bool = True,
     progress: bool = True,
     scale_folding: bool | float | None = None,
+    budget_required: bool = True,
 ) -> tuple[Prepared, Profile]:
     """The first steps of :func:`allocate` (and of the measured search): load the model, check
     the budget against its units and palette, then profile it (cached) or check a saved
     ``profile`` against it. A saved profile's formats are the palette unless ``formats`` is
     given. ``scale_folding`` (see :func:`allocate`; off by default) folds the model between
-    loading and profiling and records it in ``prep.scale_folding``."""
-    if avg_bits is None:
-        raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
+    loading and profiling and records it in ``prep.scale_folding``. ``budget_required`` False
+    accepts ``avg_bits`` None (a joint memory budget sets the weights' share itself)."""
+    if avg_bits is None and budget_required:
+        raise BitallocError(
+            "pass avg_bits (--avg-bits), the budget in average bits per weight (e.g. 3.25), "
+            "or a KV cache budget: kv_avg_bits (--kv-avg-bits) or memory_bytes (--memory)"
+        )
     alpha = fold_alpha(scale_folding)  # checked before anything is loaded
     saved = None
     if profile is not None:
@@ -413,7 +337,8 @@ def prepare_and_profile(
         tokenizer=tokenizer,
         seq_len=seq_len,
     )
-    check_budget(avg_bits, prep.units, prep.palette)
+    if avg_bits is not None:
+        check_budget(avg_bits, prep.units, prep.palette)
     if alpha is not None:
         # load_model does not copy a module passed in, so a copy of it is folded.
         loaded, record = fold_loaded(
@@ -476,6 +401,13 @@ def allocate(
     progress: bool = True,
     policy: str | Path | None = None,
     scale_folding: bool | float = False,
+    kv_avg_bits: float | None = None,
+    memory_bytes: float | None = None,
+    context_len: int | None = None,
+    batch_size: int = 1,
+    kv_formats: str | Sequence[str | KVFormat] | None = None,
+    kv_profiler: str = DEFAULT_KV_METHOD,
+    kv_tokens: int | None = None,
 ) -> Allocation:
     """Choose a format for every unit so that average bits per weight <= ``avg_bits`` and the
     predicted loss increase is as small as possible.
@@ -513,7 +445,50 @@ def allocate(
     entry, keyed by the weights' fingerprint) is then that of the folded model, so a saved
     ``profile`` of the unfolded model is refused. ``allocation.data.scale_folding`` records the
     scales, and :meth:`Allocation.apply` folds them into the original model before quantizing.
+
+    KV cache (:mod:`bitalloc.kv`). ``kv_avg_bits`` also chooses a (key bits, value bits) pair
+    per attention layer so that the cache stores at most that many bits per cached element
+    (scales and zeros included) at ``context_len`` tokens (default: ``seq_len``); without
+    ``avg_bits`` the weights stay at fp16. ``memory_bytes`` instead chooses weight formats and
+    KV pairs in one problem: parameters outside the allocation at 16 bits + the allocated
+    weights + the KV cache for ``context_len`` tokens x ``batch_size`` sequences must fit it
+    (pass it without ``avg_bits``, ``kv_avg_bits`` or ``max_bytes``); ``allocation.data.joint``
+    reports the split and the best separate allocations at the same total. ``kv_formats`` is
+    the KV palette (default: all 16 pairs of {2, 4, 8, 16} bits, groups of 64), ``kv_profiler``
+    the KV profile's measure (``kl`` default, ``loss``, or ``proxy``, which a joint budget
+    refuses because it is not in nats) on ``kv_tokens`` calibration tokens (default 1024).
+    ``allocation.kv_formats`` and ``allocation.kv_cache(model)`` apply the pairs; ``verify``
+    measures perplexity through the quantized cache and, with a joint budget, does not repair.
     """
+    request = kv_request(
+        avg_bits=avg_bits,
+        max_bytes=max_bytes,
+        kv_avg_bits=kv_avg_bits,
+        memory_bytes=memory_bytes,
+        context_len=context_len,
+        batch_size=batch_size,
+        kv_formats=kv_formats,
+        kv_profiler=kv_profiler,
+        kv_tokens=kv_tokens,
+        solver=solver,
+    )
+    if request is not None and avg_bits is None and not request.joint:
+        return allocate_kv_only(
+            model,
+            request,
+            formats=formats,
+            calibration=calibration,
+            evaluation=evaluation,
+            tokenizer=tokenizer,
+            seq_len=seq_len,
+            scale_folding=scale_folding,
+            solver=solver,
+            solver_options=solver_options,
+            verify=verify,
+            eval_tokens=eval_tokens,
+            use_cache=use_cache,
+            progress=progress,
+        )
     prep, prof = prepare_and_profile(
         model,
         avg_bits,
@@ -532,6 +507,7 @@ def allocate(
         use_cache=use_cache,
         progress=progress,
         scale_folding=scale_folding,
+        budget_required=request is None or not request.joint,
     )
     if interactions_from is not None:
         prof = prof.with_interactions(_interaction_source(interactions_from))
@@ -548,17 +524,33 @@ def allocate(
         record = prep.scale_folding
         return chosen if record is None else chosen.with_scale_folding(record)
 
-    allocation = solve_with(prof)
+    if request is None:
+        allocation = solve_with(prof)
+    else:
+        allocation = allocate_with_kv(
+            prep,
+            prof,
+            request,
+            solve_weights=solve_with,
+            solver=solver,
+            solver_options=options,
+            ties=ties,
+            use_cache=use_cache,
+            progress=progress,
+        )
+        if prep.scale_folding is not None:
+            allocation = allocation.with_scale_folding(prep.scale_folding)
     if verify:
         repair_record = None
-        if repair:
+        # A joint budget's weight share is not a budget repair could re-solve alone.
+        if repair and (request is None or not request.joint):
             allocation, repair_record = verify_and_repair(
                 prep.model,
                 prep.calibration_windows(),
                 prep.units,
                 prof,
                 allocation,
-                solve_with,
+                solve_with if request is None else keeping_kv(solve_with, allocation),
                 budget=repair_budget,
                 tolerance=repair_tolerance,
                 tokens=repair_tokens,
@@ -573,36 +565,3 @@ def allocate(
         if repair_record is not None:
             allocation = allocation.with_repair(repair_record)
     return allocation
-
-
-def measure_frontier(
-    prep: Prepared,
-    front: Frontier,
-    *,
-    eval_tokens: int | None,
-    batch_size: int = 4,
-    progress: bool = True,
-) -> Frontier:
-    """Measure every frontier point's perplexity (and unquantized fp16) on one evaluation set."""
-    ev = prep.evaluation_windows(eval_tokens)
-    fp16 = measure_assignment(
-        prep,
-        uniform_assignment(prep.units, "fp16"),
-        ev,
-        batch_size=batch_size,
-        progress=progress,
-        desc="perplexity fp16",
-    ).perplexity
-    points = []
-    for point in front.points:
-        point.allocation.check_model(prep.model)
-        result = measure_assignment(
-            prep,
-            point.allocation.formats,
-            ev,
-            batch_size=batch_size,
-            progress=progress,
-            desc=f"perplexity @ {point.budget:g} bits",
-        )
-        points.append(FrontierPoint(point.budget, point.allocation, result.perplexity))
-    return Frontier(tuple(points), front.method, front.ties, fp16)

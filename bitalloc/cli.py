@@ -17,8 +17,10 @@ from bitalloc.cliargs import (
     budget_options,
     check_profiler,
     common_options,
+    kv_options,
     measuring_options,
     parse_options,
+    parse_size,
     scale_folding_option,
     solver_options,
 )
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("allocate", help="choose a format per weight matrix under a bit budget")
     common_options(a)
-    budget_options(a, required=True)
+    budget_options(a, required=False)
+    kv_options(a)
     a.add_argument(
         "--profiler",
         default="fisher",
@@ -265,6 +268,13 @@ def _allocate(args: argparse.Namespace) -> None:
         use_cache=not args.no_cache,
         progress=not args.quiet,
         scale_folding=False if args.scale_folding is None else args.scale_folding,
+        kv_avg_bits=args.kv_avg_bits,
+        memory_bytes=None if args.memory is None else parse_size(args.memory),
+        context_len=args.context_len,
+        batch_size=args.batch_size,
+        kv_formats=args.kv_formats,
+        kv_profiler=args.kv_profiler,
+        kv_tokens=args.kv_tokens,
     )
     if alloc.data.scale_folding is not None:
         from bitalloc.folding_record import describe
@@ -280,6 +290,8 @@ def _allocate(args: argparse.Namespace) -> None:
 
 def _print_allocation(alloc, *, units: bool) -> None:
     print(alloc.table() if units else alloc.layer_table())
+    if alloc.data.kv is not None:
+        print(alloc.kv_table())
     solver = alloc.data.solver
     if solver is not None:
         gap = "n/a" if solver.gap is None else f"{solver.gap:.3g}"
@@ -382,6 +394,9 @@ def _print_measured(alloc) -> None:
     print(f"  {'allocation':<12} {alloc.avg_bits:6.3f} bits  ppl {m.perplexity:9.3f}")
     for name, ppl in m.baselines.items():
         print(f"  {name:<12} {m.baseline_avg_bits[name]:6.3f} bits  ppl {ppl:9.3f}")
+    for name, ppl in m.kv_baselines.items():
+        bits = m.kv_baseline_avg_bits[name]
+        print(f"  weights+{name:<8} KV {bits:6.3f} bits/element  ppl {ppl:9.3f}")
     print(
         f"  loss increase: predicted {m.predicted_loss_increase:.4f}, "
         f"measured {m.measured_loss_increase:.4f} nats/token"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -139,3 +140,75 @@ def check_profiler(name: str) -> None:
 
     if name not in PROFILERS:
         raise BitallocError(f"unknown profiler {name!r}; choose one of {sorted(PROFILERS)}")
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
+
+
+def parse_size(text: str) -> float:
+    """Bytes from ``"150MiB"``, ``"1.5GiB"``, ``"200MB"``, ``"2e8"`` (a clear error otherwise)."""
+    value = str(text).strip().lower().replace(" ", "")
+    number = value.rstrip("kmgib")
+    unit = value[len(number) :]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = math.nan
+    if unit not in _SIZE_UNITS or not math.isfinite(amount) or amount <= 0:
+        raise BitallocError(
+            f"memory size {text!r}: give a positive number of bytes, optionally with a unit "
+            "(KiB, MiB, GiB, KB, MB, GB), e.g. 150MiB"
+        )
+    return amount * _SIZE_UNITS[unit]
+
+
+def kv_options(p: argparse.ArgumentParser) -> None:
+    """KV-cache budgets: ``--kv-avg-bits``, or one ``--memory`` for weights and KV cache."""
+    p.add_argument(
+        "--kv-avg-bits",
+        type=float,
+        default=None,
+        help="also choose a (key bits, value bits) pair per attention layer: average stored "
+        "bits per cached element (scales included) at --context-len; without --avg-bits the "
+        "weights stay at fp16",
+    )
+    p.add_argument(
+        "--memory",
+        default=None,
+        metavar="SIZE",
+        help="one budget for weights + KV cache (e.g. 150MiB): weight formats and KV pairs are "
+        "chosen together for --context-len tokens x --batch-size sequences (use it instead "
+        "of --avg-bits / --kv-avg-bits)",
+    )
+    p.add_argument(
+        "--context-len",
+        type=int,
+        default=None,
+        help="tokens the KV cache must hold (needed with --memory; default --seq-len)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=1, help="sequences the KV cache holds (default 1)"
+    )
+    p.add_argument(
+        "--kv-formats",
+        default=None,
+        help="KV palette, e.g. K2V2,K4V2,K4V4,K8V4,K8V8 (default: all 16 pairs of 2/4/8/16 bits)",
+    )
+    p.add_argument(
+        "--kv-profiler",
+        default="kl",
+        choices=("kl", "loss", "proxy"),
+        help="KV sensitivity measure (default kl; --memory needs kl or loss)",
+    )
+    p.add_argument(
+        "--kv-tokens", type=int, default=None, help="KV profile calibration tokens (default 1024)"
+    )

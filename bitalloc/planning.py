@@ -205,7 +205,6 @@ def to_allocation(
         UnitChoice.of(unit, palette[int(j)], float(profile.loss[i, column[palette[int(j)].name]]))
         for i, (unit, j) in enumerate(zip(units, solution.choice))
     ]
-    meta = profile.metadata
     terms = profile.interactions
     pair_loss = 0.0
     if terms is not None:
@@ -224,26 +223,39 @@ def to_allocation(
         budget=budget,
         units=choices,
         excluded=dict(excluded or {}),
-        solver=SolverSummary(
-            method=solution.method,
-            status=solution.status,
-            objective=solution.objective,
-            lower_bound=solution.lower_bound,
-            gap=solution.gap,
-            wall_time_s=solution.wall_time_s,
-        ),
-        profile=ProfileSummary(
-            method=str(meta.get("method", "unknown")),
-            tokens=meta.get("tokens"),
-            seconds=meta.get("seconds"),
-            model_fingerprint=meta.get("model_fingerprint"),
-            calibration_fingerprint=meta.get("calibration_fingerprint"),
-            cache=meta.get("cache"),
-            interaction_pairs=0 if terms is None else len(terms.pairs),
-            interaction_formats=None if terms is None else list(terms.formats),
-            interaction_loss=pair_loss,
-        ),
+        solver=solver_summary(solution),
+        profile=profile_summary(profile, pair_loss),
         interaction_loss=pair_loss,
+    )
+
+
+def solver_summary(solution: Solution) -> SolverSummary:
+    """The record of how a solver made its choice."""
+    return SolverSummary(
+        method=solution.method,
+        status=solution.status,
+        objective=solution.objective,
+        lower_bound=solution.lower_bound,
+        gap=solution.gap,
+        wall_time_s=solution.wall_time_s,
+    )
+
+
+def profile_summary(profile: Profile, interaction_loss: float = 0.0) -> ProfileSummary:
+    """The record of which profile predicted the losses (``interaction_loss``: the pairwise
+    terms' share of the chosen allocation's predicted loss)."""
+    meta = profile.metadata
+    terms = profile.interactions
+    return ProfileSummary(
+        method=str(meta.get("method", "unknown")),
+        tokens=meta.get("tokens"),
+        seconds=meta.get("seconds"),
+        model_fingerprint=meta.get("model_fingerprint"),
+        calibration_fingerprint=meta.get("calibration_fingerprint"),
+        cache=meta.get("cache"),
+        interaction_pairs=0 if terms is None else len(terms.pairs),
+        interaction_formats=None if terms is None else list(terms.formats),
+        interaction_loss=interaction_loss,
     )
 
 

@@ -125,7 +125,7 @@ class QuantizedKVCache(DynamicCache):
 
 
 @dataclass(frozen=True)
-class _Plan:
+class CachePlan:
     """A model's checked cache layout: formats per layer, cache slots, the attention layers that
     must write to the cache, and the forward argument that takes it."""
 
@@ -135,6 +135,7 @@ class _Plan:
     argument: str
 
     def new_cache(self) -> QuantizedKVCache:
+        """An empty cache with this plan's formats."""
         return QuantizedKVCache(self.formats, self.num_layers)
 
 
@@ -188,18 +189,19 @@ def _resolve(geometry: AttentionGeometry, formats_by_layer: FormatsByLayer) -> d
     return resolved
 
 
-def _plan(model: nn.Module, formats_by_layer: FormatsByLayer) -> _Plan:
+def plan_cache(model: nn.Module, formats_by_layer: FormatsByLayer) -> CachePlan:
+    """Check ``model`` and the formats map once, for many caches (:meth:`CachePlan.new_cache`)."""
     geometry = attention_geometry(model)
     formats = _resolve(geometry, formats_by_layer)
     declared = int(getattr(_text_config(model), "num_hidden_layers", 0) or 0)
     slots = max(declared, max(geometry.layer_indices) + 1)
-    return _Plan(formats, slots, geometry.layer_indices, _cache_argument(model))
+    return CachePlan(formats, slots, geometry.layer_indices, _cache_argument(model))
 
 
 def build_kv_cache(model: nn.Module, formats_by_layer: FormatsByLayer) -> QuantizedKVCache:
     """A fresh :class:`QuantizedKVCache` for ``model``, checked against its attention layers
     and against its forward taking a cache argument."""
-    return _plan(model, formats_by_layer).new_cache()
+    return plan_cache(model, formats_by_layer).new_cache()
 
 
 def _cache_argument(model: nn.Module) -> str:
@@ -218,7 +220,8 @@ def _cache_argument(model: nn.Module) -> str:
     )
 
 
-def _check_context(model: nn.Module, tokens: int) -> None:
+def check_context(model: nn.Module, tokens: int) -> None:
+    """Raise :class:`BitallocError` when ``tokens`` exceeds the model's maximum positions."""
     limit = getattr(_text_config(model), "max_position_embeddings", None)
     if limit is not None and tokens > limit:
         raise BitallocError(
@@ -227,8 +230,8 @@ def _check_context(model: nn.Module, tokens: int) -> None:
         )
 
 
-def _forward(
-    model: nn.Module, ids: torch.Tensor, cache: QuantizedKVCache, plan: _Plan
+def forward_with_cache(
+    model: nn.Module, ids: torch.Tensor, cache: QuantizedKVCache, plan: CachePlan
 ) -> torch.Tensor:
     """Logits of one forward through ``cache``; checks every attention layer wrote to it."""
     before = [layer.get_seq_length() for layer in cache.layers]
@@ -243,7 +246,8 @@ def _forward(
     return out.logits
 
 
-def _device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
@@ -267,13 +271,13 @@ def kv_perplexity(
             f"need at least one window of 2+ tokens to score, got shape {tuple(windows.shape)}"
         )
     _check_positive(batch_size, "batch_size")
-    _check_context(model, windows.shape[1])
-    plan = _plan(model, formats_by_layer)
-    device = _device(model)
+    check_context(model, windows.shape[1])
+    plan = plan_cache(model, formats_by_layer)
+    device = model_device(model)
 
     def logits_of(ids: torch.Tensor) -> torch.Tensor:
         # A fresh cache per batch: each window is scored at its own context length.
-        return _forward(model, ids.to(device), plan.new_cache(), plan)
+        return forward_with_cache(model, ids.to(device), plan.new_cache(), plan)
 
     return perplexity(
         model, windows, batch_size=batch_size, progress=progress, desc=desc, logits_of=logits_of
@@ -295,10 +299,10 @@ def generate_ids_with_kv(
         raise BitallocError("input_ids must be a (batch, n) tensor with at least one token")
     _check_positive(max_new_tokens, "max_new_tokens")
     # The last new token is returned, never fed back, so it takes no position.
-    _check_context(model, input_ids.shape[1] + max_new_tokens - 1)
-    plan = _plan(model, formats_by_layer)
+    check_context(model, input_ids.shape[1] + max_new_tokens - 1)
+    plan = plan_cache(model, formats_by_layer)
     cache = plan.new_cache()
-    ids = input_ids.to(_device(model))
+    ids = input_ids.to(model_device(model))
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     generated = []
     was_training = model.training
@@ -307,7 +311,7 @@ def generate_ids_with_kv(
         with torch.inference_mode():
             step = ids
             for _ in range(max_new_tokens):
-                nxt = _forward(model, step, cache, plan)[:, -1].argmax(dim=-1)
+                nxt = forward_with_cache(model, step, cache, plan)[:, -1].argmax(dim=-1)
                 if eos_token_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                     done |= nxt == eos_token_id

@@ -52,7 +52,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
-from bitalloc.kv.cache import QuantizedKVCache, _check_context, _device, _forward, _Plan, _plan
+from bitalloc.kv.cache import (
+    CachePlan,
+    QuantizedKVCache,
+    check_context,
+    forward_with_cache,
+    model_device,
+    plan_cache,
+)
 from bitalloc.kv.formats import KVFormat, attention_geometry, parse_kv_format
 from bitalloc.kv.proxy import QueryCapture, attention_errors, quantizes
 from bitalloc.kv.report import key_value_sensitivity, kv_sensitivity_table
@@ -112,8 +119,8 @@ class KVProfiler(BaseProfiler):
         formats = _formats(palette)
         layers = _unit_layers(model, units)
         windows = _windows(calibration, self.tokens)
-        _check_context(model, windows.shape[1])
-        plan = _plan(model, {})
+        check_context(model, windows.shape[1])
+        plan = plan_cache(model, {})
         was_training = model.training
         model.eval()
         try:
@@ -159,17 +166,17 @@ class KVProfiler(BaseProfiler):
             for first in range(0, len(windows), self.batch_size):
                 yield windows[first : first + self.batch_size], bar
 
-    def _measure(self, model, plan: _Plan, layers, formats, windows):
+    def _measure(self, model, plan: CachePlan, layers, formats, windows):
         """``loss`` and ``kl``: one forward per (layer, quantizing format) and batch."""
         seq_len = windows.shape[1]
         jobs = [(i, j) for i in range(len(layers)) for j, f in enumerate(formats)]
         jobs = [(i, j) for i, j in jobs if quantizes(formats[j], seq_len)]
-        device = _device(model)
+        device = model_device(model)
         total = np.zeros((len(layers), len(formats)))
         base_total, tokens, skipped, skipped_windows = 0.0, 0, 0, 0
         for batch, bar in self._batches(windows, 1 + len(jobs), self.method):
             ids = batch.to(device)
-            logits = _forward(model, ids, plan.new_cache(), plan)
+            logits = forward_with_cache(model, ids, plan.new_cache(), plan)
             base = _nll(logits, ids)
             reference = None
             if self.method == "kl":
@@ -178,7 +185,7 @@ class KVProfiler(BaseProfiler):
             delta = np.zeros_like(total)
             for i, j in jobs:
                 cache = QuantizedKVCache({layers[i]: formats[j]}, plan.num_layers)
-                logits = _forward(model, ids, cache, plan)
+                logits = forward_with_cache(model, ids, cache, plan)
                 # Per-batch differences: the shared base cancels before the sums grow.
                 delta[i, j] = (
                     _nll(logits, ids) - base if reference is None else _kl(logits, reference)
@@ -194,13 +201,13 @@ class KVProfiler(BaseProfiler):
         extra = {"base_loss": base_total / tokens if tokens else None, "forwards": len(jobs) + 1}
         return raw, skipped, {**extra, "skipped_windows": skipped_windows}
 
-    def _proxy(self, model, plan: _Plan, layers, formats, windows):
+    def _proxy(self, model, plan: CachePlan, layers, formats, windows):
         geometry = attention_geometry(model)
         modules = {
             i: model.get_submodule(p) for p, i in zip(geometry.paths, geometry.layer_indices)
         }
         capture = QueryCapture({layer: modules[layer] for layer in layers}, geometry.head_dim)
-        device = _device(model)
+        device = model_device(model)
         errors = np.zeros((len(layers), len(formats)))
         energy = np.zeros(len(layers))
         skipped, skipped_windows, worst_check = 0, 0, 0.0
@@ -208,7 +215,7 @@ class KVProfiler(BaseProfiler):
             for batch, bar in self._batches(windows, 1, "proxy"):
                 ids = batch.to(device)
                 cache = plan.new_cache()
-                _forward(model, ids, cache, plan)
+                forward_with_cache(model, ids, cache, plan)
                 bar.update()
                 rows, norms = np.zeros_like(errors), np.zeros_like(energy)
                 for i, layer in enumerate(layers):

@@ -1,0 +1,326 @@
+"""KV-cache allocation inside :func:`bitalloc.allocate`: profile the KV units, then choose
+per-layer (key bits, value bits) pairs under ``kv_avg_bits`` beside the weight allocation, or
+choose weights and pairs together under one ``memory_bytes`` budget (:mod:`bitalloc.kv.plan`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bitalloc.allocation import Allocation, UnitChoice
+from bitalloc.data import tensor_fingerprint
+from bitalloc.errors import BitallocError
+from bitalloc.formats import parse_format
+from bitalloc.kv.formats import KVFormat, kv_palette, kv_units
+from bitalloc.kv.plan import (
+    NATS_METHODS,
+    JointSpace,
+    build_joint_problem,
+    build_kv_problem,
+    check_context_batch,
+    fixed_bytes,
+    separate_splits,
+    split_solution,
+    to_kv_allocation,
+)
+from bitalloc.kv.record import JointBudget, KVAllocation
+from bitalloc.models import Unit, excluded_parameters, model_fingerprint
+from bitalloc.planning import tie_groups, to_allocation
+from bitalloc.sensitivity import Profile, cached_profile
+from bitalloc.solvers import solve
+
+if TYPE_CHECKING:
+    from bitalloc.allocator import Prepared
+
+#: The KV palette :func:`bitalloc.allocate` uses unless given one: every pair of KIVI's widths.
+DEFAULT_KV_METHOD = "kl"
+DEFAULT_KV_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class KVRequest:
+    """What the caller asked of the KV cache, checked before the model is loaded."""
+
+    kv_avg_bits: float | None
+    memory_bytes: float | None
+    context_len: int | None
+    batch_size: int
+    palette: tuple[KVFormat, ...]
+    method: str
+    tokens: int
+
+    @property
+    def joint(self) -> bool:
+        """True for one weights + KV memory budget."""
+        return self.memory_bytes is not None
+
+
+def kv_request(
+    *,
+    avg_bits: float | None,
+    max_bytes: float | None,
+    kv_avg_bits: float | None,
+    memory_bytes: float | None,
+    context_len: int | None,
+    batch_size: int,
+    kv_formats: str | Sequence[str | KVFormat] | None,
+    kv_profiler: str,
+    kv_tokens: int | None,
+    solver: str | None,
+) -> KVRequest | None:
+    """The checked KV request, or None when neither ``kv_avg_bits`` nor ``memory_bytes`` is
+    given (then the other KV options must be left at their defaults)."""
+    if kv_avg_bits is None and memory_bytes is None:
+        given = [
+            name
+            for name, value in (("context_len", context_len), ("kv_formats", kv_formats))
+            if value is not None
+        ]
+        if given or batch_size != 1:
+            raise BitallocError(
+                f"{', '.join(given) or 'batch_size'} sizes the KV cache; pass kv_avg_bits= (a KV "
+                "budget) or memory_bytes= (one weights + KV budget) with it"
+            )
+        return None
+    if memory_bytes is not None and (
+        avg_bits is not None or kv_avg_bits is not None or max_bytes is not None
+    ):
+        raise BitallocError(
+            "memory_bytes is one budget for weights and KV cache and decides their split itself; "
+            "pass it alone, or pass avg_bits (weights) and kv_avg_bits (KV cache) instead"
+        )
+    if memory_bytes is not None and context_len is None:
+        raise BitallocError(
+            "a memory budget needs the context the KV cache must hold: pass context_len= "
+            "(tokens) and batch_size= (sequences, default 1)"
+        )
+    if solver == "rl":
+        raise BitallocError(
+            "the rl solver allocates weight matrices only (its embedding reads weights); choose "
+            "lagrangian, dp, ilp or qp for the KV cache"
+        )
+    if memory_bytes is not None and kv_profiler not in NATS_METHODS:
+        raise BitallocError(
+            f"a joint memory budget adds weight and KV losses, so the KV profile must be in "
+            f"nats: use kv_profiler in {NATS_METHODS}, not {kv_profiler!r}"
+        )
+    if context_len is not None or batch_size != 1:
+        check_context_batch(1 if context_len is None else context_len, batch_size)
+    tokens = DEFAULT_KV_TOKENS if kv_tokens is None else kv_tokens
+    from bitalloc.kv.profiler import KVProfiler
+
+    KVProfiler(kv_profiler, tokens=tokens)  # checks method and tokens before any loading
+    return KVRequest(
+        kv_avg_bits=kv_avg_bits,
+        memory_bytes=memory_bytes,
+        context_len=context_len,
+        batch_size=batch_size,
+        palette=kv_palette(kv_formats),
+        method=kv_profiler,
+        tokens=tokens,
+    )
+
+
+def profile_kv(
+    prep: Prepared, request: KVRequest, *, use_cache: bool = True, progress: bool = True
+) -> tuple[list[Unit], Profile]:
+    """The model's KV units and their profile (cached like weight profiles)."""
+    from bitalloc.kv.profiler import KVProfiler
+
+    units = kv_units(prep.model)
+    cal = prep.calibration_windows()
+    profiler = KVProfiler(request.method, tokens=request.tokens, progress=progress)
+    prof = cached_profile(
+        profiler,
+        prep.model,
+        units,
+        request.palette,
+        cal,
+        model_fingerprint=model_fingerprint(prep.model, prep.units),
+        calibration_fingerprint=tensor_fingerprint(cal),
+        use_cache=use_cache,
+    )
+    return units, prof
+
+
+def unquantized_weights(prep: Prepared) -> Allocation:
+    """Every weight unit kept at fp16: the weight side of a KV-only allocation."""
+    fp16 = parse_format("fp16")
+    return Allocation.from_choices(
+        model=prep.loaded.source,
+        budget=16.0,
+        units=[UnitChoice.of(u, fp16, 0.0) for u in prep.units],
+        excluded=excluded_parameters(prep.model, prep.units),
+    )
+
+
+def allocate_with_kv(
+    prep: Prepared,
+    weight_profile: Profile | None,
+    request: KVRequest,
+    *,
+    solve_weights: Callable[[Profile], Allocation],
+    solver: str | None,
+    solver_options: Mapping[str, Any],
+    ties: str | Sequence[str] | None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> Allocation:
+    """The allocation with KV formats: weights by ``solve_weights`` (or kept at fp16 when no
+    weight profile is given) and KV pairs under ``kv_avg_bits``, or both in one joint problem."""
+    from bitalloc.kv.cache import check_context
+
+    context = prep.seq_len if request.context_len is None else request.context_len
+    check_context(prep.model, context)
+    units, kv_prof = profile_kv(prep, request, use_cache=use_cache, progress=progress)
+    if request.joint:
+        if weight_profile is None:
+            raise BitallocError("a joint memory budget needs the weight profile")
+        return _joint(
+            prep, weight_profile, units, kv_prof, request, context, solver, solver_options, ties
+        )
+    weights = unquantized_weights(prep) if weight_profile is None else solve_weights(weight_profile)
+    problem = build_kv_problem(
+        units,
+        request.palette,
+        kv_prof,
+        request.kv_avg_bits,
+        context_len=context,
+        batch_size=request.batch_size,
+    )
+    solution = solve(problem, method=solver or "lagrangian", **dict(solver_options))
+    kv = to_kv_allocation(
+        units,
+        request.palette,
+        kv_prof,
+        solution.choice,
+        context_len=context,
+        batch_size=request.batch_size,
+        budget=request.kv_avg_bits,
+        solution=solution,
+    )
+    return weights.with_kv(kv)
+
+
+def _joint(prep, weight_profile, units, kv_prof, request, context, solver, options, ties):
+    from bitalloc.planning import default_method
+
+    method = default_method(weight_profile, solver)
+    excluded = excluded_parameters(prep.model, prep.units)
+    space = JointSpace(
+        weight_units=tuple(prep.units),
+        weight_palette=tuple(prep.palette),
+        weight_profile=weight_profile,
+        kv_units=tuple(units),
+        kv_palette=request.palette,
+        kv_profile=kv_prof,
+        context_len=context,
+        batch_size=request.batch_size,
+        fixed_bytes=fixed_bytes(excluded),
+    )
+    memory = request.memory_bytes
+    problem = build_joint_problem(space, memory, ties=tie_groups(prep.units, ties))
+    solution = solve(problem, method=method, **dict(options))
+    weight_solution, kv_choice = split_solution(space, solution)
+    numel = sum(u.numel for u in prep.units)
+    weight_bits = sum(
+        prep.palette[int(j)].storage_bits(u.shape)
+        for u, j in zip(prep.units, weight_solution.choice)
+    )
+    weights = to_allocation(
+        prep.units,
+        prep.palette,
+        weight_profile,
+        weight_solution,
+        weight_bits / numel,  # the split gave the weights this budget
+        model=prep.loaded.source,
+        excluded=excluded,
+    )
+    kv: KVAllocation = to_kv_allocation(
+        units,
+        request.palette,
+        kv_prof,
+        kv_choice,
+        context_len=context,
+        batch_size=request.batch_size,
+        budget=None,
+        solution=solution,
+    )
+    joint = JointBudget(
+        memory_bytes=float(memory),
+        minimum_bytes=space.memory_range()[0],
+        fixed_bytes=space.fixed_bytes,
+        weight_bytes=weights.data.bytes,
+        kv_bytes=kv.bytes,
+        total_bytes=space.fixed_bytes + weights.data.bytes + kv.bytes,
+        weight_loss=float(weights.data.predicted_loss or 0.0),
+        kv_loss=float(kv.predicted_loss or 0.0),
+        separate=separate_splits(space, memory, method=method, options=options, ties=ties),
+    )
+    return weights.with_kv(kv, joint)
+
+
+def keeping_kv(solve_with: Callable[[Profile], Allocation], allocation: Allocation):
+    """``solve_with`` for verify-and-repair, keeping the KV formats of ``allocation``: repair
+    re-solves the weights, the KV formats (chosen under their own budget) stay."""
+    kv = allocation.data.kv
+
+    def solve_keeping_kv(table: Profile) -> Allocation:
+        return solve_with(table).with_kv(kv)
+
+    return solve_keeping_kv
+
+
+def allocate_kv_only(
+    model: Any,
+    request: KVRequest,
+    *,
+    formats,
+    calibration,
+    evaluation,
+    tokenizer,
+    seq_len,
+    scale_folding,
+    solver,
+    solver_options,
+    verify,
+    eval_tokens,
+    use_cache,
+    progress,
+) -> Allocation:
+    """:func:`bitalloc.allocate` with ``kv_avg_bits`` and no ``avg_bits``: the weights stay at
+    fp16 and are not profiled; the other arguments are :func:`~bitalloc.allocate`'s."""
+    from bitalloc.allocator import prepare
+    from bitalloc.measuring import measure
+
+    if scale_folding:
+        raise BitallocError(
+            "scale folding changes how weights quantize; with kv_avg_bits alone the weights "
+            "stay at fp16, so pass avg_bits too or leave scale_folding off"
+        )
+    prep = prepare(
+        model,
+        formats=formats,
+        calibration=calibration,
+        evaluation=evaluation,
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+    )
+    allocation = allocate_with_kv(
+        prep,
+        None,
+        request,
+        solve_weights=lambda table: unquantized_weights(prep),
+        solver=solver,
+        solver_options=dict(solver_options or {}),
+        ties=None,
+        use_cache=use_cache,
+        progress=progress,
+    )
+    if verify:
+        allocation = allocation.with_measured(
+            measure(prep, allocation, eval_tokens=eval_tokens, progress=progress)
+        )
+    return allocation
