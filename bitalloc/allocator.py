@@ -69,6 +69,7 @@ from bitalloc.repair import verify_and_repair
 from bitalloc.rl.options import rl_solver_options
 from bitalloc.sensitivity import (
     MEASURING_PROFILERS,
+    BaseProfiler,
     Interactions,
     Profile,
     cached_profile,
@@ -188,6 +189,29 @@ def _default_interaction_formats(palette: Sequence[QuantFormat]) -> list[QuantFo
     return sorted((f for f in ints if f.group_size == group), key=lambda f: f.bits)[:2]
 
 
+def cached_profile_of(
+    prep: Prepared,
+    profiler: BaseProfiler,
+    units: Sequence[Unit],
+    palette: Sequence[Any],
+    calibration: torch.Tensor,
+    *,
+    use_cache: bool = True,
+) -> Profile:
+    """``profiler``'s table for ``units`` x ``palette`` on the prepared model, from the profile
+    cache when one matches (keyed by the model's weights and the calibration tokens)."""
+    return cached_profile(
+        profiler,
+        prep.model,
+        units,
+        palette,
+        calibration,
+        model_fingerprint=model_fingerprint(prep.model, prep.units),
+        calibration_fingerprint=tensor_fingerprint(calibration),
+        use_cache=use_cache,
+    )
+
+
 def profile_model(
     prep: Prepared,
     profiler: str = "fisher",
@@ -225,16 +249,7 @@ def profile_model(
         options.setdefault("workers", workers)
         options.setdefault("ray_address", ray_address)
     prof = make_profiler(profiler, progress=progress, **options)
-    result = cached_profile(
-        prof,
-        prep.model,
-        chosen,
-        prep.palette,
-        cal,
-        model_fingerprint=model_fingerprint(prep.model, prep.units),
-        calibration_fingerprint=tensor_fingerprint(cal),
-        use_cache=use_cache,
-    )
+    result = cached_profile_of(prep, prof, chosen, prep.palette, cal, use_cache=use_cache)
     result = result.with_metadata(
         model=prep.loaded.source,
         unit_info=describe_units(chosen),

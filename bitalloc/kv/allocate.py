@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bitalloc.allocation import Allocation, UnitChoice
-from bitalloc.data import tensor_fingerprint
 from bitalloc.errors import BitallocError
 from bitalloc.formats import parse_format
 from bitalloc.kv.formats import KVFormat, kv_palette, kv_units
@@ -26,9 +25,9 @@ from bitalloc.kv.plan import (
     to_kv_allocation,
 )
 from bitalloc.kv.record import JointBudget, KVAllocation
-from bitalloc.models import Unit, excluded_parameters, model_fingerprint
+from bitalloc.models import Unit, excluded_parameters
 from bitalloc.planning import tie_groups, to_allocation
-from bitalloc.sensitivity import Profile, cached_profile
+from bitalloc.sensitivity import Profile
 from bitalloc.solvers import solve
 
 if TYPE_CHECKING:
@@ -127,22 +126,15 @@ def profile_kv(
     prep: Prepared, request: KVRequest, *, use_cache: bool = True, progress: bool = True
 ) -> tuple[list[Unit], Profile]:
     """The model's KV units and their profile (cached like weight profiles)."""
+    from bitalloc.allocator import cached_profile_of
     from bitalloc.kv.profiler import KVProfiler
 
     units = kv_units(prep.model)
-    cal = prep.calibration_windows()
     profiler = KVProfiler(request.method, tokens=request.tokens, progress=progress)
-    prof = cached_profile(
-        profiler,
-        prep.model,
-        units,
-        request.palette,
-        cal,
-        model_fingerprint=model_fingerprint(prep.model, prep.units),
-        calibration_fingerprint=tensor_fingerprint(cal),
-        use_cache=use_cache,
+    cal = prep.calibration_windows()
+    return units, cached_profile_of(
+        prep, profiler, units, request.palette, cal, use_cache=use_cache
     )
-    return units, prof
 
 
 def unquantized_weights(prep: Prepared) -> Allocation:
@@ -204,22 +196,35 @@ def allocate_with_kv(
     return weights.with_kv(kv)
 
 
-def _joint(prep, weight_profile, units, kv_prof, request, context, solver, options, ties):
-    from bitalloc.planning import default_method
-
-    method = default_method(weight_profile, solver)
-    excluded = excluded_parameters(prep.model, prep.units)
-    space = JointSpace(
+def joint_space(
+    prep: Prepared,
+    weight_profile: Profile,
+    units: Sequence[Unit],
+    kv_profile: Profile,
+    request: KVRequest,
+    context_len: int,
+) -> JointSpace:
+    """The :class:`JointSpace` of the prepared model: its weight units and palette, its KV
+    units and the request's KV palette, and its parameters outside the allocation."""
+    return JointSpace(
         weight_units=tuple(prep.units),
         weight_palette=tuple(prep.palette),
         weight_profile=weight_profile,
         kv_units=tuple(units),
         kv_palette=request.palette,
-        kv_profile=kv_prof,
-        context_len=context,
+        kv_profile=kv_profile,
+        context_len=context_len,
         batch_size=request.batch_size,
-        fixed_bytes=fixed_bytes(excluded),
+        fixed_bytes=fixed_bytes(excluded_parameters(prep.model, prep.units)),
     )
+
+
+def _joint(prep, weight_profile, units, kv_prof, request, context, solver, options, ties):
+    from bitalloc.planning import default_method
+
+    method = default_method(weight_profile, solver)
+    excluded = excluded_parameters(prep.model, prep.units)
+    space = joint_space(prep, weight_profile, units, kv_prof, request, context)
     memory = request.memory_bytes
     problem = build_joint_problem(space, memory, ties=tie_groups(prep.units, ties))
     solution = solve(problem, method=method, **dict(options))
