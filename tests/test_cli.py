@@ -172,3 +172,28 @@ def test_cli_profilers_interactions_and_combined_allocation(tmp_path, isolated_c
     # A profile of two layers cannot allocate the whole model: a clear error, not a crash.
     assert main(["allocate", "--avg-bits", "3.25", "--profile", str(terms), "--quiet"]) == 2
     assert "do not match this model's units" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("150MiB", 150 * 2**20),
+        ("1.5 GiB", 1.5 * 2**30),
+        ("200MB", 2e8),
+        ("2e8", 2e8),
+        ("64kb", 64e3),
+    ],
+)
+def test_memory_sizes_parse_with_units(text, expected):
+    from bitalloc.cliargs import parse_size
+
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0", "-1MiB", "5XB", "MiB", "nan", "inf"])
+def test_bad_memory_sizes_say_what_to_write(text):
+    from bitalloc.cliargs import parse_size
+    from bitalloc.errors import BitallocError
+
+    with pytest.raises(BitallocError, match="e.g. 150MiB"):
+        parse_size(text)
