@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from bitalloc.kv.allocate import (
     DEFAULT_KV_METHOD,
     allocate_kv_only,
     allocate_with_kv,
+    check_kv_budget_fits,
     keeping_kv,
     kv_request,
 )
@@ -326,13 +328,15 @@ def prepare_and_profile(
     progress: bool = True,
     scale_folding: bool | float | None = None,
     budget_required: bool = True,
+    check: Callable[[Prepared], object] | None = None,
 ) -> tuple[Prepared, Profile]:
     """The first steps of :func:`allocate` (and of the measured search): load the model, check
     the budget against its units and palette, then profile it (cached) or check a saved
     ``profile`` against it. A saved profile's formats are the palette unless ``formats`` is
     given. ``scale_folding`` (see :func:`allocate`; off by default) folds the model between
     loading and profiling and records it in ``prep.scale_folding``. ``budget_required`` False
-    accepts ``avg_bits`` None (a joint memory budget sets the weights' share itself)."""
+    accepts ``avg_bits`` None (a joint memory budget sets the weights' share itself);
+    ``check`` is called with the prepared model before anything is profiled."""
     if avg_bits is None and budget_required:
         raise BitallocError(
             "pass avg_bits (--avg-bits), the budget in average bits per weight (e.g. 3.25), "
@@ -354,6 +358,8 @@ def prepare_and_profile(
     )
     if avg_bits is not None:
         check_budget(avg_bits, prep.units, prep.palette)
+    if check is not None:
+        check(prep)
     if alpha is not None:
         # load_model does not copy a module passed in, so a copy of it is folded.
         loaded, record = fold_loaded(
@@ -523,6 +529,7 @@ def allocate(
         progress=progress,
         scale_folding=scale_folding,
         budget_required=request is None or not request.joint,
+        check=None if request is None else partial(check_kv_budget_fits, request=request),
     )
     if interactions_from is not None:
         prof = prof.with_interactions(_interaction_source(interactions_from))

@@ -15,10 +15,12 @@ from bitalloc.formats import parse_format
 from bitalloc.kv.formats import KVFormat, kv_palette, kv_units
 from bitalloc.kv.plan import (
     NATS_METHODS,
+    JointCosts,
     JointSpace,
     build_joint_problem,
     build_kv_problem,
     check_context_batch,
+    check_kv_budget,
     fixed_bytes,
     separate_splits,
     split_solution,
@@ -162,10 +164,7 @@ def allocate_with_kv(
 ) -> Allocation:
     """The allocation with KV formats: weights by ``solve_weights`` (or kept at fp16 when no
     weight profile is given) and KV pairs under ``kv_avg_bits``, or both in one joint problem."""
-    from bitalloc.kv.cache import check_context
-
-    context = prep.seq_len if request.context_len is None else request.context_len
-    check_context(prep.model, context)
+    context = check_kv_budget_fits(prep, request)
     units, kv_prof = profile_kv(prep, request, use_cache=use_cache, progress=progress)
     if request.joint:
         if weight_profile is None:
@@ -194,6 +193,29 @@ def allocate_with_kv(
         solution=solution,
     )
     return weights.with_kv(kv)
+
+
+def check_kv_budget_fits(prep: Prepared, request: KVRequest) -> int:
+    """Check the request against the loaded model before anything is profiled: the context
+    fits the model, and ``kv_avg_bits`` or ``memory_bytes`` is reachable. Returns the context."""
+    from bitalloc.kv.cache import check_context
+
+    context = prep.seq_len if request.context_len is None else request.context_len
+    check_context(prep.model, context)
+    units = kv_units(prep.model)
+    if request.joint:
+        JointCosts(
+            weight_units=tuple(prep.units),
+            weight_palette=tuple(prep.palette),
+            kv_units=tuple(units),
+            kv_palette=request.palette,
+            context_len=context,
+            batch_size=request.batch_size,
+            fixed_bytes=fixed_bytes(excluded_parameters(prep.model, prep.units)),
+        ).check_memory(request.memory_bytes)
+    else:
+        check_kv_budget(request.kv_avg_bits, units, request.palette, context)
+    return context
 
 
 def joint_space(

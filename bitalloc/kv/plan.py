@@ -208,15 +208,15 @@ def fixed_bytes(excluded: Mapping[str, int]) -> float:
 
 
 @dataclass(frozen=True)
-class JointSpace:
-    """Everything a joint memory budget is decided over (weights first, then KV units)."""
+class JointCosts:
+    """What a joint memory budget costs: weight units and KV units with their palettes, the
+    context and batch the cache holds, and the bytes of the parameters outside the allocation.
+    Enough to check a budget before anything is profiled."""
 
     weight_units: tuple[Unit, ...]
     weight_palette: tuple[QuantFormat, ...]
-    weight_profile: Profile
     kv_units: tuple[Unit, ...]
     kv_palette: tuple[KVFormat, ...]
-    kv_profile: Profile
     context_len: int
     batch_size: int
     fixed_bytes: float
@@ -261,6 +261,15 @@ class JointSpace:
                 feasible_range=(lo, hi),
             )
         return float(memory_bytes)
+
+
+@dataclass(frozen=True)
+class JointSpace(JointCosts):
+    """Everything a joint memory budget is decided over (weights first, then KV units): the
+    costs and both profiles."""
+
+    weight_profile: Profile
+    kv_profile: Profile
 
 
 def build_joint_problem(

@@ -190,3 +190,18 @@ def test_cli_allocates_kv_and_memory(text_files, isolated_cache, tmp_path, capsy
     assert "best separate" in capsys.readouterr().out
     assert main([*common, "--memory", "lots", "--context-len", "64"]) == 2
     assert "memory size 'lots'" in capsys.readouterr().err
+
+
+def test_unreachable_budgets_fail_before_anything_is_profiled(
+    tiny_model, byte_tokenizer, text_files, isolated_cache, monkeypatch
+):
+    def never(*args, **kwargs):
+        raise AssertionError("profiled before the budget was checked")
+
+    monkeypatch.setattr("bitalloc.allocator.profile_model", never)
+    monkeypatch.setattr("bitalloc.kv.allocate.profile_kv", never)
+    with pytest.raises(InfeasibleBudgetError, match="below the minimum"):
+        _allocate(tiny_model, byte_tokenizer, text_files, memory_bytes=1.0, context_len=64)
+    for avg_bits in (None, 4.5):
+        with pytest.raises(InfeasibleBudgetError, match="kv_avg_bits=2 is outside"):
+            _allocate(tiny_model, byte_tokenizer, text_files, avg_bits, kv_avg_bits=2.0)
