@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,7 @@ from bitalloc.kv.cache import (
 )
 from bitalloc.kv.formats import KVFormat, attention_geometry, parse_kv_format
 from bitalloc.kv.proxy import QueryCapture, attention_errors, quantizes
+from bitalloc.kv.replay import PrefixReplay
 from bitalloc.kv.report import key_value_sensitivity, kv_sensitivity_table
 from bitalloc.models import Unit
 from bitalloc.sensitivity.base import BaseProfiler, spread_windows
@@ -81,6 +83,9 @@ class KVProfiler(BaseProfiler):
 
     ``tokens`` caps the calibration tokens (whole windows, spread over the calibration set);
     ``batch_size`` windows go through one forward; ``progress`` shows a tqdm bar.
+    ``replay_prefix`` (``loss`` and ``kl``) replays the blocks before the quantized layer from
+    the unquantized forward instead of recomputing them (:mod:`bitalloc.kv.replay`; exact,
+    about half the block computation); False recomputes every block.
     """
 
     name = "kv"
@@ -91,6 +96,7 @@ class KVProfiler(BaseProfiler):
         tokens: int = 1024,
         batch_size: int = 4,
         progress: bool = False,
+        replay_prefix: bool = True,
     ) -> None:
         if method not in METHODS:
             raise BitallocError(f"KV profiler method must be one of {METHODS}, got {method!r}")
@@ -101,6 +107,7 @@ class KVProfiler(BaseProfiler):
         self.tokens = tokens
         self.batch_size = batch_size
         self.progress = progress
+        self.replay_prefix = replay_prefix
 
     def options(self) -> dict[str, Any]:
         # batch_size only changes the order of float sums, not the measurement.
@@ -174,9 +181,12 @@ class KVProfiler(BaseProfiler):
         device = model_device(model)
         total = np.zeros((len(layers), len(formats)))
         base_total, tokens, skipped, skipped_windows = 0.0, 0, 0, 0
+        replay = PrefixReplay(model) if self.replay_prefix else None
         for batch, bar in self._batches(windows, 1 + len(jobs), self.method):
             ids = batch.to(device)
-            logits = forward_with_cache(model, ids, plan.new_cache(), plan)
+            reference_cache = plan.new_cache()
+            with replay.recording(reference_cache) if replay else nullcontext():
+                logits = forward_with_cache(model, ids, reference_cache, plan)
             base = _nll(logits, ids)
             reference = None
             if self.method == "kl":
@@ -185,12 +195,15 @@ class KVProfiler(BaseProfiler):
             delta = np.zeros_like(total)
             for i, j in jobs:
                 cache = QuantizedKVCache({layers[i]: formats[j]}, plan.num_layers)
-                logits = forward_with_cache(model, ids, cache, plan)
+                with replay.replaying(layers[i]) if replay else nullcontext():
+                    logits = forward_with_cache(model, ids, cache, plan)
                 # Per-batch differences: the shared base cancels before the sums grow.
                 delta[i, j] = (
                     _nll(logits, ids) - base if reference is None else _kl(logits, reference)
                 )
                 bar.update()
+            if replay:
+                replay.release()
             if not (math.isfinite(base) and np.isfinite(delta).all()):
                 skipped, skipped_windows = skipped + 1, skipped_windows + len(batch)
                 continue

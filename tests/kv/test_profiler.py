@@ -319,3 +319,31 @@ def test_default_model_keys_hurt_more_than_values_at_two_bits(default_model):
     keys = np.mean([r["key"][2] for r in rows])
     values = np.mean([r["value"][2] for r in rows])
     assert keys > values > 0
+
+
+@pytest.mark.parametrize("method", ["loss", "kl"])
+def test_prefix_replay_measures_exactly_what_recomputing_measures(method, trained_model):
+    model = make_tiny_llama(seed=3, layers=4)
+    for net in (trained_model, model):
+        units = kv_units(net)[::-1]
+        calibration = _periodic(4, seed=11)
+        calls = []
+        hook = net.model.layers[1].register_forward_pre_hook(
+            lambda *a, calls=calls: calls.append(1)
+        )
+        replayed = KVProfiler(method, batch_size=2).profile(net, units, FULL, calibration)
+        hook.remove()
+        # Block 1 ran in the reference forwards and when layer 0 or 1 was quantized, only.
+        quantizing = sum(1 for f in FULL if not f.is_lossless)
+        assert len(calls) == 2 * (1 + 2 * quantizing)
+        blocks = [type(b).__name__ for b in net.model.layers]
+        recomputed = KVProfiler(method, batch_size=2, replay_prefix=False).profile(
+            net, units, FULL, calibration
+        )
+        np.testing.assert_allclose(replayed.loss, recomputed.loss, rtol=1e-5, atol=1e-9)
+        # The model's blocks are its own again afterwards.
+        assert (
+            [type(b).__name__ for b in net.model.layers]
+            == blocks
+            == ["LlamaDecoderLayer"] * len(blocks)
+        )
