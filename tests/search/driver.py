@@ -7,6 +7,7 @@ Usage: python driver.py RUN_DIR TRIALS [--resume] [--eval-tokens N] [--workers N
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -42,6 +43,9 @@ def run(run_dir: Path, trials: int, **kw):
 
 
 if __name__ == "__main__":
+    # A shell without job control starts background commands with SIGINT ignored, and Python
+    # keeps an inherited SIG_IGN; the interrupt test needs Ctrl-C to raise KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     p = argparse.ArgumentParser()
     p.add_argument("run_dir", type=Path)
     p.add_argument("trials", type=int)
