@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,19 +35,26 @@ def uniform_avg_bits(units: Sequence[Unit], fmt: QuantFormat | str) -> float:
     return sum(f.storage_bits(u.shape) for u in units) / sum(u.numel for u in units)
 
 
+def nearest_around(exact: Sequence[tuple[float, Any]], target: float) -> list[tuple[float, Any]]:
+    """Of ``(bits, item)`` pairs, the one with the most bits at or below ``target`` and the one
+    with the fewest above it (either left out when there is none)."""
+    below = [e for e in exact if e[0] <= target]
+    above = [e for e in exact if e[0] > target]
+    chosen = []
+    if below:
+        chosen.append(max(below, key=lambda e: e[0]))
+    if above:
+        chosen.append(min(above, key=lambda e: e[0]))
+    return chosen
+
+
 def baseline_formats(
     units: Sequence[Unit], palette: Sequence[QuantFormat], avg_bits: float
 ) -> list[QuantFormat]:
     """Uniform baselines for a budget: the palette formats nearest below and above it (by their
     exact average bits on these units), ``int4-g128``, and ``fp16`` (unquantized)."""
-    exact = [(uniform_avg_bits(units, f), f) for f in palette]
-    below = [e for e in exact if e[0] <= avg_bits and not e[1].is_float]
-    above = [e for e in exact if e[0] > avg_bits and not e[1].is_float]
-    chosen = []
-    if below:
-        chosen.append(max(below, key=lambda e: e[0])[1])
-    if above:
-        chosen.append(min(above, key=lambda e: e[0])[1])
+    exact = [(uniform_avg_bits(units, f), f) for f in palette if not f.is_float]
+    chosen = [f for _, f in nearest_around(exact, avg_bits)]
     for extra in ("int4-g128", "fp16"):
         fmt = parse_format(extra)
         if fmt not in chosen:
@@ -156,15 +163,8 @@ def kv_baseline_formats(kv: KVAllocation) -> list[tuple[KVFormat, float]]:
     for name in KV_BASELINES:
         base = parse_kv_format(name)
         fmt = KVFormat(base.key_bits, base.value_bits, first.group_size, first.residual)
-        exact.append((fmt, fmt.bits_per_element(kv.head_dim, kv.n_kv_heads, kv.context_len)))
-    below = [e for e in exact if e[1] <= kv.avg_bits + 1e-9]
-    above = [e for e in exact if e[1] > kv.avg_bits + 1e-9]
-    chosen = []
-    if below:
-        chosen.append(max(below, key=lambda e: e[1]))
-    if above:
-        chosen.append(min(above, key=lambda e: e[1]))
-    return chosen
+        exact.append((fmt.bits_per_element(kv.head_dim, kv.n_kv_heads, kv.context_len), fmt))
+    return [(fmt, bits) for bits, fmt in nearest_around(exact, kv.avg_bits + 1e-9)]
 
 
 def measure_frontier(

@@ -5,6 +5,7 @@ choose weights and pairs together under one ``memory_bytes`` budget (:mod:`bital
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -107,8 +108,7 @@ def kv_request(
             f"a joint memory budget adds weight and KV losses, so the KV profile must be in "
             f"nats: use kv_profiler in {NATS_METHODS}, not {kv_profiler!r}"
         )
-    if context_len is not None or batch_size != 1:
-        check_context_batch(1 if context_len is None else context_len, batch_size)
+    check_context_batch(1 if context_len is None else context_len, batch_size)
     tokens = DEFAULT_KV_TOKENS if kv_tokens is None else kv_tokens
     from bitalloc.kv.profiler import KVProfiler
 
@@ -204,18 +204,26 @@ def check_kv_budget_fits(prep: Prepared, request: KVRequest) -> int:
     check_context(prep.model, context)
     units = kv_units(prep.model)
     if request.joint:
-        JointCosts(
-            weight_units=tuple(prep.units),
-            weight_palette=tuple(prep.palette),
-            kv_units=tuple(units),
-            kv_palette=request.palette,
-            context_len=context,
-            batch_size=request.batch_size,
-            fixed_bytes=fixed_bytes(excluded_parameters(prep.model, prep.units)),
-        ).check_memory(request.memory_bytes)
+        joint_costs(prep, units, request, context).check_memory(request.memory_bytes)
     else:
         check_kv_budget(request.kv_avg_bits, units, request.palette, context)
     return context
+
+
+def joint_costs(
+    prep: Prepared, units: Sequence[Unit], request: KVRequest, context_len: int
+) -> JointCosts:
+    """The :class:`JointCosts` of the prepared model: its weight units and palette, its KV
+    units and the request's KV palette, and its parameters outside the allocation."""
+    return JointCosts(
+        weight_units=tuple(prep.units),
+        weight_palette=tuple(prep.palette),
+        kv_units=tuple(units),
+        kv_palette=request.palette,
+        context_len=context_len,
+        batch_size=request.batch_size,
+        fixed_bytes=fixed_bytes(excluded_parameters(prep.model, prep.units)),
+    )
 
 
 def joint_space(
@@ -226,18 +234,12 @@ def joint_space(
     request: KVRequest,
     context_len: int,
 ) -> JointSpace:
-    """The :class:`JointSpace` of the prepared model: its weight units and palette, its KV
-    units and the request's KV palette, and its parameters outside the allocation."""
+    """:func:`joint_costs` with both profiles: what the joint problem is built from."""
+    costs = joint_costs(prep, units, request, context_len)
     return JointSpace(
-        weight_units=tuple(prep.units),
-        weight_palette=tuple(prep.palette),
+        **{f.name: getattr(costs, f.name) for f in dataclasses.fields(costs)},
         weight_profile=weight_profile,
-        kv_units=tuple(units),
-        kv_palette=request.palette,
         kv_profile=kv_profile,
-        context_len=context_len,
-        batch_size=request.batch_size,
-        fixed_bytes=fixed_bytes(excluded_parameters(prep.model, prep.units)),
     )
 
 
