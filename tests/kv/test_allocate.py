@@ -205,3 +205,24 @@ def test_unreachable_budgets_fail_before_anything_is_profiled(
     for avg_bits in (None, 4.5):
         with pytest.raises(InfeasibleBudgetError, match="kv_avg_bits=2 is outside"):
             _allocate(tiny_model, byte_tokenizer, text_files, avg_bits, kv_avg_bits=2.0)
+
+
+def test_records_refuse_a_repeated_layer_and_a_total_over_budget(
+    tiny_model, byte_tokenizer, text_files, isolated_cache, tmp_path
+):
+    alloc = _allocate(tiny_model, byte_tokenizer, text_files, memory_bytes=60_000.0, context_len=64)
+    kv, joint = alloc.data.kv, alloc.data.joint
+    with pytest.raises(BitallocError, match="lists a layer more than once"):
+        kv.model_copy(update={"layers": [kv.layers[0], kv.layers[0]]}).check()
+    over = joint.model_copy(update={"memory_bytes": joint.total_bytes - 1})
+    with pytest.raises(BitallocError, match="over its budget"):
+        over.check()
+
+
+def test_kv_cache_of_an_allocation_without_kv_says_how_to_get_one(
+    tiny_model, byte_tokenizer, text_files, isolated_cache
+):
+    alloc = _allocate(tiny_model, byte_tokenizer, text_files, 4.5)
+    assert alloc.data.kv is None and alloc.kv_formats == {}
+    with pytest.raises(BitallocError, match="allocate with kv_avg_bits= or memory_bytes="):
+        alloc.kv_cache(tiny_model)
