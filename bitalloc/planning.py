@@ -39,6 +39,19 @@ def feasible_avg_bits(units: Sequence[Unit], palette: Sequence[QuantFormat]) -> 
     return float(costs.min(axis=1).sum() / numel), float(costs.max(axis=1).sum() / numel)
 
 
+def range_decimals(value: float, low: float, high: float) -> int:
+    """Decimals (at least 4) at which ``value`` prints differently from the bound it passes.
+
+    A budget just past a bound must not read as equal to it (``avg_bits=16.0000`` outside a
+    range ending at ``16.0000``).
+    """
+    bound = high if value > high else low
+    for decimals in range(4, 18):
+        if f"{value:.{decimals}f}" != f"{bound:.{decimals}f}":
+            return decimals
+    return 17
+
+
 def check_budget(avg_bits: float, units: Sequence[Unit], palette: Sequence[QuantFormat]) -> None:
     """Raise :class:`InfeasibleBudgetError` naming the feasible range if ``avg_bits`` is outside."""
     if (
@@ -51,10 +64,11 @@ def check_budget(avg_bits: float, units: Sequence[Unit], palette: Sequence[Quant
         )
     lo, hi = feasible_avg_bits(units, palette)
     if avg_bits < lo - 1e-12 or avg_bits > hi + 1e-12:
+        d = range_decimals(avg_bits, lo, hi)
         raise InfeasibleBudgetError(
-            f"avg_bits={avg_bits:g} is outside what this palette can reach on this model: choose "
-            f"a budget between {lo:.4f} (every unit at its cheapest format) and {hi:.4f} "
-            f"(every unit at its richest)",
+            f"avg_bits={avg_bits:.{d}f} is outside what this palette can reach on this model: "
+            f"choose a budget between {lo:.{d}f} (every unit at its cheapest format) and "
+            f"{hi:.{d}f} (every unit at its richest)",
             feasible_range=(lo, hi),
         )
 

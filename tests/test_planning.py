@@ -12,11 +12,13 @@ from bitalloc.errors import BitallocError, InfeasibleBudgetError
 from bitalloc.formats import parse_palette
 from bitalloc.models import discover_units
 from bitalloc.planning import (
+    check_budget,
     describe_units,
     feasible_avg_bits,
     frontier,
     parse_budgets,
     parse_ties,
+    range_decimals,
     solve_profile,
     tie_groups,
     units_from_profile,
@@ -107,6 +109,27 @@ def test_out_of_range_budget_names_the_range(units):
     lo, hi = feasible_avg_bits(units, parse_palette(None))
     with pytest.raises(InfeasibleBudgetError, match=f"{lo:.4f}"):
         solve_profile(synthetic_profile(units), lo - 0.1)
+
+
+def test_budget_just_past_a_bound_reads_as_outside(units):
+    # Four decimals printed a budget just above the richest total as equal to it
+    # ("avg_bits=16 is outside ... between 2.2708 and 16.0000" with the top at 15.99997).
+    palette = parse_palette(None)
+    lo, hi = feasible_avg_bits(units, palette)
+    for budget, bound in ((hi + 2e-6, hi), (lo - 3e-7, lo)):
+        with pytest.raises(InfeasibleBudgetError) as caught:
+            check_budget(budget, units, palette)
+        message = str(caught.value)
+        d = range_decimals(budget, lo, hi)
+        assert f"avg_bits={budget:.{d}f}" in message and f"{bound:.{d}f}" in message
+        assert f"{budget:.{d}f}" != f"{bound:.{d}f}"
+
+
+def test_range_decimals_is_the_fewest_that_tell_apart():
+    assert range_decimals(1.5, 2.2708, 16.0) == 4
+    assert range_decimals(16.000001, 2.0, 16.0) == 6
+    assert range_decimals(2.0 - 1e-9, 2.0, 16.0) == 9
+    assert range_decimals(5.0, 2.0, 16.0 - 1e-13) == 4
 
 
 @pytest.mark.parametrize(

@@ -36,6 +36,7 @@ from bitalloc.planning import (
     check_profile_matches,
     cost_table,
     profile_summary,
+    range_decimals,
     solver_summary,
 )
 from bitalloc.sensitivity import Profile
@@ -103,10 +104,11 @@ def check_kv_budget(
         )
     lo, hi = kv_feasible_avg_bits(units, palette, context_len)
     if kv_avg_bits < lo - 1e-12 or kv_avg_bits > hi + 1e-12:
+        d = range_decimals(kv_avg_bits, lo, hi)
         raise InfeasibleBudgetError(
-            f"kv_avg_bits={kv_avg_bits:g} is outside what the KV palette can reach at a "
-            f"{context_len}-token context: choose between {lo:.4f} (every layer at its cheapest "
-            f"pair) and {hi:.4f} (every layer at its richest)",
+            f"kv_avg_bits={kv_avg_bits:.{d}f} is outside what the KV palette can reach at a "
+            f"{context_len}-token context: choose between {lo:.{d}f} (every layer at its "
+            f"cheapest pair) and {hi:.{d}f} (every layer at its richest)",
             feasible_range=(lo, hi),
         )
     return float(kv_avg_bits)

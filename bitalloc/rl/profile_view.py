@@ -54,7 +54,9 @@ class ProfileView:
         for i, o in enumerate(options):
             d_loss = loss[i, o[:-1]] - loss[i, o[1:]]
             d_cost = np.maximum(cost[i, o[1:]] - cost[i, o[:-1]], _FLOOR)
-            self.rates.append(np.log(np.maximum(d_loss / d_cost, _FLOOR)))
+            # Huge losses over tiny cost steps overflow to inf; the features clip it anyway.
+            with np.errstate(over="ignore"):
+                self.rates.append(np.log(np.maximum(d_loss / d_cost, _FLOOR)))
 
     def features(self, i: int, position: int, lam: float) -> np.ndarray:
         """The three values for unit ``i`` whose neutral option is ``position`` in its sorted

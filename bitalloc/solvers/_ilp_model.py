@@ -89,9 +89,12 @@ class LinearModel:
         table[allowed] = np.asarray(x_values, dtype=np.float64)[: self.n_x]
         return np.argmax(table, axis=1)
 
-    def all_rows(self, rhs: dict[str, float]) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
-        """Every row as ``lower <= matrix @ v <= upper``, budgets last with ``rhs`` as limits."""
-        costs = [np.pad(self.costs[name], (0, self.n_y)) for name in self.budgets]
+    def all_rows(
+        self, costs: dict[str, np.ndarray], rhs: dict[str, float]
+    ) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+        """Every row as ``lower <= matrix @ v <= upper``, budgets last: ``costs[name] @ x <=
+        rhs[name]`` (the callers' possibly rescaled version of :attr:`costs` and budgets)."""
+        costs = [np.pad(costs[name], (0, self.n_y)) for name in self.budgets]
         budget_rows = sp.csr_matrix(np.array(costs).reshape(len(costs), self.n_vars))
         matrix = sp.vstack([self.rows, budget_rows], format="csr")
         lower = np.concatenate([self.rhs, np.full(len(rhs), -np.inf)])

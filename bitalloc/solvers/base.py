@@ -65,6 +65,10 @@ class BaseSolver(abc.ABC):
       one without them (:meth:`Problem.collapsed`), so ``_solve`` sees independent units with an
       ``allowed`` mask, and maps the choice back. A solver whose ``_solve`` does not optimise
       interaction terms keeps ``supports_interactions = False`` and is refused such problems.
+    * Budgets that cannot bind (at or above the dearest achievable total, the largest float
+      included) are dropped before ``_solve`` runs (``info["budgets_not_binding"]`` names
+      them), and so are options that alone break a budget (``info["options_over_budget"]``
+      counts them); see :func:`_simplified`.
     """
 
     #: Registered method name, as passed to :func:`solve` (``method="..."``).
@@ -120,10 +124,15 @@ class BaseSolver(abc.ABC):
 
         start = time.perf_counter()
         reduced = problem.collapsed()
-        output = self._solve(reduced.problem)
+        inner, loose, pruned = _simplified(reduced.problem)
+        output = self._solve(inner)
         wall = time.perf_counter() - start
 
         info = dict(output.info)
+        if loose:
+            info["budgets_not_binding"] = loose
+        if pruned:
+            info["options_over_budget"] = pruned
         if reduced.identity:
             choice = problem.validate_choice(output.choice)
         else:
@@ -168,6 +177,61 @@ class BaseSolver(abc.ABC):
         have been checked, with a problem that has no ties and no pins. Must not modify
         ``problem`` and must be deterministic.
         """
+
+
+def _simplified(problem: Problem) -> tuple[Problem, list[str], int]:
+    """``problem`` without what no choice can use or need, exactly; what was dropped.
+
+    * A budget at or above the dearest achievable total cannot bind. Dropping it spares every
+      method from bounds as large as the largest float (HiGHS and SciPy's LP refuse those,
+      and scaling them overflows) and gives the exact unconstrained answer.
+    * An option whose cost, with every other unit at its cheapest, is over a budget (beyond
+      twice its tolerance, so that no option a feasible choice may take is lost) is in no
+      feasible choice. Removing it keeps the budget rows within a range that LP and MIP
+      backends resolve: one option a billion times the budget otherwise sets their scale,
+      and the backends' absolute tolerances then hide the options that matter.
+
+    Returns the problem, the names of the dropped budgets and the number of removed options.
+    """
+    loose = [
+        name for name, budget in problem.budgets.items() if budget >= problem.max_resource(name)
+    ]
+    budgets = {name: b for name, b in problem.budgets.items() if name not in loose}
+    allowed = problem.allowed.copy()
+    for name, budget in budgets.items():
+        cost = np.where(problem.allowed, problem.costs[name], np.inf)
+        cheapest = cost.min(axis=1)
+        room = budget + 2.0 * feasibility_tolerance(budget) - float(cheapest.sum())
+        allowed &= cost - cheapest[:, None] <= room
+    empty = ~allowed.any(axis=1)
+    if empty.any():
+        # Each budget alone was checked in solve(); together they leave this unit nothing.
+        parts = "; ".join(
+            f"{name!r} <= {budget:.10g} (smallest achievable total on its own: "
+            f"{problem.min_resource(name):.10g})"
+            for name, budget in budgets.items()
+        )
+        raise InfeasibleBudgetError(
+            f"the budgets cannot all be met at once: {parts}. "
+            f"{problem.unit_label(int(np.flatnonzero(empty)[0]))} has no option that fits "
+            "every budget with the other units at their cheapest; raise at least one budget "
+            "or allow more options"
+        )
+    pruned = int(problem.allowed.sum() - allowed.sum())
+    if not loose and not pruned:
+        return problem, [], 0
+    slim = Problem(
+        problem.objective,
+        problem.costs,
+        budgets,
+        allowed,
+        problem.unit_names,
+        problem.option_names,
+        problem.pins,
+        problem.ties,
+        problem.interactions or None,
+    )
+    return slim, loose, pruned
 
 
 def _solver_classes() -> tuple[type[BaseSolver], ...]:

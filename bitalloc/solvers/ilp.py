@@ -204,21 +204,38 @@ class ILPSolver(BaseSolver):
         self, problem: Problem, model: LinearModel, deadline: float | None, info: dict[str, Any]
     ) -> tuple[np.ndarray, float | None]:
         largest = float(model.group_max.max(initial=0.0))
-        scale = 1.0 / largest if largest > 0 else 1.0
-        objective = model.objective * scale
-        rhs = {}
+        # Divide rather than multiply by the reciprocal: 1 / largest overflows for tiny losses.
+        unit = largest if largest > 0 else 1.0
+        objective = model.objective / unit
+        rhs, row_costs, row_scale = {}, {}, {}
         for name, budget in model.budgets.items():
             cost = model.costs[name]
             limit = budget + feasibility_tolerance(budget)
             # Integer costs sum to an integer, so the budget may be rounded down: the solver
             # then cannot use its feasibility tolerance to go over it.
             integral = np.array_equal(cost, np.round(cost)) and cost.sum() < 2.0**52
-            rhs[name] = math.floor(limit) if integral else budget
+            bound = math.floor(limit) if integral else budget
+            # Each unit pays only the extra over its cheapest option out of the room above the
+            # cheapest total (each unit takes one option, so the row means the same), and the
+            # row is divided by a power of two near its largest extra: HiGHS reads matrix
+            # entries of 1e15 and more as infinite (calling feasible budgets infeasible) and
+            # drops those below 1e-9 of the row. Choices are checked in original units below.
+            cheapest = np.full(model.n_units, np.inf)
+            np.minimum.at(cheapest, model.x_unit, cost)
+            extra = cost - cheapest[model.x_unit]
+            row_scale[name] = _power_of_two_above(float(extra.max(initial=0.0)))
+            row_costs[name] = extra / row_scale[name]
+            rhs[name] = max(bound - float(cheapest.sum()), 0.0) / row_scale[name]
         run_backend = self._run_highs if self.backend == "highs" else self._run_or_tools
         bound = None
         for attempt in range(_BUDGET_RETRIES + 1):
-            run = run_backend(model, objective, rhs, self._time_left(deadline))
-            info.update(run.info, backend_status=run.status, objective_normalisation=scale)
+            run = run_backend(model, objective, row_costs, rhs, self._time_left(deadline))
+            info.update(
+                run.info,
+                backend_status=run.status,
+                objective_normalisation=_jsonable_ratio(unit),
+                cost_row_scales=dict(row_scale),
+            )
             if run.infeasible:
                 if attempt == 0:
                     raise _jointly_infeasible(problem)
@@ -231,18 +248,20 @@ class ILPSolver(BaseSolver):
                 raise self._no_solution()
             choice = model.decode(run.values)
             if attempt == 0 and run.bound is not None and math.isfinite(run.bound):
-                found = (problem.objective_of(choice) - model.constant) * scale
+                found = (problem.objective_of(choice) - model.constant) / unit
                 margin = 2.0 * _MIP_OBJECTIVE_TOLERANCE * max(1.0, found)
-                bound = model.constant + (run.bound - margin) / scale
-                info["bound_margin"] = margin / scale
+                bound = model.constant + (run.bound - margin) * unit
+                info["bound_margin"] = margin * unit
             excess = budget_excess(model, model.x_vector(choice))
             info["budget_retries"] = attempt
             if not excess:
                 return choice, bound
-            # Over by the solver's tolerance: ask again with room for that tolerance. The
-            # first solve's bound covers every choice within the original budgets.
+            # Over by the solver's tolerance (or by entries too small for it to see): ask
+            # again with room for that. The first solve's bound covers every choice within
+            # the original budgets.
             for name, over in excess.items():
-                rhs[name] -= 2.0 * over + feasibility_tolerance(model.budgets[name])
+                tightening = 2.0 * over + feasibility_tolerance(model.budgets[name])
+                rhs[name] -= tightening / row_scale[name]
         raise BitallocError(
             f"ILP backend {self.backend!r} kept returning choices over budget by its tolerance; "
             "use backend 'cp-sat', which meets budgets exactly"
@@ -252,12 +271,13 @@ class ILPSolver(BaseSolver):
         self,
         model: LinearModel,
         objective: np.ndarray,
+        costs: dict[str, np.ndarray],
         rhs: dict[str, float],
         time_left: float | None,
     ) -> _Run:
         from scipy.optimize import Bounds, LinearConstraint, milp
 
-        matrix, lower, upper = model.all_rows(rhs)
+        matrix, lower, upper = model.all_rows(costs, rhs)
         integrality = np.concatenate([np.ones(model.n_x), np.zeros(model.n_y)])
         options: dict[str, Any] = {
             "disp": self.verbose,
@@ -300,6 +320,7 @@ class ILPSolver(BaseSolver):
         self,
         model: LinearModel,
         objective: np.ndarray,
+        costs: dict[str, np.ndarray],
         rhs: dict[str, float],
         time_left: float | None,
     ) -> _Run:
@@ -326,7 +347,7 @@ class ILPSolver(BaseSolver):
                 row.SetCoefficient(variables[v], a)
         for name, limit in rhs.items():
             row = solver.Constraint(-solver.infinity(), float(limit))
-            cost = model.costs[name]
+            cost = costs[name]
             for v in np.flatnonzero(cost).tolist():
                 row.SetCoefficient(variables[v], float(cost[v]))
         goal = solver.Objective()
@@ -490,6 +511,16 @@ def _jointly_infeasible(problem: Problem) -> InfeasibleBudgetError:
         "on its own, but no choice meets them together; raise at least one of them or allow "
         "more options"
     )
+
+
+def _power_of_two_above(value: float) -> float:
+    """The power of two in ``[value, 2 * value)``, or 1 for ``value <= 0``."""
+    return math.ldexp(1.0, math.frexp(value)[1]) if value > 0 else 1.0
+
+
+def _jsonable_ratio(unit: float) -> float | None:
+    """``1 / unit``, the factor the objective was multiplied by; ``None`` where it overflows."""
+    return 1.0 / unit if unit > 1e-300 else None
 
 
 def _number(label: str, value: Any) -> float:

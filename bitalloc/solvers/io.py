@@ -23,7 +23,6 @@ each cost table; 0-d ``budget:<name>`` for each budget; optional ``allowed`` (bo
 
 from __future__ import annotations
 
-import json
 import os
 import zipfile
 from collections.abc import Mapping
@@ -33,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from bitalloc.errors import BitallocError
-from bitalloc.fileio import write_atomic, write_json_atomic
+from bitalloc.fileio import read_json_object, write_atomic, write_json_atomic, wrong_kind_error
 from bitalloc.solvers.problem import Problem
 from bitalloc.solvers.solution import _jsonable
 
@@ -152,11 +151,42 @@ def _npz_arrays(problem: Problem) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _npz_budget(key: str, array: np.ndarray) -> float:
+    # A 0-d real number only: float() would take a one-element array or a numeric string.
+    if array.shape != () or not (
+        np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+    ):
+        raise BitallocError(
+            f"NPZ array {key!r} must be a 0-d real number, not {array.dtype} of shape {array.shape}"
+        )
+    return float(array)
+
+
+def _npz_ints(key: str, array: np.ndarray, ndim: int) -> np.ndarray:
+    if array.ndim != ndim or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+        raise BitallocError(
+            f"NPZ array {key!r} must be a {ndim}-d integer array, not {array.dtype} of shape "
+            f"{array.shape}"
+        )
+    return array.astype(np.int64)
+
+
+def _npz_names(key: str, array: np.ndarray) -> list[str]:
+    if array.ndim != 1 or array.dtype.kind != "U":
+        raise BitallocError(
+            f"NPZ array {key!r} must be a 1-d array of strings, not {array.dtype} of shape "
+            f"{array.shape}"
+        )
+    return [str(s) for s in array]
+
+
 def _problem_from_npz(arrays: Mapping[str, np.ndarray]) -> Problem:
     if "objective" not in arrays:
         raise BitallocError("the NPZ problem has no 'objective' array")
     costs = {key[5:]: arrays[key] for key in arrays if key.startswith("cost:")}
-    budgets = {key[7:]: float(arrays[key]) for key in arrays if key.startswith("budget:")}
+    budgets = {
+        key[7:]: _npz_budget(key, arrays[key]) for key in arrays if key.startswith("budget:")
+    }
     known = {"objective", "allowed", "unit_names", "option_names", "pins", "tie_group"}
     known |= {"interaction_pairs", "interaction_values"}
     unknown = [k for k in arrays if k not in known and not k.startswith(("cost:", "budget:"))]
@@ -164,24 +194,32 @@ def _problem_from_npz(arrays: Mapping[str, np.ndarray]) -> Problem:
         raise BitallocError(f"unknown array(s) {unknown} in the NPZ problem")
     pins = None
     if "pins" in arrays:
-        pin_array = np.asarray(arrays["pins"])
-        if pin_array.ndim != 2 or pin_array.shape[1] != 2:
+        pin_array = _npz_ints("pins", np.asarray(arrays["pins"]), 2)
+        if pin_array.shape[1] != 2:
             raise BitallocError("'pins' must be a (p, 2) array of (unit, option) indices")
-        pins = {int(u): int(o) for u, o in pin_array}
+        pins = {}
+        for u, o in pin_array.tolist():
+            if pins.get(u, o) != o:
+                raise BitallocError(f"'pins' pins unit {u} twice, to {pins[u]} and {o}")
+            pins[u] = o
     ties = None
     if "tie_group" in arrays:
-        group = np.asarray(arrays["tie_group"]).astype(np.int64)
+        group = _npz_ints("tie_group", np.asarray(arrays["tie_group"]), 1)
         ties = [np.flatnonzero(group == g).tolist() for g in np.unique(group[group >= 0])]
     interactions = None
     if "interaction_pairs" in arrays or "interaction_values" in arrays:
         if "interaction_pairs" not in arrays or "interaction_values" not in arrays:
             raise BitallocError("give both 'interaction_pairs' and 'interaction_values'")
-        pairs, values = arrays["interaction_pairs"], arrays["interaction_values"]
-        if len(pairs) != len(values):
-            raise BitallocError("'interaction_pairs' and 'interaction_values' differ in length")
-        interactions = [(int(a), int(b), v) for (a, b), v in zip(pairs, values)]
+        pairs = _npz_ints("interaction_pairs", arrays["interaction_pairs"], 2)
+        values = arrays["interaction_values"]
+        if pairs.shape[1:] != (2,) or values.ndim != 3 or len(pairs) != len(values):
+            raise BitallocError(
+                "'interaction_pairs' must be (m, 2) and 'interaction_values' (m, k, k) with "
+                f"the same m; got shapes {pairs.shape} and {values.shape}"
+            )
+        interactions = [(a, b, v) for (a, b), v in zip(pairs.tolist(), values)]
     names = {
-        key: [str(s) for s in arrays[key]] if key in arrays else None
+        key: _npz_names(key, arrays[key]) if key in arrays else None
         for key in ("unit_names", "option_names")
     }
     return Problem(
@@ -219,10 +257,10 @@ def load_problem(path: str | os.PathLike[str]) -> Problem:
     if not path.is_file():
         raise BitallocError(f"{path}: no such problem file")
     if suffix == ".json":
-        try:
-            data = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BitallocError(f"{path}: not valid JSON ({exc})") from exc
+        data = read_json_object(path, "solver problem file")
+        wrong = wrong_kind_error(path, data, "solver problem file")
+        if wrong is not None:
+            raise wrong
         return problem_from_dict(data)
     try:
         with np.load(path, allow_pickle=False) as npz:

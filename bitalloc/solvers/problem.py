@@ -11,7 +11,7 @@ pairs of units may add interaction terms to the objective. Solvers return a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,17 +28,26 @@ from bitalloc.solvers.structure import (
     normalise_ties,
 )
 
-__all__ = ["FEASIBILITY_RTOL", "Problem", "Solution", "feasibility_tolerance"]
+__all__ = ["FEASIBILITY_RTOL", "MAGNITUDE_LIMIT", "Problem", "Solution", "feasibility_tolerance"]
 
 #: Relative slack allowed when comparing a summed cost with its budget. Sums of many floats
 #: taken in different orders differ in the last bits, so an exact ``<=`` would reject choices
 #: that meet the budget in exact arithmetic.
 FEASIBILITY_RTOL = 1e-9
+#: Largest total any objective or cost table may reach (sum over units of the largest
+#: magnitude in each row, interaction tables included). Solvers form sums, differences and
+#: products of such totals; below this bound none of them can overflow to infinity.
+MAGNITUDE_LIMIT = 1e300
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 def feasibility_tolerance(budget: float) -> float:
-    """Absolute amount by which a summed cost may exceed ``budget`` and still count as within it."""
-    return FEASIBILITY_RTOL * max(1.0, abs(budget))
+    """Absolute amount by which a summed cost may exceed ``budget`` and still count as within it.
+
+    Purely relative: an absolute floor would let a budget of costs in tiny units (1e-12 per
+    weight, say) be exceeded by many whole units without anyone noticing.
+    """
+    return FEASIBILITY_RTOL * abs(budget)
 
 
 def _float_table(label: str, value: Any) -> np.ndarray:
@@ -67,10 +76,40 @@ def _names(label: str, names: Sequence[str] | None, expected: int) -> tuple[str,
             f"{label} has {len(names)} entries but the objective has {expected}; "
             f"give exactly one name per {'unit' if label == 'unit_names' else 'option'}"
         )
+    seen: dict[str, int] = {}
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise BitallocError(f"{label}[{i}] is {name!r}, not a string")
+        if name in seen:
+            # A pin or tie by this name would silently apply to the first entry only.
+            raise BitallocError(
+                f"{label}[{i}] repeats {name!r} (also {label}[{seen[name]}]); every name must "
+                "be unique"
+            )
+        seen[name] = i
     return names
+
+
+def _check_magnitude(
+    label: str, table: np.ndarray, where: Callable[[int, int], str], extra: float = 0.0
+) -> None:
+    """Refuse subnormal entries and totals that could overflow (see MAGNITUDE_LIMIT)."""
+    size = np.abs(table)
+    # Subnormals lose precision when scaled and overflow when divided into; no real loss or
+    # cost needs them.
+    subnormal = (size > 0) & (size < _TINY)
+    if subnormal.any():
+        i, j = np.argwhere(subnormal)[0]
+        raise BitallocError(
+            f"{label} at {where(i, j)} is {float(table[i, j])!r}, below the smallest normal "
+            f"float ({_TINY:.4g}); round it to 0 or express {label} in smaller units"
+        )
+    total = float(size.max(axis=1).sum()) + extra
+    if not total <= MAGNITUDE_LIMIT:
+        raise BitallocError(
+            f"{label} adds up to {total:.4g} in magnitude (largest entry per unit, summed), "
+            f"more than {MAGNITUDE_LIMIT:.0e}; divide it by a common factor"
+        )
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -156,6 +195,7 @@ class Problem:
                     f"costs[{name!r}] at {self._where(i, j)} is {table[i, j]}; costs must be "
                     "finite and non-negative"
                 )
+            _check_magnitude(f"costs[{name!r}]", table, self._where)
             costs[name] = _read_only(table)
 
         if not isinstance(self.budgets, Mapping):
@@ -177,12 +217,23 @@ class Problem:
                     f"budget {name!r} is {bound}; give a finite bound, or drop the budget to "
                     "leave that cost unconstrained"
                 )
+            if 0 < abs(bound) < _TINY:
+                raise BitallocError(
+                    f"budget {name!r} is {bound!r}, below the smallest normal float "
+                    f"({_TINY:.4g}); round it to 0 or express the cost in smaller units"
+                )
             budgets[name] = bound
 
         if self.allowed is None:
             allowed = np.ones((n, k), dtype=bool)
         else:
-            allowed = np.asarray(self.allowed)
+            try:
+                allowed = np.asarray(self.allowed)
+            except (TypeError, ValueError) as exc:
+                raise BitallocError(
+                    f"allowed must be an (n, k) array of bools ({exc}); give one bool per unit "
+                    "and option"
+                ) from exc
             if allowed.shape != objective.shape:
                 raise BitallocError(
                     f"allowed has shape {allowed.shape} but objective has shape "
@@ -208,6 +259,14 @@ class Problem:
         pins = normalise_pins(self.pins, allowed, *names, self.unit_label)
         ties = normalise_ties(self.ties, allowed, pins, *names, self.unit_label)
         pairs, values = normalise_interactions(self.interactions, (n, k), self.unit_names)
+        if values.size:
+            _check_magnitude(
+                "interactions",
+                values.reshape(values.shape[0], -1),
+                lambda p, e: f"pair {tuple(pairs[p].tolist())}, entry {divmod(int(e), k)}",
+            )
+        reach = float(np.abs(values).max(axis=(1, 2)).sum()) if values.size else 0.0
+        _check_magnitude("objective", objective, self._where, reach)
 
         object.__setattr__(self, "objective", _read_only(objective))
         object.__setattr__(self, "costs", costs)

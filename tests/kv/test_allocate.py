@@ -142,7 +142,7 @@ def test_edited_kv_and_joint_records_are_refused(
         ({"kv_avg_bits": 4.0, "kv_formats": "K3V4"}, "unsupported key width 3"),
         ({"kv_avg_bits": 4.0, "batch_size": 0}, "batch_size must be a positive integer"),
         ({"kv_avg_bits": 4.0, "context_len": 1000}, "exceeds the model's maximum of 256"),
-        ({"kv_avg_bits": 1.0}, "kv_avg_bits=1 is outside"),
+        ({"kv_avg_bits": 1.0}, "kv_avg_bits=1.0000 is outside"),
         ({"kv_avg_bits": 4.0, "scale_folding": True}, "weights stay at fp16"),
     ],
 )
@@ -203,7 +203,7 @@ def test_unreachable_budgets_fail_before_anything_is_profiled(
     with pytest.raises(InfeasibleBudgetError, match="below the minimum"):
         _allocate(tiny_model, byte_tokenizer, text_files, memory_bytes=1.0, context_len=64)
     for avg_bits in (None, 4.5):
-        with pytest.raises(InfeasibleBudgetError, match="kv_avg_bits=2 is outside"):
+        with pytest.raises(InfeasibleBudgetError, match="kv_avg_bits=2.0000 is outside"):
             _allocate(tiny_model, byte_tokenizer, text_files, avg_bits, kv_avg_bits=2.0)
 
 

@@ -87,6 +87,14 @@ def test_kv_budget_outside_the_range_names_it(budget):
         check_kv_budget(float("nan"), KV_UNITS, KV_PALETTE, 256)
 
 
+def test_kv_budget_just_past_the_top_reads_as_outside():
+    lo, hi = kv_feasible_avg_bits(KV_UNITS, KV_PALETTE, 256)
+    with pytest.raises(InfeasibleBudgetError) as err:
+        check_kv_budget(hi + 1e-7, KV_UNITS, KV_PALETTE, 256)
+    # 16.0000001 against 16.0000000: both at seven decimals, not 16.0000 twice.
+    assert "kv_avg_bits=16.0000001 " in str(err.value) and "16.0000000 (every" in str(err.value)
+
+
 def test_kv_units_of_another_kind_and_bad_context_are_refused():
     with pytest.raises(BitallocError, match="not a KV unit"):
         kv_cost_table(W_UNITS, KV_PALETTE, 64)

@@ -6,7 +6,9 @@ checks without editing this file.
 
 from __future__ import annotations
 
+import itertools
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -210,3 +212,70 @@ def test_interactions_refused_or_optimised(method):
         sol = _solve(coupled, method)
         assert sol.objective == pytest.approx(coupled.objective_of(sol.choice))
         assert sol.objective >= brute_force(coupled) - 1e-9
+
+
+def _extreme(cost_scale: float, objective_scale: float, where: str) -> Problem:
+    rng = np.random.default_rng(31)
+    n, k = 5, 4
+    cost = rng.integers(1, 9, (n, k)).astype(float) * cost_scale
+    objective = rng.exponential(1.0, (n, k)) * objective_scale
+    low, high = Problem(objective, {"bits": cost}).feasible_range("bits")
+    budget = {
+        "min": low,
+        "mid": low + 0.4 * (high - low),
+        "max": high,
+        "float_max": sys.float_info.max,
+    }[where]
+    return Problem(objective, {"bits": cost}, {"bits": budget})
+
+
+@pytest.mark.parametrize("cost_scale", [1e-6, 1e15, 1e18])
+@pytest.mark.parametrize("where", ["min", "mid", "max", "float_max"])
+def test_extreme_costs_and_budgets_solve_correctly(method, cost_scale, where):
+    # HiGHS read cost entries of 1e15 and more as infinite (ilp: "cannot all be met"); a
+    # budget of the largest float overflowed (ilp: OverflowError, qp: SciPy ValueError).
+    problem = _extreme(cost_scale, 1.0, where)
+    sol = _solve(problem, method)
+    best = brute_force(problem)
+    assert problem.is_feasible(sol.choice)
+    assert sol.objective >= best - 1e-9 * abs(best)
+    if sol.lower_bound is not None:
+        assert sol.lower_bound <= best * (1 + 1e-9)
+    if available_solvers()[method].exact:
+        assert sol.objective == pytest.approx(best, rel=1e-9)
+    if where in ("max", "float_max"):
+        assert sol.info["budgets_not_binding"] == ["bits"]
+
+
+@pytest.mark.parametrize("objective_scale", [1e-300, 1e-9, 1e290])
+def test_extreme_objectives_solve_correctly(method, objective_scale):
+    problem = _extreme(1.0, objective_scale, "mid")
+    sol = _solve(problem, method)
+    best = brute_force(problem)
+    assert problem.is_feasible(sol.choice)
+    assert np.isfinite(sol.objective) and sol.objective >= best * (1 - 1e-9)
+    if sol.lower_bound is not None:
+        assert np.isfinite(sol.gap) and sol.lower_bound <= best * (1 + 1e-9)
+    if available_solvers()[method].exact:
+        assert sol.objective == pytest.approx(best, rel=1e-9)
+
+
+def test_costs_spanning_the_range_from_1e_6_to_1e18(method):
+    rng = np.random.default_rng(5)
+    cost = 10.0 ** rng.uniform(-6, 18, (5, 4))
+    objective = rng.exponential(1.0, (5, 4))
+    low, high = Problem(objective, {"bits": cost}).feasible_range("bits")
+    for fraction in (0.0, 1e-12, 0.3, 0.9):
+        problem = Problem(objective, {"bits": cost}, {"bits": low + fraction * (high - low)})
+        sol = _solve(problem, method)
+        assert problem.is_feasible(sol.choice)
+        # The budget's tolerance (1e-9 of ~1e18) exceeds whole small costs, so the optimum
+        # lies between that of the loose budget and that of the budget met to rounding only.
+        loose = brute_force(problem)
+        choices = np.array(list(itertools.product(range(4), repeat=5)))
+        totals = cost[np.arange(5), choices].sum(axis=1)
+        within = totals <= problem.budgets["bits"] * (1 + 1e-15)
+        strict = objective[np.arange(5), choices].sum(axis=1)[within].min()
+        assert sol.objective >= loose - 1e-12
+        if available_solvers()[method].exact:
+            assert sol.objective <= strict + 1e-12

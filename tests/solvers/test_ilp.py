@@ -265,7 +265,12 @@ def test_cp_sat_falls_back_to_tight_costs(monkeypatch):
 
     monkeypatch.setattr(ilp_module, "integer_budget", loose)
     problem = random_problem(4, 1)
-    problem = Problem(problem.objective, problem.costs, {"bits": problem.min_resource("bits")})
+    # Binding, yet above the cheapest total: at that total every option but the cheapest is
+    # removed before the backend runs, and nothing is left to go over.
+    low = problem.min_resource("bits")
+    free = problem.costs["bits"][np.arange(problem.n_units), problem.objective.argmin(axis=1)]
+    budget = max(low + 1.0, float(free.sum()) - 1.0)
+    problem = Problem(problem.objective, problem.costs, {"bits": budget})
     sol = ILPSolver(backend="cp-sat").solve(problem)
     best, _ = brute_force_choice(problem)
     assert sol.info["cost_model"] == "relaxed+tight"

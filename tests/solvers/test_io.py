@@ -88,7 +88,14 @@ def test_minimal_npz_written_by_another_tool(tmp_path):
     [
         ("p.txt", "{}", "must end in .json or .npz"),
         ("p.json", "{not json", "not valid JSON"),
-        ("p.json", "[1, 2]", "must hold a JSON object"),
+        ("p.json", "[1, 2]", "holds a JSON array, not an object"),
+        ("p.json", "[" * 100_000, "not valid JSON"),
+        ("p.json", '{"objective": [[NaN]], "costs": {}}', "not valid JSON"),
+        (
+            "p.json",
+            '{"units": [], "avg_bits": 3, "total_bits": 1, "budget": 3}',
+            "is an allocation, not a solver problem file",
+        ),
         ("p.json", '{"costs": {}}', "no 'objective'"),
         (
             "p.json",

@@ -138,7 +138,8 @@ def test_slack_budget_returns_unconstrained_optimum():
     problem = random_problem(4, 1.0)
     sol = solve(problem)
     assert sol.status == "optimal"
-    assert sol.info["case"] == "budget_not_binding"
+    assert sol.info["case"] == "unconstrained"
+    assert sol.info["budgets_not_binding"] == ["bits"]
     assert sol.objective == pytest.approx(
         np.where(problem.allowed, problem.objective, np.inf).min(1).sum()
     )

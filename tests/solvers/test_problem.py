@@ -9,6 +9,7 @@ import pytest
 
 from bitalloc.errors import BitallocError
 from bitalloc.solvers import Problem, Solution
+from bitalloc.solvers.problem import feasibility_tolerance
 
 OBJ = [[3.0, 1.0, 0.0], [5.0, 2.0, 1.0]]
 BITS = [[2.0, 4.0, 8.0], [20.0, 40.0, 80.0]]
@@ -200,3 +201,52 @@ def test_pickle_round_trip_keeps_arrays_read_only():
     assert p.unit_names == ("a", "b") and p.budgets == {"bits": 50.0}
     assert np.array_equal(p.costs["bits"], BITS)
     assert not p.objective.flags.writeable and not p.costs["bits"].flags.writeable
+
+
+@pytest.mark.parametrize("label", ["unit_names", "option_names"])
+def test_duplicate_names_are_refused(label):
+    # A pin or tie by a repeated name used to apply to its first holder only.
+    names = {"unit_names": ["a", "b", "a"], "option_names": ["x", "x"]}
+    with pytest.raises(BitallocError, match=rf"{label}\[\d\] repeats"):
+        Problem(np.zeros((3, 2)), {"bits": np.ones((3, 2))}, **{label: names[label]})
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ("objective", "below the smallest normal float"),
+        ("cost", "below the smallest normal float"),
+        ("huge_objective", "adds up to"),
+        ("huge_cost", "adds up to"),
+    ],
+)
+def test_subnormal_entries_and_overflowing_totals_are_refused(table, message):
+    objective, cost = np.ones((3, 2)), np.ones((3, 2))
+    if table == "objective":
+        objective[1, 1] = 5e-324
+    elif table == "cost":
+        cost[2, 0] = 1e-310
+    elif table == "huge_objective":
+        objective[:, 0] = -1e300  # each row fine, the sum overflows what solvers can add
+    else:
+        cost[:, 1] = 1e300
+    with pytest.raises(BitallocError, match=message):
+        Problem(objective, {"bits": cost})
+
+
+def test_subnormal_budget_and_interaction_are_refused():
+    with pytest.raises(BitallocError, match="round it to 0"):
+        Problem(np.ones((2, 2)), {"bits": np.ones((2, 2))}, {"bits": 1e-320})
+    with pytest.raises(BitallocError, match=r"interactions at pair \(0, 1\)"):
+        Problem(
+            np.ones((2, 2)), {"bits": np.ones((2, 2))}, interactions={(0, 1): [[0, 1e-315], [0, 0]]}
+        )
+
+
+def test_tolerance_is_relative_for_tiny_budgets():
+    # With a floor of 1e-9 an absolute tolerance let costs of 1e-12 exceed the budget a
+    # thousandfold; it is now 1e-9 of the budget.
+    problem = Problem(np.array([[1.0, 0.0]]), {"bits": np.array([[1e-12, 2e-12]])}, {"bits": 1e-12})
+    assert not problem.is_feasible([1])
+    assert problem.is_feasible([0])
+    assert feasibility_tolerance(1e-12) == pytest.approx(1e-21)
