@@ -1,8 +1,20 @@
 """The result of a decision: unit -> format, with a summary, JSON in and out, and apply.
 
-The JSON schema is strict (unknown fields are refused) and checked for internal consistency on
-load: every format must exist, each unit's bits per weight must match its format and shape, and
-the summary must equal what the units add up to.
+The JSON schema is strict (unknown fields and values of the wrong type are refused) and checked
+for internal consistency whenever an allocation is built or loaded:
+
+- the version is one this code reads (1 to :data:`ALLOCATION_VERSION`);
+- every format exists, each unit's bits per weight match its format and shape;
+- every number that can be recomputed is: ``total_bits``, ``avg_bits``, ``bytes``, ``numel``,
+  ``excluded_numel``, ``predicted_loss`` (the units' losses plus the interaction terms), the
+  solver's bound and gap and, on load, its objective (the predicted loss, unless the solve was
+  joint with the KV cache), the measured loss increase (from the perplexities), the
+  repair's final prediction, and the KV and joint totals;
+- the achieved average bits are within the budget (the tighter of ``avg_bits`` and
+  ``max_bytes`` as average bits; for a joint memory budget, the weights' share of it, and the
+  joint record checks the whole against ``memory_bytes``).
+
+Numbers only a measurement gives (perplexities, wall times, repair rounds) are kept as written.
 """
 
 from __future__ import annotations
@@ -22,9 +34,34 @@ from bitalloc.folding_record import ScaleFolding, apply_recorded_
 from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.kv.record import JointBudget, KVAllocation
 from bitalloc.models import Unit, get_linear
-from bitalloc.records import ProfileSummary, SolverSummary, Strict
+from bitalloc.records import (
+    EDITED,
+    ExcludedParameter,
+    Measured,
+    ProfileSummary,
+    Repair,
+    RepairRound,
+    SolverSummary,
+    Strict,
+    same_sum,
+)
 
+#: The version this code writes; it reads versions 1 to this one.
 ALLOCATION_VERSION = 1
+#: Largest dimension of a weight matrix a file may claim (larger ones are not weight shapes,
+#: and their bit counts would overflow a float).
+MAX_DIMENSION = 2**32
+
+__all__ = [
+    "ALLOCATION_VERSION",
+    "Allocation",
+    "AllocationData",
+    "ExcludedParameter",
+    "Measured",
+    "Repair",
+    "RepairRound",
+    "UnitChoice",
+]
 
 
 class UnitChoice(Strict):
@@ -54,61 +91,6 @@ class UnitChoice(Strict):
             group=unit.group,
             predicted_loss=predicted_loss,
         )
-
-
-class ExcludedParameter(Strict):
-    """A parameter left out of the allocation (kept as it is), reported separately."""
-
-    name: str
-    numel: int
-
-
-class Measured(Strict):
-    """Measured quality of the allocation beside uniform baselines (``fp16`` = unquantized)."""
-
-    perplexity: float
-    baselines: dict[str, float]
-    baseline_avg_bits: dict[str, float]
-    eval_tokens: int
-    seq_len: int
-    measured_loss_increase: float
-    predicted_loss_increase: float
-    #: With a KV allocation: the allocation's weights with every layer's cache at one pair
-    #: (the uniform KV pairs nearest the allocation's KV bits), perplexity and bits per element.
-    kv_baselines: dict[str, float] = {}
-    kv_baseline_avg_bits: dict[str, float] = {}
-
-
-class RepairRound(Strict):
-    """One round of verify-and-repair: the allocation at its start, predicted and measured
-    loss increase (nats/token, on the repair windows), the groups then measured (unit names or
-    ``layer N``), and what was done (``corrected``, or why it stopped: ``agrees``,
-    ``budget spent``, ``nothing left``)."""
-
-    avg_bits: float
-    predicted: float
-    measured: float
-    groups_measured: list[str]
-    action: str
-
-
-class Repair(Strict):
-    """What verify-and-repair measured and changed (losses are increases over the unquantized
-    model in nats/token on ``tokens`` calibration tokens)."""
-
-    tokens: int
-    tolerance: float
-    budget: int
-    evaluations: int
-    predicted_before: float
-    measured_before: float
-    predicted_after: float
-    measured_after: float
-    changed: bool
-    groups: str
-    groups_measured: int
-    rounds: list[RepairRound]
-    wall_time_s: float
 
 
 class AllocationData(Strict):
@@ -218,10 +200,7 @@ class Allocation:
     @property
     def predicted_total_loss(self) -> float | None:
         """Predicted loss of the weights plus, when allocated, the KV cache."""
-        parts = [self.data.predicted_loss]
-        if self.data.kv is not None:
-            parts.append(self.data.kv.predicted_loss)
-        return None if any(p is None for p in parts) else float(sum(parts))
+        return _predicted_total(self.data)
 
     def with_kv(self, kv: KVAllocation, joint: JointBudget | None = None) -> Allocation:
         """A copy carrying per-layer KV formats (and the joint budget that set them)."""
@@ -312,7 +291,9 @@ class Allocation:
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
         """Read and validate an allocation written by :meth:`save`."""
-        return cls(read_model(Path(path), AllocationData, "allocation"))
+        allocation = cls(read_model(Path(path), AllocationData, "allocation"))
+        _check_loaded(allocation.data)
+        return allocation
 
     # --- use -------------------------------------------------------------------------------
     def apply(
@@ -322,13 +303,15 @@ class Allocation:
         inplace: bool = False,
         packed: bool = False,
         cpu_path: str = "auto",
+        progress: bool = True,
     ) -> nn.Module:
         """Quantize ``model`` per the allocation (a deep copy unless ``inplace``).
 
         By default the weights are fake-quantized: replaced by Q(W) in their own dtype. With
         ``packed=True`` each unit becomes a :class:`~bitalloc.kernels.QuantLinear` holding its
         packed codes (an :class:`~bitalloc.kernels.Float16Linear` for ``fp16``), so the units
-        take the allocation's bytes; ``cpu_path`` picks their CPU kernel (``auto`` measures).
+        take the allocation's bytes; ``cpu_path`` picks their CPU kernel (``auto`` measures);
+        ``progress`` shows a bar while packing.
         Save the result with :func:`bitalloc.packed.save_packed`.
 
         When the allocation records scale folding (``data.scale_folding``), its formats were
@@ -351,7 +334,9 @@ class Allocation:
         if record is not None:
             apply_recorded_(target, record)  # no-op when already folded by this record
         if packed:
-            return pack_model(target, self.formats, inplace=True, cpu_path=cpu_path)
+            return pack_model(
+                target, self.formats, inplace=True, cpu_path=cpu_path, progress=progress
+            )
         return fake_quantize_(target, self.formats)
 
     def check_model(self, model: nn.Module) -> None:
@@ -378,12 +363,22 @@ class Allocation:
 
 
 def _check_consistent(data: AllocationData) -> None:
+    if not 1 <= data.version <= ALLOCATION_VERSION:
+        newer = data.version > ALLOCATION_VERSION
+        raise BitallocError(
+            f"allocation version {data.version} is not supported (this bitalloc reads versions 1 "
+            f"to {ALLOCATION_VERSION}); "
+            + ("upgrade bitalloc to read it" if newer else "re-create the allocation")
+        )
     if not data.units:
         raise BitallocError("an allocation needs at least one unit")
+    _check_units(data)
+    _check_budget(data)
+    _check_losses(data)
     if data.scale_folding is not None:
         data.scale_folding.check()
     if data.kv is not None:
-        data.kv.check()
+        data.kv.check(joint=data.joint is not None)
     if data.joint is not None:
         if data.kv is None:
             raise BitallocError("a joint memory budget needs the KV formats it chose (kv)")
@@ -392,14 +387,23 @@ def _check_consistent(data: AllocationData) -> None:
             data.joint.weight_bytes, data.bytes, rel_tol=1e-9
         ):
             raise BitallocError(
-                "the joint budget's weight or KV bytes differ from the allocation's; the file "
-                "was edited inconsistently"
+                f"the joint budget's weight or KV bytes differ from the allocation's; {EDITED}"
             )
+        data.joint.check_parts(
+            weight_loss=data.predicted_loss,
+            kv_loss=data.kv.predicted_loss,
+            excluded_numel=data.excluded_numel,
+        )
+
+
+def _check_units(data: AllocationData) -> None:
     names = [u.name for u in data.units]
     if len(set(names)) != len(names):
         raise BitallocError("the allocation lists a unit more than once")
     total = 0
     for u in data.units:
+        if not all(0 < d <= MAX_DIMENSION for d in u.shape):
+            raise BitallocError(f"{u.name}: shape {u.shape} is not a weight matrix's; {EDITED}")
         fmt = parse_format(u.format)
         if u.numel != u.shape[0] * u.shape[1]:
             raise BitallocError(f"{u.name}: numel {u.numel} does not match shape {u.shape}")
@@ -407,7 +411,7 @@ def _check_consistent(data: AllocationData) -> None:
         if not math.isclose(u.bits_per_weight, expected, rel_tol=1e-9):
             raise BitallocError(
                 f"{u.name}: bits_per_weight {u.bits_per_weight} does not match {u.format} on "
-                f"shape {u.shape} ({expected}); the file was edited inconsistently"
+                f"shape {u.shape} ({expected}); {EDITED}"
             )
         total += fmt.storage_bits(u.shape)
     numel = sum(u.numel for u in data.units)
@@ -415,8 +419,72 @@ def _check_consistent(data: AllocationData) -> None:
         total != data.total_bits
         or numel != data.numel
         or not math.isclose(data.avg_bits, total / numel, rel_tol=1e-9)
+        or not math.isclose(data.bytes, total / 8, rel_tol=1e-12)
     ):
         raise BitallocError(
-            f"the summary (avg_bits {data.avg_bits}, total_bits {data.total_bits}) does not match "
-            f"its units ({total / numel}, {total}); the file was edited inconsistently"
+            f"the summary (avg_bits {data.avg_bits}, total_bits {data.total_bits}, bytes "
+            f"{data.bytes}, numel {data.numel}) does not match its units ({total / numel}, "
+            f"{total}, {total / 8}, {numel}); {EDITED}"
         )
+    excluded = [p.name for p in data.excluded]
+    if len(set(excluded) | set(names)) != len(excluded) + len(names):
+        raise BitallocError(f"a parameter is listed twice among units and excluded; {EDITED}")
+    if any(p.numel <= 0 for p in data.excluded):
+        raise BitallocError(f"an excluded parameter has no weights; {EDITED}")
+    if data.excluded_numel != sum(p.numel for p in data.excluded):
+        raise BitallocError(
+            f"excluded_numel {data.excluded_numel} is not the sum of the excluded parameters "
+            f"({sum(p.numel for p in data.excluded)}); {EDITED}"
+        )
+
+
+def _check_budget(data: AllocationData) -> None:
+    # Every writer records the budget in average bits per weight: the requested avg_bits, the
+    # tighter of avg_bits and max_bytes (as bits per weight), 16 for the fp16 weights of a
+    # KV-only allocation, or the weights' share of a joint memory budget.
+    if data.budget <= 0:
+        raise BitallocError(f"the budget {data.budget} is not a number of bits; {EDITED}")
+    if data.avg_bits > data.budget * (1 + 1e-9):
+        raise BitallocError(
+            f"the allocation takes {data.avg_bits:.6f} bits per weight, over its budget of "
+            f"{data.budget:g}; {EDITED}"
+        )
+
+
+def _check_losses(data: AllocationData) -> None:
+    if data.profile is not None:
+        data.profile.check()
+    losses = [u.predicted_loss for u in data.units]
+    if any(x is None for x in losses):
+        if data.predicted_loss is not None:
+            raise BitallocError(f"predicted_loss is recorded but not every unit has one; {EDITED}")
+    else:
+        pairs = 0.0 if data.profile is None else data.profile.interaction_loss
+        expected = float(sum(losses)) + pairs  # type: ignore[arg-type]
+        if data.predicted_loss is None or not same_sum(data.predicted_loss, expected):
+            raise BitallocError(
+                f"predicted_loss {data.predicted_loss} is not the units' losses plus the "
+                f"interaction terms ({expected}); {EDITED}"
+            )
+    if data.solver is not None:
+        # The objective is compared with the predicted loss on load only (see _check_loaded).
+        data.solver.check(None)
+    if data.measured is not None:
+        data.measured.check(_predicted_total(data))
+    if data.repair is not None:
+        data.repair.check(data.predicted_loss)
+
+
+def _check_loaded(data: AllocationData) -> None:
+    # A joint solve's objective also counts the KV cache's loss, and the weights' allocation
+    # of a joint budget is built (and checked) before its joint record is attached; a saved
+    # file is complete, so here the objective of a weights-only solve must be its prediction.
+    if data.solver is not None and data.joint is None:
+        data.solver.check(data.predicted_loss)
+
+
+def _predicted_total(data: AllocationData) -> float | None:
+    parts = [data.predicted_loss]
+    if data.kv is not None:
+        parts.append(data.kv.predicted_loss)
+    return None if any(p is None for p in parts) else float(sum(parts))  # type: ignore[arg-type]

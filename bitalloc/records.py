@@ -1,9 +1,32 @@
 """Strict, frozen pydantic records shared by the serialised results (allocations, KV
-allocations): unknown fields are refused, values cannot be reassigned."""
+allocations): unknown fields are refused, values cannot be reassigned.
+
+Every number a record holds that can be recomputed from the rest of the file is checked by the
+record's ``check`` (called when an allocation is built or loaded), so an edited file cannot claim
+a result it does not have. Numbers that only a measurement can give (perplexities, wall times)
+are kept as written.
+"""
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, ConfigDict
+
+from bitalloc.errors import BitallocError
+
+#: Relative tolerance of a recomputed sum against the recorded one: the same terms added in
+#: another order differ by rounding alone (about 1e-16 per term).
+SUM_RTOL = 1e-9
+#: Absolute floor of that tolerance, for losses near zero.
+SUM_ATOL = 1e-12
+
+EDITED = "the file was edited inconsistently"
+
+
+def same_sum(recorded: float, recomputed: float) -> bool:
+    """True when ``recorded`` equals ``recomputed`` up to the rounding of adding floats."""
+    return math.isclose(recorded, recomputed, rel_tol=SUM_RTOL, abs_tol=SUM_ATOL)
 
 
 class Strict(BaseModel):
@@ -22,6 +45,40 @@ class SolverSummary(Strict):
     gap: float | None = None
     wall_time_s: float
 
+    def check(self, predicted_loss: float | None, what: str = "allocation") -> None:
+        """Raise :class:`BitallocError` unless the bound and gap agree with the objective and,
+        where given, the objective equals ``predicted_loss`` (the choice's summed prediction:
+        pass None where the solver's objective covered more than this record, as in a joint
+        weights + KV problem)."""
+        scale = max(1.0, abs(self.objective))
+        if self.wall_time_s < 0:
+            raise BitallocError(f"the {what}'s solver wall time is negative; {EDITED}")
+        if (self.lower_bound is None) != (self.gap is None):
+            raise BitallocError(
+                f"the {what}'s solver records a gap without a lower bound or the reverse; {EDITED}"
+            )
+        bound, gap = self.lower_bound, self.gap
+        # The solvers clamp a bound within rounding of the objective to the objective.
+        if (
+            bound is not None
+            and gap is not None
+            and (
+                bound > self.objective
+                or not math.isclose(gap, self.objective - bound, rel_tol=SUM_RTOL, abs_tol=SUM_ATOL)
+            )
+        ):
+            raise BitallocError(
+                f"the {what}'s solver bound {bound} and gap {gap} do not fit its objective "
+                f"{self.objective}; {EDITED}"
+            )
+        if predicted_loss is not None and not math.isclose(
+            self.objective, predicted_loss, rel_tol=SUM_RTOL, abs_tol=SUM_ATOL * scale
+        ):
+            raise BitallocError(
+                f"the {what}'s solver objective {self.objective} differs from its predicted loss "
+                f"{predicted_loss}; {EDITED}"
+            )
+
 
 class ProfileSummary(Strict):
     """Which profile predicted the losses."""
@@ -37,3 +94,104 @@ class ProfileSummary(Strict):
     interaction_formats: list[str] | None = None
     #: The pairwise terms' share of the predicted loss (included in ``predicted_loss``).
     interaction_loss: float = 0.0
+
+    def check(self) -> None:
+        """Raise :class:`BitallocError` unless the interaction record is self-consistent."""
+        if self.interaction_pairs < 0:
+            raise BitallocError(f"the profile summary counts {self.interaction_pairs} pairs")
+        if self.interaction_pairs == 0 and self.interaction_loss != 0.0:
+            raise BitallocError(
+                f"the profile summary has interaction loss {self.interaction_loss} without "
+                f"interaction pairs; {EDITED}"
+            )
+
+
+class ExcludedParameter(Strict):
+    """A parameter left out of the allocation (kept as it is), reported separately."""
+
+    name: str
+    numel: int
+
+
+class Measured(Strict):
+    """Measured quality of the allocation beside uniform baselines (``fp16`` = unquantized)."""
+
+    perplexity: float
+    baselines: dict[str, float]
+    baseline_avg_bits: dict[str, float]
+    eval_tokens: int
+    seq_len: int
+    measured_loss_increase: float
+    predicted_loss_increase: float
+    #: With a KV allocation: the allocation's weights with every layer's cache at one pair
+    #: (the uniform KV pairs nearest the allocation's KV bits), perplexity and bits per element.
+    kv_baselines: dict[str, float] = {}
+    kv_baseline_avg_bits: dict[str, float] = {}
+
+    def check(self, predicted_total: float | None) -> None:
+        """Raise :class:`BitallocError` unless the perplexities are positive, the loss increase
+        is the log ratio of the allocation's and the unquantized perplexity, and the predicted
+        increase is the allocation's ``predicted_total`` (when it has one)."""
+        values = [self.perplexity, *self.baselines.values(), *self.kv_baselines.values()]
+        if min(values) <= 0:
+            raise BitallocError(f"a recorded perplexity is {min(values)}; {EDITED}")
+        if self.eval_tokens <= 0 or self.seq_len <= 0:
+            raise BitallocError(f"the measurement's token counts must be positive; {EDITED}")
+        fp16 = self.baselines.get("fp16")
+        if fp16 is not None and not same_sum(
+            self.measured_loss_increase, math.log(self.perplexity) - math.log(fp16)
+        ):
+            raise BitallocError(
+                f"measured_loss_increase {self.measured_loss_increase} is not "
+                f"log({self.perplexity}) - log({fp16}) (the fp16 baseline); {EDITED}"
+            )
+        if predicted_total is not None and not same_sum(
+            self.predicted_loss_increase, predicted_total
+        ):
+            raise BitallocError(
+                f"the measurement's predicted_loss_increase {self.predicted_loss_increase} is "
+                f"not the allocation's predicted loss {predicted_total}; {EDITED}"
+            )
+
+
+class RepairRound(Strict):
+    """One round of verify-and-repair: the allocation at its start, predicted and measured
+    loss increase (nats/token, on the repair windows), the groups then measured (unit names or
+    ``layer N``), and what was done (``corrected``, or why it stopped: ``agrees``,
+    ``budget spent``, ``nothing left``)."""
+
+    avg_bits: float
+    predicted: float
+    measured: float
+    groups_measured: list[str]
+    action: str
+
+
+class Repair(Strict):
+    """What verify-and-repair measured and changed (losses are increases over the unquantized
+    model in nats/token on ``tokens`` calibration tokens)."""
+
+    tokens: int
+    tolerance: float
+    budget: int
+    evaluations: int
+    predicted_before: float
+    measured_before: float
+    predicted_after: float
+    measured_after: float
+    changed: bool
+    groups: str
+    groups_measured: int
+    rounds: list[RepairRound]
+    wall_time_s: float
+
+    def check(self, predicted_loss: float | None) -> None:
+        """Raise :class:`BitallocError` unless the counts are sane and ``predicted_after`` is
+        the repaired allocation's ``predicted_loss`` (when it has one)."""
+        if min(self.tokens, self.budget, self.evaluations, self.groups_measured) < 0:
+            raise BitallocError(f"the repair record holds a negative count; {EDITED}")
+        if predicted_loss is not None and not same_sum(self.predicted_after, predicted_loss):
+            raise BitallocError(
+                f"the repair's predicted_after {self.predicted_after} is not the allocation's "
+                f"predicted loss {predicted_loss}; {EDITED}"
+            )

@@ -11,12 +11,18 @@ from bitalloc.formats import parse_format
 from bitalloc.models import discover_units, excluded_parameters
 
 
-def cycling_allocation(model: nn.Module, formats: Sequence[str], budget: float = 8.0) -> Allocation:
-    """Unit i of ``model`` (network order) takes ``formats[i % len(formats)]``."""
+def cycling_allocation(
+    model: nn.Module, formats: Sequence[str], budget: float | None = None
+) -> Allocation:
+    """Unit i of ``model`` (network order) takes ``formats[i % len(formats)]``; the budget is
+    the achieved average bits unless given (an allocation never exceeds its budget)."""
     units = discover_units(model)
     choices = [
         UnitChoice.of(u, parse_format(formats[i % len(formats)])) for i, u in enumerate(units)
     ]
+    if budget is None:
+        bits = sum(parse_format(c.format).storage_bits(c.shape) for c in choices)
+        budget = bits / sum(c.numel for c in choices)
     return Allocation.from_choices(
         model=type(model).__name__,
         budget=budget,

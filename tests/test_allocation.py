@@ -117,3 +117,129 @@ def test_tables(tiny_model):
     layer = alloc.layer_table()
     assert layer.splitlines()[0].split()[:2] == ["layer", "bits"]
     assert "budget 8" in alloc.summary()
+
+
+def _solved(model):
+    """An allocation with a solver record whose objective is its predicted loss."""
+    from bitalloc.records import SolverSummary
+
+    alloc = _allocation(model)
+    loss = alloc.data.predicted_loss
+    solver = SolverSummary(
+        method="lagrangian",
+        status="feasible",
+        objective=loss,
+        lower_bound=loss - 0.5,
+        gap=0.5,
+        wall_time_s=0.01,
+    )
+    return Allocation(alloc.data.model_copy(update={"solver": solver}))
+
+
+def _write(tmp_path, doc):
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d.update(budget=d["avg_bits"] * 0.9), "over its budget"),
+        (lambda d: d.update(budget=0.0), "not a number of bits"),
+        (lambda d: d.update(bytes=d["bytes"] * 2), "does not match its units"),
+        (lambda d: d.update(predicted_loss=d["predicted_loss"] * 1.01), "predicted_loss"),
+        (lambda d: d.update(predicted_loss=None), "predicted_loss"),
+        (lambda d: d["units"][0].update(predicted_loss=5.0), "predicted_loss"),
+        (lambda d: d.update(version=2), r"version 2 is not supported .*versions 1 to 1.*upgrade"),
+        (lambda d: d.update(version=0), "version 0 is not supported"),
+        (lambda d: d.update(excluded_numel=d["excluded_numel"] + 1), "excluded_numel"),
+        (lambda d: d["solver"].update(objective=d["solver"]["objective"] * 2), "objective"),
+        (lambda d: d["solver"].update(gap=0.25), "gap"),
+        (lambda d: d["solver"].update(gap=None), "gap without a lower bound"),
+        (lambda d: d["profile"].update(interaction_loss=0.1), "interaction"),
+        (lambda d: d.update(avg_bits=str(d["avg_bits"])), "malformed at avg_bits"),
+        (lambda d: d.update(numel=float(d["numel"])), "malformed at numel"),
+        (lambda d: d["units"][0].update(shape=[0, 64]), "not a weight matrix"),
+    ],
+)
+def test_recomputable_numbers_and_the_budget_are_checked_on_load(tmp_path, tiny_model, edit, match):
+    from bitalloc.records import ProfileSummary
+
+    alloc = _solved(tiny_model)
+    doc = Allocation(
+        alloc.data.model_copy(update={"profile": ProfileSummary(method="fisher")})
+    ).to_json()
+    Allocation.load(_write(tmp_path, doc))  # the unedited file loads
+    edit(doc)
+    with pytest.raises(BitallocError, match=match):
+        Allocation.load(_write(tmp_path, doc))
+
+
+def test_measured_and_repair_numbers_are_checked_on_load(tmp_path, tiny_model):
+    import math
+
+    from bitalloc.allocation import Measured, Repair
+
+    alloc = _allocation(tiny_model)
+    loss = alloc.data.predicted_loss
+    measured = Measured(
+        perplexity=12.0,
+        baselines={"fp16": 10.0},
+        baseline_avg_bits={"fp16": 16.0},
+        eval_tokens=512,
+        seq_len=64,
+        measured_loss_increase=math.log(1.2),
+        predicted_loss_increase=loss,
+    )
+    repair = Repair(
+        tokens=256,
+        tolerance=0.1,
+        budget=4,
+        evaluations=3,
+        predicted_before=loss * 2,
+        measured_before=0.3,
+        predicted_after=loss,
+        measured_after=0.2,
+        changed=True,
+        groups="unit",
+        groups_measured=2,
+        rounds=[],
+        wall_time_s=1.0,
+    )
+    good = alloc.with_measured(measured).with_repair(repair).to_json()
+    Allocation.load(_write(tmp_path, good))
+    for field, section, value, match in [
+        ("measured", "measured_loss_increase", 0.5, "measured_loss_increase"),
+        ("measured", "predicted_loss_increase", loss * 3, "predicted_loss_increase"),
+        ("measured", "perplexity", -1.0, "perplexity is -1"),
+        ("repair", "predicted_after", loss * 3, "predicted_after"),
+    ]:
+        doc = json.loads(json.dumps(good))
+        doc[field][section] = value
+        with pytest.raises(BitallocError, match=match):
+            Allocation.load(_write(tmp_path, doc))
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("[1, 2]", "holds a JSON array, not an object"),
+        ('{"units": [], "formats": ["fp16"], "loss": []}', "is a profile, not an allocation"),
+        ('{"format": "bitalloc.problem", "objective": []}', "is a solver problem file"),
+        ('{"avg_bits": NaN}', "NaN is not a JSON number"),
+    ],
+)
+def test_files_that_are_not_allocations_are_named(tmp_path, content, match):
+    path = tmp_path / "x.json"
+    path.write_text(content)
+    with pytest.raises(BitallocError, match=match):
+        Allocation.load(path)
+
+
+def test_a_budget_below_the_achieved_bits_cannot_be_built(tiny_model):
+    units = discover_units(tiny_model)
+    with pytest.raises(BitallocError, match="over its budget of 4"):
+        Allocation.from_choices(
+            model="tiny", budget=4.0, units=[UnitChoice.of(u, parse_format("fp16")) for u in units]
+        )

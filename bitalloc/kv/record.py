@@ -13,7 +13,7 @@ import math
 
 from bitalloc.errors import BitallocError
 from bitalloc.kv.formats import parse_kv_format
-from bitalloc.records import ProfileSummary, SolverSummary, Strict
+from bitalloc.records import EDITED, ProfileSummary, SolverSummary, Strict, same_sum
 
 #: Bytes per parameter of the weights outside the allocation (embeddings, norms) in a joint
 #: memory budget: serving stacks keep them in fp16/bf16.
@@ -66,10 +66,18 @@ class KVAllocation(Strict):
             * (self.batch_size)
         )
 
-    def check(self) -> None:
-        """Raise :class:`BitallocError` unless every layer's bits and the totals are consistent."""
+    def check(self, *, joint: bool = False) -> None:
+        """Raise :class:`BitallocError` unless every layer's bits and the totals are consistent,
+        the average is within the budget and the predicted loss is the layers' sum; ``joint``
+        says the solver's objective covered the weights too (then it is not compared)."""
         if not self.layers:
             raise BitallocError("a KV allocation needs at least one attention layer")
+        sizes = (self.context_len, self.batch_size, self.n_kv_heads, self.head_dim)
+        if min(sizes) <= 0 or max(sizes) > 2**32:
+            raise BitallocError(
+                f"the KV allocation's context, batch, heads and head size {sizes} must be "
+                f"positive counts; {EDITED}"
+            )
         names = [c.name for c in self.layers]
         if len(set(names)) != len(names):
             raise BitallocError("the KV allocation lists a layer more than once")
@@ -93,6 +101,30 @@ class KVAllocation(Strict):
                 f"match its layers ({total / self.elements()}, {total}); the file was edited "
                 "inconsistently"
             )
+        if not math.isclose(self.bytes, total / 8, rel_tol=1e-12):
+            raise BitallocError(f"the KV bytes {self.bytes} are not total_bits / 8; {EDITED}")
+        if self.budget is not None and (
+            self.budget <= 0 or self.avg_bits > self.budget * (1 + 1e-9)
+        ):
+            raise BitallocError(
+                f"the KV cache takes {self.avg_bits:.6f} bits per element, over its budget of "
+                f"{self.budget:g}; {EDITED}"
+            )
+        losses = [c.predicted_loss for c in self.layers if c.predicted_loss is not None]
+        expected = float(sum(losses)) if len(losses) == len(self.layers) else None
+        if (expected is None) != (self.predicted_loss is None) or (
+            expected is not None
+            and self.predicted_loss is not None
+            and not same_sum(self.predicted_loss, expected)
+        ):
+            raise BitallocError(
+                f"the KV predicted_loss {self.predicted_loss} is not the layers' sum {expected}; "
+                f"{EDITED}"
+            )
+        if self.profile is not None:
+            self.profile.check()
+        if self.solver is not None:
+            self.solver.check(None if joint else self.predicted_loss, "KV allocation")
 
     def table(self) -> str:
         """One row per layer: format, bits per element, MiB, predicted loss; then a summary."""
@@ -187,6 +219,34 @@ class JointBudget(Strict):
             raise BitallocError(
                 f"the joint allocation takes {self.total_bytes:.0f} bytes, over its budget of "
                 f"{self.memory_bytes:.0f}; the file was edited inconsistently"
+            )
+
+    def check_parts(
+        self, *, weight_loss: float | None, kv_loss: float | None, excluded_numel: int
+    ) -> None:
+        """Raise :class:`BitallocError` unless the recorded losses are the allocation's
+        (``weight_loss``, ``kv_loss``; None: not recorded there), the fixed bytes are the
+        parameters left out at :data:`FIXED_BYTES_PER_PARAMETER`, and the total is at least
+        the recorded minimum."""
+        for name, recorded, actual in (
+            ("weight_loss", self.weight_loss, weight_loss),
+            ("kv_loss", self.kv_loss, kv_loss),
+        ):
+            if actual is not None and not same_sum(recorded, actual):
+                raise BitallocError(
+                    f"the joint budget's {name} {recorded} is not the allocation's {actual}; "
+                    f"{EDITED}"
+                )
+        fixed = float(FIXED_BYTES_PER_PARAMETER * excluded_numel)
+        if not math.isclose(self.fixed_bytes, fixed, rel_tol=1e-12):
+            raise BitallocError(
+                f"the joint budget's fixed_bytes {self.fixed_bytes} are not the {excluded_numel} "
+                f"parameters left out at {FIXED_BYTES_PER_PARAMETER} bytes each; {EDITED}"
+            )
+        if self.total_bytes < self.minimum_bytes * (1 - 1e-9):
+            raise BitallocError(
+                f"the joint allocation takes {self.total_bytes:.0f} bytes, under the recorded "
+                f"minimum {self.minimum_bytes:.0f}; {EDITED}"
             )
 
     def report(self) -> str:

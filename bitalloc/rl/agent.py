@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.fileio import read_json, write_json_atomic
+from bitalloc.fileio import read_json_object, write_json_atomic
 from bitalloc.rl.env import AllocationEnv, RewardConfig, obs_dims
 
 POLICY_FORMAT = "bitalloc-rl-policy"
@@ -196,7 +196,7 @@ def read_policy_info(path: str | Path) -> PolicyInfo:
     path = Path(path)
     if not path.is_file():
         raise BitallocError(f"policy file {path} does not exist")
-    raw = read_json(_info_path(path), "policy description")
+    raw = read_json_object(_info_path(path), "RL policy description")
     try:
         info = PolicyInfo(
             **{**raw, "palette": tuple(raw["palette"]) if raw.get("palette") else None}

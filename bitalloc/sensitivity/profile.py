@@ -2,6 +2,17 @@
 
 Profiles are expensive and solves are cheap, so profiles are saved (JSON, written atomically)
 and cached on disk keyed by everything that determines them.
+
+A profile keeps the profiler contract (see :class:`~bitalloc.sensitivity.BaseProfiler`): every
+value is finite and never negative, whether the table is built in memory or loaded. A loaded
+file must also name each unit and format once (a repeated name would pair one entry's values
+with another's cost), and is checked for the contract's last rule, more bits never predict more
+loss at the same group size: a value above the same unit's value with fewer bits (noise in a
+hand-made or foreign file; every profiler keeps the rule, as its contract test checks) is
+lowered to it,
+the count is recorded in ``metadata["monotone_fixes_on_load"]`` and a
+:class:`ProfileRepairWarning` says so. Columns that are not weight formats (KV pairs) are left
+as they are.
 """
 
 from __future__ import annotations
@@ -9,21 +20,36 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from bitalloc.errors import BitallocError
-from bitalloc.fileio import read_json, write_atomic, write_json_atomic
+from bitalloc.fileio import (
+    file_kind,
+    parse_json,
+    read_json_object,
+    write_atomic,
+    write_json_atomic,
+)
 from bitalloc.sensitivity.interactions import Interactions
 
 PROFILE_VERSION = 1
 SAFETENSORS_SUFFIX = ".safetensors"
+#: The metadata entry counting the values a load lowered to keep more bits from predicting more.
+MONOTONE_FIXES_ON_LOAD = "monotone_fixes_on_load"
+_TOP_LEVEL = {"version", "units", "formats", "loss", "metadata", "interactions"}
+
+
+class ProfileRepairWarning(UserWarning):
+    """A loaded profile broke the profiler contract in a way that was repaired (and recorded in
+    its metadata) rather than refused."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +79,14 @@ class Profile:
             raise BitallocError(
                 f"profile value for {self.units[i]} under {self.formats[j]} is {loss[i, j]}; "
                 "re-run profiling (non-finite sensitivities cannot be solved)"
+            )
+        negative = np.argwhere(loss < 0)
+        if negative.size:
+            i, j = negative[0]
+            raise BitallocError(
+                f"profile value for {self.units[i]} under {self.formats[j]} is {loss[i, j]}; "
+                "a predicted loss increase is never negative (profilers clip noise at 0): "
+                "re-run profiling or clip the table"
             )
         loss.setflags(write=False)
         object.__setattr__(self, "loss", loss)
@@ -96,24 +130,54 @@ class Profile:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Profile:
-        """Inverse of :meth:`to_json`; malformed data raises :class:`BitallocError`."""
-        try:
-            if data.get("version") != PROFILE_VERSION:
-                raise BitallocError(f"profile version {data.get('version')} is not supported")
-            return cls(
-                units=tuple(data["units"]),
-                formats=tuple(data["formats"]),
-                loss=np.asarray(data["loss"], dtype=np.float64),
-                metadata=dict(data.get("metadata", {})),
-                interactions=(
-                    None
-                    if data.get("interactions") is None
-                    else Interactions.from_json(data["interactions"])
-                ),
+    def from_json(cls, data: Any, where: str = "this document") -> Profile:
+        """Inverse of :meth:`to_json`; malformed data raises :class:`BitallocError` (``where``
+        names the file in messages). A table that is not monotone in bits is repaired (see the
+        module docstring)."""
+        if not isinstance(data, dict):
+            raise BitallocError(f"{where} is not a profile: its top level is not a JSON object")
+        kind = file_kind(data)
+        if kind is not None and kind != "profile":
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise BitallocError(
+                f"{where} is {article} {kind}, not a profile; give a profile file (from "
+                "`bitalloc profile --out`)"
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BitallocError(f"malformed profile: {exc}") from None
+        missing = [key for key in ("units", "formats", "loss") if key not in data]
+        if missing:
+            raise BitallocError(
+                f"{where} is not a profile: it has no {missing[0]!r} field (a profile holds "
+                "units, formats, loss and metadata)"
+            )
+        try:
+            version = data.get("version")
+            if type(version) is not int or version != PROFILE_VERSION:
+                raise BitallocError(
+                    f"{where}: profile version {version!r} is not supported (this bitalloc reads "
+                    f"version {PROFILE_VERSION}); re-create the profile"
+                )
+            stray = sorted(set(data) - _TOP_LEVEL)
+            if stray:
+                raise BitallocError(f"{where}: unknown field {stray[0]!r} in a profile")
+            units = _names(data["units"], "units")
+            formats = _names(data["formats"], "formats")
+            _unique(units, "unit", "row")
+            _unique(formats, "format", "column")
+            loss = _table(data["loss"])
+            metadata = data.get("metadata", {})
+            if not isinstance(metadata, dict):
+                raise BitallocError("metadata must be a JSON object")
+            terms = data.get("interactions")
+            interactions = None if terms is None else _interactions(terms)
+            profile = cls(units, formats, loss, dict(metadata), interactions)
+        except BitallocError as exc:
+            message = str(exc)
+            raise BitallocError(
+                message if message.startswith(where) else f"{where}: {message}"
+            ) from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
+            raise BitallocError(f"{where} is a malformed profile: {exc!r}") from None
+        return _monotone_on_load(profile, where)
 
     def save(self, path: str | Path) -> None:
         """Write the profile atomically: safetensors (the table as a float64 tensor, everything
@@ -132,23 +196,144 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        """Read a profile written by :meth:`save` (JSON or safetensors, by file content)."""
+        """Read a profile written by :meth:`save` (safetensors when the name ends in
+        ``.safetensors``, else JSON). Anything malformed, or a file of another kind, raises
+        :class:`BitallocError`."""
         path = Path(path)
+        where = str(path)
         if path.suffix != SAFETENSORS_SUFFIX:
-            return cls.from_json(read_json(path, "profile"))
+            return cls.from_json(read_json_object(path, "profile"), where)
         if not path.is_file():
             raise BitallocError(f"profile file {path} does not exist")
         try:
-            tensors = load_safetensors(path.read_bytes())
-            with safe_open(path, framework="np") as fh:
-                header = fh.metadata() or {}
-            data = json.loads(header["bitalloc_profile"])
-            data["loss"] = tensors["loss"]
-        except (KeyError, ValueError, OSError, SafetensorError) as exc:
-            raise BitallocError(
-                f"{path} is not a bitalloc profile in safetensors format ({exc})"
-            ) from None
-        return cls.from_json(data)
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise BitallocError(f"cannot read {where}: {exc.strerror or exc}") from None
+        return cls.from_json(_safetensors_document(blob, where), where)
+
+
+def _safetensors_document(blob: bytes, where: str) -> dict[str, Any]:
+    """The profile document of a safetensors file, its table put back in as an array."""
+    not_ours = f"{where} is not a bitalloc profile in safetensors format"
+    if len(blob) < 8:
+        raise BitallocError(f"{not_ours} (only {len(blob)} bytes)")
+    size = int.from_bytes(blob[:8], "little")
+    if size > len(blob) - 8:
+        raise BitallocError(f"{not_ours} (its header runs past the end of the file)")
+    try:
+        header = parse_json(blob[8 : 8 + size], "its header")
+    except BitallocError as exc:
+        raise BitallocError(f"{not_ours} ({exc})") from None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    text = meta.get("bitalloc_profile") if isinstance(meta, dict) else None
+    if not isinstance(text, str):
+        raise BitallocError(f"{not_ours} (no bitalloc_profile entry in its metadata)")
+    try:
+        tensors = load_safetensors(blob)
+    except (SafetensorError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        raise BitallocError(f"{not_ours} ({exc})") from None
+    table = tensors.get("loss")
+    if set(tensors) != {"loss"} or table is None or table.dtype != np.float64 or table.ndim != 2:
+        raise BitallocError(f"{not_ours} (it must hold one 2-D float64 tensor named loss)")
+    data = parse_json(text, f"the profile header of {where}")
+    if not isinstance(data, dict) or data.get("loss", 0) is not None:
+        raise BitallocError(f"{not_ours} (its header must leave loss to the tensor)")
+    return {**data, "loss": table}
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise BitallocError(f"{what} must be a list of names")
+    return tuple(value)
+
+
+def _unique(names: tuple[str, ...], what: str, where: str) -> None:
+    # Checked on load: a file with one name twice pairs one entry's values with another's.
+    if len(set(names)) != len(names):
+        twice = next(n for k, n in enumerate(names) if n in names[:k])
+        raise BitallocError(
+            f"the profile has two {what} entries named {twice!r}; each {what} needs exactly "
+            f"one {where}"
+        )
+
+
+def _numbers(value: Any, depth: int) -> bool:
+    """True for nested lists ``depth`` deep of real numbers (not booleans, not strings)."""
+    if depth == 0:
+        return type(value) in (int, float)
+    return isinstance(value, list) and all(_numbers(v, depth - 1) for v in value)
+
+
+def _table(value: Any) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    if not _numbers(value, 2):
+        raise BitallocError("loss must be a list of rows of numbers")
+    rows = {len(r) for r in value}
+    if len(rows) > 1:
+        raise BitallocError("loss rows differ in length")
+    return np.asarray(value, dtype=np.float64).reshape(len(value), rows.pop() if rows else 0)
+
+
+def _interactions(terms: Any) -> Interactions:
+    if not isinstance(terms, dict):
+        raise BitallocError("interactions must be a JSON object")
+    pairs = terms.get("pairs")
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(u, str) for u in p) for p in pairs
+    ):
+        raise BitallocError("interaction pairs must be a list of [unit, unit] name pairs")
+    if len({frozenset(p) for p in pairs}) != len(pairs):
+        raise BitallocError("interaction terms list a pair twice; each pair needs one term")
+    formats = _names(terms.get("formats"), "interaction formats")
+    if len(set(formats)) != len(formats):
+        raise BitallocError("interaction formats name a format twice")
+    if not (_numbers(terms.get("pair_increase"), 2) and _numbers(terms.get("single_increase"), 3)):
+        raise BitallocError("interaction increases must be nested lists of numbers")
+    if not isinstance(terms.get("metadata", {}), dict):
+        raise BitallocError("interaction metadata must be a JSON object")
+    if set(terms) - {"pairs", "formats", "pair_increase", "single_increase", "metadata"}:
+        raise BitallocError("unknown field in the interaction terms")
+    pair = np.asarray(terms["pair_increase"], dtype=np.float64)
+    single = np.asarray(terms["single_increase"], dtype=np.float64)
+    if pair.shape != (len(pairs), len(formats)) or single.shape != (len(pairs), 2, len(formats)):
+        raise BitallocError("interaction increases do not have one row per pair and format")
+    return Interactions.from_json(terms)
+
+
+def _monotone_on_load(profile: Profile, where: str) -> Profile:
+    """``profile`` with each weight-format value capped at the same unit's value with fewer
+    bits and the same group size, the repair recorded and warned about (KV and unknown format
+    names are left as they are)."""
+    from bitalloc.formats import parse_format
+    from bitalloc.sensitivity.base import monotone_in_bits
+
+    cols, palette = [], []
+    for j, name in enumerate(profile.formats):
+        try:
+            fmt = parse_format(name)
+        except BitallocError:
+            continue  # a KV format or one a solve will refuse by name
+        cols.append(j)
+        palette.append(fmt)
+    if len(cols) < 2:
+        return profile
+    capped, fixed = monotone_in_bits(profile.loss[:, cols], palette)
+    if not fixed:
+        return profile
+    table = np.array(profile.loss)
+    table[:, cols] = capped
+    warnings.warn(
+        ProfileRepairWarning(
+            f"{where}: {fixed} values predicted more loss than the same unit with fewer bits "
+            f"at the same group size; lowered to that value (recorded as metadata "
+            f"{MONOTONE_FIXES_ON_LOAD!r})"
+        ),
+        stacklevel=3,
+    )
+    done = profile.metadata.get(MONOTONE_FIXES_ON_LOAD)
+    done = done if type(done) is int else 0
+    return replace(profile, loss=table).with_metadata(**{MONOTONE_FIXES_ON_LOAD: done + fixed})
 
 
 def cache_key(parts: dict[str, Any]) -> str:
