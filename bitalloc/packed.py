@@ -6,12 +6,15 @@ A packed directory holds:
 - ``model.safetensors``: every tensor of the model once (tied tensors once), units as
   ``<unit>.qweight`` / ``.scales`` / ``.zeros`` (``.weight`` in fp16 for ``fp16`` units);
 - ``bitalloc_packed.json``: the manifest (unit -> format and shape, the packing layout, tied
-  tensors, the weights file's SHA-256, the allocation), validated strictly on load;
+  tensors, the SHA-256 of the weights file and of ``config.json``, the allocation, and the
+  SHA-256 of its own other fields), validated strictly on load;
 - ``config.json`` (and ``generation_config.json``) of the Hugging Face model, and the
   tokenizer's files when a tokenizer was given.
 
 The manifest is written last, so a save interrupted half-way leaves no directory that looks
-complete; the SHA-256 ties the manifest to the weights it was written with.
+complete; the checksums tie the manifest to the weights and config it was written with, and to
+itself, so an edited or damaged file raises instead of loading a different model. The planes
+layout on disk does not depend on the CPU: torch's int4 order, which does, is made at load.
 """
 
 from __future__ import annotations
@@ -19,31 +22,43 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
+from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
-from bitalloc.fileio import read_model, write_atomic, write_json_atomic
+from bitalloc.fileio import read_json_object, read_model, write_atomic, write_json_atomic
 from bitalloc.formats import QuantFormat, parse_format
-from bitalloc.kernels import cpu
 from bitalloc.kernels.packing import PLANES, check_packed, packed_nbytes
+from bitalloc.kernels.paths import (
+    CPU_POLICIES as CPU_POLICIES,
+)
+from bitalloc.kernels.paths import (
+    CpuPathChoice,
+    PackedLayer,
+    check_policy,
+    choose_cpu_paths,
+    packed_layers,
+)
+from bitalloc.kernels.paths import (
+    cpu_path_report as cpu_path_report,
+)
 from bitalloc.kernels.quant_linear import Float16Linear, QuantLinear
 from bitalloc.models import get_linear
 
 MANIFEST = "bitalloc_packed.json"
 WEIGHTS = "model.safetensors"
 PACKED_FORMAT = "bitalloc-packed"
-PACKED_VERSION = 1
-CPU_POLICIES = ("auto", *cpu.CPU_PATHS)
-
-PackedLayer = QuantLinear | Float16Linear
+# Version 2 adds the manifest's own checksum and config.json's; version 1 files still load.
+PACKED_VERSION = 2
 
 
 class _Strict(BaseModel):
@@ -62,7 +77,7 @@ class PackedManifest(_Strict):
     """The JSON written beside the tensors of a packed model."""
 
     format: Literal["bitalloc-packed"] = PACKED_FORMAT
-    version: int = PACKED_VERSION
+    version: Literal[1, 2] = PACKED_VERSION
     layout: Literal["planes"] = "planes"
     planes: dict[str, tuple[int, ...]]
     units: dict[str, PackedUnit]
@@ -72,6 +87,9 @@ class PackedManifest(_Strict):
     predicted_unit_bytes: int
     model_class: str
     allocation: dict[str, Any] | None = None
+    config_sha256: str | None = None
+    # SHA-256 of the canonical JSON of every other field: any edit of the file is detected.
+    manifest_sha256: str | None = None
 
 
 # --- building --------------------------------------------------------------------------------
@@ -81,12 +99,13 @@ def pack_model(
     *,
     inplace: bool = False,
     cpu_path: str = "auto",
+    progress: bool = True,
 ) -> nn.Module:
     """Replace each named ``nn.Linear`` by a :class:`QuantLinear` (or :class:`Float16Linear` for
     ``fp16``) holding its quantized weight, then choose CPU paths (see :func:`choose_cpu_paths`).
 
     Every name and format is checked before anything changes; a deep copy is packed unless
-    ``inplace``.
+    ``inplace``. ``progress`` shows a bar per unit (stderr).
     """
     check_policy(cpu_path)
     resolved = [(name, get_linear(model, name), parse_format(f)) for name, f in formats.items()]
@@ -94,7 +113,7 @@ def pack_model(
         raise BitallocError("nothing to pack: the allocation names no unit")
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
-        for name, _, fmt in resolved:
+        for name, _, fmt in tqdm(resolved, desc="packing", unit="unit", disable=not progress):
             linear = get_linear(target, name)
             layer = (
                 Float16Linear.from_linear(linear)
@@ -102,7 +121,7 @@ def pack_model(
                 else QuantLinear.from_linear(linear, fmt)
             )
             _replace(target, name, layer)
-    choose_cpu_paths(target, cpu_path)
+    choose_cpu_paths(target, cpu_path, progress=progress)
     return target
 
 
@@ -110,90 +129,6 @@ def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, layer)
-
-
-def packed_layers(model: nn.Module) -> dict[str, PackedLayer]:
-    """The packed units of ``model`` by module path, in network order."""
-    return {
-        name: m for name, m in model.named_modules() if isinstance(m, QuantLinear | Float16Linear)
-    }
-
-
-# --- CPU paths -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CpuPathChoice:
-    """Which CPU path each packed unit runs, and the measurements behind the choice
-    (keyed by ``format shape``; empty when a path was forced)."""
-
-    paths: dict[str, str]
-    timings: dict[str, tuple[cpu.PathTiming, ...]] = field(default_factory=dict)
-
-    def counts(self) -> dict[str, int]:
-        """Units per path."""
-        out: dict[str, int] = defaultdict(int)
-        for path in self.paths.values():
-            out[path] += 1
-        return dict(sorted(out.items()))
-
-
-def check_policy(policy: str) -> None:
-    """Raise unless ``policy`` is ``auto`` or a CPU path name."""
-    if policy not in CPU_POLICIES:
-        raise BitallocError(f"unknown CPU path {policy!r}; choose from {', '.join(CPU_POLICIES)}")
-
-
-def choose_cpu_paths(model: nn.Module, policy: str = "auto", *, repeats: int = 5) -> CpuPathChoice:
-    """Set every :class:`QuantLinear`'s CPU path.
-
-    ``auto`` measures each path that supports a (format, shape) once, on the first unit of that
-    kind, and gives all such units the fastest path whose output matches the dequantized
-    reference (one decode row plus one 32-row batch). When that is ``int4pack`` but
-    ``unpack-matmul`` wins at 512 rows, the units switch to unpacking above the batch size where
-    the two measured lines cross. A named path is used wherever it applies, ``unpack-matmul``
-    elsewhere.
-    """
-    check_policy(policy)
-    paths: dict[str, str] = {}
-    timings: dict[str, tuple[cpu.PathTiming, ...]] = {}
-    decided: dict[str, str] = {}
-    switch: dict[str, int | None] = {}
-    for name, layer in packed_layers(model).items():
-        if isinstance(layer, Float16Linear):
-            paths[name] = "fp16"
-            continue
-        usable = tuple(p for p in cpu.CPU_PATHS if not layer.cpu_path_unsupported(p))
-        if policy != "auto":
-            usable = (policy,) if policy in usable else (cpu.UNPACK_MATMUL,)
-        key = f"{layer.format.name} {layer.shape[0]}x{layer.shape[1]}"
-        if key not in decided:
-            decided[key], switch[key] = _decide(layer, usable, repeats, timings, key)
-        layer.set_cpu_path(decided[key])
-        layer.int4pack_max_rows = switch[key]
-        paths[name] = decided[key]
-    return CpuPathChoice(paths, timings)
-
-
-def _decide(
-    layer: QuantLinear,
-    usable: tuple[str, ...],
-    repeats: int,
-    timings: dict[str, tuple[cpu.PathTiming, ...]],
-    key: str,
-) -> tuple[str, int | None]:
-    """The fastest correct path for ``layer`` (decode + a 32-row batch), and for int4pack the
-    batch size above which unpack-matmul takes over (None: never)."""
-    if len(usable) == 1:
-        return usable[0], None
-    measured = tuple(cpu.measure_paths(layer, usable, repeats=repeats))
-    timings[key] = measured
-    correct = [t for t in measured if t.correct] or [
-        t for t in measured if t.path == cpu.UNPACK_MATMUL
-    ]
-    best = min(correct, key=lambda t: t.total_s)
-    unpack = next((t for t in correct if t.path == cpu.UNPACK_MATMUL), None)
-    if best.path != cpu.INT4PACK or unpack is None:
-        return best.path, None
-    return best.path, cpu.crossover_rows(best, unpack)
 
 
 # --- sizes -------------------------------------------------------------------------------------
@@ -253,6 +188,7 @@ def save_packed(
     _check_target(directory)
     tensors, tied = _unique_state(model)
     blob = save(tensors, metadata={"format": PACKED_FORMAT})
+    config_text = config.to_json_string().encode()
     units = {
         name: PackedUnit(format=layer.format.name, shape=layer.shape, bias=layer.bias is not None)
         for name, layer in layers.items()
@@ -269,18 +205,29 @@ def save_packed(
         ),
         model_class=type(model).__name__,
         allocation=allocation.to_json() if allocation is not None else None,
+        config_sha256=hashlib.sha256(config_text).hexdigest(),
     )
+    data = manifest.model_dump(mode="json")
+    data["manifest_sha256"] = _manifest_digest(data)
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / WEIGHTS, lambda handle: handle.write(blob))
-    write_atomic(directory / "config.json", lambda h: h.write(config.to_json_string().encode()))
+    write_atomic(directory / "config.json", lambda h: h.write(config_text))
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(generation, "to_json_string"):
         text = generation.to_json_string().encode()
         write_atomic(directory / "generation_config.json", lambda h: h.write(text))
     if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
         tokenizer.save_pretrained(str(directory))
-    write_json_atomic(directory / MANIFEST, manifest.model_dump(mode="json"))
+    write_json_atomic(directory / MANIFEST, data)
     return directory
+
+
+def _manifest_digest(data: Mapping[str, Any]) -> str:
+    """SHA-256 of the manifest's fields but its own checksum, as canonical JSON (so whitespace
+    and key order do not matter, every value does)."""
+    rest = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _check_target(directory: Path) -> None:
@@ -320,7 +267,8 @@ class PackedModel:
 
 
 def read_manifest(directory: str | Path) -> PackedManifest:
-    """Read and validate ``bitalloc_packed.json``."""
+    """Read and validate ``bitalloc_packed.json``: schema, its own checksum, plane layout and
+    unit formats."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not path.is_file():
@@ -329,21 +277,36 @@ def read_manifest(directory: str | Path) -> PackedManifest:
             "`bitalloc apply --allocation alloc.json --out DIR`"
         )
     manifest = read_model(path, PackedManifest, "packed model manifest")
+    again = "write the packed model again with `bitalloc apply`"
+    if manifest.version >= 2:
+        if manifest.manifest_sha256 is None or manifest.config_sha256 is None:
+            raise BitallocError(f"{path} lacks its checksums; {again}")
+        if _manifest_digest(read_json_object(path, "packed model manifest")) != (
+            manifest.manifest_sha256
+        ):
+            raise BitallocError(
+                f"{path} was modified after it was written (manifest_sha256 does not match its "
+                f"contents); {again}"
+            )
     if manifest.planes != {str(b): p for b, p in PLANES.items()}:
         raise BitallocError(f"{path} uses another bit-plane layout than this bitalloc reads")
     for name, unit in manifest.units.items():
         try:
-            parse_format(unit.format)
+            fmt = parse_format(unit.format)
         except BitallocError as exc:
             raise BitallocError(f"{path}: unit {name!r}: {exc}") from None
+        if fmt.name != unit.format:
+            raise BitallocError(f"{path}: unit {name!r} names {unit.format!r}, not {fmt.name!r}")
     return manifest
 
 
-def load_packed(directory: str | Path, *, cpu_path: str = "auto") -> PackedModel:
+def load_packed(
+    directory: str | Path, *, cpu_path: str = "auto", progress: bool = True
+) -> PackedModel:
     """Rebuild a model saved by :func:`save_packed`: skeleton from ``config.json``, packed units
-    from the manifest, tensors from ``model.safetensors`` (each checked against the manifest)."""
+    from the manifest, tensors from ``model.safetensors`` (each checked against the manifest),
+    then CPU paths (``progress`` shows a bar while they are chosen)."""
     from safetensors.torch import load
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     check_policy(cpu_path)
     directory = Path(directory)
@@ -357,16 +320,55 @@ def load_packed(directory: str | Path, *, cpu_path: str = "auto") -> PackedModel
             f"{weights} is not the file its manifest was written with (SHA-256 differs); "
             "the directory was modified or a save was interrupted: save the model again"
         )
-    tensors = load(blob)
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    with _no_init():
-        model = AutoModelForCausalLM.from_config(config)
-    model.eval()
+    try:
+        tensors = load(blob)
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise BitallocError(
+            f"{weights} is not a readable safetensors file ({exc}); save the model again"
+        ) from None
+    model = _skeleton(directory, manifest)
     for name, unit in manifest.units.items():
         _install_unit(model, name, unit, tensors)
+    if unit_bytes(model) != manifest.unit_bytes:
+        raise BitallocError(
+            f"the packed units hold {unit_bytes(model):,} bytes but the manifest records "
+            f"{manifest.unit_bytes:,}; save the model again"
+        )
     _load_rest(model, tensors, manifest, directory)
-    choice = choose_cpu_paths(model, cpu_path)
+    choice = choose_cpu_paths(model, cpu_path, progress=progress)
     return PackedModel(model, _load_tokenizer(directory), manifest, choice)
+
+
+def _skeleton(directory: Path, manifest: PackedManifest) -> nn.Module:
+    """The model of ``config.json``, uninitialised, after checking the file against the
+    manifest."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise BitallocError(f"{directory} lacks config.json; save the model again")
+    digest = hashlib.sha256(config_path.read_bytes()).hexdigest()
+    if manifest.config_sha256 is not None and digest != manifest.config_sha256:
+        raise BitallocError(
+            f"{config_path} is not the file its manifest was written with (SHA-256 differs); "
+            "save the model again"
+        )
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        with _no_init():
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # transformers raises many types for a config it cannot use
+        raise BitallocError(
+            f"{config_path} does not describe a model transformers can build ({exc}); save the "
+            "model again"
+        ) from None
+    if type(model).__name__ != manifest.model_class:
+        raise BitallocError(
+            f"config.json builds a {type(model).__name__}, but the manifest was written for a "
+            f"{manifest.model_class}; the files belong to different models"
+        )
+    model.eval()
+    return model
 
 
 def _install_unit(
@@ -390,6 +392,11 @@ def _install_unit(
     missing = [n for n in names if f"{name}.{n}" not in tensors]
     if missing:
         raise BitallocError(f"{WEIGHTS} lacks {name}.{missing[0]} that the manifest requires")
+    prefix = f"{name}."
+    extra = sorted(k for k in tensors if k.startswith(prefix) and k[len(prefix) :] not in names)
+    if extra:
+        # A tensor the manifest does not account for (a bias it says is absent) would be dropped.
+        raise BitallocError(f"{WEIGHTS} holds {extra[0]}, which the manifest's {name!r} lacks")
     t = {n: tensors[f"{name}.{n}"] for n in names}
     if fmt.is_float:
         if t["weight"].dtype != torch.float16 or tuple(t["weight"].shape) != unit.shape:
@@ -429,6 +436,19 @@ def _load_rest(
     directory: Path,
 ) -> None:
     expected = model.state_dict()
+    for alias, source in manifest.tied.items():
+        # An alias is a tensor of the model saved once, under its source's name: never stored
+        # itself, and its source is a stored tensor of the same shape.
+        if (
+            alias not in expected
+            or alias in tensors
+            or source not in tensors
+            or tuple(expected[alias].shape) != tuple(tensors[source].shape)
+        ):
+            raise BitallocError(
+                f"the manifest ties {alias!r} to {source!r}, which {WEIGHTS} and the model of "
+                "config.json do not allow; save the model again"
+            )
     unit_keys = {k for k in tensors if any(k.startswith(f"{u}.") for u in manifest.units)}
     rest = {k: v for k, v in tensors.items() if k not in unit_keys}
     unexpected = sorted(set(rest) - set(expected))
@@ -476,7 +496,12 @@ def _load_tokenizer(directory: Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:  # tokenizers and transformers raise many types for damaged files
+        raise BitallocError(
+            f"the tokenizer files in {directory} cannot be read ({exc}); save the model again"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -127,10 +128,20 @@ def _saved(tmp_path, tiny_model):
     return save_packed(packed, tmp_path / "packed", allocation=alloc), packed
 
 
-def _edit_manifest(directory, edit):
+def _sign(data):
+    """The manifest's own checksum, as documented: SHA-256 of the canonical JSON of the rest."""
+    rest = {k: v for k, v in data.items() if k != "manifest_sha256"}
+    text = json.dumps(rest, sort_keys=True, separators=(",", ":"))
+    data["manifest_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+
+
+def _edit_manifest(directory, edit, sign=True):
+    """Edit the manifest; ``sign`` recomputes its checksum so that the checks behind it run."""
     path = directory / MANIFEST
     data = json.loads(path.read_text())
     edit(data)
+    if sign:
+        _sign(data)
     path.write_text(json.dumps(data))
 
 
@@ -234,3 +245,138 @@ def test_bad_targets_and_models_raise(tmp_path, tiny_model):
     with pytest.raises(BitallocError, match="unknown format"):
         pack_model(tiny_model, {"model.layers.0.mlp.up_proj": "int7"})
     assert not packed_layers(tiny_model)
+
+
+def test_unsigned_manifest_edits_are_refused_and_reformatting_is_not(tmp_path, tiny_model, ids):
+    out, packed = _saved(tmp_path, tiny_model)
+    path = out / MANIFEST
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data, indent=4, sort_keys=True))  # same content, other text
+    loaded = load_packed(out, cpu_path=cpu.UNPACK_MATMUL, progress=False)
+    assert torch.equal(_logits(loaded.model, ids), _logits(packed, ids))
+    # Fields no tensor could contradict are covered by the manifest's own checksum.
+    for edit in (
+        lambda d: d["allocation"].update(solver="edited"),
+        lambda d: d.update(predicted_unit_bytes=d["predicted_unit_bytes"] + 1),
+        lambda d: d.update(manifest_sha256="0" * 64),
+    ):
+        _edit_manifest(out, edit, sign=False)
+        with pytest.raises(BitallocError, match="modified after it was written"):
+            load_packed(out, progress=False)
+        path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d.update(unit_bytes=d["unit_bytes"] + 2), "the manifest records"),
+        (lambda d: d.update(model_class="GPT2LMHeadModel"), "written for a GPT2LMHeadModel"),
+        (lambda d: d.update(config_sha256="0" * 64), r"config.json is not the file"),
+        (lambda d: d.pop("config_sha256"), "lacks its checksums"),
+        (lambda d: d.update(tied={"lm_head.weight": "model.norm.weight"}), "do not allow"),
+        (lambda d: d.update(tied={}), "lacks 'lm_head.weight'"),
+    ],
+)
+def test_signed_manifest_that_contradicts_the_files_raises(tmp_path, tiny_model, edit, match):
+    out, _ = _saved(tmp_path, tiny_model)
+    _edit_manifest(out, edit)
+    with pytest.raises(BitallocError, match=match):
+        load_packed(out, progress=False)
+
+
+def test_a_stored_bias_the_manifest_omits_is_refused(tmp_path):
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(attention_bias=True)
+    name = "model.layers.0.self_attn.q_proj"
+    out = save_packed(pack_model(model, {name: "int4-g32"}, progress=False), tmp_path / "p")
+    _edit_manifest(out, lambda d: d["units"][name].update(bias=False))
+    with pytest.raises(BitallocError, match=f"holds {name}.bias"):
+        load_packed(out, progress=False)
+
+
+def test_progress_bar_follows_the_flag(tiny_model, capsys):
+    formats = cycling_allocation(tiny_model, ("int3-g32",)).formats
+    pack_model(tiny_model, formats, cpu_path=cpu.UNPACK_MATMUL, progress=False)
+    assert capsys.readouterr().err == ""
+    pack_model(tiny_model, formats, cpu_path=cpu.UNPACK_MATMUL)
+    assert "packing" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not cpu.int4pack_available(), reason="torch lacks the int4pack CPU kernel")
+def test_paths_record_why_and_a_failed_probe_falls_back(tiny_model, monkeypatch):
+    from bitalloc.kernels.int4pack import Int4PackProbe
+    from bitalloc.packed import cpu_path_report
+
+    formats = {**cycling_allocation(tiny_model, ("int3-g32", "fp16")).formats}
+    int4 = "model.layers.0.mlp.up_proj"  # 96x64: int4pack takes it
+    formats[int4] = "int4-g32"
+    packed = pack_model(tiny_model, formats, cpu_path=cpu.INT4PACK, progress=False)
+    layers = packed_layers(packed)
+    assert layers[int4].cpu_path == cpu.INT4PACK
+    assert layers[int4].cpu_path_reason == "int4pack was asked for"
+    assert all(layer.cpu_path_reason for layer in layers.values() if hasattr(layer, "cpu_path"))
+    report = cpu_path_report(packed)
+    assert report.startswith("units per CPU path: fp16 ") and "int4pack 1" in report
+    assert cpu.int4pack_probe().describe() in report
+
+    failed = Int4PackProbe("TEST", None, False, "made to fail", 0.0)
+    monkeypatch.setattr(cpu, "int4pack_probe", lambda: failed)
+    for policy in ("auto", cpu.INT4PACK):
+        choice = choose_cpu_paths(packed, policy, repeats=1, progress=False)
+        assert choice.paths[int4] == cpu.UNPACK_MATMUL and "made to fail" in choice.reasons[int4]
+        assert layers[int4].cpu_path_reason == choice.reasons[int4]
+    assert "int4pack off on TEST: made to fail" in cpu_path_report(packed)
+    x = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        packed(x)
+    assert layers[int4].last_path == cpu.UNPACK_MATMUL
+
+
+SAVE_AND_LOAD = """
+import sys
+import torch
+from bitalloc.kernels import cpu
+from bitalloc.packed import last_paths, load_packed, pack_model, save_packed
+from transformers import AutoModelForCausalLM
+
+source, mine, theirs, logits = sys.argv[1:5]
+# The same weights, not the same seed: torch's random fill differs between capabilities.
+model = AutoModelForCausalLM.from_pretrained(source)
+formats = {n: "int4-g32" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+formats.pop("lm_head")
+save_packed(pack_model(model, formats, cpu_path="int4pack", progress=False), mine)
+if theirs != "-":
+    loaded = load_packed(theirs, cpu_path="int4pack", progress=False).model
+    with torch.no_grad():
+        out = loaded(torch.arange(24).reshape(2, 12)).logits
+    torch.save(out, logits)
+    print(torch.backends.cpu.get_cpu_capability(), last_paths(loaded).get("int4pack", 0))
+"""
+
+
+@pytest.mark.skipif(not cpu.int4pack_available(), reason="torch lacks the int4pack CPU kernel")
+def test_files_do_not_depend_on_the_cpu_capability(tmp_path):
+    """Written under one capability, byte-identical and correct on int4pack under another."""
+    from tests.hfdirs import tiny_model_dir
+    from tests.kernels.capabilities import CAPABILITIES, offered, run_under
+
+    caps = [c for c in reversed(CAPABILITIES) if offered(c)]
+    if len(caps) < 2:
+        pytest.skip("this CPU offers torch one capability only")
+    first, second = caps[0], caps[-1]
+    source = str(tiny_model_dir(tmp_path / "source"))
+    a = run_under(first, SAVE_AND_LOAD, source, str(tmp_path / "a"), "-", "-")
+    assert a.returncode == 0, a.stderr
+    b = run_under(
+        second, SAVE_AND_LOAD, source, str(tmp_path / "b"), str(tmp_path / "a"), str(tmp_path / "y")
+    )
+    assert b.returncode == 0, b.stderr
+    capability, int4_units = b.stdout.split()
+    assert capability == second.upper() and int(int4_units) == 14
+    for name in (WEIGHTS, MANIFEST, "config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    exact = load_packed(tmp_path / "a", cpu_path=cpu.UNPACK_MATMUL, progress=False).model
+    with torch.no_grad():
+        reference = exact(torch.arange(24).reshape(2, 12)).logits
+    assert _rel(torch.load(tmp_path / "y"), reference) < cpu.DEFAULT_TOLERANCE

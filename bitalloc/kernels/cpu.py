@@ -8,6 +8,8 @@ Two paths exist on the CPU:
   bfloat16 activations (the float32 variant is an order of magnitude slower here) and a
   weight in torch's own nibble order, which holds the same bytes as bitalloc's 4-bit plane;
   the layer keeps one of the two layouts, never both, so memory stays what was budgeted.
+  torch's order differs per CPU capability; :mod:`bitalloc.kernels.int4pack` learns it from
+  torch at first use and turns the path off, saying why, when torch's kernel fails its probe.
 
 :func:`measure_paths` times each path that supports a layer on random inputs (one decode row
 and a prefill batch) and rejects a path whose output strays from the dequantized reference by
@@ -24,6 +26,31 @@ import torch
 import torch.nn.functional as F
 
 from bitalloc.errors import BitallocError
+from bitalloc.kernels.int4pack import (
+    codes_to_int4pack,
+    int4pack_available,
+    int4pack_mm,
+    int4pack_probe,
+    int4pack_to_codes,
+)
+
+__all__ = [
+    "CPU_PATHS",
+    "DEFAULT_TOLERANCE",
+    "INT4PACK",
+    "UNPACK_MATMUL",
+    "PathTiming",
+    "codes_to_int4pack",
+    "crossover_rows",
+    "int4pack_available",
+    "int4pack_matmul",
+    "int4pack_probe",
+    "int4pack_shape_unsupported",
+    "int4pack_to_codes",
+    "int4pack_unsupported",
+    "measure_paths",
+    "time_call",
+]
 
 UNPACK_MATMUL = "unpack-matmul"
 INT4PACK = "int4pack"
@@ -33,15 +60,24 @@ DEFAULT_TOLERANCE = 0.02
 _INT4PACK_GROUPS = (32, 64, 128, 256)
 
 
-def int4pack_available() -> bool:
-    """True when this torch build has the CPU int4 weight kernel."""
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(
-        torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"
-    )
-
-
 def int4pack_unsupported(bits: int, group_size: int, out_features: int, in_features: int) -> str:
-    """Why the int4pack path cannot run this layer, or "" when it can."""
+    """Why the int4pack path cannot run this layer, or "" when it can.
+
+    The first call per CPU capability for a layer of a shape torch's kernel takes runs
+    :func:`~bitalloc.kernels.int4pack.int4pack_probe`; where torch's layout or matmul failed
+    the probe, no layer runs on int4pack.
+    """
+    reason = int4pack_shape_unsupported(bits, group_size, out_features, in_features)
+    if reason:
+        return reason
+    probe = int4pack_probe()
+    return "" if probe.ok else probe.describe()
+
+
+def int4pack_shape_unsupported(
+    bits: int, group_size: int, out_features: int, in_features: int
+) -> str:
+    """Why torch's int4 kernel takes no layer of this format and shape (on any CPU), or ""."""
     if not int4pack_available():
         return "this torch build has no _weight_int4pack_mm_for_cpu"
     if bits != 4:
@@ -55,46 +91,6 @@ def int4pack_unsupported(bits: int, group_size: int, out_features: int, in_featu
     return ""
 
 
-def codes_to_int4pack(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes ``(N, K)`` in [0, 16) -> torch's packed layout ``(N, K / 2)`` uint8.
-
-    The result is read back with :func:`int4pack_to_codes` and compared, so a torch whose
-    layout differs from the one bitalloc reads is refused here rather than computing garbage.
-    """
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-    rows, cols = codes.shape
-    if packed.shape != (rows, cols // 2) or not torch.equal(
-        int4pack_to_codes(packed, rows, cols), codes.to(torch.uint8)
-    ):
-        raise BitallocError(
-            f"torch {torch.__version__} packs int4 weights in a layout bitalloc does not read; "
-            "use the unpack-matmul CPU path"
-        )
-    return packed
-
-
-def int4pack_to_codes(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
-    """Inverse of :func:`codes_to_int4pack`, by reshapes only (cheap enough per call).
-
-    torch documents no layout; this is the one its CPU converter writes (read off it by
-    converting each element's own index): rows go in blocks of 32, and for each input ``k`` a
-    block stores 16 bytes whose low nibbles are rows 0-15 and high nibbles rows 16-31. A last
-    block of 16 rows stores 8 bytes per input, rows in pairs (low nibble first).
-    """
-    flat = packed.reshape(-1)
-    full = out_features // 32 * 32
-    parts = []
-    if full:
-        block = flat[: full * in_features // 2].view(full // 32, in_features, 16)
-        both = torch.cat([block & 15, block >> 4], dim=2)  # (blocks, K, 32)
-        parts.append(both.permute(0, 2, 1).reshape(full, in_features))
-    if out_features > full:
-        tail = flat[full * in_features // 2 :].view(in_features, 8)
-        pairs = torch.stack([tail & 15, tail >> 4], dim=2).reshape(in_features, 16)
-        parts.append(pairs.t())
-    return torch.cat(parts).contiguous() if len(parts) > 1 else parts[0].contiguous()
-
-
 def int4pack_matmul(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -102,19 +98,9 @@ def int4pack_matmul(
     zeros: torch.Tensor,
     group_size: int,
 ) -> torch.Tensor:
-    """``x @ W.T`` for a 4-bit weight in int4pack layout; bf16 inside, ``x``'s dtype out.
-
-    torch's kernel computes ``(q - 8) * scale + offset``; bitalloc stores ``(q - zero) * scale``,
-    so ``offset = (8 - zero) * scale``. The (groups, N, 2) table is rebuilt per call from the
-    fp16 scales and zeros: it is 1/64 of the weight's size and keeps the stored bytes exact.
-    """
-    s = scales.to(torch.float32).t()
-    offset = (8.0 - zeros.to(torch.float32).t()) * s
-    table = torch.stack([s, offset], dim=-1).to(torch.bfloat16).contiguous()
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.to(torch.bfloat16).contiguous(), packed, group_size, table
-    )
-    return y.to(x.dtype)
+    """``x @ W.T`` for a 4-bit weight in torch's int4pack layout (see
+    :func:`~bitalloc.kernels.int4pack.int4pack_mm`); what the int4pack path calls."""
+    return int4pack_mm(x, packed, scales, zeros, group_size)
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,8 @@ class QuantLinear(nn.Module):
         # With the int4pack path: above this many rows, unpack and matmul instead (torch's int4
         # kernel loses to a float matmul on large batches); None keeps int4pack for any batch.
         self.int4pack_max_rows: int | None = None
+        # Why ``cpu_path`` was chosen (set by bitalloc.packed.choose_cpu_paths), for reports.
+        self.cpu_path_reason = ""
         self.last_path: str | None = None
 
     # --- construction ---------------------------------------------------------------------
@@ -150,15 +152,17 @@ class QuantLinear(nn.Module):
             return ""
         return f"unknown path {path!r}; choose from {(*cpu.CPU_PATHS, TRITON)}"
 
-    def set_cpu_path(self, path: str) -> None:
-        """Run on ``path`` on the CPU from now on, converting the code layout if it needs to."""
-        reason = self.cpu_path_unsupported(path)
-        if reason:
+    def set_cpu_path(self, path: str, reason: str = "") -> None:
+        """Run on ``path`` on the CPU from now on, converting the code layout if it needs to;
+        ``reason`` records why (see ``cpu_path_reason``)."""
+        why_not = self.cpu_path_unsupported(path)
+        if why_not:
             raise BitallocError(
-                f"CPU path {path!r} cannot run {self.format.name} {self.shape}: {reason}"
+                f"CPU path {path!r} cannot run {self.format.name} {self.shape}: {why_not}"
             )
         self._set_layout(INT4PACK_LAYOUT if path == cpu.INT4PACK else PLANES_LAYOUT)
         self.cpu_path = path
+        self.cpu_path_reason = reason
         self.int4pack_max_rows = None
 
     @property
@@ -224,6 +228,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         self.cpu_path = cpu.UNPACK_MATMUL
+        self.cpu_path_reason = "loaded from a state dict"
         self._set_layout(PLANES_LAYOUT)
         super()._load_from_state_dict(state_dict, prefix, *args)
         check_packed(
