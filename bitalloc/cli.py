@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from bitalloc.cliargs import (
     scale_folding_option,
     solver_options,
 )
+from bitalloc.cliprint import check_outputs, print_measured, quiet_libraries
 from bitalloc.dashboards.cli import (
     add_dashboard_parser,
     add_report_parser,
@@ -35,9 +37,20 @@ from bitalloc.packed_cli import add_apply_parser, add_generate_parser
 from bitalloc.search.cli import add_search_parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are the one line the README promises: a bad value
+    (``--avg-bits abc``) is one ``bitalloc: error: ...`` line and status 2, without argparse's
+    usage block (which for ``allocate`` is 20 lines that hide the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.split(" ", 1)[1] + " " if " " in self.prog else ""
+        self.exit(2, f"bitalloc: error: {message} (see `bitalloc {command}--help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and documentation)."""
-    parser = argparse.ArgumentParser(
+    # Subparsers inherit the class, so every subcommand reports errors the same way.
+    parser = _Parser(
         prog="bitalloc", description="Mixed-precision bit allocation for LLM quantization."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -282,7 +295,7 @@ def _allocate(args: argparse.Namespace) -> None:
         print(describe(alloc.data.scale_folding))
     _print_allocation(alloc, units=args.units)
     if alloc.measured is not None:
-        _print_measured(alloc)
+        print_measured(alloc)
     if args.out:
         alloc.save(args.out)
         print(f"wrote {args.out}")
@@ -379,30 +392,6 @@ def _frontier(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-def _print_measured(alloc) -> None:
-    r = alloc.data.repair
-    if r is not None:
-        print(
-            f"\nverify and repair ({r.evaluations} evaluations on {r.tokens} calibration tokens, "
-            f"{r.wall_time_s:.0f} s): loss increase predicted {r.predicted_before:.4f} / "
-            f"measured {r.measured_before:.4f} before, predicted {r.predicted_after:.4f} / "
-            f"measured {r.measured_after:.4f} after; "
-            + ("allocation changed" if r.changed else "allocation kept")
-        )
-    m = alloc.measured
-    print(f"\nperplexity on {m.eval_tokens} evaluation tokens ({m.seq_len}-token windows):")
-    print(f"  {'allocation':<12} {alloc.avg_bits:6.3f} bits  ppl {m.perplexity:9.3f}")
-    for name, ppl in m.baselines.items():
-        print(f"  {name:<12} {m.baseline_avg_bits[name]:6.3f} bits  ppl {ppl:9.3f}")
-    for name, ppl in m.kv_baselines.items():
-        bits = m.kv_baseline_avg_bits[name]
-        print(f"  weights+{name:<8} KV {bits:6.3f} bits/element  ppl {ppl:9.3f}")
-    print(
-        f"  loss increase: predicted {m.predicted_loss_increase:.4f}, "
-        f"measured {m.measured_loss_increase:.4f} nats/token"
-    )
-
-
 def _profile_model(args: argparse.Namespace, prep, method: str, tokens: int | None, **extra):
     from bitalloc.allocator import profile_model
 
@@ -463,12 +452,16 @@ def _eval(args: argparse.Namespace) -> None:
     alloc = alloc.with_measured(
         measure(prep, alloc, eval_tokens=args.eval_tokens, progress=not args.quiet)
     )
-    _print_measured(alloc)
+    print_measured(alloc, recorded_repair=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bitalloc`` console script."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        # --help (0) or a usage error, already printed as one line (2).
+        return exc.code if isinstance(exc.code, int) else 2
     handlers = {
         "allocate": _allocate,
         "profile": _profile,
@@ -479,7 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dashboard": dashboard_command,
     }
     try:
-        handlers.get(args.command, getattr(args, "handler", None))(args)
+        check_outputs(args)
+        with quiet_libraries(getattr(args, "quiet", False)):
+            handlers.get(args.command, getattr(args, "handler", None))(args)
     except BitallocError as exc:
         print(f"bitalloc: error: {exc}", file=sys.stderr)
         return 2

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bitalloc.errors import BitallocError
+from bitalloc.outputs import check_output_dir
 
 MIB = 1024 * 1024
 
@@ -26,6 +28,7 @@ def add_apply_parser(sub: Any) -> None:
         "(default: the embedded SmolLM2-135M-Instruct)",
     )
     a.add_argument("--out", required=True, metavar="DIR", help="directory of the packed model")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
     a.set_defaults(handler=apply_command)
 
 
@@ -58,6 +61,7 @@ def add_generate_parser(sub: Any) -> None:
         default="auto",
         help="auto: cuda when available (Triton kernels), else cpu",
     )
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.set_defaults(handler=generate_command)
 
 
@@ -67,11 +71,19 @@ def apply_command(args: argparse.Namespace) -> None:
     from bitalloc.models import load_model
     from bitalloc.packed import model_bytes, save_packed
 
+    # Loading and packing take a minute on the default model; a bad --out must fail first.
+    check_output_dir(args.out, "--out", may_replace=replaceable_packed_dir)
     alloc = Allocation.load(args.allocation)
     loaded = load_model(args.model)
     alloc.check_model(loaded.model)
     start = time.perf_counter()
-    packed = alloc.apply(loaded.model, inplace=True, packed=True, cpu_path="unpack-matmul")
+    packed = alloc.apply(
+        loaded.model,
+        inplace=True,
+        packed=True,
+        cpu_path="unpack-matmul",
+        progress=not args.quiet,
+    )
     seconds = time.perf_counter() - start
     out = save_packed(packed, args.out, tokenizer=loaded.tokenizer, allocation=alloc)
     sizes = model_bytes(packed)
@@ -85,11 +97,18 @@ def apply_command(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def replaceable_packed_dir(directory: Path) -> bool:
+    """Whether ``directory`` holds a packed model (which ``apply`` may replace)."""
+    from bitalloc.packed import MANIFEST
+
+    return (Path(directory) / MANIFEST).is_file()
+
+
 def generate_command(args: argparse.Namespace) -> None:
     """Load a packed model, generate, and report speed and the kernels that ran."""
     import torch
 
-    from bitalloc.packed import last_paths, load_packed
+    from bitalloc.packed import cpu_path_report, last_paths, load_packed
 
     if args.max_new_tokens < 1:
         raise BitallocError("--max-new-tokens must be at least 1")
@@ -99,7 +118,14 @@ def generate_command(args: argparse.Namespace) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise BitallocError("--device cuda: no CUDA device is available; use --device cpu")
     # On a GPU the Triton kernels run every unit; measuring CPU paths would be wasted time.
-    loaded = load_packed(args.model, cpu_path=args.cpu_path if device == "cpu" else "unpack-matmul")
+    loaded = load_packed(
+        args.model,
+        cpu_path=args.cpu_path if device == "cpu" else "unpack-matmul",
+        progress=not args.quiet,
+    )
+    if device == "cpu":
+        # Which CPU kernel each unit runs, and why int4pack is off when its probe failed.
+        print(cpu_path_report(loaded.model), file=sys.stderr)
     if loaded.tokenizer is None:
         raise BitallocError(f"{args.model} holds no tokenizer; write it with `bitalloc apply`")
     # fp16 activations on a GPU: the kernels' fast path (fp32 would run without tensor cores).

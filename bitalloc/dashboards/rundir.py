@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from bitalloc.dashboards.data import frontier_points
 from bitalloc.errors import BitallocError
-from bitalloc.fileio import read_json
+from bitalloc.fileio import read_json, read_json_object
 from bitalloc.search.storage import (
     BEST_FILE,
     FRONTIER_FILE,
@@ -21,6 +21,7 @@ from bitalloc.search.storage import (
     default_run_dir,
     default_storage_url,
     open_storage,
+    readable,
     study_names,
 )
 
@@ -56,9 +57,16 @@ def load_study(storage_url: str, study_name: str | None = None) -> optuna.Study:
     """The study ``study_name`` (default: the only one) of an existing storage."""
     import optuna
 
+    from bitalloc.search.study import check_stored
+
     storage = open_storage(storage_url, create=False)
-    name = pick_study_name(storage_url, study_names(storage), study_name)
-    return optuna.load_study(study_name=name, storage=storage)
+    name = pick_study_name(storage_url, study_names(storage, storage_url), study_name)
+    with readable(storage_url):
+        study = optuna.load_study(study_name=name, storage=storage)
+        # Everything is read once here, so that a damaged file fails with one message now
+        # rather than in the middle of drawing a report.
+        check_stored(storage, name)
+    return study
 
 
 def study_location(
@@ -74,8 +82,8 @@ def study_location(
     run_dir = Path(run_dir)
     search = run_dir / SEARCH_FILE
     if search.is_file():
-        meta = read_json(search, "search")
-        url = meta.get("storage") if isinstance(meta, dict) else None
+        meta = read_json_object(search, "measured search summary")
+        url = meta.get("storage")
         if not isinstance(url, str) or not url:
             raise BitallocError(
                 f"{search} names no storage; pass the search's storage with --storage URL"

@@ -38,6 +38,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_json_atomic
 from bitalloc.formats import QuantFormat
 from bitalloc.models import excluded_parameters, model_fingerprint
+from bitalloc.outputs import check_output_dir
 from bitalloc.planning import build_problem, default_method, feasible_avg_bits
 from bitalloc.search import study as studies
 from bitalloc.search.storage import (
@@ -49,6 +50,8 @@ from bitalloc.search.storage import (
     default_run_dir,
     default_storage_url,
     open_storage,
+    readable,
+    study_names,
 )
 from bitalloc.sensitivity import Profile
 from bitalloc.sensitivity.jobs import check_ray_address, job_key, job_pool, run_all
@@ -286,10 +289,14 @@ def search(
     if workers > 0 and (ray_address or os.environ.get("RAY_ADDRESS")):
         check_ray_address(ray_address or os.environ["RAY_ADDRESS"])
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(study)
+    # The run directory and the storage are checked before any expensive work, so a path that
+    # cannot be written, a bad URL or a damaged study fails at once rather than after
+    # profiling. (A resumed run's missing storage is the better message, so it comes first.)
+    if not resume:
+        check_output_dir(run_dir, "run directory", must_be_empty=False)
     url = storage or default_storage_url(run_dir)
-    # Open the storage before any expensive work, so a bad URL fails at once.
     store = open_storage(url, create=not resume)
-    known = [s.study_name for s in store.get_all_studies()]
+    known = study_names(store, url)
     if resume and study not in known:
         raise BitallocError(
             f"--resume: no study named {study!r} in {url} (it holds {known or 'no studies'}); "
@@ -300,6 +307,10 @@ def search(
             f"a study named {study!r} already exists in {url}; continue it with --resume or "
             "choose another --study name (nothing was changed)"
         )
+    if resume:
+        check_output_dir(run_dir, "run directory", must_be_empty=False)
+        with readable(url):
+            studies.check_stored(store, study)
 
     prep, prof = prepare_and_profile(
         model,
@@ -350,13 +361,14 @@ def search(
     costs = _Costs(prep, prof)
 
     if resume:
-        # A resumed sampler gets a fresh seed, so it does not repeat the first run's draws.
-        done_before = store.get_n_trials(store.get_study_id_from_name(study))
-        opt_sampler = make_sampler(sampler, seed=seed + done_before, trials=trials)
-        st = studies.load_study(store, study, opt_sampler, identity)
-        recovered = studies.recover_abandoned(st)
-        # The space the study was started with: the sampler's history is only valid in it.
-        choices = st.user_attrs.get("space_choices", choices)
+        with readable(url):
+            # A resumed sampler gets a fresh seed, so it does not repeat the first run's draws.
+            done_before = store.get_n_trials(store.get_study_id_from_name(study))
+            opt_sampler = make_sampler(sampler, seed=seed + done_before, trials=trials)
+            st = studies.load_study(store, study, opt_sampler, identity)
+            recovered = studies.recover_abandoned(st)
+            # The space the study was started with: the sampler's history is only valid in it.
+            choices = studies.stored_space(st, choices)
     else:
         opt_sampler = make_sampler(sampler, seed=seed, trials=trials)
         st = studies.create_study(store, study, opt_sampler, identity)
@@ -397,8 +409,14 @@ def search(
             unit="trial",
             disable=not progress,
         )
+        study_id = store.get_study_id_from_name(study)
         try:
             while finished + len(in_flight) < trials or in_flight:
+                # Counted from the storage, not from this process's own tells: another search
+                # on the same study (a second machine, a second --resume) finishes trials too,
+                # and `trials` is what the study should hold, not what each process adds.
+                finished = store.get_n_trials(study_id, state=optuna.trial.TrialState.COMPLETE)
+                bar.n = min(finished, trials)
                 while finished + len(in_flight) < trials and pool.pending < pool.capacity:
                     trial = st.ask()
                     # Tracked from the moment it exists, so an interrupt at any point below

@@ -14,6 +14,8 @@ By default a search keeps its study in SQLite inside its run directory
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,32 @@ def _check_local_file(url: str, path: Path, create: bool) -> None:
             raise BitallocError(f"storage {url!r}: cannot create {path.parent}: {exc}") from None
 
 
-def study_names(storage: Any) -> list[str]:
-    """Names of the studies held by an opened storage."""
-    return [s.study_name for s in storage.get_all_studies()]
+def study_names(storage: Any, url: str | None = None) -> list[str]:
+    """Names of the studies held by an opened storage (``url`` names it in errors).
+
+    A damaged file (a SQLite page or a journal line that no longer parses) raises
+    :class:`BitallocError` rather than the driver's own exception.
+    """
+    with readable(url or "the storage"):
+        return [s.study_name for s in storage.get_all_studies()]
+
+
+@contextmanager
+def readable(url: str) -> Iterator[None]:
+    """Turn any failure to read a storage's contents into :class:`BitallocError`.
+
+    SQLAlchemy, SQLite, the journal's JSON lines and Optuna's own decoding of stored
+    attributes all raise their own types when a file is damaged; none of them is the user's
+    fix to guess, so they become one message naming the storage.
+    """
+    try:
+        yield
+    except BitallocError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring: the types vary by driver
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        raise BitallocError(
+            f"cannot read storage {url!r} ({detail[:200]}); the file may be damaged: restore "
+            "it from a copy or start a new study with another --storage or --run-dir"
+        ) from None

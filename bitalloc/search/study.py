@@ -11,6 +11,7 @@ one that another process is still evaluating.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import warnings
@@ -84,7 +85,82 @@ def load_study(storage: Any, name: str, sampler: Any, identity: Mapping[str, Any
             f"{names or 'no studies'}); drop --resume to start one"
         ) from None
     check_study(study, identity)
+    check_trials(study, identity)
     return study
+
+
+def check_stored(storage: Any, name: str) -> None:
+    """Read everything stored for study ``name`` once (attributes and every trial), so that a
+    damaged file fails before a resumed search starts its expensive work. Wrap the call in
+    :func:`bitalloc.search.storage.readable` to turn driver errors into :class:`BitallocError`.
+    """
+    study_id = storage.get_study_id_from_name(name)
+    storage.get_study_user_attrs(study_id)
+    storage.get_study_system_attrs(study_id)
+    storage.get_study_directions(study_id)
+    storage.get_all_trials(study_id, deepcopy=False)
+
+
+def _damaged(study: Any, what: str) -> BitallocError:
+    return BitallocError(
+        f"study {study.study_name!r}: {what}; the storage was changed outside `bitalloc search` "
+        "or is damaged: restore it, or start another --study"
+    )
+
+
+def check_trials(study: Any, identity: Mapping[str, Any]) -> None:
+    """Raise :class:`BitallocError` unless every finished trial and the stored baselines are
+    what a resumed search reads: per-unit formats from the palette for exactly the study's
+    units, two finite objective values, and numeric baseline perplexities."""
+    import optuna
+
+    units = set(identity.get("units") or ())
+    palette = set(identity.get("palette") or ())
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        formats = trial.user_attrs.get("formats")
+        if (
+            not isinstance(formats, dict)
+            or set(formats) != units
+            or not all(isinstance(f, str) and f in palette for f in formats.values())
+        ):
+            raise _damaged(study, f"trial {trial.number} holds no valid per-unit formats")
+        values = trial.values
+        if values is None or len(values) != 2 or not all(_finite(v) for v in values):
+            raise _damaged(study, f"trial {trial.number} holds no two finite objective values")
+    attrs = study.user_attrs
+    if "fp16_perplexity" in attrs and not _finite(attrs["fp16_perplexity"]):
+        raise _damaged(study, "the unquantized perplexity is not a number")
+    uniform = attrs.get("uniform", {})
+    if not isinstance(uniform, dict) or not all(
+        isinstance(v, dict) and _finite(v.get("avg_bits")) and _finite(v.get("perplexity"))
+        for v in uniform.values()
+    ):
+        raise _damaged(study, "the uniform baselines are malformed")
+
+
+def stored_space(study: Any, default: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """The per-unit search space the study was started with (``default`` when it recorded
+    none), checked to cover the same units with palette formats."""
+    space = study.user_attrs.get("space_choices")
+    if space is None:
+        return dict(default)
+    palette = {f for options in default.values() for f in options}
+    stored = study.user_attrs.get("bitalloc", {}).get("palette", [])
+    palette |= set(stored) if isinstance(stored, list) else set()
+    if (
+        not isinstance(space, dict)
+        or set(space) != set(default)
+        or not all(
+            isinstance(v, list) and v and all(isinstance(f, str) and f in palette for f in v)
+            for v in space.values()
+        )
+    ):
+        raise _damaged(study, "the recorded search space is malformed")
+    return space
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_study(study: Any, identity: Mapping[str, Any]) -> None:
