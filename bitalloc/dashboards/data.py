@@ -327,6 +327,24 @@ def frontier_points(frontier: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [dict(p) for p in points]
 
 
+def measured_frontier_points(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The points with a measured perplexity (finite and positive), by average bits."""
+    kept = [dict(p) for p in points if (finite_float(p.get("perplexity")) or 0) > 0]
+    return sorted(kept, key=lambda p: p["avg_bits"])
+
+
+def predicted_frontier_points(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The points with a predicted loss increase (finite and non-negative), by average bits;
+    measured or not, since the solver predicts every point it returns."""
+    kept = [dict(p) for p in points if _non_negative(finite_float(p.get("predicted_loss")))]
+    return sorted(kept, key=lambda p: p["avg_bits"])
+
+
+def _non_negative(x: float | None) -> bool:
+    # 0.0 is a real prediction (an all-fp16 allocation), so no truthiness test here.
+    return x is not None and x >= 0
+
+
 def measured_loss_increase(perplexity: float, fp16: float) -> float:
     """Measured loss increase in nats per token: ln(ppl) - ln(fp16 ppl)."""
     return math.log(perplexity) - math.log(fp16)

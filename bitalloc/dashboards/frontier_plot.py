@@ -3,6 +3,7 @@ predicted against measured loss increase."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from bitalloc.dashboards.style import (
     FRONTIER_TRACE,
     GROUP_COLOURS,
     PARETO_TRACE,
+    PREDICTED_TRACE,
     SAMPLER_COLOUR,
     SEARCH_CALIBRATION,
     SEARCH_PREFIX,
@@ -44,17 +46,34 @@ def frontier_figure(
     study: Any = None,
     allocation: Allocation | None = None,
 ) -> go.Figure:
-    """Perplexity against average bits (log axis) for the solver frontier, every search trial,
-    the search's Pareto front, uniform baselines, the chosen allocation and fp16; below it,
-    predicted against measured loss increase wherever both are known."""
+    """Perplexity against average bits (log axis) for the solver frontier (measured, and as
+    predicted), every search trial, the search's Pareto front, uniform baselines, the chosen
+    allocation and fp16; below it, predicted against measured loss increase wherever both are
+    known.
+
+    The predicted frontier is drawn as perplexity (fp16 x exp(predicted loss)) when the fp16
+    perplexity is known; otherwise as predicted loss increase on its own axis (the left one
+    when nothing measured shares the plot, else a second axis on the right).
+    """
     fp16 = data.fp16_perplexity(allocation=allocation, frontier=frontier, study=study)
     points = data.frontier_points(frontier) if frontier is not None else []
-    measured = sorted(
-        (p for p in points if (data.finite_float(p.get("perplexity")) or 0) > 0),
-        key=lambda p: p["avg_bits"],
-    )
+    measured = data.measured_frontier_points(points)
+    predicted = data.predicted_frontier_points(points)
     trials = data.study_points(study) if study is not None else []
     chosen = allocation.measured if allocation is not None else None
+    baselines = data.uniform_baselines(allocation=allocation, study=study)
+    anything_measured = bool(trials or measured or baselines or chosen is not None)
+    # Where the predictions go: "perplexity" (the left axis, through fp16), "loss" (the left
+    # axis, in nats, when no perplexity is drawn) or "secondary" (a right axis, in nats).
+    predicted_axis = (
+        None
+        if not predicted
+        else "perplexity"
+        if fp16 is not None
+        else "secondary"
+        if anything_measured
+        else "loss"
+    )
 
     # (predicted, measured loss increase, label, trace) for the lower panel.
     calibration: list[tuple[float, float, str, str]] = []
@@ -76,9 +95,11 @@ def frontier_figure(
         if pred is not None and meas is not None:
             calibration.append((pred, meas, "chosen", CHOSEN_TRACE))
     two_panels = bool(calibration)
+    top: dict[str, Any] = {"secondary_y": predicted_axis == "secondary"}
     fig = make_subplots(
         rows=2 if two_panels else 1,
         cols=1,
+        specs=[[top], [{}]] if two_panels else [[top]],
         row_heights=[0.64, 0.36] if two_panels else None,
         vertical_spacing=0.12,
         subplot_titles=(
@@ -140,7 +161,10 @@ def frontier_figure(
             row=1,
             col=1,
         )
-    baselines = data.uniform_baselines(allocation=allocation, study=study)
+    if predicted_axis is not None:
+        xs += [p["avg_bits"] for p in predicted]
+        through = fp16 if predicted_axis == "perplexity" else None
+        _add_predicted(fig, predicted, through, secondary=predicted_axis == "secondary")
     if baselines:
         names = sorted(baselines, key=lambda n: baselines[n][0])
         xs += [baselines[n][0] for n in names]
@@ -197,19 +221,62 @@ def frontier_figure(
             col=1,
         )
     fig.update_xaxes(title_text="average bits per weight", row=1, col=1)
-    fig.update_yaxes(title_text="perplexity", type="log", row=1, col=1)
+    if predicted_axis == "loss":
+        fig.update_yaxes(title_text=_PREDICTED_LOSS_AXIS, row=1, col=1)
+    else:
+        fig.update_yaxes(title_text="perplexity", type="log", row=1, col=1, secondary_y=False)
+    if predicted_axis == "secondary":
+        fig.update_yaxes(title_text=_PREDICTED_LOSS_AXIS, row=1, col=1, secondary_y=True)
     if two_panels:
         _calibration_panel(fig, calibration)
-    if not (trials or measured or baselines or chosen is not None):
+    if not anything_measured:
         fig.add_annotation(
-            text="nothing measured yet: no trial, frontier point or baseline has a perplexity",
+            text=(
+                "nothing measured yet: the curve is the solver's prediction"
+                if predicted
+                else "nothing measured yet: no trial, frontier point or baseline has a perplexity"
+            ),
             showarrow=False,
             xref="paper",
             yref="paper",
             x=0.5,
-            y=0.5,
+            y=1.0 if predicted else 0.5,
+            yanchor="bottom" if predicted else "middle",
         )
     return apply_layout(fig, 760 if two_panels else 520)
+
+
+_PREDICTED_LOSS_AXIS = "predicted loss increase (nats/token)"
+
+
+def _add_predicted(
+    fig: go.Figure, points: Sequence[Mapping[str, Any]], fp16: float | None, *, secondary: bool
+) -> None:
+    """The solver's predicted frontier: perplexity ``fp16 * exp(predicted loss)`` when ``fp16``
+    is given, else the predicted loss increase itself (nats/token)."""
+    loss = [float(p["predicted_loss"]) for p in points]
+    if fp16 is not None:
+        ys = [fp16 * math.exp(v) for v in loss]
+        hover = "%{x:.3f} bits, predicted ppl %{y:.3f} (loss +%{customdata:.4f} nats/token)"
+    else:
+        ys = loss
+        hover = "%{x:.3f} bits, predicted loss +%{customdata:.4f} nats/token"
+    # secondary_y may only be passed to a figure that has a secondary axis.
+    where: dict[str, Any] = {"row": 1, "col": 1, **({"secondary_y": True} if secondary else {})}
+    fig.add_trace(
+        go.Scatter(
+            name=PREDICTED_TRACE,
+            x=[p["avg_bits"] for p in points],
+            y=ys,
+            customdata=loss,
+            text=[f"budget {p.get('budget')}" for p in points],
+            mode="lines+markers",
+            line={"color": "#1f77b4", "width": 1.5, "dash": "dash"},
+            marker={"size": 7, "symbol": "diamond-open"},
+            hovertemplate="%{text}<br>" + hover + "<extra>predicted</extra>",
+        ),
+        **where,
+    )
 
 
 def _calibration_panel(fig: go.Figure, calibration: list[tuple[float, float, str, str]]) -> None:

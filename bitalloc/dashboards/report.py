@@ -146,11 +146,13 @@ def summary_rows(
         )
     if frontier is not None:
         pts = data.frontier_points(frontier)
-        n_measured = sum(1 for p in pts if data.finite_float(p.get("perplexity")) is not None)
+        # Counted by the same rules the frontier plot draws by.
+        n_measured = len(data.measured_frontier_points(pts))
+        n_predicted = len(data.predicted_frontier_points(pts))
         rows.append(
             (
                 "frontier",
-                f"{len(pts)} budgets ({n_measured} measured), solver "
+                f"{len(pts)} budgets ({n_measured} measured, {n_predicted} predicted), solver "
                 f"{frontier.get('method', 'unknown')}",
             )
         )

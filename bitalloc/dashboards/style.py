@@ -9,6 +9,7 @@ import plotly.graph_objects as go
 
 #: Trace names, shared with the tests.
 FRONTIER_TRACE = "solver frontier (measured)"
+PREDICTED_TRACE = "solver frontier (predicted)"
 PARETO_TRACE = "search Pareto front"
 UNIFORM_TRACE = "uniform baselines"
 CHOSEN_TRACE = "chosen allocation"

@@ -158,7 +158,7 @@ def test_header_summarises_the_inputs(full_html, allocation):
     assert f"{N_TRIALS} finished trials (1 failed, 1 running)" in header
     assert f"study &#x27;{STUDY}&#x27;" in header
     assert "21 units x 5 formats" in header
-    assert "4 budgets (3 measured)" in header
+    assert "4 budgets (3 measured, 4 predicted)" in header
 
 
 def test_user_text_is_escaped(profile):
@@ -394,7 +394,8 @@ def test_write_report_is_atomic(tmp_path, profile, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", interrupted)
-    with pytest.raises(OSError, match="disk full"):
+    # fileio turns the operating-system error into the project's own, naming the cause.
+    with pytest.raises(BitallocError, match="disk full"):
         write_report(out, profile=profile)
     assert out.read_text() == "previous report"
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
