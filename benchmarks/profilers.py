@@ -22,6 +22,12 @@ Results go to BENCHMARKS.md between markers. Profiles and journals are kept in
 ``benchmarks/.work/profilers`` and reused by later runs (``--fresh`` recomputes them).
 
     .venv/bin/python benchmarks/profilers.py [--eval-tokens 8192] [--workers 2] [--fresh]
+
+``--quant-table`` runs only the timing of the (unit x format) table of quantized weights that
+the weight-error profilers build: format by format with ``bitalloc/formats.py`` as it was at
+``--baseline-rev`` (loaded from git beside the current module) against the current shared
+path, in one process on the same weights, rounds alternating, checking that both give the
+same bits; ``--fisher-tokens N`` also times whole Fisher profiles with each table path.
 """
 
 from __future__ import annotations
@@ -29,10 +35,14 @@ from __future__ import annotations
 import argparse
 import math
 import multiprocessing as mp
+import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +51,7 @@ from _report import cpu_description, peak_mb, write_section
 from scipy.stats import kendalltau, spearmanr
 
 START, END = "<!-- profilers:start -->", "<!-- profilers:end -->"
+TABLE_START, TABLE_END = "<!-- quant-table:start -->", "<!-- quant-table:end -->"
 WORK = Path(__file__).resolve().parent / ".work" / "profilers"
 SAMPLE_FORMATS = ("int2-g128", "int3-g128")
 SMALL_PALETTE = ("int2-g128", "int3-g128", "int4-g128")
@@ -167,8 +178,127 @@ def machine() -> str:
     )
 
 
+def baseline_formats(rev: str) -> types.ModuleType:
+    """``bitalloc/formats.py`` as committed at ``rev``, as a module of its own."""
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:bitalloc/formats.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = types.ModuleType("formats_at_baseline")
+    # dataclasses look their module up in sys.modules.
+    sys.modules[module.__name__] = module
+    exec(compile(source, f"{rev}:bitalloc/formats.py", "exec"), module.__dict__)
+    return module
+
+
+def quant_table(args: argparse.Namespace) -> None:
+    """Time the quantization table, before (format by format at the baseline) and after
+    (shared across formats), and optionally whole Fisher profiles with each."""
+    import torch
+
+    import bitalloc.sensitivity.fisher as fisher_module
+    from bitalloc.allocator import prepare
+    from bitalloc.formats import fake_quantize_each
+    from bitalloc.models import get_linear
+    from bitalloc.sensitivity import FisherProfiler
+
+    old = baseline_formats(args.baseline_rev)
+    prep = prepare()
+    palette = prep.palette
+    old_palette = [old.parse_format(f.name) for f in palette]
+    # Every layer has the same shapes, so the first few time a fixed share of the table.
+    units = [u for u in prep.units if args.layers is None or u.layer < args.layers]
+    weights = [get_linear(prep.model, u.name).weight.detach() for u in units]
+
+    def before(w: torch.Tensor, _palette) -> Iterator[torch.Tensor]:
+        return (f.fake_quantize(w) for f in old_palette)
+
+    paths: dict[str, Callable[..., Iterator[torch.Tensor]]] = {
+        "before": before,
+        "after": fake_quantize_each,
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, path in paths.items():
+            start = time.perf_counter()
+            for w in weights:
+                for _ in path(w, palette):
+                    pass
+            seconds[name].append(time.perf_counter() - start)
+    # Same bits: every table entry of both paths, compared once outside the timing.
+    for w in weights:
+        for a, b in zip(before(w, palette), fake_quantize_each(w, palette), strict=True):
+            if not torch.equal(a, b):
+                raise SystemExit("the shared path differs from the baseline: not bit-identical")
+    best = {name: min(v) for name, v in seconds.items()}
+    n_elems = sum(w.numel() for w in weights)
+    lines = [
+        TABLE_START,
+        "## Quantization table of the weight-error profilers (default model)",
+        "",
+        f"Machine: {machine()}; load average at the start "
+        f"{' '.join(f'{x:.1f}' for x in args.load)}.",
+        "",
+        f"The table that `fisher` (and `hessian`, `kfac`, `output`) fill, over {len(weights)} of "
+        f"the {len(prep.units)} units"
+        + (f" (layers below {args.layers}; every layer has the same shapes)" if args.layers else "")
+        + f": {len(weights)} units "
+        f"({n_elems / 1e6:.1f} M weights) x {len(palette)} formats, Q(W) for every pair. "
+        f"Before: format by format with `bitalloc/formats.py` at {args.baseline_rev} (one "
+        "float32 copy, grouping and range per format; one pass over the weights per clipping "
+        "ratio). After: `fake_quantize_each` (grouping and ranges once per group size; all 14 "
+        "ratios in one pass per chunk). Both in one process on the same weights, rounds "
+        "alternating; all Q(W) compared equal bit for bit.",
+        "",
+        "| path | seconds per table (each round) | best | speed-up |",
+        "|---|---|---:|---:|",
+    ]
+    for name in paths:
+        rounds = ", ".join(f"{x:.1f}" for x in seconds[name])
+        lines.append(
+            f"| {name} | {rounds} | {best[name]:.1f} | {best['before'] / best[name]:.2f}x |"
+        )
+    if args.fisher_tokens:
+        calibration = prep.calibration_windows()
+        walls: dict[str, float] = {}
+        for name in ("before", "after"):
+            fisher_module.fake_quantize_each = paths[name]
+            try:
+                profiler = FisherProfiler(tokens=args.fisher_tokens, progress=False)
+                start = time.perf_counter()
+                profiler.profile(prep.model, prep.units, palette, calibration)
+                walls[name] = time.perf_counter() - start
+            finally:
+                fisher_module.fake_quantize_each = fake_quantize_each
+        lines += [
+            "",
+            f"Whole `fisher` profile ({args.fisher_tokens} calibration tokens, gradients "
+            f"included): {walls['before']:.0f} s before, {walls['after']:.0f} s after "
+            f"({walls['before'] / walls['after']:.2f}x).",
+        ]
+    lines += [
+        "",
+        "    .venv/bin/python benchmarks/profilers.py --quant-table "
+        f"--baseline-rev {args.baseline_rev} --rounds {args.rounds}"
+        + (f" --layers {args.layers}" if args.layers else "")
+        + (f" --fisher-tokens {args.fisher_tokens}" if args.fisher_tokens else ""),
+        TABLE_END,
+    ]
+    write_section(args.out, TABLE_START, TABLE_END, "\n".join(lines))
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quant-table", action="store_true", help="time the table alone")
+    parser.add_argument("--baseline-rev", default="4abc0eb", help="git revision of 'before'")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per path")
+    parser.add_argument("--fisher-tokens", type=int, default=0, help="also time fisher profiles")
+    parser.add_argument("--layers", type=int, default=None, help="table over the first layers")
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--workers", type=int, default=2, help="Ray workers for measured and kl")
     parser.add_argument("--measured-tokens", type=int, default=1024)
@@ -177,6 +307,9 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="recompute cached profiles")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     args = parser.parse_args()
+    if args.quant_table:
+        args.load = os.getloadavg()
+        return quant_table(args)
     if args.fresh and WORK.exists():
         shutil.rmtree(WORK)
     WORK.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,18 @@ Scales and zeros are chosen per group to minimise squared error over a grid of c
 (min-max rounding alone is far worse at 2-3 bits). Zero points are whole numbers in the code
 range, stored as fp16 (exactly representable), so the codes and zeros can be handed to integer
 kernels the way GPTQ-style checkpoints store them.
+
+Profilers need one weight under every format of the palette: :func:`quantize_each` and
+:func:`fake_quantize_each` split the weight into groups and take each group's range once per
+group size, for all bit widths of that size, and give exactly what :meth:`QuantFormat.quantize`
+gives format by format.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,8 +46,13 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128)
 # Shrink factors of the min-max range tried per group. The grid is finer near 1 because most
 # groups at 4+ bits keep (nearly) their full range; low-bit groups gain from clipping down to ~0.5.
 _CLIP_GRID = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.72, 0.68, 0.64, 0.6, 0.55)
-# Elements processed per chunk: bounds the temporary memory of the grid search.
-_CHUNK_ELEMENTS = 1 << 21
+# The grid as a column, so that one tensor operation tries every ratio at once.
+_RATIOS = torch.tensor(_CLIP_GRID, dtype=torch.float32).reshape(-1, 1, 1)
+# (ratio, weight) pairs tried per step of the search: bounds its temporary memory (two float32
+# tensors of this size, 32 MiB) while keeping each operation large. Every operation costs a
+# thread hand-off on top of its arithmetic, which dominates on a busy machine when there are
+# many small ones (one pass per ratio was twice as slow; BENCHMARKS.md).
+_CHUNK_ELEMENTS = 1 << 22
 
 _INT_NAME = re.compile(r"^int(\d+)-g(\d+)$")
 
@@ -123,29 +133,11 @@ class QuantFormat:
 
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         """Quantize a 2-D weight; scales/zeros minimise each group's squared error."""
-        if self.is_float:
-            raise BitallocError("fp16 keeps the weight as is; there are no codes to compute")
-        _check_shape(tuple(weight.shape))
-        w = weight.detach().to(torch.float32)
-        in_features = w.shape[1]
-        n_full = in_features // self.group_size
-        parts = []
-        if n_full:
-            full = w[:, : n_full * self.group_size].reshape(w.shape[0], n_full, self.group_size)
-            parts.append(_quantize_groups(full, self.bits))
-        if in_features % self.group_size:
-            tail = w[:, n_full * self.group_size :].unsqueeze(1)
-            parts.append(_quantize_groups(tail, self.bits))
-        codes = torch.cat([p[0].reshape(w.shape[0], -1) for p in parts], dim=1)
-        scales = torch.cat([p[1] for p in parts], dim=1)
-        zeros = torch.cat([p[2] for p in parts], dim=1)
-        return QuantizedWeight(codes, scales, zeros, self.group_size, self.bits)
+        return next(quantize_each(weight, (self,)))
 
     def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
         """Return Q(W) in ``weight``'s dtype: what the model computes with under this format."""
-        if self.is_float:
-            return weight.detach().to(torch.float16).to(weight.dtype)
-        return dequantize(self.quantize(weight)).to(weight.dtype)
+        return next(fake_quantize_each(weight, (self,)))
 
     def __str__(self) -> str:
         return self.name
@@ -160,46 +152,122 @@ def dequantize(q: QuantizedWeight) -> torch.Tensor:
     return (q.codes.to(torch.float32) - zeros) * scales
 
 
-def _quantize_groups(
-    groups: torch.Tensor, bits: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize (out, n_groups, g) with an MSE-optimal clipping ratio per group.
+def quantize_each(
+    weight: torch.Tensor, formats: Sequence[QuantFormat]
+) -> Iterator[QuantizedWeight]:
+    """Quantize a 2-D weight with each integer format of ``formats`` in turn (lazily, in order).
 
-    Returns codes (out, n_groups, g) uint8 and fp16 scales/zeros (out, n_groups). Rows are
-    processed in chunks so temporary memory stays bounded for large matrices.
+    Equal, code for code, to ``fmt.quantize(weight)`` for each format; the float32 copy, the
+    split into groups and each group's range are computed once per group size and shared by
+    every bit width of that size (kept while the iterator lives: at most one float32 copy of
+    the weight per group size).
     """
-    out_features, n_groups, g = groups.shape
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (n_groups * g))
+    formats = tuple(formats)
+    floats = [f.name for f in formats if f.is_float]
+    if floats:
+        raise BitallocError("fp16 keeps the weight as is; there are no codes to compute")
+    _check_shape(tuple(weight.shape))
+    w = weight.detach().to(torch.float32)
+    grouped: dict[int, list[_Groups]] = {}
+    for fmt in formats:
+        size = int(fmt.group_size or 0)
+        if size not in grouped:
+            grouped[size] = _split(w, size)
+        parts = [_search(g, fmt.bits) for g in grouped[size]]
+        codes = torch.cat([c.reshape(w.shape[0], -1) for c, _, _ in parts], dim=1)
+        scales = torch.cat([s for _, s, _ in parts], dim=1)
+        zeros = torch.cat([z for _, _, z in parts], dim=1)
+        yield QuantizedWeight(codes, scales, zeros, size, fmt.bits)
+
+
+def fake_quantize_each(
+    weight: torch.Tensor, formats: Sequence[QuantFormat]
+) -> Iterator[torch.Tensor]:
+    """Q(W) in ``weight``'s dtype for each format of ``formats`` (``fp16`` included), lazily
+    and in order: each equal, bit for bit, to ``fmt.fake_quantize(weight)``, with the work that
+    does not depend on the bit width shared as in :func:`quantize_each`."""
+    formats = tuple(formats)
+    _check_shape(tuple(weight.shape))
+    quantized = quantize_each(weight, [f for f in formats if not f.is_float])
+    for fmt in formats:
+        if fmt.is_float:
+            yield weight.detach().to(torch.float16).to(weight.dtype)
+        else:
+            yield dequantize(next(quantized)).to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class _Groups:
+    """Rows of groups of equal length and each group's range: ``x`` is (out, n_groups, g),
+    ``lo``/``hi`` are (out, n_groups), the range widened to contain 0 so that zero weights (and
+    constant groups) stay exact."""
+
+    x: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+
+def _split(w: torch.Tensor, group_size: int) -> list[_Groups]:
+    """The float32 weight as its whole groups and, when ``group_size`` does not divide the
+    input dimension, the shorter last group of every row."""
+    out_features, in_features = w.shape
+    n_full = in_features // group_size
+    blocks = []
+    if n_full:
+        blocks.append(w[:, : n_full * group_size].reshape(out_features, n_full, group_size))
+    if in_features % group_size:
+        blocks.append(w[:, n_full * group_size :].unsqueeze(1))
+    return [
+        _Groups(x, torch.clamp(x.amin(dim=-1), max=0.0), torch.clamp(x.amax(dim=-1), min=0.0))
+        for x in blocks
+    ]
+
+
+def _search(groups: _Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the groups with the clipping ratio of least squared error per group.
+
+    Returns codes (out, n_groups, g) uint8 and fp16 scales/zeros (out, n_groups). Every ratio
+    is tried in one pass over a chunk of rows (chunks bound the temporary memory).
+    """
+    out_features, n_groups, g = groups.x.shape
+    qmax = float(2**bits - 1)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (len(_CLIP_GRID) * n_groups * g))
     codes, scales, zeros = [], [], []
     for start in range(0, out_features, rows_per_chunk):
-        c, s, z = _search_chunk(groups[start : start + rows_per_chunk], bits)
-        codes.append(c)
-        scales.append(s)
-        zeros.append(z)
+        rows = slice(start, start + rows_per_chunk)
+        x = groups.x[rows]
+        # (ratios, rows, n_groups): every candidate range of every group.
+        scale, zero = _scale_zero(groups.lo[rows] * _RATIOS, groups.hi[rows] * _RATIOS, qmax)
+        s, z = scale[..., None], zero[..., None]
+        # clamp(round(x / s) + z, 0, qmax) - z is round(x / s) clamped to [-z, qmax - z]: every
+        # term is a whole number far below 2**24, so both give the same float32 values.
+        err = (x / s).round_().clamp_(min=-z, max=qmax - z).mul_(s).sub_(x).square_().sum(-1)
+        best_scale, best_zero = _first_minimum(err, scale, zero)
+        c = torch.clamp(torch.round(x / best_scale[..., None]) + best_zero[..., None], 0, qmax)
+        codes.append(c.to(torch.uint8))
+        scales.append(best_scale.to(torch.float16))
+        zeros.append(best_zero.to(torch.float16))
     return torch.cat(codes), torch.cat(scales), torch.cat(zeros)
 
 
-def _search_chunk(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    qmax = float(2**bits - 1)
-    # The range always contains 0 so that zero weights (and constant groups) stay exact.
-    xmin = torch.clamp(x.amin(dim=-1), max=0.0)
-    xmax = torch.clamp(x.amax(dim=-1), min=0.0)
-    best_err = torch.full_like(xmin, float("inf"))
-    best_scale = torch.ones_like(xmin)
-    best_zero = torch.zeros_like(xmin)
-    for ratio in _CLIP_GRID:
-        scale, zero = _scale_zero(xmin * ratio, xmax * ratio, qmax)
-        deq = (
-            torch.clamp(torch.round(x / scale[..., None]) + zero[..., None], 0, qmax)
-            - zero[..., None]
-        ) * scale[..., None]
-        err = (deq - x).square_().sum(dim=-1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
-    codes = torch.clamp(torch.round(x / best_scale[..., None]) + best_zero[..., None], 0, qmax)
-    return codes.to(torch.uint8), best_scale.to(torch.float16), best_zero.to(torch.float16)
+def _first_minimum(
+    err: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the (scale, zero) of the first candidate with the least error, over the
+    leading (ratio) dimension.
+
+    Ratios are ranked as a sequential search would: a later one wins only with a strictly
+    smaller error, NaN never wins, and a group whose every error is NaN or inf (non-finite
+    weights) keeps scale 1 and zero 0.
+    """
+    inf = float("inf")
+    err = torch.where(err < inf, err, inf)
+    # argmin returns the first index of a repeated minimum, the tie rule above.
+    pick = err.argmin(dim=0, keepdim=True)
+    found = err.gather(0, pick)[0] < inf
+    best_scale = torch.where(found, scale.gather(0, pick)[0], 1.0)
+    best_zero = torch.where(found, zero.gather(0, pick)[0], 0.0)
+    return best_scale, best_zero
 
 
 def _scale_zero(

@@ -2,14 +2,23 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from bitalloc import formats as formats_module
 from bitalloc.errors import BitallocError
 from bitalloc.formats import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
     QuantFormat,
+    QuantizedWeight,
+    _first_minimum,
     default_palette,
     dequantize,
+    fake_quantize_each,
     parse_format,
     parse_palette,
+    quantize_each,
 )
 
 
@@ -124,3 +133,131 @@ def test_bad_shapes_raise():
         parse_format("int4-g128").quantize(torch.randn(3, 4, 5))
     with pytest.raises(BitallocError, match="fp16"):
         parse_format("fp16").quantize(torch.randn(3, 4))
+
+
+# --- the grid search, format by format and shared across formats ------------------------------
+CLIP_GRID = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.72, 0.68, 0.64, 0.6, 0.55)
+INT_FORMATS = [QuantFormat(b, g) for b in SUPPORTED_BITS for g in SUPPORTED_GROUP_SIZES]
+
+
+def reference_quantize(weight: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
+    """The clipping search as first written, one ratio at a time over the whole weight: a
+    ratio replaces the best so far only with a strictly smaller squared error. The library's
+    batched search must reproduce it code for code."""
+    w = weight.detach().float()
+    qmax = float(2**fmt.bits - 1)
+    n_full = w.shape[1] // fmt.group_size
+    blocks = []
+    if n_full:
+        blocks.append(w[:, : n_full * fmt.group_size].reshape(w.shape[0], n_full, -1))
+    if w.shape[1] % fmt.group_size:
+        blocks.append(w[:, n_full * fmt.group_size :].unsqueeze(1))
+    codes, scales, zeros = [], [], []
+    for x in blocks:
+        lo = torch.clamp(x.amin(dim=-1), max=0.0)
+        hi = torch.clamp(x.amax(dim=-1), min=0.0)
+        best_err = torch.full_like(lo, float("inf"))
+        best_scale, best_zero = torch.ones_like(lo), torch.zeros_like(lo)
+        for ratio in CLIP_GRID:
+            span = torch.clamp(hi * ratio - lo * ratio, min=1e-8)
+            scale = torch.clamp((span / qmax).half().float(), min=6.2e-5)
+            zero = torch.clamp(torch.round(-(lo * ratio) / scale), 0, qmax)
+            q = torch.clamp(torch.round(x / scale[..., None]) + zero[..., None], 0, qmax)
+            err = ((q - zero[..., None]) * scale[..., None] - x).square().sum(dim=-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+        q = torch.clamp(torch.round(x / best_scale[..., None]) + best_zero[..., None], 0, qmax)
+        codes.append(q.to(torch.uint8).reshape(w.shape[0], -1))
+        scales.append(best_scale.half())
+        zeros.append(best_zero.half())
+    return QuantizedWeight(
+        torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1), fmt.group_size, fmt.bits
+    )
+
+
+def assert_same(a: QuantizedWeight, b: QuantizedWeight) -> None:
+    assert (a.bits, a.group_size) == (b.bits, b.group_size)
+    assert torch.equal(a.codes, b.codes)
+    assert torch.equal(a.scales, b.scales)
+    assert torch.equal(a.zeros, b.zeros)
+
+
+def odd_weight(out: int, inp: int, seed: int) -> torch.Tensor:
+    """Gaussian weights with outliers, an all-zero row, a constant row and a row of values so
+    small that the fp16 scale reaches its floor."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=gen) * 0.05
+    w[:, :: max(1, inp // 7)] *= 8.0
+    if out >= 4:
+        w[1] = 0.0
+        w[2] = 0.37
+        w[3] = torch.randn(inp, generator=gen) * 1e-6
+    return w
+
+
+# 576 = 4 x 128 + 64 (a ragged last group), 100 < every group size, 72 = 2 x 32 + 8.
+@pytest.mark.parametrize("shape", [(6, 576), (5, 100), (4, 72), (3, 256), (1, 40)])
+def test_shared_search_reproduces_the_reference_for_every_format(shape):
+    w = odd_weight(*shape, seed=shape[0] * 1000 + shape[1])
+    shared = list(quantize_each(w, INT_FORMATS))
+    assert len(shared) == len(INT_FORMATS)
+    for fmt, q in zip(INT_FORMATS, shared):
+        expected = reference_quantize(w, fmt)
+        assert_same(q, expected)
+        assert_same(fmt.quantize(w), expected)
+
+
+def test_chunking_does_not_change_the_result(monkeypatch):
+    w = odd_weight(7, 200, seed=3)
+    some = [parse_format(n) for n in ("int2-g32", "int3-g128", "int8-g64")]
+    whole = [reference_quantize(w, f) for f in some]
+    # Down to one row of groups per step of the search.
+    monkeypatch.setattr(formats_module, "_CHUNK_ELEMENTS", 1)
+    for q, expected in zip(quantize_each(w, some), whole, strict=True):
+        assert_same(q, expected)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    out=st.integers(1, 9),
+    inp=st.integers(1, 300),
+    scale=st.sampled_from([1e-7, 1e-3, 1.0, 300.0]),
+    seed=st.integers(0, 2**16),
+    palette=st.lists(st.sampled_from(default_palette()), min_size=1, max_size=4, unique=True),
+)
+def test_shared_fake_quantize_equals_format_by_format(out, inp, scale, seed, palette):
+    w = torch.randn(out, inp, generator=torch.Generator().manual_seed(seed)) * scale
+    for fmt, fq in zip(palette, fake_quantize_each(w, palette), strict=True):
+        if fmt.is_float:
+            assert torch.equal(fq, w.half().float())
+        else:
+            assert torch.equal(fq, dequantize(reference_quantize(w, fmt)))
+
+
+def test_shared_fake_quantize_keeps_each_dtype_and_order():
+    w = odd_weight(4, 96, seed=1).to(torch.bfloat16)
+    palette = [parse_format(n) for n in ("int8-g32", "fp16", "int2-g64", "int3-g32")]
+    out = list(fake_quantize_each(w, palette))
+    assert [t.dtype for t in out] == [torch.bfloat16] * 4
+    for fmt, fq in zip(palette, out):
+        assert torch.equal(fq, fmt.fake_quantize(w))
+
+
+def test_first_minimum_follows_the_sequential_rule():
+    nan, inf = float("nan"), float("inf")
+    # Ratios down the first dimension; three groups: a NaN first error, a tie, nothing finite.
+    err = torch.tensor([[nan, 2.0, nan], [3.0, 1.0, inf], [1.0, 1.0, nan], [1.0, 5.0, inf]])
+    scale = torch.arange(12, dtype=torch.float32).reshape(4, 3) + 10
+    zero = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    best_scale, best_zero = _first_minimum(err, scale, zero)
+    assert best_scale.tolist() == [16.0, 14.0, 1.0]
+    assert best_zero.tolist() == [6.0, 4.0, 0.0]
+
+
+def test_shared_quantize_refuses_fp16_and_bad_shapes():
+    with pytest.raises(BitallocError, match="fp16"):
+        next(quantize_each(torch.randn(3, 8), [parse_format("fp16")]))
+    with pytest.raises(BitallocError, match="2-D"):
+        next(fake_quantize_each(torch.randn(8), [parse_format("int4-g32")]))

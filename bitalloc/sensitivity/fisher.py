@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats import QuantFormat
+from bitalloc.formats import QuantFormat, fake_quantize_each
 from bitalloc.models import Unit, get_linear
 from bitalloc.sensitivity.base import (
     GradientProfiler,
@@ -124,8 +124,9 @@ class FisherProfiler(GradientProfiler):
                 disable=not self.progress,
             )
             for i, (w, f) in pairs:
-                for j, fmt in enumerate(palette):
-                    dw = fmt.fake_quantize(w.detach()).float() - w.detach().float()
+                w = w.detach()
+                for j, fq in enumerate(fake_quantize_each(w, palette)):
+                    dw = fq.float() - w.float()
                     table[i, j] = scale * float((f * dw.square()).sum())
         return Profile(
             units=tuple(u.name for u in units),

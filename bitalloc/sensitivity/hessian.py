@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats import QuantFormat
+from bitalloc.formats import QuantFormat, fake_quantize_each
 from bitalloc.models import Unit, get_linear
 from bitalloc.sensitivity.base import BaseProfiler, grad_only_for, spread_windows
 from bitalloc.sensitivity.profile import Profile, finite_or_none
@@ -229,8 +229,8 @@ class HessianProfiler(BaseProfiler):
                 # A negative estimate (indefinite Hessian, or noise around a flat direction)
                 # would predict that quantization lowers the loss; clip to no predicted change.
                 weight_per_entry = 0.5 * max(float(trace), 0.0) / w.numel()
-                for j, fmt in enumerate(palette):
-                    dw = fmt.fake_quantize(w.detach()).double() - w.detach().double()
+                for j, fq in enumerate(fake_quantize_each(w.detach(), palette)):
+                    dw = fq.double() - w.detach().double()
                     table[i, j] = weight_per_entry * float(dw.square().sum())
         return Profile(
             units=tuple(u.name for u in units),

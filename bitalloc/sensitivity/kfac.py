@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats import QuantFormat
+from bitalloc.formats import QuantFormat, fake_quantize_each
 from bitalloc.models import Unit
 from bitalloc.sensitivity.base import (
     GradientProfiler,
@@ -161,8 +161,8 @@ class KFACProfiler(GradientProfiler):
         with torch.no_grad():
             for i, (lin, gram, d) in enumerate(zip(acc.linears, grams, factors)):
                 w = lin.weight.detach().float()
-                for j, fmt in enumerate(palette):
-                    dw = fmt.fake_quantize(w).float() - w
+                for j, fq in enumerate(fake_quantize_each(w, palette)):
+                    dw = fq.float() - w
                     per_row = ((dw @ gram) * dw).sum(dim=1).clamp_min(0)
                     table[i, j] = 0.5 * (seq_len - 1) * float((d * per_row).sum())
         table, fixed = monotone_in_bits(table, palette)

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from bitalloc.apply import fake_quantized
 from bitalloc.errors import BitallocError
-from bitalloc.formats import QuantFormat
+from bitalloc.formats import QuantFormat, fake_quantize_each
 from bitalloc.models import Unit, get_linear
 from bitalloc.sensitivity.base import BaseProfiler, monotone_in_bits, spread_windows
 from bitalloc.sensitivity.profile import Profile, finite_or_none
@@ -148,10 +148,11 @@ class InputGramAccumulator:
         return out
 
 
-def output_error(weight: torch.Tensor, gram: torch.Tensor, fmt: QuantFormat) -> float:
-    """``trace(dW G dW^T)``: mean squared change of the unit's output per token under ``fmt``."""
+def output_error(weight: torch.Tensor, gram: torch.Tensor, quantized: torch.Tensor) -> float:
+    """``trace(dW G dW^T)`` with ``dW = quantized - weight``: mean squared change of the unit's
+    output per token when its weight is replaced by ``quantized`` (Q(W) under some format)."""
     w = weight.detach()
-    dw = fmt.fake_quantize(w).float() - w.float()
+    dw = quantized.float() - w.float()
     value = float(((dw @ gram.to(dw.device, torch.float32)) * dw).sum())
     # G is PSD, so a negative value is rounding error around zero.
     return max(value, 0.0)
@@ -241,8 +242,8 @@ class OutputProfiler(BaseProfiler):
         )
         with torch.no_grad():
             for i, (lin, gram) in pairs:
-                for j, fmt in enumerate(palette):
-                    table[i, j] = output_error(lin.weight, gram, fmt)
+                for j, fq in enumerate(fake_quantize_each(lin.weight.detach(), palette)):
+                    table[i, j] = output_error(lin.weight, gram, fq)
         return table
 
     def _scale(

@@ -4,7 +4,7 @@ import torch
 
 from bitalloc.data import windows
 from bitalloc.errors import BitallocError
-from bitalloc.formats import parse_palette
+from bitalloc.formats import dequantize, parse_palette
 from bitalloc.models import discover_units, get_linear, model_fingerprint
 from bitalloc.sensitivity import FisherProfiler, Profile, cached_profile
 from tests.conftest import random_windows
@@ -145,3 +145,30 @@ def test_token_estimator_is_unbiased_for_the_mean_per_token_fisher():
         acc.add_batch(window)
     estimate = len(losses) * acc.fisher()[0]
     assert float(estimate.sum()) == pytest.approx(float(per_token.sum()), rel=0.1)
+
+
+def test_table_equals_the_format_by_format_reference(tiny_model):
+    """The table quantizes each unit once per group size for all bit widths; every entry must
+    equal the one computed format by format with the original clipping search (the down
+    projection's 96 inputs leave a ragged last group at 64 and a lone short one at 128)."""
+    from bitalloc.sensitivity.fisher import FisherAccumulator
+    from tests.test_formats import reference_quantize
+
+    # Every bit width and every group size, and fp16; the first block's units (every shape).
+    palette = parse_palette("int2-g32,int3-g64,int4-g128,int5-g32,int6-g64,int8-g128,fp16")
+    units = discover_units(tiny_model)[:7]
+    cal = _calibration(n=2)
+    prof = FisherProfiler(tokens=64, progress=False).profile(tiny_model, units, palette, cal)
+    acc = FisherAccumulator(tiny_model, units, torch.Generator().manual_seed(0))
+    tiny_model.eval()
+    for window in cal:
+        assert acc.add_batch(window)
+    tiny_model.zero_grad()
+    scale = 0.5 * (cal.shape[1] - 1)
+    with torch.no_grad():
+        for i, (w, f) in enumerate(zip(acc.weights, acc.fisher())):
+            w = w.detach()
+            for j, fmt in enumerate(palette):
+                fq = w.half().float() if fmt.is_float else dequantize(reference_quantize(w, fmt))
+                expected = scale * float((f * (fq - w).square()).sum())
+                assert prof.loss[i, j] == expected, (units[i].name, fmt.name)
