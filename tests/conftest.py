@@ -6,12 +6,20 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 # Without CUDA, run Triton kernels in its CPU interpreter. Triton chooses between compiling and
 # interpreting when a kernel is defined (at import of the module holding it), so the variable
 # must be set here, before any test module can import triton or bitalloc's kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The fuzz tests draw new examples on every local run (and replay earlier failures from
+# .hypothesis/); under CI they draw a fixed sequence, so that a landing is reproducible and a
+# failure seen there can be rerun exactly (`CI=true pytest tests/fuzz`).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "

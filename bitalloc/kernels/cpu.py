@@ -91,16 +91,8 @@ def int4pack_shape_unsupported(
     return ""
 
 
-def int4pack_matmul(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-) -> torch.Tensor:
-    """``x @ W.T`` for a 4-bit weight in torch's int4pack layout (see
-    :func:`~bitalloc.kernels.int4pack.int4pack_mm`); what the int4pack path calls."""
-    return int4pack_mm(x, packed, scales, zeros, group_size)
+#: What the int4pack path calls (a name of this module, so tests can stand in another kernel).
+int4pack_matmul = int4pack_mm
 
 
 @dataclass(frozen=True)

@@ -187,7 +187,17 @@ class RLSolver(BaseSolver):
             choice = agent.rollout(model, env)
             info.update(policy=str(self.policy), trained=False, policy_budget=meta.budget)
             return SolverOutput(choice, None, info)
-        result = agent.train_policy(env, self.config)
+        try:
+            result = agent.train_policy(env, self.config)
+        except ValueError as exc:
+            # torch's distributions refuse the NaN a diverged network outputs; that follows
+            # from rewards beyond float range (losses huge against costs tiny), not a bug.
+            if "invalid values" not in str(exc):
+                raise
+            raise BitallocError(
+                "the rl method's network diverged on this problem (its losses and costs span "
+                "too wide a range for its rewards); solve it with lagrangian, dp or ilp"
+            ) from None
         choice = agent.rollout(result.model, env)
         from_policy = problem.objective_of(choice)
         # Re-evaluate the best episode with the problem's own sum: the environment accumulates the

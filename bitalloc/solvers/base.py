@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -146,6 +147,11 @@ class BaseSolver(abc.ABC):
         scale = max(1.0, abs(objective))
         lower_bound = output.lower_bound
         gap = None
+        if lower_bound is not None and not math.isfinite(float(lower_bound)):
+            # A multiplier of a loss huge against costs tiny overflows (1e15 / 1e-300): the
+            # method has no usable bound on this problem, which is said, never a NaN gap.
+            info["lower_bound_dropped"] = f"not finite ({float(lower_bound)!r})"
+            lower_bound = None
         if lower_bound is not None:
             lower_bound = float(lower_bound)
             if lower_bound > objective + BOUND_RTOL * scale:

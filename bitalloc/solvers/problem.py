@@ -70,7 +70,12 @@ def _names(label: str, names: Sequence[str] | None, expected: int) -> tuple[str,
         return None
     if isinstance(names, str):
         raise BitallocError(f"{label} must be a list of strings, not a single string")
-    names = tuple(names)
+    try:
+        names = tuple(names)
+    except TypeError:
+        raise BitallocError(
+            f"{label} must be a list of strings, not {type(names).__name__}"
+        ) from None
     if len(names) != expected:
         raise BitallocError(
             f"{label} has {len(names)} entries but the objective has {expected}; "

@@ -209,6 +209,7 @@ def _solve_arrays(
     if status == 2:
         raise _jointly_infeasible(model)  # the relaxation is infeasible, so is the problem
     lower_bound = None
+    no_bound = "none (nonconvex relaxation)" if quadratic else "none (no LP relaxation)"
     if z is None:
         info["relaxation"] = f"HiGHS failed (status {status}); started from the cheapest choice"
         x = cheapest_choice(model, model.allowed)
@@ -222,7 +223,12 @@ def _solve_arrays(
             # duals give a bound that holds whatever HiGHS's tolerances did. Budgets count
             # as met up to their tolerance, so the bound is taken at the loosened budgets.
             tolerance = np.array([feasibility_tolerance(v) for v in model.budget])
-            lower_bound = _dual_bound(model, duals, model.budget + tolerance)
+            with np.errstate(over="ignore", invalid="ignore"):
+                bound = _dual_bound(model, duals, model.budget + tolerance)
+            # Duals of losses huge against costs tiny (1e15 over 1e-300) overflow: no bound
+            # then, rather than an infinite one.
+            lower_bound = bound if math.isfinite(bound) else None
+            no_bound = "none (the dual bound overflowed)"
         info.update(
             relaxation_value=float(np.sum(model.objective * z)) + model.quad(z, z),
             fw_iterations=iters,
@@ -264,7 +270,7 @@ def _solve_arrays(
         local_swaps=stats.swaps,
         local_search_capped=stats.capped,
         kicks_improved=improved,
-        lower_bound_kind="lp_dual" if lower_bound is not None else "none (nonconvex relaxation)",
+        lower_bound_kind="lp_dual" if lower_bound is not None else no_bound,
     )
     return SolverOutput(x, lower_bound, info)
 

@@ -17,6 +17,7 @@ from bitalloc.kernels import cpu
 from bitalloc.packed import MANIFEST, WEIGHTS, load_packed, pack_model, save_packed
 from tests.allocations import cycling_allocation
 from tests.conftest import make_tiny_llama
+from tests.fuzz.jsonpaths import json_paths
 
 SETTINGS = settings(
     max_examples=40,
@@ -48,17 +49,6 @@ def original(tmp_path_factory):
 
 def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _paths(value, prefix=()):
-    """Every path to a value inside a JSON document (keys and list indices)."""
-    yield prefix
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _paths(item, (*prefix, index))
 
 
 def _load_or_refuse(directory):
@@ -93,7 +83,7 @@ def test_manifest_field_mutations(original, data):
     directory = _copy(source)
     try:
         doc = json.loads((directory / MANIFEST).read_text())
-        path = data.draw(st.sampled_from(list(_paths(doc))[1:]), label="path")
+        path = data.draw(st.sampled_from(list(json_paths(doc))[1:]), label="path")
         parent = doc
         for key in path[:-1]:
             parent = parent[key]

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from bitalloc.errors import BitallocError
 from bitalloc.solvers import Problem
 from bitalloc.solvers.io import load_problem, problem_to_dict, save_problem
+from tests.fuzz.jsonpaths import json_paths
 
 FUZZ = settings(
     max_examples=50,
@@ -84,17 +85,6 @@ JUNK = st.one_of(
 )
 
 
-def _paths(value, prefix=()):
-    """Every (path, value) inside a JSON value, the root included."""
-    yield prefix
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _paths(item, (*prefix, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _paths(item, (*prefix, index))
-
-
 def _mutate(data, path, action, junk):
     if not path:
         return junk
@@ -116,10 +106,10 @@ def _mutate(data, path, action, junk):
 def test_mutated_json_loads_equal_or_refuses(tmp_path_factory, data):
     folder = tmp_path_factory.mktemp("json")
     original = problem_to_dict(_base())
-    paths = list(_paths(original))
+    paths = list(json_paths(original))
     mutated = copy.deepcopy(original)
     for _ in range(data.draw(st.integers(1, 3))):
-        paths = list(_paths(mutated))
+        paths = list(json_paths(mutated))
         path = data.draw(st.sampled_from(paths))
         action = data.draw(st.sampled_from(["replace", "delete", "duplicate"]))
         mutated = _mutate(mutated, path, action, data.draw(JUNK))
