@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from bitalloc.errors import BitallocError
-from bitalloc.outputs import check_output_dir
 
 MIB = 1024 * 1024
 
@@ -71,8 +70,7 @@ def apply_command(args: argparse.Namespace) -> None:
     from bitalloc.models import load_model
     from bitalloc.packed import model_bytes, save_packed
 
-    # Loading and packing take a minute on the default model; a bad --out must fail first.
-    check_output_dir(args.out, "--out", may_replace=replaceable_packed_dir)
+    # --out was checked by `bitalloc.cliprint.check_outputs` before this handler ran.
     alloc = Allocation.load(args.allocation)
     loaded = load_model(args.model)
     alloc.check_model(loaded.model)

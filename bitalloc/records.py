@@ -64,7 +64,7 @@ class SolverSummary(Strict):
             and gap is not None
             and (
                 bound > self.objective
-                or not math.isclose(gap, self.objective - bound, rel_tol=SUM_RTOL, abs_tol=SUM_ATOL)
+                or not same_sum(gap, self.objective - bound)
             )
         ):
             raise BitallocError(

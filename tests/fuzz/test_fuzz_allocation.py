@@ -18,6 +18,7 @@ from bitalloc.kv.formats import parse_kv_format
 from bitalloc.kv.record import KVAllocation, KVChoice
 from bitalloc.models import Unit
 from bitalloc.records import ProfileSummary, SolverSummary
+from tests.fuzz.jsonpaths import json_paths
 
 #: Values a field may be replaced with: every JSON type, edge numbers, a deep nest.
 REPLACEMENTS = st.sampled_from(
@@ -36,18 +37,6 @@ NUMBER_EDITS = st.sampled_from(
 )
 
 
-def paths(doc: Any, prefix: tuple = ()) -> list[tuple]:
-    """Every path (keys and indices) to a value inside ``doc``, the root excluded."""
-    out = []
-    items = (
-        doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else []
-    )
-    for key, value in items:
-        out.append((*prefix, key))
-        out.extend(paths(value, (*prefix, key)))
-    return out
-
-
 def get(doc: Any, path: tuple) -> Any:
     for key in path:
         doc = doc[key]
@@ -58,7 +47,7 @@ def get(doc: Any, path: tuple) -> Any:
 def mutated_document(draw, doc: dict) -> tuple[str, Any]:
     """(mutated JSON text, its description) from one mutation of ``doc``."""
     doc = json.loads(json.dumps(doc))
-    where = draw(st.sampled_from(paths(doc)))
+    where = draw(st.sampled_from(list(json_paths(doc))[1:]))  # not the root
     parent, key = get(doc, where[:-1]), where[-1]
     kind = draw(st.sampled_from(["delete", "replace", "number", "rename", "nest", "text"]))
     value = parent[key]
