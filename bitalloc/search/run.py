@@ -422,23 +422,28 @@ def search(
                     # Tracked from the moment it exists, so an interrupt at any point below
                     # fails it rather than leaving it RUNNING.
                     in_flight[trial.number] = trial
-                    assignment = {
-                        u.name: trial.suggest_categorical(u.name, choices[u.name])
-                        for u in prep.units
-                    }
-                    trial.set_user_attr("source", trial.user_attrs.get("source", "sampler"))
-                    trial.set_user_attr("owner", owner)
-                    trial.set_user_attr("formats", assignment)
+                    try:
+                        assignment = {
+                            u.name: trial.suggest_categorical(u.name, choices[u.name])
+                            for u in prep.units
+                        }
+                        trial.set_user_attr("source", trial.user_attrs.get("source", "sampler"))
+                        trial.set_user_attr("owner", owner)
+                        trial.set_user_attr("formats", assignment)
+                    except optuna.exceptions.UpdateFinishedTrialError:
+                        # SQLite cannot lock a row, so two searches on one study can both pop
+                        # the same queued trial; the other one has finished it already.
+                        del in_flight[trial.number]
+                        continue
                     job = tuple(assignment.items())
                     twin = evaluated.get(job_key(job))
                     if twin is not None:
                         # A repeat of a measured allocation: its values are known already.
                         number, scores, ppl = twin
-                        trial.set_user_attr("duplicate_of", number)
-                        _tell(st, trial, scores, ppl, costs, assignment)
                         del in_flight[trial.number]
-                        finished += 1
-                        bar.update(1)
+                        if _tell(st, trial, scores, ppl, costs, assignment, duplicate_of=number):
+                            finished += 1
+                            bar.update(1)
                         continue
                     pool.submit(trial.number, job)
                 if not in_flight:
@@ -448,8 +453,9 @@ def search(
                 trial = in_flight[number]
                 assignment = dict(job)
                 ppl = math.exp(result["loss"])
-                _tell(st, trial, result, ppl, costs, assignment)
                 del in_flight[number]
+                if not _tell(st, trial, result, ppl, costs, assignment):
+                    continue
                 evaluated[job_key(job)] = (number, result, ppl)
                 finished += 1
                 bar.update(1)
@@ -492,11 +498,29 @@ def search(
     )
 
 
-def _tell(st: Any, trial: Any, scores: Mapping[str, Any], ppl: float, costs, assignment) -> None:
-    trial.set_user_attr("loss", scores.get("loss"))
-    trial.set_user_attr("kl", scores.get("kl"))
-    trial.set_user_attr("predicted_loss", costs.predicted(assignment))
-    st.tell(trial, [costs.avg_bits(assignment), ppl])
+def _tell(
+    st: Any,
+    trial: Any,
+    scores: Mapping[str, Any],
+    ppl: float,
+    costs,
+    assignment,
+    duplicate_of: int | None = None,
+) -> bool:
+    """Store a measured trial; False when another search on the study finished it first
+    (both popped the same queued trial), in which case its stored result stands."""
+    import optuna
+
+    try:
+        if duplicate_of is not None:
+            trial.set_user_attr("duplicate_of", duplicate_of)
+        trial.set_user_attr("loss", scores.get("loss"))
+        trial.set_user_attr("kl", scores.get("kl"))
+        trial.set_user_attr("predicted_loss", costs.predicted(assignment))
+        st.tell(trial, [costs.avg_bits(assignment), ppl])
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
 
 
 def _finish(st, prep, costs, seeds, method, run_dir, url, budget, ev, run_info) -> SearchResult:

@@ -45,17 +45,19 @@ def test_two_searches_share_one_study(tmp_path, isolated_cache, monkeypatch, kin
     first_started = threading.Event()
     tell = search_run._tell
 
-    def tracked_tell(st, trial, *args):
+    def tracked_tell(st, trial, *args, **kwargs):
         # Interleave for sure: the first search pauses after two trials until the second has
         # finished one, so both are working on the study at the same time.
         name = threading.current_thread().name
-        tell(st, trial, *args)
+        if not tell(st, trial, *args, **kwargs):
+            return False  # both popped one queued trial; the other search told it first
         told[name].append(trial.number)
         if name == "second":
             second_told.set()
         elif len(told["first"]) == 2:
             first_started.set()
             second_told.wait(timeout=120)
+        return True
 
     monkeypatch.setattr(search_run, "_tell", tracked_tell)
     results: dict[str, object] = {}

@@ -87,6 +87,46 @@ def test_resume_continues_and_keeps_every_trial(tmp_path, isolated_cache):
     assert result.evaluations <= 3
 
 
+@pytest.mark.parametrize("when", ["ask", "tell"])
+def test_a_trial_another_search_finished_first_is_left_to_it(
+    tmp_path, isolated_cache, monkeypatch, when
+):
+    # SQLite cannot lock a row, so two searches on one study can both pop the same queued
+    # trial. Here a second connection finishes trial 2 just after this search asks for it (or
+    # just before this search tells it): the search keeps the other's result and goes on.
+    import bitalloc.search.run as search_run
+
+    url = default_storage_url(tmp_path / "run")
+    stolen: list[int] = []
+    ask, tell = optuna.Study.ask, search_run._tell
+
+    def steal(number: int) -> None:
+        other = optuna.load_study(study_name="bitalloc", storage=url)
+        other.tell(number, [9.0, 1e6])
+        stolen.append(number)
+
+    def racing_ask(self, *args, **kwargs):
+        trial = ask(self, *args, **kwargs)
+        if when == "ask" and trial.number == 2:
+            steal(trial.number)
+        return trial
+
+    def racing_tell(st, trial, *args, **kwargs):
+        if when == "tell" and trial.number == 2:
+            steal(trial.number)
+        return tell(st, trial, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "ask", racing_ask)
+    monkeypatch.setattr(search_run, "_tell", racing_tell)
+    result = run(tmp_path / "run", 8)
+    done = _complete(_study(tmp_path / "run"))
+    assert stolen == [2]
+    assert len(done) == result.trials_completed == 8
+    # The other search's values stand; this search stored nothing on the trial.
+    lost = next(t for t in done if t.number == 2)
+    assert lost.values == [9.0, 1e6] and "loss" not in lost.user_attrs
+
+
 def test_existing_study_needs_resume_and_resume_needs_a_study(tmp_path, isolated_cache):
     with pytest.raises(BitallocError, match="no search has been stored there"):
         run(tmp_path / "run", 3, resume=True)
