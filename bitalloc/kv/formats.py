@@ -31,17 +31,17 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats import parse_format_list
+from bitalloc.formats import CacheFormat, parse_format_list
+from bitalloc.kv.quantize import FULL_BITS, KV_BITS, fake_quantize_kv
 from bitalloc.models import Unit, decoder_blocks
 
-KV_BITS = (2, 4, 8, 16)
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_RESIDUAL = 0
 SCALE_ZERO_BITS = 32  # fp16 scale + fp16 zero per group
-FULL_BITS = 16
 
 _NAME = re.compile(r"^k(\d+)v(\d+)(?:-g(\d+))?(?:-r(\d+))?$")
 _ALIAS = re.compile(r"^kv(\d+)(?:-g(\d+))?(?:-r(\d+))?$")
@@ -55,8 +55,11 @@ def _check_int(value: object, what: str, minimum: int) -> int:
 
 
 @dataclass(frozen=True)
-class KVFormat:
+class KVFormat(CacheFormat):
     """One KV-cache palette entry: key and value code widths, group size, residual window.
+
+    The ``kv`` family of :class:`~bitalloc.formats.base.CacheFormat`; names parse back with
+    :func:`parse_kv_format`.
 
     ``group_size`` is tokens per key group (per channel) and channels per value group (per
     token; a group never spans two heads, so ``group_size >= head_dim`` means one group per head).
@@ -90,6 +93,11 @@ class KVFormat:
         if self.group_size == DEFAULT_GROUP_SIZE and self.residual == DEFAULT_RESIDUAL:
             return base
         return f"{base}-g{self.group_size}-r{self.residual}"
+
+    @property
+    def family(self) -> str:
+        """``kv``: the one cache-format family."""
+        return "kv"
 
     @property
     def is_lossless(self) -> bool:
@@ -154,6 +162,13 @@ class KVFormat:
         _check_int(context, "context", 1)
         elements = 2 * n_kv_heads * head_dim * context
         return self.cache_bits(context, 1, n_kv_heads, head_dim) / elements
+
+    def fake_quantize(
+        self, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a cache in this format returns for keys and values of shape (batch, heads,
+        tokens, head_dim): :func:`bitalloc.kv.quantize.fake_quantize_kv`."""
+        return fake_quantize_kv(keys, values, self)
 
     def storage_bits(self, shape: tuple[int, int], context: int) -> int:
         """Exact cache bits of a KV unit of ``shape`` = (2 * n_kv_heads, head_dim) over

@@ -17,7 +17,11 @@ from __future__ import annotations
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.kv.formats import FULL_BITS, KV_BITS, KVFormat
+from bitalloc.formats import CacheFormat
+
+#: Widths a KV tensor may take; 16 keeps it unquantized (fp16).
+KV_BITS = (2, 4, 8, 16)
+FULL_BITS = 16
 
 _FP16_MAX = 65504.0
 # Smallest normal fp16: a constant group would otherwise get scale 0 and divide by zero.
@@ -89,7 +93,7 @@ def quantize_values(v: torch.Tensor, bits: int, group_size: int) -> torch.Tensor
 
 
 def fake_quantize_kv(
-    k: torch.Tensor, v: torch.Tensor, fmt: KVFormat
+    k: torch.Tensor, v: torch.Tensor, fmt: CacheFormat
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What a cache holding these keys and values under ``fmt`` returns to attention.
 
@@ -97,7 +101,8 @@ def fake_quantize_kv(
     older keys are quantized in whole groups counted from the first token and older values per
     token (:meth:`KVFormat.quantized_tokens` is the rule, shared with the storage count).
     """
-    if not isinstance(fmt, KVFormat):
+    # A KVFormat (bitalloc.kv.formats builds on this module, so it is recognised by family).
+    if not isinstance(fmt, CacheFormat) or fmt.family != "kv":
         raise BitallocError(f"expected a KVFormat, got {type(fmt).__name__}; use parse_kv_format")
     _check(k, fmt.key_bits, fmt.group_size, "keys")
     _check(v, fmt.value_bits, fmt.group_size, "values")

@@ -152,7 +152,7 @@ def test_table_equals_the_format_by_format_reference(tiny_model):
     equal the one computed format by format with the original clipping search (the down
     projection's 96 inputs leave a ragged last group at 64 and a lone short one at 128)."""
     from bitalloc.sensitivity.fisher import FisherAccumulator
-    from tests.test_formats import reference_quantize
+    from tests.formats.test_int import reference_quantize
 
     # Every bit width and every group size, and fp16; the first block's units (every shape).
     palette = parse_palette("int2-g32,int3-g64,int4-g128,int5-g32,int6-g64,int8-g128,fp16")

@@ -1,3 +1,5 @@
+"""The int and float families: names, costs, and the clipping search, bit for bit."""
+
 import math
 
 import pytest
@@ -5,14 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bitalloc import formats as formats_module
 from bitalloc.errors import BitallocError
 from bitalloc.formats import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     QuantFormat,
     QuantizedWeight,
-    _first_minimum,
     default_palette,
     dequantize,
     fake_quantize_each,
@@ -20,6 +20,8 @@ from bitalloc.formats import (
     parse_palette,
     quantize_each,
 )
+from bitalloc.formats import integer as formats_module
+from bitalloc.formats.integer import _first_minimum
 
 
 def test_default_palette_names_and_order():

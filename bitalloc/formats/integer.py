@@ -1,7 +1,4 @@
-"""The palette: quantization formats a unit may take, their exact storage cost, and
-quantize / dequantize.
-
-A format is a small frozen object with a stable name:
+"""The ``int`` and ``float`` families: ``int{b}-g{g}`` and ``fp16``, and their exact cost.
 
 - ``int{b}-g{g}``: asymmetric integer codes of ``b`` bits, grouped along the input dimension in
   groups of ``g`` weights; each group stores an fp16 scale and an fp16 zero point.
@@ -23,25 +20,39 @@ Profilers need one weight under every format of the palette: :func:`quantize_eac
 :func:`fake_quantize_each` split the weight into groups and take each group's range once per
 group size, for all bit widths of that size, and give exactly what :meth:`QuantFormat.quantize`
 gives format by format.
+
+``fp16`` is its own family, ``float``, though it is a :class:`QuantFormat` (``QuantFormat(16,
+None)``, as callers build it): keeping a weight in 16 bits is not an integer quantizer, and a
+palette of another family (llama.cpp types, GPTQ) includes it without including ``int``.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import torch
 
 from bitalloc.errors import BitallocError
-
-T = TypeVar("T")
+from bitalloc.formats.base import Format, check_importance
+from bitalloc.formats.encoding import (
+    Encoded,
+    pack_codes,
+    pack_fp16,
+    unpack_codes,
+    unpack_fp16,
+)
+from bitalloc.formats.registry import FormatFamily
 
 SCALE_ZERO_BITS = 32  # fp16 scale + fp16 zero per group
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+# Group sizes the constructor accepts beyond the default palette's (any positive multiple of 8
+# is valid); listed so that the family's members, and the contract suite, cover some of them.
+EXTRA_GROUP_SIZES = (16, 256)
 
 # Shrink factors of the min-max range tried per group. The grid is finer near 1 because most
 # groups at 4+ bits keep (nearly) their full range; low-bit groups gain from clipping down to ~0.5.
@@ -55,6 +66,7 @@ _RATIOS = torch.tensor(_CLIP_GRID, dtype=torch.float32).reshape(-1, 1, 1)
 _CHUNK_ELEMENTS = 1 << 22
 
 _INT_NAME = re.compile(r"^int(\d+)-g(\d+)$")
+_FLOAT_NAMES = ("fp16", "f16", "float16")
 
 
 @dataclass(frozen=True)
@@ -73,11 +85,13 @@ class QuantizedWeight:
 
 
 @dataclass(frozen=True)
-class QuantFormat:
-    """One palette entry. ``bits`` is the code width (16 for ``fp16``); ``group_size`` is None for
-    ``fp16``.
+class QuantFormat(Format):
+    """One palette entry of the ``int`` or ``float`` family. ``bits`` is the code width (16 for
+    ``fp16``); ``group_size`` is None for ``fp16``.
 
     Use :func:`parse_format` to build one from its name; the constructor validates the pair.
+    :meth:`quantize` gives the codes and group parameters, :meth:`fake_quantize` (the
+    :class:`~bitalloc.formats.base.Format` method) the dequantized weight.
     """
 
     bits: int
@@ -107,6 +121,11 @@ class QuantFormat:
         return "fp16" if self.is_float else f"int{self.bits}-g{self.group_size}"
 
     @property
+    def family(self) -> str:
+        """``float`` for ``fp16``, ``int`` otherwise."""
+        return "float" if self.is_float else "int"
+
+    @property
     def is_float(self) -> bool:
         """True for the keep-in-16-bits format."""
         return self.group_size is None
@@ -117,6 +136,10 @@ class QuantFormat:
         if self.is_float:
             return 16.0
         return self.bits + SCALE_ZERO_BITS / self.group_size
+
+    def check_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """``(out, in)``; any 2-D shape of positive sizes fits (a last group may be shorter)."""
+        return _check_shape(shape)
 
     def storage_bits(self, shape: Sequence[int]) -> int:
         """Exact number of stored bits for a weight of ``shape`` = (out, in)."""
@@ -135,12 +158,94 @@ class QuantFormat:
         """Quantize a 2-D weight; scales/zeros minimise each group's squared error."""
         return next(quantize_each(weight, (self,)))
 
-    def fake_quantize(self, weight: torch.Tensor) -> torch.Tensor:
-        """Return Q(W) in ``weight``'s dtype: what the model computes with under this format."""
-        return next(fake_quantize_each(weight, (self,)))
+    def fake_quantize(
+        self, weight: torch.Tensor, importance: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Return Q(W) in ``weight``'s dtype: what the model computes with under this format.
+
+        ``importance`` is checked and not used: the clipping search minimises the plain squared
+        error, which the profiles and the packed kernels are built on.
+        """
+        return next(fake_quantize_each(weight, (self,), importance=importance))
+
+    def encode(self, weight: torch.Tensor) -> Encoded:
+        """Codes packed at ``bits`` bits with fp16 scales and zeros; ``fp16``: the fp16 weight."""
+        shape = _check_shape(tuple(weight.shape))
+        if self.is_float:
+            return Encoded(self.name, shape, (pack_fp16("weight", weight),))
+        q = self.quantize(weight)
+        sections = (
+            pack_codes("codes", q.codes, self.bits),
+            pack_fp16("scales", q.scales),
+            pack_fp16("zeros", q.zeros),
+        )
+        return Encoded(self.name, shape, sections)
+
+    def decode(self, encoded: Encoded) -> torch.Tensor:
+        """The float32 weight that :meth:`encode` stored."""
+        if encoded.format_name != self.name:
+            raise BitallocError(
+                f"an encoding of {encoded.format_name} cannot be decoded as {self.name}"
+            )
+        out_features, in_features = _check_shape(encoded.shape)
+        if self.is_float:
+            values = unpack_fp16(encoded.section("weight"))
+            return values.to(torch.float32).reshape(out_features, in_features)
+        n_groups = math.ceil(in_features / self.group_size)
+        codes = unpack_codes(encoded.section("codes"), out_features * in_features, self.bits)
+        q = QuantizedWeight(
+            codes.to(torch.uint8).reshape(out_features, in_features),
+            unpack_fp16(encoded.section("scales")).reshape(out_features, n_groups),
+            unpack_fp16(encoded.section("zeros")).reshape(out_features, n_groups),
+            self.group_size,
+            self.bits,
+        )
+        return dequantize(q)
 
     def __str__(self) -> str:
         return self.name
+
+
+class IntFamily(FormatFamily):
+    """``int<bits>-g<group>``: grouped asymmetric integer codes with fp16 scales and zeros."""
+
+    name = "int"
+    description = (
+        f"'int<bits>-g<group>' with bits {SUPPORTED_BITS} and groups {SUPPORTED_GROUP_SIZES}"
+    )
+    example = "int3-g128"
+
+    def parse(self, text: str) -> QuantFormat | None:
+        """``int4-g128`` to ``QuantFormat(4, 128)``; unsupported bits or groups raise."""
+        match = _INT_NAME.match(text)
+        if not match:
+            return None
+        return QuantFormat(int(match.group(1)), int(match.group(2)))
+
+    def members(self) -> tuple[QuantFormat, ...]:
+        """Every code width at the default group sizes and at :data:`EXTRA_GROUP_SIZES`."""
+        sizes = SUPPORTED_GROUP_SIZES + EXTRA_GROUP_SIZES
+        return tuple(QuantFormat(b, g) for b in SUPPORTED_BITS for g in sizes)
+
+    def default_members(self) -> tuple[QuantFormat, ...]:
+        """Every code width at every default group size."""
+        return tuple(QuantFormat(b, g) for b in SUPPORTED_BITS for g in SUPPORTED_GROUP_SIZES)
+
+
+class FloatFamily(FormatFamily):
+    """``fp16``: the weight kept in 16 bits (``f16`` and ``float16`` are accepted aliases)."""
+
+    name = "float"
+    description = "the weight kept in 16 bits"
+    example = "fp16"
+
+    def parse(self, text: str) -> QuantFormat | None:
+        """``fp16`` (or an alias) to ``QuantFormat(16, None)``."""
+        return QuantFormat(16, None) if text in _FLOAT_NAMES else None
+
+    def members(self) -> tuple[QuantFormat, ...]:
+        """Just ``fp16``."""
+        return (QuantFormat(16, None),)
 
 
 def dequantize(q: QuantizedWeight) -> torch.Tensor:
@@ -152,9 +257,7 @@ def dequantize(q: QuantizedWeight) -> torch.Tensor:
     return (q.codes.to(torch.float32) - zeros) * scales
 
 
-def quantize_each(
-    weight: torch.Tensor, formats: Sequence[QuantFormat]
-) -> Iterator[QuantizedWeight]:
+def quantize_each(weight: torch.Tensor, formats: Sequence[Format]) -> Iterator[QuantizedWeight]:
     """Quantize a 2-D weight with each integer format of ``formats`` in turn (lazily, in order).
 
     Equal, code for code, to ``fmt.quantize(weight)`` for each format; the float32 copy, the
@@ -163,6 +266,12 @@ def quantize_each(
     the weight per group size).
     """
     formats = tuple(formats)
+    others = [f.name for f in formats if not isinstance(f, QuantFormat)]
+    if others:
+        raise BitallocError(
+            f"quantize_each computes integer codes; {others} are not int formats "
+            "(use each format's fake_quantize)"
+        )
     floats = [f.name for f in formats if f.is_float]
     if floats:
         raise BitallocError("fp16 keeps the weight as is; there are no codes to compute")
@@ -181,19 +290,29 @@ def quantize_each(
 
 
 def fake_quantize_each(
-    weight: torch.Tensor, formats: Sequence[QuantFormat]
+    weight: torch.Tensor,
+    formats: Sequence[Format],
+    importance: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Q(W) in ``weight``'s dtype for each format of ``formats`` (``fp16`` included), lazily
-    and in order: each equal, bit for bit, to ``fmt.fake_quantize(weight)``, with the work that
-    does not depend on the bit width shared as in :func:`quantize_each`."""
+    """Q(W) in ``weight``'s dtype for each format of ``formats`` (``fp16`` and formats of other
+    families included), lazily and in order: each equal, bit for bit, to
+    ``fmt.fake_quantize(weight, importance)``, with the work that does not depend on the bit
+    width of int formats shared as in :func:`quantize_each`."""
     formats = tuple(formats)
-    _check_shape(tuple(weight.shape))
-    quantized = quantize_each(weight, [f for f in formats if not f.is_float])
+    _, in_features = _check_shape(tuple(weight.shape))
+    importance = check_importance(importance, in_features)
+    quantized = quantize_each(weight, [f for f in formats if _is_int(f)])
     for fmt in formats:
-        if fmt.is_float:
+        if _is_int(fmt):
+            yield dequantize(next(quantized)).to(weight.dtype)
+        elif isinstance(fmt, QuantFormat):
             yield weight.detach().to(torch.float16).to(weight.dtype)
         else:
-            yield dequantize(next(quantized)).to(weight.dtype)
+            yield fmt.fake_quantize(weight, importance)
+
+
+def _is_int(fmt: Format) -> bool:
+    return isinstance(fmt, QuantFormat) and not fmt.is_float
 
 
 @dataclass(frozen=True)
@@ -286,54 +405,15 @@ def _scale_zero(
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
-    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
-        raise BitallocError(f"expected a 2-D weight shape (out, in), got {tuple(shape)}")
-    return int(shape[0]), int(shape[1])
-
-
-def parse_format(name: str | QuantFormat) -> QuantFormat:
-    """Build a format from its name (``int4-g128``, ``fp16``); formats pass through."""
-    if isinstance(name, QuantFormat):
-        return name
-    text = str(name).strip().lower()
-    if text in ("fp16", "f16", "float16"):
-        return QuantFormat(16, None)
-    match = _INT_NAME.match(text)
-    if not match:
-        raise BitallocError(
-            f"unknown format {name!r}; use 'fp16' or 'int<bits>-g<group>' such as 'int3-g128' "
-            f"(bits {SUPPORTED_BITS}, groups {SUPPORTED_GROUP_SIZES})"
-        )
-    return QuantFormat(int(match.group(1)), int(match.group(2)))
-
-
-def default_palette() -> tuple[QuantFormat, ...]:
-    """Every integer format (bits x group sizes) plus ``fp16``, cheapest first."""
-    formats = [QuantFormat(b, g) for b in SUPPORTED_BITS for g in SUPPORTED_GROUP_SIZES]
-    formats.append(QuantFormat(16, None))
-    return tuple(sorted(formats, key=lambda f: (f.nominal_bits, f.name)))
-
-
-def parse_format_list(
-    items: Iterable[Any] | str, parse: Callable[[Any], T], *, what: str, example: str
-) -> tuple[T, ...]:
-    """``items`` (a comma list or an iterable of names or formats) parsed with ``parse``; an
-    empty list or one naming a format twice raises :class:`BitallocError` naming ``what``."""
-    if isinstance(items, str):
-        items = [part for part in items.split(",") if part.strip()]
-    parsed = tuple(parse(item) for item in items)
-    if not parsed:
-        raise BitallocError(f"the {what} is empty; pass at least one format such as {example!r}")
-    names = [f.name for f in parsed]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise BitallocError(f"the {what} lists {duplicates} more than once; list each format once")
-    return parsed
-
-
-def parse_palette(formats: Iterable[str | QuantFormat] | None) -> tuple[QuantFormat, ...]:
-    """Normalise a user's palette (names or formats); None gives :func:`default_palette`."""
-    if formats is None:
-        return default_palette()
-    palette = parse_format_list(formats, parse_format, what="palette", example="int4-g128")
-    return tuple(sorted(palette, key=lambda f: (f.nominal_bits, f.name)))
+    # Whole numbers only: a float or bool size would be truncated into a different shape.
+    try:
+        given = tuple(shape)
+    except TypeError:
+        given = (shape,)
+    try:
+        dims = [operator.index(d) for d in given if not isinstance(d, bool)]
+    except TypeError:
+        dims = []
+    if len(given) != 2 or len(dims) != 2 or dims[0] <= 0 or dims[1] <= 0:
+        raise BitallocError(f"expected a 2-D weight shape (out, in), got {given}")
+    return dims[0], dims[1]
