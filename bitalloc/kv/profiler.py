@@ -41,8 +41,7 @@ covering the whole context) is exactly 0 under every measure and costs no comput
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -66,8 +65,8 @@ from bitalloc.kv.proxy import QueryCapture, attention_errors, quantizes
 from bitalloc.kv.replay import PrefixReplay
 from bitalloc.kv.report import key_value_sensitivity, kv_sensitivity_table
 from bitalloc.models import Unit
-from bitalloc.sensitivity.base import BaseProfiler, spread_windows
-from bitalloc.sensitivity.profile import Profile
+from bitalloc.sensitivity.base import BaseProfiler, Statistics, spread_windows
+from bitalloc.sensitivity.registry import register_profiler
 
 METHODS = ("loss", "kl", "proxy")
 #: What the table's values are, per method (recorded in the metadata).
@@ -78,6 +77,7 @@ VALUES = {
 }
 
 
+@register_profiler
 class KVProfiler(BaseProfiler):
     """KV sensitivity per (attention layer, KV format) (``kv``); see the module docstring.
 
@@ -89,6 +89,8 @@ class KVProfiler(BaseProfiler):
     """
 
     name = "kv"
+    unit_kind = "kv"
+    progress_unit = "forward"
 
     def __init__(
         self,
@@ -113,67 +115,69 @@ class KVProfiler(BaseProfiler):
         # batch_size only changes the order of float sums, not the measurement.
         return {"method": self.method, "tokens": self.tokens}
 
-    def profile(
+    def check_palette(self, palette: Sequence[KVFormat | str]) -> list[KVFormat]:
+        """The KV palette as :class:`KVFormat` objects (names are parsed), each listed once."""
+        return _formats(palette)
+
+    def check_units(self, model: nn.Module, units: Sequence[Unit]) -> None:
+        """Refuse units that are not KV units of ``model``, or one listed twice."""
+        _unit_layers(model, units)
+
+    def monotone_chains(self, palette: Sequence[KVFormat]) -> list[list[int]]:
+        """No chain: a KV pair has two widths plus a group and a residual window, so no single
+        bit ordering ranks the palette; the orderings that must hold are tested on a trained
+        model instead."""
+        return []
+
+    def no_usable_batch(self, skipped: int) -> str:
+        return (
+            f"every calibration batch ({skipped}) gave a non-finite KV {self.method} "
+            "measurement; check the model's weights and the calibration tokens"
+        )
+
+    def measure(
         self,
         model: nn.Module,
         units: Sequence[Unit],
-        palette: Sequence[KVFormat | str],
+        palette: Sequence[KVFormat],
         calibration: torch.Tensor,
-    ) -> Profile:
+        bar: tqdm,
+    ) -> Statistics:
         """The KV units x KV formats table (rows in ``units`` order, columns in ``palette``
-        order); ``palette`` holds :class:`KVFormat` objects or their names."""
-        start = time.perf_counter()
-        formats = _formats(palette)
+        order), negative values clipped to 0."""
         layers = _unit_layers(model, units)
         windows = _windows(calibration, self.tokens)
         check_context(model, windows.shape[1])
         plan = plan_cache(model, {})
+        bar.set_description(f"kv: {self.method}")
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
                 run = self._proxy if self.method == "proxy" else self._measure
-                raw, skipped, extra = run(model, plan, layers, formats, windows)
+                raw, skipped, extra = run(model, plan, layers, list(palette), windows, bar)
         finally:
             model.train(was_training)
         batches = math.ceil(len(windows) / self.batch_size)
-        if skipped == batches:
-            raise BitallocError(
-                f"every calibration batch ({batches}) gave a non-finite KV {self.method} "
-                "measurement; check the model's weights and the calibration tokens"
-            )
         used = len(windows) - extra.pop("skipped_windows")
-        return Profile(
-            units=tuple(u.name for u in units),
-            formats=tuple(f.name for f in formats),
-            loss=np.maximum(raw, 0.0),
-            metadata={
-                "method": self.name,
-                "kv_method": self.method,
-                "values": VALUES[self.method],
-                "tokens": int(used * windows.shape[1]),
-                "windows": used,
-                "seq_len": int(windows.shape[1]),
-                "skipped_batches": skipped,
-                "negative_clipped": int((raw < 0).sum()),
-                "raw": raw.tolist(),
-                **extra,
-                "seconds": time.perf_counter() - start,
-            },
-        )
+        metadata = {
+            "kv_method": self.method,
+            "values": VALUES[self.method],
+            "windows": used,
+            "seq_len": int(windows.shape[1]),
+            "negative_clipped": int((raw < 0).sum()),
+            "raw": raw.tolist(),
+            **extra,
+        }
+        tokens = int(used * windows.shape[1])
+        return Statistics(tokens, batches - skipped, skipped, None, metadata, np.maximum(raw, 0.0))
 
-    def _batches(self, windows: torch.Tensor, per_batch: int, desc: str):
-        bar = tqdm(
-            total=math.ceil(len(windows) / self.batch_size) * per_batch,
-            desc=f"kv {desc}",
-            unit="forward",
-            disable=not self.progress,
-        )
-        with bar:
-            for first in range(0, len(windows), self.batch_size):
-                yield windows[first : first + self.batch_size], bar
+    def _batches(self, windows: torch.Tensor, per_batch: int, bar: tqdm) -> Iterator[torch.Tensor]:
+        bar.reset(total=math.ceil(len(windows) / self.batch_size) * per_batch)
+        for first in range(0, len(windows), self.batch_size):
+            yield windows[first : first + self.batch_size]
 
-    def _measure(self, model, plan: CachePlan, layers, formats, windows):
+    def _measure(self, model, plan: CachePlan, layers, formats, windows, bar):
         """``loss`` and ``kl``: one forward per (layer, quantizing format) and batch."""
         seq_len = windows.shape[1]
         jobs = [(i, j) for i in range(len(layers)) for j, f in enumerate(formats)]
@@ -182,7 +186,7 @@ class KVProfiler(BaseProfiler):
         total = np.zeros((len(layers), len(formats)))
         base_total, tokens, skipped, skipped_windows = 0.0, 0, 0, 0
         replay = PrefixReplay(model) if self.replay_prefix else None
-        for batch, bar in self._batches(windows, 1 + len(jobs), self.method):
+        for batch in self._batches(windows, 1 + len(jobs), bar):
             ids = batch.to(device)
             reference_cache = plan.new_cache()
             with replay.recording(reference_cache) if replay else nullcontext():
@@ -214,7 +218,7 @@ class KVProfiler(BaseProfiler):
         extra = {"base_loss": base_total / tokens if tokens else None, "forwards": len(jobs) + 1}
         return raw, skipped, {**extra, "skipped_windows": skipped_windows}
 
-    def _proxy(self, model, plan: CachePlan, layers, formats, windows):
+    def _proxy(self, model, plan: CachePlan, layers, formats, windows, bar):
         geometry = attention_geometry(model)
         modules = {
             i: model.get_submodule(p) for p, i in zip(geometry.paths, geometry.layer_indices)
@@ -225,7 +229,7 @@ class KVProfiler(BaseProfiler):
         energy = np.zeros(len(layers))
         skipped, skipped_windows, worst_check = 0, 0, 0.0
         try:
-            for batch, bar in self._batches(windows, 1, "proxy"):
+            for batch in self._batches(windows, 1, bar):
                 ids = batch.to(device)
                 cache = plan.new_cache()
                 forward_with_cache(model, ids, cache, plan)

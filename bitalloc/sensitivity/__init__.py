@@ -1,65 +1,45 @@
 """Sensitivity profilers: what each unit loses under each format.
 
-Every profiler keeps the :class:`BaseProfiler` contract and is checked by one contract test
-suite (``tests/sensitivity/test_contract.py``).
+Every profiler is built on the :class:`BaseProfiler` skeleton, registers itself by name with
+:func:`register_profiler` and is checked by one contract test suite
+(``tests/sensitivity/test_contract.py``), run over the whole registry.
+
+Names are imported on first use, so that loading a :class:`Profile` (a plain record) does not
+import torch or any measuring code.
 """
 
-from bitalloc.errors import BitallocError
-from bitalloc.sensitivity.base import BaseProfiler, cached_profile
-from bitalloc.sensitivity.fisher import FisherAccumulator, FisherProfiler
-from bitalloc.sensitivity.hessian import HessianProfiler
-from bitalloc.sensitivity.interactions import Interactions, measure_interactions, select_pairs
-from bitalloc.sensitivity.kfac import KFACProfiler, KroneckerAccumulator
-from bitalloc.sensitivity.measured import KLProfiler, MeasuredProfiler
-from bitalloc.sensitivity.output import InputGramAccumulator, OutputProfiler
-from bitalloc.sensitivity.profile import Profile
+from __future__ import annotations
 
-PROFILERS: dict[str, type[BaseProfiler]] = {
-    cls.name: cls
-    for cls in (
-        FisherProfiler,
-        HessianProfiler,
-        OutputProfiler,
-        KFACProfiler,
-        KLProfiler,
-        MeasuredProfiler,
-    )
+from bitalloc.lazy import lazy_exports
+
+_EXPORTS = {
+    "BaseProfiler": "bitalloc.sensitivity.base",
+    "Statistics": "bitalloc.sensitivity.base",
+    "cached_profile": "bitalloc.sensitivity.base",
+    "FisherAccumulator": "bitalloc.sensitivity.fisher",
+    "FisherProfiler": "bitalloc.sensitivity.fisher",
+    "HessianProfiler": "bitalloc.sensitivity.hessian",
+    "Interactions": "bitalloc.sensitivity.interaction_terms",
+    "measure_interactions": "bitalloc.sensitivity.interactions",
+    "select_pairs": "bitalloc.sensitivity.interactions",
+    "KFACProfiler": "bitalloc.sensitivity.kfac",
+    "KroneckerAccumulator": "bitalloc.sensitivity.kfac",
+    "KLProfiler": "bitalloc.sensitivity.measured",
+    "MeasuredProfiler": "bitalloc.sensitivity.measured",
+    "InputGramAccumulator": "bitalloc.sensitivity.output",
+    "OutputProfiler": "bitalloc.sensitivity.output",
+    "Profile": "bitalloc.sensitivity.profile",
+    "ProfileRepairWarning": "bitalloc.sensitivity.profile",
+    "monotone_in_bits": "bitalloc.sensitivity.monotone",
+    "MEASURING_PROFILERS": "bitalloc.sensitivity.registry",
+    "PROFILERS": "bitalloc.sensitivity.registry",
+    "make_profiler": "bitalloc.sensitivity.registry",
+    "profiler_classes": "bitalloc.sensitivity.registry",
+    "register_profiler": "bitalloc.sensitivity.registry",
+    "registered_profiler": "bitalloc.sensitivity.registry",
+    "unregister_profiler": "bitalloc.sensitivity.registry",
 }
-# Methods that score one (unit, format) job at a time and can spread the jobs over Ray.
-MEASURING_PROFILERS = frozenset({KLProfiler.name, MeasuredProfiler.name})
 
+__all__ = sorted(_EXPORTS)
 
-def make_profiler(name: str, **options) -> BaseProfiler:
-    """Build a profiler by method name with its options (each validated by the profiler)."""
-    try:
-        cls = PROFILERS[name]
-    except KeyError:
-        raise BitallocError(
-            f"unknown profiler {name!r}; choose one of {sorted(PROFILERS)}"
-        ) from None
-    try:
-        return cls(**options)
-    except TypeError as exc:
-        raise BitallocError(f"profiler {name!r}: {exc}; see help({cls.__name__})") from None
-
-
-__all__ = [
-    "BaseProfiler",
-    "FisherAccumulator",
-    "FisherProfiler",
-    "HessianProfiler",
-    "InputGramAccumulator",
-    "Interactions",
-    "KFACProfiler",
-    "KLProfiler",
-    "KroneckerAccumulator",
-    "MEASURING_PROFILERS",
-    "MeasuredProfiler",
-    "OutputProfiler",
-    "PROFILERS",
-    "Profile",
-    "cached_profile",
-    "make_profiler",
-    "measure_interactions",
-    "select_pairs",
-]
+__getattr__, __dir__ = lazy_exports("bitalloc.sensitivity", globals(), _EXPORTS)

@@ -1,4 +1,4 @@
-"""The profiler protocol and the on-disk profile cache."""
+"""The profiler skeleton (:class:`BaseProfiler`) and the on-disk profile cache."""
 
 from __future__ import annotations
 
@@ -6,52 +6,237 @@ import contextlib
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats import QuantFormat
+from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.models import Unit, cache_root
+from bitalloc.sensitivity.monotone import bit_chains, cap_chains
 from bitalloc.sensitivity.profile import Profile, cache_key
+
+
+@dataclass
+class Statistics:
+    """What a profiler gathered from the calibration windows.
+
+    ``tokens``: calibration tokens that went into the result; ``usable`` and ``skipped``: the
+    batches (windows, probes) used and skipped as non-finite; ``state``: whatever the
+    profiler's :meth:`BaseProfiler.unit_losses` needs (accumulators, traces); ``metadata``:
+    the profiler's own metadata entries; ``table``: set by a :meth:`BaseProfiler.measure` that
+    fills the whole units x formats table at once (None: the skeleton asks for rows).
+    """
+
+    tokens: int
+    usable: int
+    skipped: int
+    state: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    table: np.ndarray | None = None
 
 
 class BaseProfiler(ABC):
     """Estimates what each unit loses under each format.
 
-    Contract for implementations:
+    The contract every profiler keeps (checked for each registered one by
+    ``tests/sensitivity/test_contract.py``):
 
     - :meth:`profile` takes the model (not modified: any temporary change is undone before it
       returns, also on error), the units in network order, the palette, and calibration token
       windows of shape (n_windows, seq_len). It returns a :class:`Profile` whose rows are the
       units in the given order and whose columns are the palette's format names in order.
     - Values are finite and non-negative predicted increases of the language-model loss (mean
-      next-token cross-entropy, in nats) when only that unit takes that format.
+      next-token cross-entropy, in nats) when only that unit takes that format (KV profilers
+      may record another additive measure and say so in their metadata).
+    - Within one group size, more bits never predict more loss.
     - ``metadata`` holds at least ``method``, ``tokens`` (calibration tokens used),
-      ``skipped_batches`` and ``seconds``.
+      ``skipped_batches``, ``monotone_fixes`` and ``seconds``.
     - :meth:`options` returns every setting that changes the result; it keys the cache, so two
       profilers with equal options on equal inputs must give equal profiles.
     - Batches whose statistics are not finite are skipped and counted; when none is usable the
       profiler raises :class:`~bitalloc.errors.BitallocError`.
+
+    :meth:`profile` is a template method that keeps the contract for every subclass: it checks
+    the inputs, times the run, opens one progress bar (``self.progress``), asks the subclass to
+    measure, refuses a run with no usable batch, caps the table so that more bits never predict
+    more loss (counted as ``monotone_fixes``) and writes the metadata. A subclass implements
+    only what it measures, through these hooks:
+
+    - :meth:`gather` ``(model, units, calibration, bar)`` -> :class:`Statistics`: run the model
+      over the calibration windows and collect what the table needs (as GPTQ gathers its
+      Hessians before solving). It restores every change it makes to the model (flags, modes,
+      hooks), also on error, advances ``bar`` once per window or probe, and does not build
+      the table.
+    - :meth:`unit_losses` ``(index, statistics, palette)`` -> one row: the values of unit
+      ``index`` under each format, from the statistics alone (no model forward); the skeleton
+      calls it under ``torch.no_grad`` for each unit in order and advances the bar.
+    - :meth:`measure` ``(model, units, palette, calibration, bar)`` -> :class:`Statistics`:
+      the whole measurement. The default runs :meth:`gather` then :meth:`unit_losses` per unit;
+      a profiler whose measurements are per (unit, format) jobs (on a job pool, or one forward
+      per KV layer and format) overrides it and returns the table in ``Statistics.table``.
+    - :meth:`finalize` ``(table, statistics, model, units, palette)`` -> ``(table, metadata)``:
+      an optional last step on the already capped table (e.g. one global scale that puts it in
+      nats); it must keep the table non-negative and must not reorder values.
+
+    Hooks do not write ``method``, ``tokens``, ``skipped_batches``, ``monotone_fixes`` or
+    ``seconds``: the skeleton does. Subclasses also set ``name``, may set ``unit_kind`` (``kv``
+    for KV-cache profilers), ``measures_on_pool`` (True when :meth:`measure` runs jobs that
+    :mod:`bitalloc.jobs` can spread over Ray), ``progress_desc`` and ``progress_unit`` (the
+    bar's first stage), and override :meth:`check_palette` / :meth:`check_units` /
+    :meth:`monotone_chains` / :meth:`no_usable_batch` where their inputs differ.
     """
 
     name: ClassVar[str]
+    #: What the rows are: ``weight`` (weight matrices) or ``kv`` (an attention layer's cache).
+    unit_kind: ClassVar[str] = "weight"
+    #: True when :meth:`measure` scores (unit, format) jobs on a pool (in process or on Ray).
+    measures_on_pool: ClassVar[bool] = False
+    #: The first stage of the progress bar: ``"{name}: {progress_desc}"``, in ``progress_unit``.
+    progress_desc: ClassVar[str] = "statistics"
+    progress_unit: ClassVar[str] = "window"
+    progress: bool = True
 
     @abstractmethod
     def options(self) -> dict[str, Any]:
         """Settings that determine the result (used in the cache key)."""
 
-    @abstractmethod
     def profile(
         self,
         model: nn.Module,
         units: Sequence[Unit],
-        palette: Sequence[QuantFormat],
+        palette: Sequence[Any],
         calibration: torch.Tensor,
     ) -> Profile:
-        """Compute the units x formats table of predicted loss increase."""
+        """Compute the units x formats table of predicted loss increase (see the class
+        docstring for what every profiler guarantees)."""
+        start = time.perf_counter()
+        self.check_calibration(calibration)
+        self.check_units(model, units)
+        formats = self.check_palette(palette)
+        # Pool-measuring profilers show the pool's bar (one per run of jobs) instead.
+        with tqdm(
+            desc=f"{self.name}: {self.progress_desc}",
+            unit=self.progress_unit,
+            disable=not self.progress or self.measures_on_pool,
+        ) as bar:
+            stats = self.measure(model, units, formats, calibration, bar)
+        if stats.usable == 0:
+            raise BitallocError(self.no_usable_batch(stats.skipped))
+        table, fixed = cap_chains(stats.table, self.monotone_chains(formats))
+        table, extra = self.finalize(table, stats, model, units, formats)
+        return Profile(
+            units=tuple(u.name for u in units),
+            formats=tuple(f.name for f in formats),
+            loss=table,
+            metadata={
+                "method": self.name,
+                "tokens": int(stats.tokens),
+                "skipped_batches": int(stats.skipped),
+                **stats.metadata,
+                "monotone_fixes": fixed,
+                **extra,
+                "seconds": time.perf_counter() - start,
+            },
+        )
+
+    def measure(
+        self,
+        model: nn.Module,
+        units: Sequence[Unit],
+        palette: Sequence[Any],
+        calibration: torch.Tensor,
+        bar: tqdm,
+    ) -> Statistics:
+        """Gather the statistics, then fill the table one unit at a time."""
+        stats = self.gather(model, units, calibration, bar)
+        if stats.usable == 0:
+            return stats
+        bar.set_description(f"{self.name}: formats")
+        bar.unit = "unit"
+        bar.reset(total=len(units))
+        table = np.zeros((len(units), len(palette)))
+        with torch.no_grad():
+            for i in range(len(units)):
+                table[i] = self.unit_losses(i, stats, palette)
+                bar.update()
+        stats.table = table
+        return stats
+
+    def gather(
+        self, model: nn.Module, units: Sequence[Unit], calibration: torch.Tensor, bar: tqdm
+    ) -> Statistics:
+        """Statistics from the calibration windows (see the class docstring)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement gather() and unit_losses(), or measure()"
+        )
+
+    def unit_losses(self, index: int, statistics: Statistics, palette: Sequence[Any]) -> Any:
+        """Unit ``index``'s value under each format (see the class docstring)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement unit_losses()")
+
+    def finalize(
+        self,
+        table: np.ndarray,
+        statistics: Statistics,
+        model: nn.Module,
+        units: Sequence[Unit],
+        palette: Sequence[Any],
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The final table and metadata entries about this step; by default the table."""
+        return table, {}
+
+    def monotone_chains(self, palette: Sequence[Any]) -> list[list[int]]:
+        """Columns whose values must not rise along each chain (fewest bits first)."""
+        return bit_chains(palette)
+
+    def no_usable_batch(self, skipped: int) -> str:
+        """The error message when every batch was skipped."""
+        return (
+            f"all {skipped} calibration windows gave non-finite statistics; check the model's "
+            "weights (NaN/inf) or use a different calibration text"
+        )
+
+    def check_calibration(self, calibration: Any) -> None:
+        """Refuse calibration that is not an (n_windows, seq_len >= 2) tensor of token ids."""
+        if (
+            not isinstance(calibration, torch.Tensor)
+            or calibration.dim() != 2
+            or calibration.is_floating_point()
+            or calibration.is_complex()
+        ):
+            raise BitallocError("calibration must be an (n_windows, seq_len) tensor of token ids")
+        if calibration.shape[1] < 2:
+            raise BitallocError(
+                "calibration windows need 2+ tokens to score, got shape "
+                f"{tuple(calibration.shape)}"
+            )
+
+    def check_units(self, model: nn.Module, units: Sequence[Unit]) -> None:
+        """Refuse an empty unit list."""
+        if not units:
+            raise BitallocError("no units to profile; pass at least one unit (check the filter)")
+
+    def check_palette(self, palette: Sequence[Any]) -> list[Any]:
+        """The palette as format objects (names are parsed), each listed once."""
+        if isinstance(palette, str) or not palette:
+            raise BitallocError(
+                "the palette must be a non-empty list of formats or names such as "
+                "['int4-g128', 'int8-g128', 'fp16']"
+            )
+        formats = [parse_format(f) if isinstance(f, str) else f for f in palette]
+        for f in formats:
+            if not isinstance(getattr(f, "name", None), str):
+                raise BitallocError(f"palette entry {f!r} is not a format; give a name or format")
+        names = [f.name for f in formats]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise BitallocError(f"the palette lists {twice} more than once; list each once")
+        return formats
 
 
 class GradientProfiler(BaseProfiler):
@@ -96,26 +281,6 @@ def spread_windows(n_windows: int, seq_len: int, tokens: int) -> list[int]:
         )
     wanted = max(1, min(n_windows, tokens // seq_len))
     return [(i * n_windows) // wanted for i in range(wanted)]
-
-
-def monotone_in_bits(table: np.ndarray, palette: Sequence[QuantFormat]) -> tuple[np.ndarray, int]:
-    """Cap each value at the value of fewer bits with the same group size; returns the table and
-    how many entries were lowered."""
-    out = table.copy()
-    fixed = 0
-    for group in {f.group_size for f in palette if not f.is_float}:
-        cols = sorted(
-            (j for j, f in enumerate(palette) if f.group_size == group),
-            key=lambda j: palette[j].bits,
-        )
-        for prev, j in zip(cols, cols[1:]):
-            # More bits never make a weight worse to represent. A higher value is an artefact:
-            # the clipping search minimises plain (not weighted) squared error, and measured
-            # values carry noise of about 1e-5 nats.
-            lower = out[:, j] > out[:, prev]
-            fixed += int(lower.sum())
-            out[:, j] = np.minimum(out[:, j], out[:, prev])
-    return out, fixed
 
 
 #: How a window's gradient is formed: ``window`` differentiates the window's mean token loss;

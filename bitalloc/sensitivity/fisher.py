@@ -18,11 +18,9 @@ measured loss increases with a median ratio of 1.0 (BENCHMARKS.md).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -32,11 +30,12 @@ from bitalloc.formats import QuantFormat, fake_quantize_each
 from bitalloc.models import Unit, get_linear
 from bitalloc.sensitivity.base import (
     GradientProfiler,
+    Statistics,
     grad_only_for,
     spread_windows,
     window_objective,
 )
-from bitalloc.sensitivity.profile import Profile
+from bitalloc.sensitivity.registry import register_profiler
 
 
 class FisherAccumulator:
@@ -82,6 +81,7 @@ class FisherAccumulator:
         return [s / self.batches for s in self.sums]
 
 
+@register_profiler
 class FisherProfiler(GradientProfiler):
     """Diagonal empirical-Fisher profiler (``fisher``).
 
@@ -96,49 +96,36 @@ class FisherProfiler(GradientProfiler):
     def options(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "scaling": "0.5*T*sum(F*dW^2)", **self.estimator_options()}
 
-    def profile(
-        self,
-        model: nn.Module,
-        units: Sequence[Unit],
-        palette: Sequence[QuantFormat],
-        calibration: torch.Tensor,
-    ) -> Profile:
-        start = time.perf_counter()
+    progress_desc = "gradients"
+
+    def gather(
+        self, model: nn.Module, units: Sequence[Unit], calibration: torch.Tensor, bar: tqdm
+    ) -> Statistics:
         seq_len = calibration.shape[1]
         picks = spread_windows(len(calibration), seq_len, self.tokens)
-        generator = self.sign_generator()
-        acc = FisherAccumulator(model, units, generator)
+        acc = FisherAccumulator(model, units, self.sign_generator())
+        bar.reset(total=len(picks))
         with grad_only_for(model, acc.weights):
-            for idx in tqdm(
-                picks, desc="fisher: gradients", unit="window", disable=not self.progress
-            ):
+            for idx in picks:
                 acc.add_batch(calibration[idx])
-        fisher = acc.fisher()
-        table = np.zeros((len(units), len(palette)))
-        scale = 0.5 * (seq_len - 1)
-        with torch.no_grad():
-            pairs = tqdm(
-                list(enumerate(zip(acc.weights, fisher))),
-                desc="fisher: formats",
-                unit="unit",
-                disable=not self.progress,
-            )
-            for i, (w, f) in pairs:
-                w = w.detach()
-                for j, fq in enumerate(fake_quantize_each(w, palette)):
-                    dw = fq.float() - w.float()
-                    table[i, j] = scale * float((f * dw.square()).sum())
-        return Profile(
-            units=tuple(u.name for u in units),
-            formats=tuple(f.name for f in palette),
-            loss=table,
-            metadata={
-                "method": self.name,
-                "estimator": self.estimator,
-                "tokens": acc.tokens,
-                "windows": acc.batches,
-                "skipped_batches": acc.skipped,
-                "seq_len": seq_len,
-                "seconds": time.perf_counter() - start,
-            },
+                bar.update()
+        metadata = {"estimator": self.estimator, "windows": acc.batches, "seq_len": seq_len}
+        state = (acc, acc.fisher() if acc.batches else None, 0.5 * (seq_len - 1))
+        return Statistics(acc.tokens, acc.batches, acc.skipped, state, metadata)
+
+    def unit_losses(
+        self, index: int, statistics: Statistics, palette: Sequence[QuantFormat]
+    ) -> list[float]:
+        acc, fisher, scale = statistics.state
+        w, f = acc.weights[index].detach(), fisher[index]
+        row = []
+        for fq in fake_quantize_each(w, palette):
+            dw = fq.float() - w.float()
+            row.append(scale * float((f * dw.square()).sum()))
+        return row
+
+    def no_usable_batch(self, skipped: int) -> str:
+        return (
+            f"all {skipped} calibration windows gave non-finite gradients; check the model's "
+            "weights (NaN/inf) or use a different calibration text"
         )

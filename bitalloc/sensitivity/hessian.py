@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,8 +37,9 @@ from tqdm.auto import tqdm
 from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat, fake_quantize_each
 from bitalloc.models import Unit, get_linear
-from bitalloc.sensitivity.base import BaseProfiler, grad_only_for, spread_windows
-from bitalloc.sensitivity.profile import Profile, finite_or_none
+from bitalloc.sensitivity.base import BaseProfiler, Statistics, grad_only_for, spread_windows
+from bitalloc.sensitivity.profile import finite_or_none
+from bitalloc.sensitivity.registry import register_profiler
 
 
 def rademacher(weights: Sequence[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
@@ -115,6 +115,7 @@ def _check_int(name: str, value: Any, low: int) -> int:
     return value
 
 
+@register_profiler
 class HessianProfiler(BaseProfiler):
     """Hutchinson Hessian-trace profiler (``hessian``).
 
@@ -166,16 +167,12 @@ class HessianProfiler(BaseProfiler):
             "scaling": "0.5*max(tr,0)/n*||dW||^2",
         }
 
-    def profile(
-        self,
-        model: nn.Module,
-        units: Sequence[Unit],
-        palette: Sequence[QuantFormat],
-        calibration: torch.Tensor,
-    ) -> Profile:
-        start = time.perf_counter()
-        if not units:
-            raise BitallocError("no units to profile; pass at least one unit")
+    progress_desc = "probes"
+    progress_unit = "probe"
+
+    def gather(
+        self, model: nn.Module, units: Sequence[Unit], calibration: torch.Tensor, bar: tqdm
+    ) -> Statistics:
         seq_len = calibration.shape[1]
         picks = spread_windows(len(calibration), seq_len, self.tokens)
         weights = [get_linear(model, u.name).weight for u in units]
@@ -186,16 +183,8 @@ class HessianProfiler(BaseProfiler):
         used_windows: set[int] = set()
         change = math.inf
         converged = False
-        with (
-            twice_differentiable_attention(model),
-            grad_only_for(model, weights),
-            tqdm(
-                total=self.max_probes,
-                desc="hessian: probes",
-                unit="probe",
-                disable=not self.progress,
-            ) as bar,
-        ):
+        bar.reset(total=self.max_probes)
+        with twice_differentiable_attention(model), grad_only_for(model, weights):
             for k in range(self.max_probes):
                 idx = picks[k % len(picks)]
                 # Drawn before the probe runs so that probe k's vector does not depend on which
@@ -217,39 +206,38 @@ class HessianProfiler(BaseProfiler):
                 if usable >= self.min_probes and change < self.tol:
                     converged = True
                     break
-        if usable == 0:
-            raise BitallocError(
-                f"all {skipped} Hessian probes gave non-finite Hessian-vector products (loss, "
-                "gradient or H*v was NaN/inf); check the model's weights for NaN/inf, run it in "
-                "float32 rather than float16, or use a different calibration text"
-            )
-        table = np.zeros((len(units), len(palette)))
-        with torch.no_grad():
-            for i, (w, trace) in enumerate(zip(weights, mean)):
-                # A negative estimate (indefinite Hessian, or noise around a flat direction)
-                # would predict that quantization lowers the loss; clip to no predicted change.
-                weight_per_entry = 0.5 * max(float(trace), 0.0) / w.numel()
-                for j, fq in enumerate(fake_quantize_each(w.detach(), palette)):
-                    dw = fq.double() - w.detach().double()
-                    table[i, j] = weight_per_entry * float(dw.square().sum())
-        return Profile(
-            units=tuple(u.name for u in units),
-            formats=tuple(f.name for f in palette),
-            loss=table,
-            metadata={
-                "method": self.name,
-                "tokens": len(used_windows) * seq_len,
-                "windows": len(used_windows),
-                "skipped_batches": skipped,
-                "skipped_probes": skipped,
-                "seq_len": seq_len,
-                "probes": usable,
-                "converged": converged,
-                "relative_change": finite_or_none(change),
-                "tol": self.tol,
-                "seed": self.seed,
-                "negative_traces": int((mean < 0).sum()),
-                "traces": [float(t) for t in mean],
-                "seconds": time.perf_counter() - start,
-            },
+        metadata = {
+            "windows": len(used_windows),
+            "skipped_probes": skipped,
+            "seq_len": seq_len,
+            "probes": usable,
+            "converged": converged,
+            "relative_change": finite_or_none(change),
+            "tol": self.tol,
+            "seed": self.seed,
+            "negative_traces": int((mean < 0).sum()),
+            "traces": [float(t) for t in mean],
+        }
+        tokens = len(used_windows) * seq_len
+        return Statistics(tokens, usable, skipped, (weights, mean), metadata)
+
+    def unit_losses(
+        self, index: int, statistics: Statistics, palette: Sequence[QuantFormat]
+    ) -> list[float]:
+        weights, traces = statistics.state
+        w = weights[index].detach()
+        # A negative estimate (indefinite Hessian, or noise around a flat direction) would
+        # predict that quantization lowers the loss; clip to no predicted change.
+        weight_per_entry = 0.5 * max(float(traces[index]), 0.0) / w.numel()
+        row = []
+        for fq in fake_quantize_each(w, palette):
+            dw = fq.double() - w.double()
+            row.append(weight_per_entry * float(dw.square().sum()))
+        return row
+
+    def no_usable_batch(self, skipped: int) -> str:
+        return (
+            f"all {skipped} Hessian probes gave non-finite Hessian-vector products (loss, "
+            "gradient or H*v was NaN/inf); check the model's weights for NaN/inf, run it in "
+            "float32 rather than float16, or use a different calibration text"
         )

@@ -23,26 +23,23 @@ window costs about two forward passes, less than ``fisher``.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat, fake_quantize_each
 from bitalloc.models import Unit
 from bitalloc.sensitivity.base import (
     GradientProfiler,
-    monotone_in_bits,
+    Statistics,
     spread_windows,
     window_objective,
 )
 from bitalloc.sensitivity.output import InputGramAccumulator
-from bitalloc.sensitivity.profile import Profile
+from bitalloc.sensitivity.registry import register_profiler
 
 
 class KroneckerAccumulator(InputGramAccumulator):
@@ -115,6 +112,7 @@ class KroneckerAccumulator(InputGramAccumulator):
         return [s / self.batches for s in self._out_sq]
 
 
+@register_profiler
 class KFACProfiler(GradientProfiler):
     """Kronecker-factored Fisher profiler (``kfac``): input correlations and output-gradient
     weights, from one forward and one activation-only backward per calibration window."""
@@ -128,56 +126,46 @@ class KFACProfiler(GradientProfiler):
             **self.estimator_options(),
         }
 
-    def profile(
-        self,
-        model: nn.Module,
-        units: Sequence[Unit],
-        palette: Sequence[QuantFormat],
-        calibration: torch.Tensor,
-    ) -> Profile:
-        start = time.perf_counter()
-        if not units:
-            raise BitallocError("no units to profile; pass at least one unit")
+    def gather(
+        self, model: nn.Module, units: Sequence[Unit], calibration: torch.Tensor, bar: tqdm
+    ) -> Statistics:
         seq_len = calibration.shape[1]
         picks = spread_windows(len(calibration), seq_len, self.tokens)
-        generator = self.sign_generator()
-        acc = KroneckerAccumulator(model, units, generator)
+        acc = KroneckerAccumulator(model, units, self.sign_generator())
         saved = {p: p.requires_grad for p in model.parameters()}
         was_training = model.training
+        bar.reset(total=len(picks))
         try:
             for p in saved:
                 p.requires_grad_(False)
             model.eval()
-            for idx in tqdm(
-                picks, desc="kfac: statistics", unit="window", disable=not self.progress
-            ):
+            for idx in picks:
                 acc.add_batch(calibration[idx])
+                bar.update()
         finally:
             for p, flag in saved.items():
                 p.requires_grad_(flag)
             model.train(was_training)
-        grams, factors = acc.grams(), acc.output_factors()
-        table = np.zeros((len(units), len(palette)))
-        with torch.no_grad():
-            for i, (lin, gram, d) in enumerate(zip(acc.linears, grams, factors)):
-                w = lin.weight.detach().float()
-                for j, fq in enumerate(fake_quantize_each(w, palette)):
-                    dw = fq.float() - w
-                    per_row = ((dw @ gram) * dw).sum(dim=1).clamp_min(0)
-                    table[i, j] = 0.5 * (seq_len - 1) * float((d * per_row).sum())
-        table, fixed = monotone_in_bits(table, palette)
-        return Profile(
-            units=tuple(u.name for u in units),
-            formats=tuple(f.name for f in palette),
-            loss=table,
-            metadata={
-                "method": self.name,
-                "estimator": self.estimator,
-                "tokens": acc.tokens,
-                "windows": acc.batches,
-                "skipped_batches": acc.skipped,
-                "seq_len": seq_len,
-                "monotone_fixes": fixed,
-                "seconds": time.perf_counter() - start,
-            },
+        factors = (acc.grams(), acc.output_factors()) if acc.batches else None
+        metadata = {"estimator": self.estimator, "windows": acc.batches, "seq_len": seq_len}
+        state = (acc, factors, 0.5 * (seq_len - 1))
+        return Statistics(acc.tokens, acc.batches, acc.skipped, state, metadata)
+
+    def unit_losses(
+        self, index: int, statistics: Statistics, palette: Sequence[QuantFormat]
+    ) -> list[float]:
+        acc, (grams, factors), scale = statistics.state
+        gram, d = grams[index], factors[index]
+        w = acc.linears[index].weight.detach().float()
+        row = []
+        for fq in fake_quantize_each(w, palette):
+            dw = fq.float() - w
+            per_row = ((dw @ gram) * dw).sum(dim=1).clamp_min(0)
+            row.append(scale * float((d * per_row).sum()))
+        return row
+
+    def no_usable_batch(self, skipped: int) -> str:
+        return (
+            f"all {skipped} calibration windows gave non-finite activations or loss; check "
+            "the model's weights (NaN/inf) or use a different calibration text"
         )

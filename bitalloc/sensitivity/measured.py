@@ -5,7 +5,7 @@ ground truth that the other profilers approximate. ``kl`` records the mean KL di
 quantized model's next-token distribution from the unquantized one (the ``kl_div`` sensitivity
 of NVIDIA ModelOpt's auto-quantize); it needs no labels and is never negative.
 
-Both run one job per (unit, format) on :func:`bitalloc.sensitivity.jobs.run_jobs`: in this
+Both run one job per (unit, format) on :func:`bitalloc.jobs.run_jobs`: in this
 process or on Ray workers, journaled so that an interrupted run resumes. The cost is one
 partial forward pass over the calibration tokens per job, so both default to fewer tokens than
 the gradient profilers.
@@ -20,7 +20,6 @@ neighbouring formats. The uncorrected values are kept in the metadata as ``raw``
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat
+from bitalloc.jobs import Job, Journal, job_key, run_jobs
 from bitalloc.models import Unit, cache_root, discover_units, model_fingerprint
-from bitalloc.sensitivity.base import BaseProfiler, monotone_in_bits, spread_windows
-from bitalloc.sensitivity.jobs import Job, Journal, job_key, run_jobs
-from bitalloc.sensitivity.profile import Profile, cache_key
+from bitalloc.sensitivity.base import BaseProfiler, Statistics, spread_windows
+from bitalloc.sensitivity.profile import cache_key
+from bitalloc.sensitivity.registry import register_profiler
 
 
 def measured_journal(
@@ -75,6 +76,7 @@ def run_measured_jobs(
     )
 
 
+@register_profiler
 class MeasuredProfiler(BaseProfiler):
     """Measured loss increase per (unit, format) (``measured``).
 
@@ -85,6 +87,7 @@ class MeasuredProfiler(BaseProfiler):
 
     name = "measured"
     metric = "loss"
+    measures_on_pool = True
 
     def __init__(
         self,
@@ -114,16 +117,15 @@ class MeasuredProfiler(BaseProfiler):
     def _value(self, result: dict[str, Any], base: dict[str, Any]) -> float:
         return float(result["loss"]) - float(base["loss"])
 
-    def profile(
+    def measure(
         self,
         model: nn.Module,
         units: Sequence[Unit],
         palette: Sequence[QuantFormat],
         calibration: torch.Tensor,
-    ) -> Profile:
-        start = time.perf_counter()
-        if not units:
-            raise BitallocError("no units to measure; check the units filter")
+        bar: tqdm,
+    ) -> Statistics:
+        """Every (unit, format) job on the pool; negative increases clipped to 0."""
         seq_len = calibration.shape[1]
         windows, journal = measured_journal(model, calibration, self.tokens, self.results)
         jobs = [()] + [((u.name, f.name),) for u in units for f in palette]
@@ -152,34 +154,29 @@ class MeasuredProfiler(BaseProfiler):
                 f"measuring {units[bad[0]].name} under {palette[bad[1]].name} gave a non-finite "
                 "loss; check the model's weights and the calibration text"
             )
-        clipped = np.maximum(raw, 0.0)
-        table, fixed = monotone_in_bits(clipped, palette)
-        return Profile(
-            units=tuple(u.name for u in units),
-            formats=tuple(f.name for f in palette),
-            loss=table,
-            metadata={
-                "method": self.name,
-                "metric": self.metric,
-                "tokens": int(windows.numel()),
-                "windows": int(windows.shape[0]),
-                "seq_len": seq_len,
-                "skipped_batches": 0,
-                "base_loss": float(base["loss"]),
-                "negative_clipped": int((raw < 0).sum()),
-                "monotone_fixes": fixed,
-                "raw": raw.tolist(),
-                "jobs": len(jobs),
-                "results": str(journal.path),
-                "workers": self.workers,
-                "worker_peak_mb": max(
-                    (r.get("worker_peak_mb") or 0.0 for r in results.values()), default=0.0
-                ),
-                "seconds": time.perf_counter() - start,
-            },
-        )
+        metadata = {
+            "metric": self.metric,
+            "windows": int(windows.shape[0]),
+            "seq_len": seq_len,
+            "base_loss": float(base["loss"]),
+            "negative_clipped": int((raw < 0).sum()),
+            "raw": raw.tolist(),
+            "jobs": len(jobs),
+            "results": str(journal.path),
+            "workers": self.workers,
+            "worker_peak_mb": max(
+                (r.get("worker_peak_mb") or 0.0 for r in results.values()), default=0.0
+            ),
+        }
+        # Every window is scored in every job, so all of them count as used.
+        used = int(windows.shape[0])
+        return Statistics(int(windows.numel()), used, 0, None, metadata, np.maximum(raw, 0.0))
+
+    def no_usable_batch(self, skipped: int) -> str:
+        return "no calibration window to measure on; give calibration text of one window or more"
 
 
+@register_profiler
 class KLProfiler(MeasuredProfiler):
     """Measured KL divergence from the unquantized model per (unit, format) (``kl``)."""
 

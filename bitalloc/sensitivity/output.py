@@ -20,9 +20,9 @@ keeps the ranking of units and formats exactly as ``e`` gives it; no unit is mea
 
 from __future__ import annotations
 
+import contextlib
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,14 +35,27 @@ from bitalloc.apply import fake_quantized
 from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat, fake_quantize_each
 from bitalloc.models import Unit, get_linear
-from bitalloc.sensitivity.base import BaseProfiler, monotone_in_bits, spread_windows
-from bitalloc.sensitivity.profile import Profile, finite_or_none
+from bitalloc.sensitivity.base import BaseProfiler, Statistics, spread_windows
+from bitalloc.sensitivity.profile import finite_or_none
+from bitalloc.sensitivity.registry import register_profiler
 
 
 def _window_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss of one (1, seq_len) window, from the logits."""
     logits = model(input_ids=ids).logits[0, :-1].float()
     return F.cross_entropy(logits, ids[0, 1:])
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode inside the block; every module's own mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
 
 
 class InputGramAccumulator:
@@ -168,6 +181,7 @@ def reference_format(palette: Sequence[QuantFormat]) -> QuantFormat | None:
     return min(ints, key=lambda f: (abs(f.bits - 4), -(f.group_size or 0), f.bits))
 
 
+@register_profiler
 class OutputProfiler(BaseProfiler):
     """Layer-output reconstruction-error profiler (``output``); no gradients are computed.
 
@@ -190,61 +204,62 @@ class OutputProfiler(BaseProfiler):
         scaling = "uniform-reference-fit" if self.calibrate else "none"
         return {"tokens": self.tokens, "calibrate": self.calibrate, "scaling": scaling}
 
-    def profile(
+    progress_desc = "inputs"
+
+    def gather(
+        self, model: nn.Module, units: Sequence[Unit], calibration: torch.Tensor, bar: tqdm
+    ) -> Statistics:
+        seq_len = calibration.shape[1]
+        picks = spread_windows(len(calibration), seq_len, self.tokens)
+        bar.reset(total=len(picks))
+        with _eval_mode(model):
+            acc = InputGramAccumulator(model, units)
+            used = []
+            for idx in picks:
+                if acc.add_batch(calibration[idx]):
+                    used.append(idx)
+                bar.update()
+        metadata = {
+            "windows": acc.batches,
+            "seq_len": seq_len,
+            "gram_matrices": len({o for o in acc.owner if o is not None}),
+            "units_without_input": sum(o is None for o in acc.owner),
+            "base_loss": finite_or_none(float(np.mean(acc.losses))) if acc.losses else None,
+        }
+        grams = acc.grams() if acc.batches else None
+        return Statistics(acc.tokens, acc.batches, acc.skipped, (acc, grams, calibration[used]),
+                          metadata)
+
+    def unit_losses(
+        self, index: int, statistics: Statistics, palette: Sequence[QuantFormat]
+    ) -> list[float]:
+        acc, grams, _ = statistics.state
+        lin = acc.linears[index]
+        return [
+            output_error(lin.weight, grams[index], fq)
+            for fq in fake_quantize_each(lin.weight.detach(), palette)
+        ]
+
+    def finalize(
         self,
+        table: np.ndarray,
+        statistics: Statistics,
         model: nn.Module,
         units: Sequence[Unit],
         palette: Sequence[QuantFormat],
-        calibration: torch.Tensor,
-    ) -> Profile:
-        start = time.perf_counter()
-        seq_len = calibration.shape[1]
-        picks = spread_windows(len(calibration), seq_len, self.tokens)
-        modes = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
-            acc = InputGramAccumulator(model, units)
-            bar = tqdm(picks, desc="output: inputs", unit="window", disable=not self.progress)
-            used = [idx for idx in bar if acc.add_batch(calibration[idx])]
-            raw = self._errors(acc, palette)
-            raw, fixed = monotone_in_bits(raw, palette)
-            scale, info = self._scale(model, units, palette, raw, calibration[used], acc.losses)
-        finally:
-            for module, mode in modes.items():
-                module.training = mode
-        return Profile(
-            units=tuple(u.name for u in units),
-            formats=tuple(f.name for f in palette),
-            loss=scale * raw,
-            metadata={
-                "method": self.name,
-                "tokens": acc.tokens,
-                "windows": acc.batches,
-                "skipped_batches": acc.skipped,
-                "seq_len": seq_len,
-                "gram_matrices": len({o for o in acc.owner if o is not None}),
-                "monotone_fixes": fixed,
-                "units_without_input": sum(o is None for o in acc.owner),
-                "base_loss": finite_or_none(float(np.mean(acc.losses))),
-                **info,
-                "seconds": time.perf_counter() - start,
-            },
-        )
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Multiply the (already capped) errors by the fitted factor; a positive factor keeps
+        the order of every column."""
+        acc, _, windows = statistics.state
+        with _eval_mode(model):
+            scale, info = self._scale(model, units, palette, table, windows, acc.losses)
+        return scale * table, info
 
-    def _errors(self, acc: InputGramAccumulator, palette: Sequence[QuantFormat]) -> np.ndarray:
-        grams = acc.grams()
-        table = np.zeros((len(grams), len(palette)))
-        pairs = tqdm(
-            list(enumerate(zip(acc.linears, grams))),
-            desc="output: formats",
-            unit="unit",
-            disable=not self.progress,
+    def no_usable_batch(self, skipped: int) -> str:
+        return (
+            f"all {skipped} calibration windows gave non-finite activations or loss; check the "
+            "model's weights (NaN/inf) or use a different calibration text"
         )
-        with torch.no_grad():
-            for i, (lin, gram) in pairs:
-                for j, fq in enumerate(fake_quantize_each(lin.weight.detach(), palette)):
-                    table[i, j] = output_error(lin.weight, gram, fq)
-        return table
 
     def _scale(
         self,

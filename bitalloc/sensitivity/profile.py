@@ -38,7 +38,8 @@ from bitalloc.fileio import (
     write_atomic,
     write_json_atomic,
 )
-from bitalloc.sensitivity.interactions import Interactions
+from bitalloc.sensitivity.interaction_terms import Interactions
+from bitalloc.sensitivity.monotone import monotone_in_bits
 
 PROFILE_VERSION = 1
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -305,8 +306,8 @@ def _monotone_on_load(profile: Profile, where: str) -> Profile:
     """``profile`` with each weight-format value capped at the same unit's value with fewer
     bits and the same group size, the repair recorded and warned about (KV and unknown format
     names are left as they are)."""
+    # Imported here: formats is a leaf, but parsing names is only needed for this repair.
     from bitalloc.formats import parse_format
-    from bitalloc.sensitivity.base import monotone_in_bits
 
     cols, palette = [], []
     for j, name in enumerate(profile.formats):

@@ -2,7 +2,6 @@
 suite feeds weight units), each measure against an independent computation, the orderings a
 quantized cache must show, key vs value sensitivity, and clear errors."""
 
-import json
 import math
 
 import numpy as np
@@ -11,10 +10,18 @@ import torch
 
 from bitalloc.errors import BitallocError
 from bitalloc.kv import KVFormat, build_kv_cache, kv_perplexity, kv_units
+from bitalloc.kv.formats import parse_kv_format
 from bitalloc.kv.profiler import KVProfiler, key_value_sensitivity, kv_sensitivity_table
 from bitalloc.models import discover_units
 from bitalloc.sensitivity import Profile, cached_profile
 from tests.conftest import make_tiny_llama, random_windows
+from tests.sensitivity.contract import (
+    assert_kv_free_format_is_zero,
+    assert_metadata,
+    assert_model_restored,
+    assert_save_load,
+    assert_table,
+)
 
 METHODS = ("loss", "kl", "proxy")
 # Groups of 16 tokens, so 32-token windows hold two whole key groups.
@@ -67,23 +74,16 @@ def test_contract_shape_values_metadata_and_model_unchanged(method, tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     flags = [p.requires_grad for p in tiny_model.parameters()]
     prof = KVProfiler(method, tokens=96).profile(tiny_model, units, PALETTE, _calibration())
-    assert prof.units == tuple(u.name for u in units)
+    assert_table(prof, units, [parse_kv_format(f) for f in PALETTE])
     assert prof.formats == NAMES
-    assert prof.loss.shape == (len(units), len(PALETTE))
-    assert np.isfinite(prof.loss).all() and (prof.loss >= 0).all()
-    assert (prof.column("K16V16-g16-r0") == 0).all()
+    assert_kv_free_format_is_zero(prof)
     if method != "loss":  # a loss difference may be clipped to 0 on a random model
         assert (prof.column("K2V2-g16-r0") > 0).all()
+    assert_metadata(prof, "kv", _calibration())
     meta = prof.metadata
-    assert meta["method"] == "kv" and meta["kv_method"] == method
-    assert meta["tokens"] == 96 and meta["windows"] == 3 and meta["skipped_batches"] == 0
-    assert meta["seconds"] > 0
-    json.dumps(meta)
-    for k, v in tiny_model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert [p.requires_grad for p in tiny_model.parameters()] == flags
-    assert all(p.grad is None for p in tiny_model.parameters())
-    assert not tiny_model.training
+    assert meta["kv_method"] == method and meta["monotone_fixes"] == 0
+    assert meta["tokens"] == 96 and meta["windows"] == 3
+    assert_model_restored(tiny_model, before, flags)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -115,11 +115,7 @@ def test_contract_save_load_and_subset_of_units(tiny_model, tmp_path):
     units = kv_units(tiny_model)
     prof = KVProfiler("proxy", tokens=64).profile(tiny_model, units[1:], FULL, _calibration())
     assert prof.units == (units[1].name,)
-    path = tmp_path / "kv.safetensors"
-    prof.save(path)
-    again = Profile.load(path)
-    np.testing.assert_array_equal(again.loss, prof.loss)
-    assert again.metadata == json.loads(json.dumps(prof.metadata))
+    assert_save_load(prof, tmp_path / "kv.safetensors")
 
 
 def test_batches_with_non_finite_losses_are_skipped_and_counted(tiny_model, monkeypatch):

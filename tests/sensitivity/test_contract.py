@@ -1,26 +1,56 @@
-"""The profiler contract (bitalloc.sensitivity.base.BaseProfiler), checked for every profiler."""
+"""The profiler contract (bitalloc.sensitivity.base.BaseProfiler), checked for every profiler in
+the registry: the built-in weight profilers, the KV profiler (its own units and palette) and a
+profiler a user registers (a toy defined here).
 
-import json
+Each profiler is run once per module on a fresh tiny model and the shared assertions read that
+run; determinism and subsets run it again.
+"""
+
+from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
-from bitalloc.formats import parse_palette
-from bitalloc.models import discover_units
-from bitalloc.sensitivity import PROFILERS, Profile, make_profiler
-from tests.conftest import random_windows
+from bitalloc.errors import BitallocError
+from bitalloc.formats import fake_quantize_each, parse_palette
+from bitalloc.kv import KVFormat, kv_units
+from bitalloc.models import discover_units, get_linear
+from bitalloc.sensitivity import (
+    MEASURING_PROFILERS,
+    PROFILERS,
+    BaseProfiler,
+    Profile,
+    Statistics,
+    make_profiler,
+    profiler_classes,
+    register_profiler,
+    registered_profiler,
+    unregister_profiler,
+)
+from bitalloc.sensitivity.monotone import bit_chains
+from tests.conftest import make_tiny_llama, random_windows
+from tests.sensitivity.contract import (
+    assert_kv_free_format_is_zero,
+    assert_metadata,
+    assert_model_restored,
+    assert_monotone,
+    assert_save_load,
+    assert_table,
+)
 
 PALETTE = parse_palette("int2-g32,int3-g32,int4-g32,int8-g32,int2-g64,int4-g64,fp16")
+#: KV pairs in groups of 16 tokens (32-token windows hold two whole key groups), out of order.
+KV_PALETTE = [KVFormat(2, 2, 16), KVFormat(16, 16, 16), KVFormat(8, 4, 16), KVFormat(4, 8, 16)]
 
-#: Small, fast options per method; every registered profiler must appear here.
-OPTIONS = {
+#: Small, fast options per registered profiler; every registered profiler must appear here.
+FAST = {
     "fisher": {"tokens": 96},
     "hessian": {"tokens": 64, "max_probes": 3, "min_probes": 2},
     "output": {"tokens": 96},
     "kfac": {"tokens": 96},
     "kl": {"tokens": 64},
     "measured": {"tokens": 64},
+    "kv": {"method": "proxy", "tokens": 96},
 }
 
 
@@ -28,78 +58,218 @@ def _calibration(n=4, seq_len=32):
     return random_windows(n=n, seq_len=seq_len)
 
 
-def _profiler(name, tmp_path, tag="a", **extra):
-    options = dict(OPTIONS[name], **extra)
-    if name in ("kl", "measured"):
-        # A fresh journal per call, so a second run really measures again.
+class WeightErrorProfiler(BaseProfiler):
+    """A user's profiler: squared weight error times a fixed scale (no calibration needed,
+    but every window counts as used)."""
+
+    name = "toy-weight-error"
+
+    def __init__(self, scale: float = 0.5, progress: bool = True):
+        if not scale > 0:
+            raise BitallocError(f"scale must be positive, got {scale!r}")
+        self.scale = float(scale)
+        self.progress = progress
+
+    def options(self) -> dict[str, Any]:
+        return {"scale": self.scale}
+
+    def gather(self, model, units, calibration, bar) -> Statistics:
+        weights = [get_linear(model, u.name).weight.detach() for u in units]
+        return Statistics(int(calibration.numel()), len(calibration), 0, weights, {"toy": True})
+
+    def unit_losses(self, index, statistics, palette):
+        w = statistics.state[index]
+        return [self.scale * float((fq.float() - w.float()).square().mean())
+                for fq in fake_quantize_each(w, palette)]
+
+
+def _make(name, tmp_path, tag="a", **extra):
+    """A registered profiler by name, with its fast options and a fresh journal when it has
+    one (so that a second run really measures again)."""
+    cls = profiler_classes()[name]
+    options = {**FAST.get(name, {}), **extra}
+    if cls.measures_on_pool:
         options["results"] = tmp_path / f"{name}-{tag}.jsonl"
-    return make_profiler(name, progress=False, **options)
+    return cls(progress=False, **options)
 
 
-def test_every_profiler_is_covered():
-    assert set(PROFILERS) == set(OPTIONS)
+def _inputs(cls, model):
+    if cls.unit_kind == "kv":
+        return kv_units(model), KV_PALETTE
+    return discover_units(model), PALETTE
 
 
-@pytest.fixture(params=sorted(OPTIONS))
-def method(request):
+def run_contract(name: str, tmp_path) -> Profile:
+    """Every contract assertion for one registered profiler; returns its profile."""
+    cls = profiler_classes()[name]
+    model = make_tiny_llama()
+    units, palette = _inputs(cls, model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = [p.requires_grad for p in model.parameters()]
+    prof = _make(name, tmp_path).profile(model, units, palette, _calibration())
+    assert_table(prof, units, palette)
+    assert_metadata(prof, name, _calibration())
+    assert_model_restored(model, before, flags)
+    if cls.unit_kind == "kv":
+        assert_kv_free_format_is_zero(prof)
+        assert (prof.column(KVFormat(2, 2, 16).name) > 0).all()  # proxy: never clipped
+    else:
+        assert_monotone(prof, palette)
+    for suffix in (".json", ".safetensors"):
+        assert_save_load(prof, tmp_path / f"{name}{suffix}")
+    return prof
+
+
+# -- the contract over the registry ---------------------------------------------------------
+
+
+def test_every_registered_profiler_has_fast_options():
+    assert set(profiler_classes()) == set(FAST)
+    assert set(PROFILERS) == set(FAST) - {"kv"}
+
+
+@pytest.fixture(scope="module")
+def contract_runs(tmp_path_factory):
+    """One full contract run per registered profiler, made on first use."""
+    runs: dict[str, Profile] = {}
+
+    def get(name: str) -> Profile:
+        if name not in runs:
+            runs[name] = run_contract(name, tmp_path_factory.mktemp(name))
+        return runs[name]
+
+    return get
+
+
+@pytest.fixture(params=sorted(FAST))
+def name(request):
     return request.param
 
 
-def test_table_shape_values_and_metadata(method, tiny_model, tmp_path):
-    units = discover_units(tiny_model)
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    flags = [p.requires_grad for p in tiny_model.parameters()]
-    prof = _profiler(method, tmp_path).profile(tiny_model, units, PALETTE, _calibration())
-    assert prof.units == tuple(u.name for u in units)
-    assert prof.formats == tuple(f.name for f in PALETTE)
-    assert prof.loss.shape == (len(units), len(PALETTE))
-    assert np.isfinite(prof.loss).all() and (prof.loss >= 0).all()
-    for key in ("method", "tokens", "skipped_batches", "seconds"):
-        assert key in prof.metadata, key
-    assert prof.metadata["method"] == method
-    assert 0 < prof.metadata["tokens"] <= _calibration().numel()
-    json.dumps(prof.metadata)
-    # The model comes back exactly as it was.
-    for k, v in tiny_model.state_dict().items():
-        assert torch.equal(v, before[k]), k
-    assert [p.requires_grad for p in tiny_model.parameters()] == flags
-    assert all(p.grad is None for p in tiny_model.parameters())
-    assert not tiny_model.training
+def test_contract(name, contract_runs):
+    contract_runs(name)
 
 
-def test_more_bits_never_predict_more_loss(method, tiny_model, tmp_path):
-    units = discover_units(tiny_model)
-    prof = _profiler(method, tmp_path).profile(tiny_model, units, PALETTE, _calibration())
-    for group in (32, 64):
-        cols = [f for f in PALETTE if f.group_size == group]
-        cols.sort(key=lambda f: f.bits)
-        for low, high in zip(cols, cols[1:]):
-            assert (prof.column(high.name) <= prof.column(low.name)).all(), (low, high)
-
-
-def test_deterministic_under_a_seed(method, tiny_model, tmp_path):
-    units = discover_units(tiny_model)
-    first = _profiler(method, tmp_path, "a").profile(tiny_model, units, PALETTE, _calibration())
-    again = _profiler(method, tmp_path, "b").profile(tiny_model, units, PALETTE, _calibration())
+def test_deterministic_under_equal_options(name, contract_runs, tmp_path):
+    first = contract_runs(name)
+    cls = profiler_classes()[name]
+    model = make_tiny_llama()
+    units, palette = _inputs(cls, model)
+    again = _make(name, tmp_path, "b").profile(model, units, palette, _calibration())
     np.testing.assert_array_equal(first.loss, again.loss)
-    assert _profiler(method, tmp_path).options() == _profiler(method, tmp_path, "b").options()
+    assert _make(name, tmp_path).options() == _make(name, tmp_path, "b").options()
 
 
-@pytest.mark.parametrize("suffix", [".json", ".safetensors"])
-def test_save_load_identical(method, suffix, tiny_model, tmp_path):
-    units = discover_units(tiny_model)
-    prof = _profiler(method, tmp_path).profile(tiny_model, units, PALETTE, _calibration())
-    path = tmp_path / f"profile{suffix}"
-    prof.save(path)
-    again = Profile.load(path)
-    assert again.units == prof.units and again.formats == prof.formats
-    np.testing.assert_array_equal(again.loss, prof.loss)
-    assert again.metadata == json.loads(json.dumps(prof.metadata))
-
-
-def test_subset_of_units_in_given_order(method, tiny_model, tmp_path):
-    units = discover_units(tiny_model)
-    subset = [units[9], units[2], units[5]]
-    prof = _profiler(method, tmp_path).profile(tiny_model, subset, PALETTE[:3], _calibration())
+def test_subset_of_units_in_given_order(name, tiny_model, tmp_path):
+    cls = profiler_classes()[name]
+    units, palette = _inputs(cls, tiny_model)
+    subset = [units[1], units[0]] if cls.unit_kind == "kv" else [units[9], units[2], units[5]]
+    prof = _make(name, tmp_path).profile(tiny_model, subset, palette[:3], _calibration())
     assert prof.units == tuple(u.name for u in subset)
-    assert prof.loss.shape == (3, 3)
+    assert prof.formats == tuple(f.name for f in palette[:3])
+
+
+def test_bad_inputs_are_the_projects_error(name, tiny_model, tmp_path):
+    cls = profiler_classes()[name]
+    units, palette = _inputs(cls, tiny_model)
+    prof = _make(name, tmp_path)
+    cal = _calibration()
+    with pytest.raises(BitallocError, match="no .*units"):
+        prof.profile(tiny_model, [], palette, cal)
+    with pytest.raises(BitallocError, match="more than once"):
+        prof.profile(tiny_model, units, [palette[0], palette[1], palette[0]], cal)
+    with pytest.raises(BitallocError, match="palette must be a non-empty list"):
+        prof.profile(tiny_model, units, [], cal)
+    with pytest.raises(BitallocError, match="tensor of token ids"):
+        prof.profile(tiny_model, units, palette, cal.float())
+    with pytest.raises(BitallocError, match="2\\+ tokens"):
+        prof.profile(tiny_model, units, palette, cal[:, :1])
+
+
+# -- a profiler a user registers ------------------------------------------------------------
+
+
+def test_a_user_registered_profiler_keeps_the_contract(tmp_path):
+    with registered_profiler(WeightErrorProfiler):
+        assert WeightErrorProfiler.name in PROFILERS
+        assert WeightErrorProfiler.name not in MEASURING_PROFILERS
+        FAST[WeightErrorProfiler.name] = {"scale": 2.0}
+        try:
+            prof = run_contract(WeightErrorProfiler.name, tmp_path)
+        finally:
+            del FAST[WeightErrorProfiler.name]
+        assert prof.metadata["toy"] is True
+        # Built by name, as allocate(profiler=...) and --profiler build it.
+        made = make_profiler(WeightErrorProfiler.name, progress=False, scale=2.0)
+        assert isinstance(made, WeightErrorProfiler)
+        model = make_tiny_llama()
+        units = discover_units(model)
+        # The table is the weight error itself: a fixed scale times the mean squared error.
+        w = get_linear(model, units[3].name).weight.detach()
+        fq = list(fake_quantize_each(w, [PALETTE[2]]))[0]
+        expected = 2.0 * float((fq.float() - w.float()).square().mean())
+        assert prof.loss[3, 2] == pytest.approx(expected, rel=1e-12)
+    assert WeightErrorProfiler.name not in PROFILERS
+    with pytest.raises(BitallocError, match="unknown profiler 'toy-weight-error'"):
+        make_profiler(WeightErrorProfiler.name)
+
+
+class RisingProfiler(WeightErrorProfiler):
+    """A toy whose raw values rise with bits: the skeleton must cap them."""
+
+    name = "toy-rising"
+
+    def unit_losses(self, index, statistics, palette):
+        return [float(f.bits) + index for f in palette]
+
+
+def test_the_skeleton_caps_every_profilers_table_and_counts_it(tiny_model):
+    units = discover_units(tiny_model)[:2]
+    prof = RisingProfiler(progress=False).profile(tiny_model, units, PALETTE, _calibration())
+    # Within each group the value of the fewest bits wins: int2-g32 and int2-g64 (2 bits).
+    for cols in bit_chains(PALETTE):
+        for j in cols:
+            np.testing.assert_array_equal(prof.loss[:, j], prof.loss[:, cols[0]])
+    np.testing.assert_array_equal(prof.column("int2-g32"), [2.0, 3.0])
+    # int3, int4, int8 in g32 (3 per row), int4-g64 (1) and fp16, which joins no chain.
+    assert prof.metadata["monotone_fixes"] == 2 * 4
+    np.testing.assert_array_equal(prof.column("fp16"), [16.0, 17.0])
+
+
+class EmptyProfiler(WeightErrorProfiler):
+    """A toy whose every window is skipped."""
+
+    name = "toy-empty"
+
+    def gather(self, model, units, calibration, bar):
+        return Statistics(0, 0, len(calibration), None)
+
+
+def test_no_usable_batch_is_refused_by_the_skeleton(tiny_model):
+    units = discover_units(tiny_model)[:2]
+    with pytest.raises(BitallocError, match="all 4 calibration windows gave non-finite"):
+        EmptyProfiler(progress=False).profile(tiny_model, units, PALETTE, _calibration())
+
+
+def test_registry_errors_and_the_measuring_view():
+    class Clash(WeightErrorProfiler):
+        name = "fisher"
+
+    with pytest.raises(BitallocError, match="'fisher' is already registered"):
+        register_profiler(Clash)
+    assert PROFILERS["fisher"] is not Clash
+    with pytest.raises(BitallocError, match="subclass of BaseProfiler"):
+        register_profiler(dict)
+    with pytest.raises(BitallocError, match="no profiler named 'nope'"):
+        unregister_profiler("nope")
+
+    class Pooled(WeightErrorProfiler):
+        name = "toy-pooled"
+        measures_on_pool = True
+
+    with registered_profiler(Pooled):
+        assert "toy-pooled" in MEASURING_PROFILERS
+        # Registering the same class again is a no-op, not a clash.
+        register_profiler(Pooled)
+    assert "toy-pooled" not in MEASURING_PROFILERS and "toy-pooled" not in PROFILERS
+    assert set(MEASURING_PROFILERS) == {"kl", "measured"}

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from bitalloc import jobs as jobs_module
 from bitalloc.apply import fake_quantized
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import perplexity
 from bitalloc.formats import parse_palette
+from bitalloc.jobs import ACTOR_PREFIX, Journal, job_key, run_jobs
 from bitalloc.models import discover_units
 from bitalloc.sensitivity import KLProfiler, MeasuredProfiler
-from bitalloc.sensitivity import jobs as jobs_module
-from bitalloc.sensitivity.jobs import ACTOR_PREFIX, Journal, job_key, run_jobs
 from tests.conftest import random_windows
 
 PALETTE = parse_palette("int2-g32,int4-g32,fp16")

@@ -9,7 +9,7 @@ from bitalloc.apply import fake_quantize_
 from bitalloc.errors import BitallocError
 from bitalloc.formats import parse_format, parse_palette
 from bitalloc.models import discover_units, get_linear
-from bitalloc.sensitivity.base import monotone_in_bits
+from bitalloc.sensitivity.monotone import monotone_in_bits
 from bitalloc.sensitivity.output import InputGramAccumulator, OutputProfiler, reference_format
 from tests.conftest import make_tiny_llama, random_windows
 

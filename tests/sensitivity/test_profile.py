@@ -140,3 +140,34 @@ def test_safetensors_profiles_with_foreign_tensors_or_headers_are_refused(tmp_pa
         )
         with pytest.raises(BitallocError, match="not a bitalloc profile in safetensors"):
             Profile.load(path)
+
+
+def test_a_profile_is_a_plain_record_that_loads_without_measuring_code(tmp_path):
+    """Importing and loading (and repairing) a profile imports no profiler, job or model code:
+    a process that only solves or reports never pays for them."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "p.json"
+    Profile(
+        ("a", "b"),
+        ("int2-g32", "int4-g32", "K4V4"),
+        np.array([[1.0, 2.0, 0.5], [3.0, 1.0, 0.0]]),  # a's int4 rises: repaired on load
+    ).save(path)
+    script = f"""
+import sys, warnings
+from bitalloc.sensitivity.profile import Profile
+assert "torch" not in sys.modules, "importing the profile record imported torch"
+with warnings.catch_warnings(record=True):
+    warnings.simplefilter("always")
+    p = Profile.load({str(path)!r})
+assert p.metadata["monotone_fixes_on_load"] == 1, p.metadata
+measuring = [m for m in sys.modules if m in (
+    "bitalloc.sensitivity.base", "bitalloc.sensitivity.interactions", "bitalloc.jobs",
+    "bitalloc.models", "bitalloc.apply", "transformers")]
+assert not measuring, measuring
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

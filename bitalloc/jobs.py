@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitalloc.apply import fake_quantized
+from bitalloc.apply import QuantizedWeightCache, fake_quantized
 from bitalloc.errors import BitallocError
 from bitalloc.sensitivity.replay import LayerReplay
 
@@ -61,6 +61,8 @@ class JobEvaluator:
         self.model = model
         self.layers = dict(layers)
         self.replay = LayerReplay(model, windows, keep_logprobs=keep_logprobs)
+        # Jobs on one model repeat most (unit, format) pairs: quantize each once.
+        self.quantized = QuantizedWeightCache()
 
     def run(self, job: Job) -> dict[str, Any]:
         """The job's scores: ``loss`` and ``kl`` (None without reference log-probs)."""
@@ -71,7 +73,7 @@ class JobEvaluator:
                 "kl": 0.0 if self.replay.keeps_logprobs else None,
             }
         start = min(self.layers[unit] for unit, _ in job)
-        with fake_quantized(self.model, dict(job)):
+        with fake_quantized(self.model, dict(job), self.quantized):
             score = self.replay.score(start)
         return {"loss": score.loss, "kl": score.kl}
 
