@@ -50,8 +50,8 @@ def measured_loss(prepared: Any, windows: int = MEASURE_WINDOWS) -> Callable[[np
     """``choice -> loss increase`` (nats/token) of the fake-quantized model on the first
     ``windows`` calibration windows; ``choice`` indexes the palette per unit, in the units'
     order (as :func:`bitalloc.planning.build_problem` lays out a problem)."""
-    from bitalloc.allocator import measure_assignment
     from bitalloc.evaluate import perplexity
+    from bitalloc.measuring import measure_assignment
 
     ids = prepared.calibration_windows()[:windows]
     units, palette = prepared.units, prepared.palette

@@ -14,6 +14,7 @@ records which kind it was trained on and refuses the other.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,6 +23,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.rl.env import ANCHORS, EMBEDDING_SIZE, RewardConfig
 from bitalloc.solvers.base import BaseSolver, SolverOutput
 from bitalloc.solvers.problem import Problem
+from bitalloc.solvers.registry import register_solver
 
 MODEL_FEATURES = "model"
 PROBLEM_FEATURES = "problem"
@@ -53,6 +55,7 @@ def problem_features(problem: Problem) -> np.ndarray:
     return np.clip(out, -5.0, 5.0)
 
 
+@register_solver
 class RLSolver(BaseSolver):
     """Soft Actor-Critic over unit embeddings (RAMP). Heuristic: no lower bound.
 
@@ -107,6 +110,12 @@ class RLSolver(BaseSolver):
         if policy is not None and save_policy is not None:
             raise BitallocError(
                 "policy applies a trained policy; save_policy saves a new one: pass one"
+            )
+        if save_policy is not None and Path(save_policy).suffix != ".zip":
+            # Checked here as well as when saving, so a bad name fails before training.
+            raise BitallocError(
+                "a policy file ends in .zip (stable-baselines3's format), got "
+                f"{save_policy}; pass save_policy='<name>.zip'"
             )
         self.embeddings = embeddings
         self.observe_profile = observe_profile

@@ -1,9 +1,12 @@
-"""The solver contract, the registry of solvers, and :func:`solve`."""
+"""The solver contract: :class:`BaseSolver` and what its :meth:`~BaseSolver.solve` checks.
+
+The registry of methods and the module-level :func:`~bitalloc.solvers.registry.solve` live
+in :mod:`bitalloc.solvers.registry`; this module imports no concrete solver.
+"""
 
 from __future__ import annotations
 
 import abc
-import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -46,8 +49,10 @@ class BaseSolver(abc.ABC):
     :class:`~bitalloc.solvers.problem.Solution`. Callers use :meth:`solve` (or the module-level
     :func:`solve`); solver authors subclass this class, set :attr:`name` and
     :attr:`max_budgets`, take their options as keyword arguments of ``__init__`` (raising
-    :class:`~bitalloc.errors.BitallocError` for bad values), implement :meth:`_solve`, and add
-    the class to ``_solver_classes`` below so the registry and the shared contract tests see it.
+    :class:`~bitalloc.errors.BitallocError` for bad values), implement :meth:`_solve`, and
+    register the class (:func:`~bitalloc.solvers.registry.register_solver`, or an entry point:
+    see :mod:`bitalloc.solvers.registry`) so :func:`~bitalloc.solvers.registry.solve` and the
+    shared contract tests see it.
 
     The contract every solver keeps:
 
@@ -105,9 +110,10 @@ class BaseSolver(abc.ABC):
                 "drop budgets or use a method that supports several constraints, e.g. 'ilp'"
             )
         if problem.has_interactions and not self.supports_interactions:
-            supported = ", ".join(
-                repr(name) for name, cls in available_solvers().items() if cls.supports_interactions
-            )
+            # Imported here: the registry imports this module.
+            from bitalloc.solvers.registry import interaction_methods
+
+            supported = ", ".join(repr(name) for name in interaction_methods())
             raise BitallocError(
                 f"method {self.name!r} ignores pairwise interaction terms but the problem has "
                 f"{len(problem.interaction_pairs)}; use a method that optimises them "
@@ -238,42 +244,3 @@ def _simplified(problem: Problem) -> tuple[Problem, list[str], int]:
         problem.interactions or None,
     )
     return slim, loose, pruned
-
-
-def _solver_classes() -> tuple[type[BaseSolver], ...]:
-    """Every solver class, in a fixed order. Add new solvers here (and nowhere else)."""
-    # Imported here because each solver module imports BaseSolver from this module.
-    from bitalloc.rl.solver import RLSolver
-    from bitalloc.solvers.dp import DPSolver
-    from bitalloc.solvers.ilp import ILPSolver
-    from bitalloc.solvers.lagrangian import LagrangianSolver
-    from bitalloc.solvers.qp import QPSolver
-
-    return (LagrangianSolver, DPSolver, ILPSolver, QPSolver, RLSolver)
-
-
-def available_solvers() -> dict[str, type[BaseSolver]]:
-    """A fresh dict mapping every registered method name to its solver class."""
-    return {cls.name: cls for cls in _solver_classes()}
-
-
-def solve(problem: Problem, method: str = "lagrangian", **options: Any) -> Solution:
-    """Solve ``problem`` with the solver registered as ``method``.
-
-    ``options`` are passed to the solver's constructor. An unknown method or option raises
-    :class:`~bitalloc.errors.BitallocError` naming the valid ones.
-    """
-    solvers = available_solvers()
-    if method not in solvers:
-        known = ", ".join(repr(m) for m in solvers)
-        raise BitallocError(f"unknown solver method {method!r}; known methods: {known}")
-    cls = solvers[method]
-    signature = inspect.signature(cls)
-    try:
-        signature.bind(**options)
-    except TypeError as exc:
-        accepted = ", ".join(signature.parameters) or "none"
-        raise BitallocError(
-            f"bad options for method {method!r} ({exc}); accepted options: {accepted}"
-        ) from exc
-    return cls(**options).solve(problem)

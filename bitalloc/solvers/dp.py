@@ -46,6 +46,7 @@ from bitalloc.solvers.base import BaseSolver, SolverOutput
 from bitalloc.solvers.lagrangian import LagrangianSolver
 from bitalloc.solvers.moves import greedy_fill, min_objective_choice
 from bitalloc.solvers.problem import Problem, feasibility_tolerance
+from bitalloc.solvers.registry import register_solver
 
 #: ``extra / r`` within this relative distance of a positive integer counts as that integer,
 #: so that e.g. ``0.3 / 0.1 = 2.9999999999999996`` takes 3 bins. Kept well below the budget's
@@ -201,6 +202,7 @@ class _Pass:
     dp_units: int
 
 
+@register_solver
 class DPSolver(BaseSolver):
     """Dynamic programming over a discretized budget, for problems with at most one budget.
 

@@ -50,6 +50,7 @@ from bitalloc.solvers._ilp_model import (
 )
 from bitalloc.solvers.base import BaseSolver, SolverOutput
 from bitalloc.solvers.problem import Problem, feasibility_tolerance
+from bitalloc.solvers.registry import register_solver
 
 #: Backends, in the order they are documented; ``"scip"`` runs through OR-Tools' linear solver
 #: wrapper and works when that build of OR-Tools includes it. (CBC, also in that wrapper, is
@@ -74,6 +75,7 @@ class _Run:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@register_solver
 class ILPSolver(BaseSolver):
     """Optimal allocation by integer programming, any number of budgets, with interactions.
 

@@ -22,6 +22,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.solvers.base import BaseSolver, SolverOutput
 from bitalloc.solvers.moves import greedy_fill, min_objective_choice
 from bitalloc.solvers.problem import Problem
+from bitalloc.solvers.registry import register_solver
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def _dual_value(
     return float(obj_x.sum() + lam * (cost_x.sum() - budget) + reduced.min(axis=1).sum())
 
 
+@register_solver
 class LagrangianSolver(BaseSolver):
     """Lagrangian relaxation for problems with at most one budget.
 

@@ -47,6 +47,7 @@ from bitalloc.solvers._qp_search import (
 )
 from bitalloc.solvers.base import BaseSolver, SolverOutput
 from bitalloc.solvers.problem import Problem, feasibility_tolerance
+from bitalloc.solvers.registry import register_solver
 
 # -- relaxation ---------------------------------------------------------------------------
 
@@ -288,6 +289,7 @@ def _positive(label: str, value: Any) -> float:
     return float(value)
 
 
+@register_solver
 class QPSolver(BaseSolver):
     """Heuristic for problems with pairwise interaction terms and any number of budgets.
 

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from bitalloc.errors import BitallocError
 from bitalloc.rl.solver import problem_features
@@ -9,6 +10,8 @@ from bitalloc.solvers import Problem, solve
 from tests.solvers.brute import brute_force
 
 FAST = {"steps": 150, "learning_starts": 50}
+# For tests that need a run to finish and care nothing for the policy it learns.
+TINY = {"steps": 24, "learning_starts": 12}
 
 
 def _problem(seed=0, n=6, k=4, fraction=0.5, names=True):
@@ -21,39 +24,65 @@ def _problem(seed=0, n=6, k=4, fraction=0.5, names=True):
     return Problem(objective, {"bits": cost}, {"bits": low + fraction * (high - low)}, **extra)
 
 
-def test_trains_and_reports_what_it_did():
-    problem = _problem()
-    sol = solve(problem, method="rl", **FAST)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One trained and saved policy for the tests that need "a trained policy": the problem,
+    the solution of training, and the policy's path."""
+    problem = _problem(seed=1, fraction=0.6)
+    path = tmp_path_factory.mktemp("rl") / "policy.zip"
+    return problem, solve(problem, method="rl", save_policy=str(path), **FAST), path
+
+
+def test_trains_and_reports_what_it_did(trained):
+    problem, sol, path = trained
     assert problem.is_feasible(sol.choice)
     assert sol.lower_bound is None and sol.status == "feasible"
     assert sol.info["trained"] and sol.info["steps"] == 150 and sol.info["episodes"] == 25
     assert sol.info["features"] == "problem"
     assert sol.objective <= sol.info["policy_objective"] + 1e-12
     assert sol.objective >= brute_force(problem) - 1e-9
+    assert sol.info["saved_policy"] == str(path)
+
+
+def test_same_seed_trains_the_same_policy(tmp_path):
+    # The determinism the solver contract relies on without training twice itself: one seed,
+    # one policy, to the last bit of every weight (a tiny run, but one that updates them).
+    from stable_baselines3 import SAC
+
+    problem = _problem(seed=6)
+    runs = []
+    for name in ("a.zip", "b.zip"):
+        sol = solve(problem, method="rl", save_policy=str(tmp_path / name), **TINY)
+        runs.append((sol, SAC.load(str(tmp_path / name), device="cpu")))
+    (first, model), (second, again) = runs
+    assert model._n_updates > 0
+    assert np.array_equal(first.choice, second.choice)
+    for key in ("policy_objective", "best_episode_objective", "episodes", "source"):
+        assert first.info[key] == second.info[key]
+    weights, other = model.policy.state_dict(), again.policy.state_dict()
+    assert weights.keys() == other.keys()
+    assert all(torch.equal(weights[k], other[k]) for k in weights)
 
 
 def test_longer_training_never_returns_worse():
     # With the same seed and warm-up, a longer run replays the shorter one first, and the solver
     # keeps the best episode it has seen.
     problem = _problem(seed=3, n=8)
-    short = solve(problem, method="rl", steps=100, learning_starts=40)
-    long = solve(problem, method="rl", steps=600, learning_starts=40)
+    short = solve(problem, method="rl", steps=64, learning_starts=40)
+    long = solve(problem, method="rl", steps=128, learning_starts=40)
     assert long.info["best_episode_objective"] <= short.info["best_episode_objective"] + 1e-12
     assert brute_force(problem) - 1e-9 <= long.objective <= long.info["best_episode_objective"]
 
 
-def test_saved_policy_transfers_to_another_budget(tmp_path):
-    problem = _problem(seed=1, fraction=0.6)
-    path = tmp_path / "policy.zip"
-    trained = solve(problem, method="rl", save_policy=str(path), **FAST)
-    assert trained.info["saved_policy"] == str(path)
-    meta = json.loads((tmp_path / "policy.zip.json").read_text())
+def test_saved_policy_transfers_to_another_budget(trained):
+    problem, sol, path = trained
+    meta = json.loads(path.with_name("policy.zip.json").read_text())
     assert meta["features"] == "problem" and meta["palette"][0] == "int2-g64"
     assert meta["observe_profile"] and meta["obs_dims"] == 17 and meta["anchor"] == "lagrangian"
     # Same problem: the policy's own allocation comes back without training.
     again = solve(problem, method="rl", policy=str(path))
     assert not again.info["trained"] and again.objective == pytest.approx(
-        trained.info["policy_objective"]
+        sol.info["policy_objective"]
     )
     # Another budget: feasible without training.
     tighter = _problem(seed=1, fraction=0.3)
@@ -71,15 +100,17 @@ def test_model_embeddings_and_tie_groups():
         ties=[[0, 1]],
         option_names=problem.option_names,
     )
-    sol = solve(tied, method="rl", embeddings=rng.normal(size=(6, 11)), **FAST)
+    sol = solve(tied, method="rl", embeddings=rng.normal(size=(6, 11)), **TINY)
     assert sol.info["features"] == "model" and sol.choice[0] == sol.choice[1]
     assert tied.is_feasible(sol.choice)
 
 
-def test_policy_mismatches_are_refused(tmp_path):
-    problem = _problem(seed=4)
+def test_policy_mismatches_are_refused(trained, tmp_path):
+    problem, _, shared = trained
+    # A copy: this test edits the description beside the policy.
     path = tmp_path / "p.zip"
-    solve(problem, method="rl", save_policy=str(path), **FAST)
+    path.write_bytes(shared.read_bytes())
+    (tmp_path / "p.zip.json").write_bytes(shared.with_name("policy.zip.json").read_bytes())
     other_palette = Problem(
         problem.objective,
         problem.costs,
@@ -121,7 +152,8 @@ def test_bad_options_raise():
     with pytest.raises(BitallocError, match="pass one"):
         solve(problem, method="rl", policy="a.zip", save_policy="b.zip")
     with pytest.raises(BitallocError, match="ends in .zip"):
-        solve(problem, method="rl", save_policy="policy.pt", **FAST)
+        # Refused before training: every training step is spent before the policy is saved.
+        solve(problem, method="rl", save_policy="policy.pt", steps=10**6)
 
 
 def test_problem_features_are_scaled_and_ordered():

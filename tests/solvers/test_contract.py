@@ -1,47 +1,18 @@
-"""The contract every registered solver keeps (see BaseSolver).
+"""The contract every registered solver keeps (see BaseSolver), run over the registry.
 
-Parametrized over ``available_solvers()``: a new solver added to the registry gets these
-checks without editing this file.
+Parametrized over ``available_solvers()``: a new solver added to the registry (by decorator or
+entry point) gets these checks without editing this file. The checks live in
+``tests/solvers/contract.py`` so that a solver registered elsewhere can run them too.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import sys
-
-import numpy as np
 import pytest
 
-from bitalloc.errors import BitallocError, InfeasibleBudgetError
-from bitalloc.solvers import BaseSolver, Problem, Solution, available_solvers, solve
-from tests.solvers.brute import brute_force
+from bitalloc.solvers import available_solvers
+from tests.solvers import contract
 
-METHODS = sorted(available_solvers())
-# Options that keep a method fast on these tiny instances without changing what it promises:
-# the RL solver trains SAC, so it gets a short step budget here.
-FAST = {"rl": {"steps": 60, "learning_starts": 30}}
-
-
-def _solve(problem, method):
-    return solve(problem, method=method, **FAST.get(method, {}))
-
-
-def small_problems() -> list[Problem]:
-    problems = []
-    for seed in range(12):
-        rng = np.random.default_rng(1000 + seed)
-        n, k = int(rng.integers(2, 7)), int(rng.integers(2, 5))
-        objective = rng.exponential(1.0, (n, k))
-        costs = {"bits": rng.integers(1, 9, (n, k)).astype(float), "aux": rng.random((n, k))}
-        allowed = rng.random((n, k)) < 0.75
-        allowed[np.arange(n), rng.integers(0, k, n)] = True
-        base = Problem(objective, costs, {}, allowed)
-        low, high = base.feasible_range("bits")
-        budget = low + (seed % 4) / 3 * (high - low)
-        names = {"unit_names": [f"u{i}" for i in range(n)]} if seed % 2 else {}
-        problems.append(Problem(objective, costs, {"bits": budget}, allowed, **names))
-    return problems
+METHODS = list(available_solvers())
 
 
 @pytest.fixture(params=METHODS)
@@ -49,253 +20,67 @@ def method(request) -> str:
     return request.param
 
 
-def test_registry_is_consistent():
-    registry = available_solvers()
-    assert "lagrangian" in registry
-    for name, cls in registry.items():
-        assert issubclass(cls, BaseSolver)
-        assert cls.name == name
-    registry.clear()  # a fresh dict per call: clearing it changes nothing
-    assert available_solvers()
+def test_registered(method):
+    contract.check_registered(method)
 
 
 def test_feasible_allowed_and_bounds_valid(method):
-    for problem in small_problems():
-        sol = _solve(problem, method)
-        assert isinstance(sol, Solution)
-        assert sol.method == method
-        assert sol.choice.shape == (problem.n_units,)
-        assert problem.allowed[np.arange(problem.n_units), sol.choice].all()
-        assert problem.is_feasible(sol.choice)
-        assert sol.objective == pytest.approx(problem.objective_of(sol.choice))
-        assert sol.resources == pytest.approx(problem.resources(sol.choice))
-        assert sol.status in ("optimal", "feasible")
-        best = brute_force(problem)
-        assert best <= sol.objective + 1e-9
-        if sol.lower_bound is not None:
-            assert sol.lower_bound <= best + 1e-9
-            assert sol.gap == pytest.approx(sol.objective - sol.lower_bound)
-            assert sol.objective - best <= sol.gap + 1e-9
-        if sol.status == "optimal":
-            assert sol.objective == pytest.approx(best, abs=1e-9)
-        assert sol.wall_time_s >= 0.0
+    contract.check_feasible_allowed_and_bounds_valid(method)
 
 
 def test_deterministic(method):
-    for problem in small_problems():
-        first = _solve(problem, method)
-        second = _solve(problem, method)
-        assert np.array_equal(first.choice, second.choice)
-        assert first.objective == second.objective
+    contract.check_deterministic(method)
 
 
 def test_infeasible_budget_raises_with_range(method):
-    problem = small_problems()[0]
-    low, high = problem.feasible_range("bits")
-    tight = Problem(problem.objective, problem.costs, {"bits": low - 1.0}, problem.allowed)
-    with pytest.raises(InfeasibleBudgetError) as caught:
-        _solve(tight, method)
-    assert caught.value.feasible_range == pytest.approx((low, high))
-    assert f"{low:.10g}" in str(caught.value)
+    contract.check_infeasible_budget_raises_with_range(method)
 
 
 def test_unbudgeted_problem_is_solved_optimally(method):
-    problem = small_problems()[3]
-    free = Problem(problem.objective, problem.costs, {}, problem.allowed)
-    sol = _solve(free, method)
-    assert sol.objective == pytest.approx(brute_force(free))
+    contract.check_unbudgeted_problem_is_solved_optimally(method)
 
 
 def test_too_many_budgets_rejected(method):
-    cls = available_solvers()[method]
-    if cls.max_budgets is None:
-        pytest.skip(f"{method} supports any number of budgets")
-    problem = small_problems()[0]
-    names = [f"c{i}" for i in range(cls.max_budgets + 1)]
-    crowded = Problem(
-        problem.objective,
-        {name: problem.costs["bits"] for name in names},
-        {name: problem.max_resource("bits") for name in names},
-        problem.allowed,
-    )
-    with pytest.raises(BitallocError, match="budget"):
-        _solve(crowded, method)
+    contract.check_too_many_budgets_rejected(method)
 
 
 def test_to_dict_is_json(method):
-    sol = _solve(small_problems()[1], method)
-    text = json.dumps(sol.to_dict(), allow_nan=False)
-    back = Solution.from_dict(json.loads(text))
-    assert np.array_equal(back.choice, sol.choice)
-    assert back.objective == sol.objective
-    assert back.status == sol.status
-    assert back.method == method
-
-
-def structured_problems(cls) -> list[Problem]:
-    """Small instances with ties, pins, as many budgets as the method takes (up to 3), and
-    interactions when it optimises them; budgeted costs are integers."""
-    problems = []
-    budgets_max = 3 if cls.max_budgets is None else min(3, cls.max_budgets)
-    for seed in range(10):
-        rng = np.random.default_rng(2000 + seed)
-        n, k = int(rng.integers(3, 8)), int(rng.integers(2, 5))
-        allowed = rng.random((n, k)) < 0.8
-        allowed[:, 0] = True
-        ties = [[0, 1]] if seed % 2 else ([[0, 2], [3, n - 1]] if n > 4 else [[1, 2]])
-        for group in ties:
-            allowed[group] = allowed[group[0]]
-        pins = {int(rng.integers(0, n)): 0} if seed % 3 == 0 else {}
-        objective = rng.exponential(1.0, (n, k))
-        names = [f"c{c}" for c in range(1 + seed % budgets_max)]
-        costs = {name: rng.integers(1, 9, (n, k)).astype(float) for name in names}
-        interactions = None
-        if cls.supports_interactions and seed % 2 == 0:
-            interactions = {
-                (0, n - 1): rng.normal(0, 0.5, (k, k)),
-                (1, 2): rng.normal(0, 1, (k, k)),
-            }
-        base = Problem(objective, costs, {}, allowed, pins=pins, ties=ties)
-        budgets = {}
-        for name in names:
-            low, high = base.feasible_range(name)
-            budgets[name] = float(np.floor(low + (0.3 + 0.2 * (seed % 3)) * (high - low)))
-        problem = Problem(
-            objective, costs, budgets, allowed, pins=pins, ties=ties, interactions=interactions
-        )
-        try:
-            brute_force(problem)
-        except ValueError:
-            continue  # budgets that are jointly infeasible: covered by the ILP's own tests
-        problems.append(problem)
-    return problems
+    contract.check_to_dict_is_json(method)
 
 
 def test_structured_instances(method):
-    cls = available_solvers()[method]
-    problems = structured_problems(cls)
-    assert len(problems) >= 6
-    for problem in problems:
-        sol = _solve(problem, method)
-        assert problem.is_feasible(sol.choice), problem.violations(sol.choice)
-        for group in problem.ties:
-            assert len(set(sol.choice[list(group)].tolist())) == 1
-        for unit, option in problem.pins.items():
-            assert sol.choice[unit] == option
-        best = brute_force(problem)
-        assert sol.objective >= best - 1e-9
-        if sol.lower_bound is not None:
-            assert sol.lower_bound <= best + 1e-9
-        if cls.exact:
-            assert sol.status == "optimal"
-        if sol.status == "optimal":
-            assert sol.objective == pytest.approx(best, abs=1e-9)
-        again = _solve(problem, method)
-        assert np.array_equal(again.choice, sol.choice)
+    contract.check_structured_instances(method)
 
 
 def test_interactions_refused_or_optimised(method):
-    cls = available_solvers()[method]
-    problem = small_problems()[2]
-    k = problem.n_options
-    coupled = Problem(
-        problem.objective,
-        problem.costs,
-        problem.budgets,
-        problem.allowed,
-        interactions={(0, 1): np.full((k, k), 0.5)},
-    )
-    if not cls.supports_interactions:
-        with pytest.raises(BitallocError, match="interaction"):
-            _solve(coupled, method)
-    else:
-        sol = _solve(coupled, method)
-        assert sol.objective == pytest.approx(coupled.objective_of(sol.choice))
-        assert sol.objective >= brute_force(coupled) - 1e-9
+    contract.check_interactions_refused_or_optimised(method)
 
 
-def _extreme(cost_scale: float, objective_scale: float, where: str) -> Problem:
-    rng = np.random.default_rng(31)
-    n, k = 5, 4
-    cost = rng.integers(1, 9, (n, k)).astype(float) * cost_scale
-    objective = rng.exponential(1.0, (n, k)) * objective_scale
-    low, high = Problem(objective, {"bits": cost}).feasible_range("bits")
-    budget = {
-        "min": low,
-        "mid": low + 0.4 * (high - low),
-        "max": high,
-        "float_max": sys.float_info.max,
-    }[where]
-    return Problem(objective, {"bits": cost}, {"bits": budget})
-
-
-@pytest.mark.parametrize("cost_scale", [1e-6, 1e15, 1e18])
-@pytest.mark.parametrize("where", ["min", "mid", "max", "float_max"])
+@pytest.mark.parametrize("cost_scale", contract.EXTREME_COST_SCALES)
+@pytest.mark.parametrize("where", contract.EXTREME_BUDGETS)
 def test_extreme_costs_and_budgets_solve_correctly(method, cost_scale, where):
-    # HiGHS read cost entries of 1e15 and more as infinite (ilp: "cannot all be met"); a
-    # budget of the largest float overflowed (ilp: OverflowError, qp: SciPy ValueError).
-    problem = _extreme(cost_scale, 1.0, where)
-    sol = _solve(problem, method)
-    best = brute_force(problem)
-    assert problem.is_feasible(sol.choice)
-    assert sol.objective >= best - 1e-9 * abs(best)
-    if sol.lower_bound is not None:
-        assert sol.lower_bound <= best * (1 + 1e-9)
-    if available_solvers()[method].exact:
-        assert sol.objective == pytest.approx(best, rel=1e-9)
-    if where in ("max", "float_max"):
-        assert sol.info["budgets_not_binding"] == ["bits"]
+    contract.check_extreme_costs_and_budgets_solve_correctly(method, cost_scale, where)
 
 
-@pytest.mark.parametrize("objective_scale", [1e-300, 1e-9, 1e290])
+@pytest.mark.parametrize("objective_scale", contract.EXTREME_OBJECTIVE_SCALES)
 def test_extreme_objectives_solve_correctly(method, objective_scale):
-    problem = _extreme(1.0, objective_scale, "mid")
-    sol = _solve(problem, method)
-    best = brute_force(problem)
-    assert problem.is_feasible(sol.choice)
-    assert np.isfinite(sol.objective) and sol.objective >= best * (1 - 1e-9)
-    if sol.lower_bound is not None:
-        assert np.isfinite(sol.gap) and sol.lower_bound <= best * (1 + 1e-9)
-    if available_solvers()[method].exact:
-        assert sol.objective == pytest.approx(best, rel=1e-9)
+    contract.check_extreme_objectives_solve_correctly(method, objective_scale)
 
 
 def test_costs_spanning_the_range_from_1e_6_to_1e18(method):
-    rng = np.random.default_rng(5)
-    cost = 10.0 ** rng.uniform(-6, 18, (5, 4))
-    objective = rng.exponential(1.0, (5, 4))
-    low, high = Problem(objective, {"bits": cost}).feasible_range("bits")
-    for fraction in (0.0, 1e-12, 0.3, 0.9):
-        problem = Problem(objective, {"bits": cost}, {"bits": low + fraction * (high - low)})
-        sol = _solve(problem, method)
-        assert problem.is_feasible(sol.choice)
-        # The budget's tolerance (1e-9 of ~1e18) exceeds whole small costs, so the optimum
-        # lies between that of the loose budget and that of the budget met to rounding only.
-        loose = brute_force(problem)
-        choices = np.array(list(itertools.product(range(4), repeat=5)))
-        totals = cost[np.arange(5), choices].sum(axis=1)
-        within = totals <= problem.budgets["bits"] * (1 + 1e-15)
-        strict = objective[np.arange(5), choices].sum(axis=1)[within].min()
-        assert sol.objective >= loose - 1e-12
-        if available_solvers()[method].exact:
-            assert sol.objective <= strict + 1e-12
+    contract.check_costs_spanning_the_range_from_1e_6_to_1e18(method)
 
 
 def test_losses_huge_against_tiny_costs_give_no_infinite_bound(method):
-    # Found by the fuzz suite: multipliers of 1e15 / 1e-300 overflow; qp reported -inf and
-    # lagrangian NaN as the lower bound. A method without a usable bound reports none.
-    objective = np.array([[0.0, -1e15, 0.0, 0.0], [0.0, 0.0, 0.0, -1e15], [0.0, 0.0, 0.0, 0.0]])
-    cost = np.zeros((3, 4))
-    cost[0, 1] = cost[1, 3] = 1e-300
-    problem = Problem(objective, {"bits": cost}, {"bits": 1e-300})
-    if method == "rl":
-        # Its rewards leave float range: the project's error, not torch's.
-        with pytest.raises(BitallocError, match="diverged"):
-            _solve(problem, method)
-        return
-    sol = _solve(problem, method)
-    assert problem.is_feasible(sol.choice)
-    assert sol.objective == pytest.approx(brute_force(problem), rel=1e-12)
-    if sol.lower_bound is not None:
-        assert np.isfinite(sol.lower_bound) and np.isfinite(sol.gap)
-        assert sol.lower_bound <= sol.objective
+    contract.check_losses_huge_against_tiny_costs_give_no_infinite_bound(method)
+
+
+def test_every_check_runs_here_and_in_cases():
+    """A check added to contract.py must be listed in CASES (so registered solvers get it)
+    and have a test above (so the registry's solvers do)."""
+    checks = {n for n in dir(contract) if n.startswith("check_")}
+    listed = {check.__name__ for _, check, _ in contract.CASES}
+    tested = {"check_" + n[len("test_") :] for n in globals() if n.startswith("test_")}
+    assert listed == checks
+    assert checks <= tested
+    assert len({case_id for case_id, _, _ in contract.CASES}) == len(contract.CASES)
