@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.bitalloc-installed
 
-.PHONY: install demo test lint benchmark browser
+.PHONY: install demo test test-fast lint benchmark browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The inner loop: everything except the tests marked slow (the real default model, Ray
+# clusters, long training or measuring runs). `make test` runs those too.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bitalloc tests benchmarks

@@ -29,6 +29,7 @@ import torch
 from _report import cpu_description, write_section
 
 from bitalloc.allocator import measure_assignment, prepare, profile_model
+from bitalloc.config import AllocateConfig
 from bitalloc.data import tokenize, windows
 from bitalloc.kv.allocate import (
     allocate_with_kv,
@@ -54,16 +55,14 @@ MIB = 2**20
 def _request(request, *, kv_avg_bits=None, memory_bytes=None):
     """The benchmark's KV request with one budget set (checked as allocate checks it)."""
     return kv_request(
-        avg_bits=None,
-        max_bytes=None,
-        kv_avg_bits=kv_avg_bits,
-        memory_bytes=memory_bytes,
-        context_len=request.context_len,
-        batch_size=request.batch_size if memory_bytes is not None else 1,
-        kv_formats=None,
-        kv_profiler=request.method,
-        kv_tokens=request.tokens,
-        solver=None,
+        AllocateConfig.from_flat(
+            kv_avg_bits=kv_avg_bits,
+            memory_bytes=memory_bytes,
+            context_len=request.context_len,
+            batch_size=request.batch_size if memory_bytes is not None else 1,
+            kv_profiler=request.method,
+            kv_tokens=request.tokens,
+        )
     )
 
 
@@ -238,16 +237,13 @@ def main() -> None:
 
     prep = prepare(None, seq_len=512)
     request = kv_request(
-        avg_bits=None,
-        max_bytes=None,
-        kv_avg_bits=None,
-        memory_bytes=1.0,  # only to validate the options; the budgets come below
-        context_len=args.context,
-        batch_size=args.batch,
-        kv_formats=None,
-        kv_profiler="kl",
-        kv_tokens=args.kv_tokens,
-        solver=None,
+        AllocateConfig.from_flat(
+            memory_bytes=1.0,  # only to validate the options; the budgets come below
+            context_len=args.context,
+            batch_size=args.batch,
+            kv_profiler="kl",
+            kv_tokens=args.kv_tokens,
+        )
     )
     start = time.perf_counter()
     units, kv_prof = profile_kv(prep, request, progress=progress)

@@ -101,7 +101,7 @@ def _layers_child(tokens: int, workers: int, journal: str, out: str, queue) -> N
         import torch
 
         from bitalloc.allocator import prepare
-        from bitalloc.sensitivity.jobs import job_key
+        from bitalloc.jobs import job_key
         from bitalloc.sensitivity.measured import measured_journal, run_measured_jobs
 
         torch.set_num_threads(max(1, torch.get_num_threads()))

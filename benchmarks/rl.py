@@ -35,6 +35,7 @@ from bitalloc.allocator import (
     profile_model,
     uniform_assignment,
 )
+from bitalloc.config import AllocateConfig
 from bitalloc.planning import build_problem
 from bitalloc.rl.embedding import unit_embeddings
 from bitalloc.rl.env import AllocationEnv
@@ -148,7 +149,8 @@ def main() -> None:
     rows, infos = case("no", prep, prof, emb, args, policy=policy, share=True)
 
     prep_f, prof_f = prepare_and_profile(
-        None, args.avg_bits, scale_folding=args.alpha, progress=False
+        None,
+        AllocateConfig.from_flat(avg_bits=args.avg_bits, scale_folding=args.alpha, progress=False),
     )
     fold = prep_f.scale_folding
     emb_f = unit_embeddings(prep_f.model, prep_f.units, prep_f.calibration_windows()[:4])

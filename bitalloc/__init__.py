@@ -16,11 +16,15 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Allocation": "bitalloc.allocation",
+    "AllocateConfig": "bitalloc.config",
+    "SearchConfig": "bitalloc.config",
+    "ConfigError": "bitalloc.errors",
     "allocate": "bitalloc.allocator",
-    "prepare": "bitalloc.allocator",
-    "profile_model": "bitalloc.allocator",
+    "prepare": "bitalloc.stages",
+    "profile_model": "bitalloc.stages",
     "BitallocError": "bitalloc.errors",
     "InfeasibleBudgetError": "bitalloc.errors",
+    "Format": "bitalloc.formats",
     "QuantFormat": "bitalloc.formats",
     "default_palette": "bitalloc.formats",
     "parse_format": "bitalloc.formats",

@@ -10,9 +10,11 @@ for internal consistency whenever an allocation is built or loaded:
   solver's bound and gap and, on load, its objective (the predicted loss, unless the solve was
   joint with the KV cache), the measured loss increase (from the perplexities), the
   repair's final prediction, and the KV and joint totals;
-- the achieved average bits are within the budget (the tighter of ``avg_bits`` and
-  ``max_bytes`` as average bits; for a joint memory budget, the weights' share of it, and the
-  joint record checks the whole against ``memory_bytes``).
+- ``budget`` is what was asked, by resource (:class:`~bitalloc.records.Budget`), and what
+  was achieved fits it: the weights' average bits within ``avg_bits``, their bytes within
+  ``max_bytes``, the KV cache within ``kv_avg_bits``, and the joint record within
+  ``memory_bytes``. (Version 1 files recorded one number, the bound on the weights' average
+  bits the solve respected; they load with that number as ``avg_bits``.)
 
 Numbers only a measurement gives (perplexities, wall times, repair rounds) are kept as written.
 """
@@ -36,6 +38,7 @@ from bitalloc.kv.record import JointBudget, KVAllocation
 from bitalloc.models import Unit, get_linear
 from bitalloc.records import (
     EDITED,
+    Budget,
     ExcludedParameter,
     Measured,
     ProfileSummary,
@@ -47,7 +50,7 @@ from bitalloc.records import (
 )
 
 #: The version this code writes; it reads versions 1 to this one.
-ALLOCATION_VERSION = 1
+ALLOCATION_VERSION = 2
 #: Largest dimension of a weight matrix a file may claim (larger ones are not weight shapes,
 #: and their bit counts would overflow a float).
 MAX_DIMENSION = 2**32
@@ -56,6 +59,7 @@ __all__ = [
     "ALLOCATION_VERSION",
     "Allocation",
     "AllocationData",
+    "Budget",
     "ExcludedParameter",
     "Measured",
     "Repair",
@@ -98,7 +102,8 @@ class AllocationData(Strict):
 
     version: int = ALLOCATION_VERSION
     model: str
-    budget: float
+    #: What was asked, by resource.
+    budget: Budget = Budget()
     avg_bits: float
     total_bits: int
     bytes: float
@@ -117,6 +122,9 @@ class AllocationData(Strict):
     kv: KVAllocation | None = None
     #: The joint weights + KV memory budget and its split, when one was given.
     joint: JointBudget | None = None
+    #: The :class:`~bitalloc.config.AllocateConfig` (as JSON) the allocation was made with;
+    #: ``bitalloc allocate --config`` reruns it.
+    config: dict[str, Any] | None = None
 
 
 class Allocation:
@@ -135,16 +143,26 @@ class Allocation:
         cls,
         *,
         model: str,
-        budget: float,
+        budget: Budget | float | None,
         units: list[UnitChoice],
         excluded: dict[str, int] | None = None,
         solver: SolverSummary | None = None,
         profile: ProfileSummary | None = None,
         interaction_loss: float = 0.0,
+        total_bits: int | None = None,
     ) -> Allocation:
         """Build an allocation, deriving the summary from the unit choices; the predicted loss
-        is the sum of the units' terms plus ``interaction_loss`` (the pairwise terms)."""
-        total_bits = sum(parse_format(u.format).storage_bits(u.shape) for u in units)
+        is the sum of the units' terms plus ``interaction_loss`` (the pairwise terms).
+
+        ``budget`` is the request (a number is an ``avg_bits`` request). ``total_bits`` is the
+        units' stored bits as the solver counted them (its ``bits`` resource); without it they
+        are counted from the formats (checked either way)."""
+        if total_bits is None:
+            total_bits = sum(parse_format(u.format).storage_bits(u.shape) for u in units)
+        if budget is None:
+            budget = Budget()
+        elif not isinstance(budget, Budget):
+            budget = Budget(avg_bits=float(budget))
         numel = sum(u.numel for u in units)
         losses = [u.predicted_loss for u in units]
         predicted = (
@@ -187,6 +205,21 @@ class Allocation:
     def with_measured(self, measured: Measured) -> Allocation:
         """A copy carrying a measurement."""
         return Allocation(self.data.model_copy(update={"measured": measured}))
+
+    def with_budget(self, budget: Budget) -> Allocation:
+        """A copy recording ``budget`` as the request (checked against what it achieves)."""
+        return Allocation(self.data.model_copy(update={"budget": budget}))
+
+    def with_config(self, config: dict[str, Any]) -> Allocation:
+        """A copy recording the configuration (JSON) it was made with."""
+        return Allocation(self.data.model_copy(update={"config": config}))
+
+    @property
+    def target_bits(self) -> float:
+        """The requested average bits per weight, or the achieved ones when none was asked
+        (a bytes, KV or joint budget): where uniform baselines and plots place the budget."""
+        requested = self.data.budget.avg_bits
+        return self.data.avg_bits if requested is None else requested
 
     def with_repair(self, repair: Repair) -> Allocation:
         """A copy carrying the record of verify-and-repair."""
@@ -267,7 +300,7 @@ class Allocation:
         """One line: achieved bits against the budget, size, predicted loss."""
         d = self.data
         text = (
-            f"avg bits {d.avg_bits:.4f} (budget {d.budget:g}) | {d.bytes / 2**20:.2f} MiB "
+            f"avg bits {d.avg_bits:.4f} (budget {d.budget.describe()}) | {d.bytes / 2**20:.2f} MiB "
             f"for {d.numel:,} weights in {len(d.units)} units | "
             f"{d.excluded_numel:,} weights left out"
         )
@@ -291,7 +324,7 @@ class Allocation:
     @classmethod
     def load(cls, path: str | Path) -> Allocation:
         """Read and validate an allocation written by :meth:`save`."""
-        allocation = cls(read_model(Path(path), AllocationData, "allocation"))
+        allocation = cls(read_model(Path(path), AllocationData, "allocation", _upgrade))
         _check_loaded(allocation.data)
         return allocation
 
@@ -360,6 +393,20 @@ class Allocation:
 
     def __repr__(self) -> str:
         return f"Allocation({self.summary()})"
+
+
+def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    # Version 1 recorded one number: the bound on the weights' average bits that the solve
+    # respected (the request, the tighter of avg_bits and max_bytes, 16 for the fp16 weights
+    # of a KV-only allocation, or the weights' share of a joint budget).
+    budget = raw.get("budget")
+    if (
+        raw.get("version") == 1
+        and isinstance(budget, (int, float))
+        and not isinstance(budget, bool)
+    ):
+        return {**raw, "budget": {"avg_bits": budget}}
+    return raw
 
 
 def _check_consistent(data: AllocationData) -> None:
@@ -439,15 +486,31 @@ def _check_units(data: AllocationData) -> None:
 
 
 def _check_budget(data: AllocationData) -> None:
-    # Every writer records the budget in average bits per weight: the requested avg_bits, the
-    # tighter of avg_bits and max_bytes (as bits per weight), 16 for the fp16 weights of a
-    # KV-only allocation, or the weights' share of a joint memory budget.
-    if data.budget <= 0:
-        raise BitallocError(f"the budget {data.budget} is not a number of bits; {EDITED}")
-    if data.avg_bits > data.budget * (1 + 1e-9):
+    budget = data.budget
+    budget.check()
+    if budget.avg_bits is not None and data.avg_bits > budget.avg_bits * (1 + 1e-9):
         raise BitallocError(
             f"the allocation takes {data.avg_bits:.6f} bits per weight, over its budget of "
-            f"{data.budget:g}; {EDITED}"
+            f"{budget.avg_bits:g}; {EDITED}"
+        )
+    if budget.max_bytes is not None and data.bytes > budget.max_bytes * (1 + 1e-9):
+        raise BitallocError(
+            f"the allocation takes {data.bytes:.0f} bytes, over its budget of "
+            f"{budget.max_bytes:.0f}; {EDITED}"
+        )
+    if budget.kv_avg_bits is not None and (
+        data.kv is None or data.kv.avg_bits > budget.kv_avg_bits * (1 + 1e-9)
+    ):
+        raise BitallocError(
+            f"the KV cache is not within the budget of {budget.kv_avg_bits:g} bits per cached "
+            f"element; {EDITED}"
+        )
+    if budget.memory_bytes is not None and (
+        data.joint is None or not math.isclose(data.joint.memory_bytes, budget.memory_bytes)
+    ):
+        raise BitallocError(
+            f"the memory budget of {budget.memory_bytes:.0f} bytes has no joint record that "
+            f"matches it; {EDITED}"
         )
 
 

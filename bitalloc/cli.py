@@ -10,20 +10,22 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
-from bitalloc.cliargs import (
-    budget_options,
-    check_profiler,
-    common_options,
-    kv_options,
-    measuring_options,
-    parse_options,
-    parse_size,
-    scale_folding_option,
-    solver_options,
+from bitalloc.cliargs import check_profiler, parse_options
+from bitalloc.cliconfig import (
+    BUDGET,
+    COMMON,
+    KV,
+    MEASURING,
+    REPAIR,
+    SOLVER,
+    add_config_arguments,
+    config_file_arguments,
+    config_from_args,
+    save_config,
 )
 from bitalloc.cliprint import check_outputs, print_measured, quiet_libraries
 from bitalloc.dashboards.cli import (
@@ -35,6 +37,13 @@ from bitalloc.dashboards.cli import (
 from bitalloc.errors import BitallocError
 from bitalloc.packed_cli import add_apply_parser, add_generate_parser
 from bitalloc.search.cli import add_search_parser
+
+if TYPE_CHECKING:
+    from bitalloc.allocation import Allocation
+    from bitalloc.config import AllocateConfig
+
+#: solve and frontier call the solver option --method.
+METHOD_FLAG = {"flag": "--method", "dest": "method"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,98 +65,47 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     a = sub.add_parser("allocate", help="choose a format per weight matrix under a bit budget")
-    common_options(a)
-    budget_options(a, required=False)
-    kv_options(a)
-    a.add_argument(
-        "--profiler",
-        default="fisher",
-        help="sensitivity profiler: fisher (default), hessian, output, kfac, kl, measured",
+    add_config_arguments(
+        a,
+        (
+            *COMMON,
+            *BUDGET,
+            *KV,
+            "profiler",
+            "profiler_options",
+            *MEASURING,
+            "interactions_from",
+            "profile",
+            *SOLVER,
+            "calibration_tokens",
+            "eval_tokens",
+            *REPAIR,
+            "scale_folding",
+        ),
     )
-    a.add_argument(
-        "--profiler-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="profiler option, repeatable (e.g. max_probes=32 for hessian)",
-    )
-    measuring_options(a)
-    a.add_argument(
-        "--interactions-from",
-        default=None,
-        metavar="FILE",
-        help="take interaction terms from this profile (combine with --profile or --profiler)",
-    )
-    a.add_argument(
-        "--profile",
-        default=None,
-        metavar="FILE",
-        help="reuse a saved profile (from `bitalloc profile`) instead of profiling",
-    )
-    solver_options(a, "--solver")
-    a.add_argument(
-        "--calibration-tokens",
-        type=int,
-        default=None,
-        help="calibration tokens for profiling (default per profiler: fisher 8192)",
-    )
-    a.add_argument(
-        "--eval-tokens",
-        type=int,
-        default=4096,
-        help="evaluation tokens for --verify (default 4096 = 8 windows of 512)",
-    )
-    a.add_argument(
-        "--verify",
-        action="store_true",
-        help="measure the allocation against its prediction, repair it when the prediction was "
-        "too optimistic, and measure perplexity beside uniform baselines",
-    )
-    a.add_argument(
-        "--no-repair", action="store_true", help="with --verify: measure only, never re-solve"
-    )
-    a.add_argument(
-        "--repair-budget",
-        type=int,
-        default=24,
-        help="evaluations verify-and-repair may spend (default 24)",
-    )
-    a.add_argument(
-        "--repair-tolerance",
-        type=float,
-        default=0.1,
-        help="accepted relative excess of measured over predicted loss (default 0.1)",
-    )
-    a.add_argument(
-        "--repair-groups",
-        choices=("unit", "layer"),
-        default="unit",
-        help="what repair measures to correct terms: each unit alone (default) or each layer",
-    )
-    a.add_argument(
-        "--repair-tokens",
-        type=int,
-        default=2048,
-        help="calibration tokens per repair measurement (default 2048)",
-    )
-    scale_folding_option(a)
     a.add_argument("--out", default=None, metavar="FILE", help="write the allocation as JSON")
     a.add_argument("--units", action="store_true", help="print every unit, not one row per layer")
-    a.add_argument("--no-cache", action="store_true", help="do not read or write cached profiles")
+    add_config_arguments(a, ("use_cache", "policy"))
+    config_file_arguments(a)
 
     p = sub.add_parser("profile", help="compute and save a sensitivity profile")
-    common_options(p)
-    p.add_argument(
-        "--method",
-        default="fisher",
-        help="profiler: fisher (default), hessian, output, kfac, kl, measured",
-    )
-    p.add_argument(
-        "--tokens",
-        type=int,
-        default=None,
-        help="calibration tokens (default per method: fisher, output and kfac 8192, hessian "
-        "4096, kl and measured 1024)",
+    add_config_arguments(p, COMMON)
+    add_config_arguments(
+        p,
+        ("profiler", "calibration_tokens"),
+        {
+            "profiler": {
+                "flag": "--method",
+                "dest": "method",
+                "help": "profiler: fisher (default), hessian, output, kfac, kl, measured",
+            },
+            "calibration_tokens": {
+                "flag": "--tokens",
+                "dest": "tokens",
+                "help": "calibration tokens (default per method: fisher, output and kfac 8192, "
+                "hessian 4096, kl and measured 1024)",
+            },
+        },
     )
     p.add_argument(
         "--units",
@@ -155,14 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="REGEX",
         help="profile only the units whose name matches (e.g. 'layers\\.1[0-9]\\.')",
     )
-    p.add_argument(
-        "--option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="profiler option, repeatable (e.g. --option max_probes=32 --option seed=1)",
+    add_config_arguments(
+        p,
+        ("profiler_options", *MEASURING),
+        {
+            "profiler_options": {
+                "flag": "--option",
+                "dest": "option",
+                "help": "profiler option, repeatable (e.g. --option max_probes=32 --option seed=1)",
+            }
+        },
     )
-    measuring_options(p)
     p.add_argument(
         "--interaction-formats",
         default=None,
@@ -176,21 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="where to write the profile (.json, or .safetensors for the table as a tensor)",
     )
-    p.add_argument("--no-cache", action="store_true", help="do not read or write cached profiles")
+    add_config_arguments(p, ("use_cache",))
 
     s = sub.add_parser(
         "solve", help="allocate from a saved profile, or solve a problem file, without a model"
     )
     source = s.add_mutually_exclusive_group(required=True)
-    source.add_argument("--profile", metavar="FILE", help="profile JSON from `bitalloc profile`")
+    add_config_arguments(
+        source, ("profile",), {"profile": {"help": "profile JSON from `bitalloc profile`"}}
+    )
     source.add_argument(
         "--problem",
         metavar="FILE",
         help="problem file (.json or .npz, see bitalloc.solvers.io); budgets come from the file",
     )
-    budget_options(s, required=False)
-    solver_options(s, "--method")
-    s.add_argument("--formats", default=None, help="restrict the palette to these profile columns")
+    add_config_arguments(s, (*BUDGET, *SOLVER), {"solver": METHOD_FLAG})
+    add_config_arguments(
+        s, ("formats",), {"formats": {"help": "restrict the palette to these profile columns"}}
+    )
     s.add_argument(
         "--out",
         default=None,
@@ -200,32 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--units", action="store_true", help="print every unit, not one row per layer")
 
     f = sub.add_parser("frontier", help="predicted loss (and perplexity) against many budgets")
-    common_options(f)
-    f.add_argument(
-        "--profile",
-        default=None,
-        metavar="FILE",
-        help="saved profile (default: profile the model, cached)",
+    add_config_arguments(f, COMMON)
+    add_config_arguments(
+        f, ("profile",), {"profile": {"help": "saved profile (default: profile the model, cached)"}}
     )
     f.add_argument(
         "--budgets",
         default="2.5:4.5:0.25",
         help="average bits: start:stop:step or a comma list (default 2.5:4.5:0.25)",
     )
-    solver_options(f, "--method")
-    f.add_argument("--profiler", default="fisher", help="profiler when profiling (default fisher)")
-    f.add_argument("--calibration-tokens", type=int, default=None, help="(default per profiler)")
-    f.add_argument("--verify", action="store_true", help="measure every point's perplexity")
-    f.add_argument(
-        "--eval-tokens", type=int, default=4096, help="evaluation tokens for --verify (4096)"
+    add_config_arguments(
+        f,
+        (*SOLVER, "profiler", "calibration_tokens", "verify", "eval_tokens"),
+        {
+            "solver": METHOD_FLAG,
+            "profiler": {"help": "profiler when profiling (default fisher)"},
+            "calibration_tokens": {"help": "(default per profiler)"},
+            "verify": {"help": "measure every point's perplexity"},
+            "eval_tokens": {"help": "evaluation tokens for --verify (4096)"},
+        },
     )
     f.add_argument("--out", default=None, metavar="FILE", help="write the frontier as JSON")
-    f.add_argument("--no-cache", action="store_true", help="do not read or write cached profiles")
+    add_config_arguments(f, ("use_cache",))
 
     e = sub.add_parser("eval", help="measure the perplexity of a saved allocation")
-    common_options(e)
+    add_config_arguments(e, COMMON)
     e.add_argument("--allocation", required=True, metavar="FILE", help="allocation JSON")
-    e.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens (default 4096)")
+    add_config_arguments(
+        e, ("eval_tokens",), {"eval_tokens": {"help": "evaluation tokens (default 4096)"}}
+    )
     add_search_parser(sub)
     add_report_parser(sub)
     add_dashboard_parser(sub)
@@ -247,48 +214,18 @@ def _prepare(args: argparse.Namespace):
     )
 
 
-def _allocate(args: argparse.Namespace) -> None:
+def run_allocate(config: AllocateConfig) -> Allocation:
+    """Run :func:`bitalloc.allocator.allocate` on ``config`` (the one place the command line
+    calls it)."""
     from bitalloc.allocator import allocate
 
-    if args.profile is None:
-        check_profiler(args.profiler)
-    alloc = allocate(
-        args.model,
-        args.avg_bits,
-        profiler=args.profiler,
-        solver=args.solver,
-        ties=args.tie,
-        max_bytes=args.max_bytes,
-        solver_options=parse_options(args.option),
-        formats=args.formats,
-        calibration=args.calibration,
-        evaluation=args.evaluation,
-        verify=args.verify,
-        repair=not args.no_repair,
-        repair_budget=args.repair_budget,
-        repair_tolerance=args.repair_tolerance,
-        repair_tokens=args.repair_tokens,
-        repair_groups=args.repair_groups,
-        profile=args.profile,
-        profiler_options=parse_options(args.profiler_option),
-        interactions=args.interactions,
-        interactions_from=args.interactions_from,
-        workers=args.workers,
-        ray_address=args.ray_address,
-        calibration_tokens=args.calibration_tokens,
-        eval_tokens=args.eval_tokens,
-        seq_len=args.seq_len,
-        use_cache=not args.no_cache,
-        progress=not args.quiet,
-        scale_folding=False if args.scale_folding is None else args.scale_folding,
-        kv_avg_bits=args.kv_avg_bits,
-        memory_bytes=None if args.memory is None else parse_size(args.memory),
-        context_len=args.context_len,
-        batch_size=args.batch_size,
-        kv_formats=args.kv_formats,
-        kv_profiler=args.kv_profiler,
-        kv_tokens=args.kv_tokens,
-    )
+    return allocate(config.model, config)
+
+
+def _allocate(args: argparse.Namespace) -> None:
+    config = config_from_args(args)  # every option checked before anything is loaded
+    save_config(args.save_config, config.to_json_dict())
+    alloc = run_allocate(config)
     if alloc.data.scale_folding is not None:
         from bitalloc.folding_record import describe
 

@@ -21,3 +21,8 @@ class InfeasibleBudgetError(BitallocError):
     def __init__(self, message: str, feasible_range: tuple[float, float] | None = None):
         super().__init__(message)
         self.feasible_range = feasible_range
+
+
+class ConfigError(BitallocError):
+    """An option (or a combination of options) of a config is invalid; the message names each
+    option as the user wrote it (``avg_bits`` in Python, ``--avg-bits`` on the command line)."""

@@ -262,15 +262,23 @@ def wrong_kind_error(path: str | os.PathLike[str], raw: Any, what: str) -> Bital
     )
 
 
-def read_model(path: str | os.PathLike[str], schema: type[Schema], what: str) -> Schema:
+def read_model(
+    path: str | os.PathLike[str],
+    schema: type[Schema],
+    what: str,
+    upgrade: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> Schema:
     """Load a JSON file into the pydantic ``schema``; a missing file, bad JSON, a top level
     that is not an object, a file of another bitalloc kind or a schema violation becomes
     :class:`BitallocError` naming the first offending field.
 
     Values are validated strictly: a string where a number belongs, a fraction where a count
-    belongs or a number where text belongs is refused, not converted.
+    belongs or a number where text belongs is refused, not converted. ``upgrade`` rewrites an
+    older version's document before validation.
     """
     raw = read_json_object(path, what)
+    if upgrade is not None:
+        raw = upgrade(raw)  # an older version's document, in this version's terms
     try:
         # Strict JSON validation converts arrays to tuples but nothing else: ``"3"`` is not 3.
         return schema.model_validate_json(json.dumps(raw, allow_nan=False), strict=True)

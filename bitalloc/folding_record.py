@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from bitalloc.config.messages import DEFAULT_ALPHA
 from bitalloc.errors import BitallocError
 from bitalloc.folding import DEFAULT_PAIRS, apply_fold_scales_, check_alpha, fold_with_scales_
 from bitalloc.models import LoadedModel
@@ -35,7 +36,7 @@ from bitalloc.models import LoadedModel
 FOLD_TOKENS = 4096
 #: Attribute of a folded model's root module holding the record's ``scales_sha256``.
 FOLDED_ATTR = "bitalloc_scale_folding"
-DEFAULT_ALPHA = 0.5
+
 #: Appended to the fingerprint mismatch of a saved profile when the model was folded.
 FOLDED_PROFILE_HINT = (
     "; scale folding changed the weights, so a profile of the unfolded model does not apply: "
@@ -82,16 +83,6 @@ class ScaleFolding(BaseModel):
                     f"scale folding holds scales {key!r} for a pair not in {self.pairs}; the file "
                     "was edited inconsistently"
                 )
-
-
-def fold_alpha(scale_folding: bool | float | None) -> float | None:
-    """``allocate``'s ``scale_folding`` as alpha: None when off, 0.5 for True, a float as is
-    (checked to lie in (0, 1))."""
-    if scale_folding is None or scale_folding is False:
-        return None
-    if scale_folding is True:
-        return DEFAULT_ALPHA
-    return check_alpha(scale_folding)
 
 
 # ---------------------------------------------------------------- encoding

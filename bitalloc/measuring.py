@@ -20,7 +20,7 @@ from bitalloc.models import Unit
 from bitalloc.planning import Frontier, FrontierPoint
 
 if TYPE_CHECKING:
-    from bitalloc.allocator import Prepared
+    from bitalloc.stages.prepare import Prepared
 
 
 def uniform_assignment(units: Sequence[Unit], fmt: QuantFormat | str) -> dict[str, str]:
@@ -74,7 +74,7 @@ def measure_assignment(
 ) -> Perplexity:
     """Perplexity with ``assignment`` (unit -> format) fake-applied and, when ``kv_formats``
     (KV unit -> KV format) is given, the KV cache quantized per layer; the model is restored."""
-    with fake_quantized(prep.model, assignment):
+    with fake_quantized(prep.model, assignment, prep.quantized):
         if kv_formats:
             from bitalloc.kv.cache import kv_perplexity
 
@@ -103,7 +103,7 @@ def measure(
     ev = prep.evaluation_windows(eval_tokens)
     baselines: dict[str, float] = {}
     baseline_bits: dict[str, float] = {}
-    for fmt in baseline_formats(prep.units, prep.palette, allocation.data.budget):
+    for fmt in baseline_formats(prep.units, prep.palette, allocation.target_bits):
         result = measure_assignment(
             prep,
             uniform_assignment(prep.units, fmt),

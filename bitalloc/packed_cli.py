@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bitalloc.cliconfig import add_config_arguments
 from bitalloc.errors import BitallocError
 
 MIB = 1024 * 1024
@@ -20,14 +21,18 @@ def add_apply_parser(sub: Any) -> None:
         help="apply an allocation for real: pack the weights and save a loadable low-bit model",
     )
     a.add_argument("--allocation", required=True, metavar="FILE", help="allocation JSON")
-    a.add_argument(
-        "--model",
-        default=None,
-        help="the model the allocation was made for: Hugging Face directory or .gguf file "
-        "(default: the embedded SmolLM2-135M-Instruct)",
+    add_config_arguments(
+        a,
+        ("model",),
+        {
+            "model": {
+                "help": "the model the allocation was made for: Hugging Face directory or .gguf "
+                "file (default: the embedded SmolLM2-135M-Instruct)"
+            }
+        },
     )
     a.add_argument("--out", required=True, metavar="DIR", help="directory of the packed model")
-    a.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_arguments(a, ("progress",))
     a.set_defaults(handler=apply_command)
 
 
@@ -60,7 +65,7 @@ def add_generate_parser(sub: Any) -> None:
         default="auto",
         help="auto: cuda when available (Triton kernels), else cpu",
     )
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_arguments(g, ("progress",))
     g.set_defaults(handler=generate_command)
 
 

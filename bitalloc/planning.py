@@ -19,6 +19,7 @@ from bitalloc.allocation import Allocation, ProfileSummary, SolverSummary, UnitC
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
 from bitalloc.formats import QuantFormat, parse_format, parse_palette
 from bitalloc.models import Unit
+from bitalloc.records import Budget
 from bitalloc.sensitivity import Profile
 from bitalloc.solvers import Problem, Solution, solve
 
@@ -208,12 +209,15 @@ def to_allocation(
     palette: Sequence[QuantFormat],
     profile: Profile,
     solution: Solution,
-    budget: float,
+    budget: Budget | float | None,
     *,
     model: str,
     excluded: Mapping[str, int] | None = None,
 ) -> Allocation:
-    """Turn a solver's choice into an :class:`Allocation` with its summaries."""
+    """Turn a solver's choice into an :class:`Allocation` with its summaries. ``budget`` is
+    the request (a number: ``avg_bits``). When the solution counts the units' stored bits
+    (``resources["bits"]``, from :func:`build_problem`'s cost table), that count is the
+    allocation's total; the allocation checks it against the formats."""
     column = {name: j for j, name in enumerate(profile.formats)}
     choices = [
         UnitChoice.of(unit, palette[int(j)], float(profile.loss[i, column[palette[int(j)].name]]))
@@ -232,9 +236,11 @@ def to_allocation(
                 for (a, b), t in tables.items()
             )
         )
+    bits = solution.resources.get("bits")
     return Allocation.from_choices(
         model=model,
         budget=budget,
+        total_bits=None if bits is None else round(bits),
         units=choices,
         excluded=dict(excluded or {}),
         solver=solver_summary(solution),
@@ -273,15 +279,6 @@ def profile_summary(profile: Profile, interaction_loss: float = 0.0) -> ProfileS
     )
 
 
-def _avg_bits_budget(
-    units: Sequence[Unit], avg_bits: float | None, max_bytes: float | None
-) -> float:
-    # The tighter of the two budgets, as average bits per weight (the Allocation's unit).
-    numel = sum(u.numel for u in units)
-    candidates = [b for b in (avg_bits, None if max_bytes is None else 8 * max_bytes / numel) if b]
-    return min(candidates)
-
-
 def solve_profile(
     profile: Profile,
     avg_bits: float | None = None,
@@ -308,7 +305,7 @@ def solve_profile(
         palette,
         profile,
         solution,
-        _avg_bits_budget(units, avg_bits, max_bytes),
+        Budget(avg_bits=avg_bits, max_bytes=max_bytes),
         model=str(profile.metadata.get("model", "unknown")),
         excluded=profile.metadata.get("excluded"),
     )

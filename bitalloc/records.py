@@ -35,6 +35,46 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Budget(Strict):
+    """What the user asked for, by resource (None: that resource was not bounded).
+
+    This is the one meaning of "budget" in an allocation: the request. What the allocation
+    achieves is recorded beside it (``avg_bits`` and ``bytes`` of the weights, the KV record's
+    bits, the joint record's bytes) and checked against it.
+    """
+
+    #: Average stored bits per weight of the allocated units.
+    avg_bits: float | None = None
+    #: Stored bytes of the allocated units.
+    max_bytes: float | None = None
+    #: Average stored bits per cached element of the KV cache.
+    kv_avg_bits: float | None = None
+    #: One bound on weights (all, at 16 bits where not allocated) + KV cache bytes.
+    memory_bytes: float | None = None
+
+    def check(self) -> None:
+        """Raise :class:`BitallocError` unless every given bound is a positive finite number."""
+        for name, value in self.model_dump().items():
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise BitallocError(
+                    f"the budget's {name} {value} is not a number of bits or bytes above 0; "
+                    + EDITED
+                )
+
+    def describe(self) -> str:
+        """The request in a few words, e.g. ``3.25`` or ``memory 150.00 MiB``."""
+        parts = []
+        if self.avg_bits is not None:
+            parts.append(f"{self.avg_bits:g}")
+        if self.max_bytes is not None:
+            parts.append(f"{self.max_bytes / 2**20:.2f} MiB")
+        if self.kv_avg_bits is not None:
+            parts.append(f"KV {self.kv_avg_bits:g}")
+        if self.memory_bytes is not None:
+            parts.append(f"memory {self.memory_bytes / 2**20:.2f} MiB")
+        return ", ".join(parts) or "none"
+
+
 class SolverSummary(Strict):
     """How the choice was made."""
 
@@ -62,10 +102,7 @@ class SolverSummary(Strict):
         if (
             bound is not None
             and gap is not None
-            and (
-                bound > self.objective
-                or not same_sum(gap, self.objective - bound)
-            )
+            and (bound > self.objective or not same_sum(gap, self.objective - bound))
         ):
             raise BitallocError(
                 f"the {what}'s solver bound {bound} and gap {gap} do not fit its objective "

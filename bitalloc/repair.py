@@ -25,16 +25,20 @@ import torch
 from tqdm.auto import tqdm
 
 from bitalloc.allocation import Allocation, Repair, RepairRound
+from bitalloc.config import VerifyConfig
 from bitalloc.errors import BitallocError
 from bitalloc.formats import parse_format
+from bitalloc.jobs import Job, job_pool, run_all
 from bitalloc.sensitivity import Profile
-from bitalloc.sensitivity.base import monotone_in_bits, spread_windows
-from bitalloc.sensitivity.jobs import Job, job_pool, run_all
+from bitalloc.sensitivity.base import spread_windows
+from bitalloc.sensitivity.monotone import monotone_in_bits
 
-DEFAULT_BUDGET = 24
-DEFAULT_TOLERANCE = 0.10
-DEFAULT_TOKENS = 2048
-DEFAULT_GROUPS = "unit"
+# The defaults live in the configuration (the one home of every default).
+_DEFAULTS = VerifyConfig()
+DEFAULT_BUDGET = _DEFAULTS.budget
+DEFAULT_TOLERANCE = _DEFAULTS.tolerance
+DEFAULT_TOKENS = _DEFAULTS.tokens
+DEFAULT_GROUPS = _DEFAULTS.groups
 #: Groups measured per round (fewer when the evaluation budget runs short).
 UNITS_PER_ROUND = 8
 #: Absolute slack (nats) under which a prediction counts as right, whatever the ratio: the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -103,8 +104,48 @@ def isolated_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def _session_cache_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("session-cache")
+
+
+@pytest.fixture
+def shared_cache(_session_cache_root, monkeypatch):
+    """Like ``isolated_cache``, but one cache root for the whole session: a profile that an
+    earlier test computed (same method, options, model, palette, units and calibration tokens)
+    is a cache hit here. For default-model tests that do not assert on profiling or on the
+    cache, where recomputing costs tens of seconds; a hit returns the same numbers."""
+    monkeypatch.setenv("BITALLOC_CACHE_DIR", str(_session_cache_root))
+    return _session_cache_root
+
+
+@pytest.fixture(scope="session")
 def default_model():
     """The embedded SmolLM2-135M (loaded once per session; tests must not modify it)."""
     from bitalloc.models import load_model
 
     return load_model()
+
+
+@pytest.fixture
+def reuse_default_model(default_model, monkeypatch):
+    """Every load of the embedded default model in this test (``--model`` omitted, or
+    ``model=None``) returns a deep copy of the session's ``default_model``.
+
+    Loading it for real costs 15-100 s per call on 2 cores (a GGUF dequantization under an empty
+    ``isolated_cache``, else a safetensors reload) and CLI tests call ``main`` several times; a
+    copy costs a few seconds. Only the GGUF step is replaced, so path checks and the model's
+    name in the output stay the library's own; tests/test_models.py loads it for real.
+    """
+    import bitalloc.models as models
+
+    real_load_gguf = models._load_gguf
+    default_path = models.default_gguf_path()
+
+    def load_gguf(path):
+        if path != default_path:
+            return real_load_gguf(path)
+        return models.LoadedModel(
+            copy.deepcopy(default_model.model), copy.deepcopy(default_model.tokenizer), str(path)
+        )
+
+    monkeypatch.setattr(models, "_load_gguf", load_gguf)

@@ -145,13 +145,16 @@ def _write(tmp_path, doc):
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda d: d.update(budget=d["avg_bits"] * 0.9), "over its budget"),
-        (lambda d: d.update(budget=0.0), "not a number of bits"),
+        (lambda d: d.update(budget={"avg_bits": d["avg_bits"] * 0.9}), "over its budget"),
+        (lambda d: d.update(budget={"avg_bits": 0.0}), "not a number of bits"),
+        (lambda d: d.update(budget={"max_bytes": d["bytes"] * 0.9}), "over its budget"),
+        (lambda d: d.update(budget={"kv_avg_bits": 4.0}), "KV cache is not within"),
+        (lambda d: d.update(budget={"memory_bytes": 1e9}), "no joint record"),
         (lambda d: d.update(bytes=d["bytes"] * 2), "does not match its units"),
         (lambda d: d.update(predicted_loss=d["predicted_loss"] * 1.01), "predicted_loss"),
         (lambda d: d.update(predicted_loss=None), "predicted_loss"),
         (lambda d: d["units"][0].update(predicted_loss=5.0), "predicted_loss"),
-        (lambda d: d.update(version=2), r"version 2 is not supported .*versions 1 to 1.*upgrade"),
+        (lambda d: d.update(version=3), r"version 3 is not supported .*versions 1 to 2.*upgrade"),
         (lambda d: d.update(version=0), "version 0 is not supported"),
         (lambda d: d.update(excluded_numel=d["excluded_numel"] + 1), "excluded_numel"),
         (lambda d: d["solver"].update(objective=d["solver"]["objective"] * 2), "objective"),
@@ -243,3 +246,16 @@ def test_a_budget_below_the_achieved_bits_cannot_be_built(tiny_model):
         Allocation.from_choices(
             model="tiny", budget=4.0, units=[UnitChoice.of(u, parse_format("fp16")) for u in units]
         )
+
+
+def test_a_version_1_file_loads_with_its_budget_as_the_bits_bound(tmp_path, tiny_model):
+    # Version 1 recorded one number: the bound on the weights' average bits.
+    doc = _solved(tiny_model).to_json()
+    doc.update(version=1, budget=doc["budget"]["avg_bits"])
+    doc.pop("config", None)
+    loaded = Allocation.load(_write(tmp_path, doc))
+    assert loaded.data.budget.avg_bits == doc["budget"]
+    assert loaded.data.budget.max_bytes is None and loaded.data.version == 1
+    doc["budget"] = loaded.avg_bits * 0.9
+    with pytest.raises(BitallocError, match="over its budget"):
+        Allocation.load(_write(tmp_path, doc))

@@ -128,7 +128,7 @@ def test_cli_runs_as_a_ray_job(tmp_path):
             assert best["avg_bits"] <= 6
         else:
             alloc = json.loads((out / "alloc.json").read_text())
-            assert alloc["budget"] == 6 and alloc["avg_bits"] <= 6
+            assert alloc["budget"]["avg_bits"] == 6 and alloc["avg_bits"] <= 6
             assert alloc["measured"]["perplexity"] > 1
 
         # Stopped exactly what it started: the `ray start` process and the processes of its

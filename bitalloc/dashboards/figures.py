@@ -197,9 +197,9 @@ def bits_figure(allocation: Allocation) -> go.Figure:
         )
     d = allocation.data
     fig.add_hline(
-        y=d.budget,
+        y=allocation.target_bits,
         line={"dash": "dash", "color": "#d62728"},
-        annotation_text=f"budget {d.budget:g}",
+        annotation_text=f"budget {allocation.target_bits:g}",
         annotation_position="top left",
     )
     fig.add_hline(

@@ -328,4 +328,4 @@ def _budget(*, allocation: Allocation | None, study: Any) -> float | None:
         budget = data.finite_float(data.search_settings(study).get("budget"))
         if budget is not None:
             return budget
-    return allocation.data.budget if allocation is not None else None
+    return allocation.target_bits if allocation is not None else None

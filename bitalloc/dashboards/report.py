@@ -95,7 +95,7 @@ def summary_rows(
         rows.append(("model", str(model)))
     budget = data.finite_float(settings.get("budget"))
     if budget is None and allocation is not None:
-        budget = allocation.data.budget
+        budget = allocation.target_bits
     if budget is not None:
         rows.append(("budget", f"{budget:g} bits per weight"))
     if allocation is not None:

@@ -1,6 +1,10 @@
 """KV-cache allocation inside :func:`bitalloc.allocate`: profile the KV units, then choose
 per-layer (key bits, value bits) pairs under ``kv_avg_bits`` beside the weight allocation, or
 choose weights and pairs together under one ``memory_bytes`` budget (:mod:`bitalloc.kv.plan`).
+
+A leaf: it uses the stages (:mod:`bitalloc.stages`), never the allocator. The request's
+combinations (which budgets go together) are checked by :class:`bitalloc.config.KVConfig`'s
+validation before anything is loaded; here the request is sized against the model.
 """
 
 from __future__ import annotations
@@ -11,11 +15,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bitalloc.allocation import Allocation, UnitChoice
+from bitalloc.config import DEFAULT_KV_TOKENS
 from bitalloc.errors import BitallocError
 from bitalloc.formats import parse_format
 from bitalloc.kv.formats import KVFormat, kv_palette, kv_units
 from bitalloc.kv.plan import (
-    NATS_METHODS,
     JointCosts,
     JointSpace,
     build_joint_problem,
@@ -34,11 +38,8 @@ from bitalloc.sensitivity import Profile
 from bitalloc.solvers import solve
 
 if TYPE_CHECKING:
-    from bitalloc.allocator import Prepared
-
-#: The KV palette :func:`bitalloc.allocate` uses unless given one: every pair of KIVI's widths.
-DEFAULT_KV_METHOD = "kl"
-DEFAULT_KV_TOKENS = 1024
+    from bitalloc.config import AllocateConfig
+    from bitalloc.stages import Prepared
 
 
 @dataclass(frozen=True)
@@ -59,67 +60,23 @@ class KVRequest:
         return self.memory_bytes is not None
 
 
-def kv_request(
-    *,
-    avg_bits: float | None,
-    max_bytes: float | None,
-    kv_avg_bits: float | None,
-    memory_bytes: float | None,
-    context_len: int | None,
-    batch_size: int,
-    kv_formats: str | Sequence[str | KVFormat] | None,
-    kv_profiler: str,
-    kv_tokens: int | None,
-    solver: str | None,
-) -> KVRequest | None:
-    """The checked KV request, or None when neither ``kv_avg_bits`` nor ``memory_bytes`` is
-    given (then the other KV options must be left at their defaults)."""
-    if kv_avg_bits is None and memory_bytes is None:
-        given = [
-            name
-            for name, value in (("context_len", context_len), ("kv_formats", kv_formats))
-            if value is not None
-        ]
-        if given or batch_size != 1:
-            raise BitallocError(
-                f"{', '.join(given) or 'batch_size'} sizes the KV cache; pass kv_avg_bits= (a KV "
-                "budget) or memory_bytes= (one weights + KV budget) with it"
-            )
+def kv_request(config: AllocateConfig) -> KVRequest | None:
+    """The KV request of a (validated) configuration, or None when it has no KV budget."""
+    kv = config.kv
+    if kv.avg_bits is None and kv.memory_bytes is None:
         return None
-    if memory_bytes is not None and (
-        avg_bits is not None or kv_avg_bits is not None or max_bytes is not None
-    ):
-        raise BitallocError(
-            "memory_bytes is one budget for weights and KV cache and decides their split itself; "
-            "pass it alone, or pass avg_bits (weights) and kv_avg_bits (KV cache) instead"
-        )
-    if memory_bytes is not None and context_len is None:
-        raise BitallocError(
-            "a memory budget needs the context the KV cache must hold: pass context_len= "
-            "(tokens) and batch_size= (sequences, default 1)"
-        )
-    if solver == "rl":
-        raise BitallocError(
-            "the rl solver allocates weight matrices only (its embedding reads weights); choose "
-            "lagrangian, dp, ilp or qp for the KV cache"
-        )
-    if memory_bytes is not None and kv_profiler not in NATS_METHODS:
-        raise BitallocError(
-            f"a joint memory budget adds weight and KV losses, so the KV profile must be in "
-            f"nats: use kv_profiler in {NATS_METHODS}, not {kv_profiler!r}"
-        )
-    check_context_batch(1 if context_len is None else context_len, batch_size)
-    tokens = DEFAULT_KV_TOKENS if kv_tokens is None else kv_tokens
+    check_context_batch(1 if kv.context_len is None else kv.context_len, kv.batch_size)
+    tokens = DEFAULT_KV_TOKENS if kv.tokens is None else kv.tokens
     from bitalloc.kv.profiler import KVProfiler
 
-    KVProfiler(kv_profiler, tokens=tokens)  # checks method and tokens before any loading
+    KVProfiler(kv.profiler, tokens=tokens)  # checks method and tokens before any loading
     return KVRequest(
-        kv_avg_bits=kv_avg_bits,
-        memory_bytes=memory_bytes,
-        context_len=context_len,
-        batch_size=batch_size,
-        palette=kv_palette(kv_formats),
-        method=kv_profiler,
+        kv_avg_bits=kv.avg_bits,
+        memory_bytes=kv.memory_bytes,
+        context_len=kv.context_len,
+        batch_size=kv.batch_size,
+        palette=kv_palette(None if kv.formats is None else list(kv.formats)),
+        method=kv.profiler,
         tokens=tokens,
     )
 
@@ -128,8 +85,8 @@ def profile_kv(
     prep: Prepared, request: KVRequest, *, use_cache: bool = True, progress: bool = True
 ) -> tuple[list[Unit], Profile]:
     """The model's KV units and their profile (cached like weight profiles)."""
-    from bitalloc.allocator import cached_profile_of
     from bitalloc.kv.profiler import KVProfiler
+    from bitalloc.stages import cached_profile_of
 
     units = kv_units(prep.model)
     profiler = KVProfiler(request.method, tokens=request.tokens, progress=progress)
@@ -144,7 +101,7 @@ def unquantized_weights(prep: Prepared) -> Allocation:
     fp16 = parse_format("fp16")
     return Allocation.from_choices(
         model=prep.loaded.source,
-        budget=16.0,
+        budget=None,
         units=[UnitChoice.of(u, fp16, 0.0) for u in prep.units],
         excluded=excluded_parameters(prep.model, prep.units),
     )
@@ -303,53 +260,27 @@ def keeping_kv(solve_with: Callable[[Profile], Allocation], allocation: Allocati
 
 
 def allocate_kv_only(
-    model: Any,
-    request: KVRequest,
-    *,
-    formats,
-    calibration,
-    evaluation,
-    tokenizer,
-    seq_len,
-    scale_folding,
-    solver,
-    solver_options,
-    verify,
-    eval_tokens,
-    use_cache,
-    progress,
+    model: Any, config: AllocateConfig, request: KVRequest, *, tokenizer: object | None = None
 ) -> Allocation:
     """:func:`bitalloc.allocate` with ``kv_avg_bits`` and no ``avg_bits``: the weights stay at
-    fp16 and are not profiled; the other arguments are :func:`~bitalloc.allocate`'s."""
-    from bitalloc.allocator import prepare
-    from bitalloc.measuring import measure
+    fp16 and are not profiled."""
+    from bitalloc.stages import prepare_for
+    from bitalloc.stages.verify import measure
 
-    if scale_folding:
-        raise BitallocError(
-            "scale folding changes how weights quantize; with kv_avg_bits alone the weights "
-            "stay at fp16, so pass avg_bits too or leave scale_folding off"
-        )
-    prep = prepare(
-        model,
-        formats=formats,
-        calibration=calibration,
-        evaluation=evaluation,
-        tokenizer=tokenizer,
-        seq_len=seq_len,
-    )
+    prep = prepare_for(model, config, tokenizer=tokenizer)
     allocation = allocate_with_kv(
         prep,
         None,
         request,
         solve_weights=lambda table: unquantized_weights(prep),
-        solver=solver,
-        solver_options=dict(solver_options or {}),
+        solver=config.solve.solver,
+        solver_options=dict(config.solve.options),
         ties=None,
-        use_cache=use_cache,
-        progress=progress,
+        use_cache=config.profile.use_cache,
+        progress=config.progress,
     )
-    if verify:
+    if config.verify.enabled:
         allocation = allocation.with_measured(
-            measure(prep, allocation, eval_tokens=eval_tokens, progress=progress)
+            measure(prep, allocation, eval_tokens=config.data.eval_tokens, progress=config.progress)
         )
     return allocation

@@ -3,9 +3,34 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bitalloc.cliargs import check_profiler, common_options, parse_options
+from bitalloc.cliconfig import (
+    COMMON,
+    add_config_arguments,
+    config_file_arguments,
+    config_from_args,
+    given_data,
+    search_config_from_args,
+)
+from bitalloc.errors import BitallocError
+
+if TYPE_CHECKING:
+    from bitalloc.config import AllocateConfig, SearchConfig
+    from bitalloc.search.run import SearchResult
+
+#: What the search says differently from ``bitalloc allocate`` about the options they share.
+SEARCH_HELP = {
+    "avg_bits": {"help": "budget: average bits per weight"},
+    "solver": {"help": "solver for the seed allocations"},
+    "profiler": {"help": "profiler for the seeds (default fisher)"},
+    "profiler_options": {"help": "repeatable"},
+    "profile": {"help": "reuse a saved profile"},
+    "calibration_tokens": {"help": "(default per profiler)"},
+    "eval_tokens": {"help": "evaluation tokens per trial (default 4096)"},
+    "workers": {"help": "Ray actors evaluating trials in parallel (default 0: in this process)"},
+    "ray_address": {"help": "Ray cluster for the workers (default $RAY_ADDRESS, else a local Ray)"},
+}
 
 
 def add_search_parser(sub: Any) -> None:
@@ -14,103 +39,46 @@ def add_search_parser(sub: Any) -> None:
         "search",
         help="measured multi-objective search (avg bits, perplexity) in a resumable Optuna study",
     )
-    common_options(s)
-    s.add_argument("--avg-bits", type=float, required=True, help="budget: average bits per weight")
-    s.add_argument(
-        "--trials",
-        type=int,
-        default=40,
-        help="finished trials the study should hold (a resumed study continues to this "
-        "count; default 40)",
+    add_config_arguments(s, (*COMMON, "avg_bits"), SEARCH_HELP)
+    add_config_arguments(
+        s,
+        ("trials", "sampler", "storage", "study", "run_dir", "resume", "space", "radius"),
     )
-    s.add_argument("--sampler", choices=("nsga2", "tpe"), default="nsga2", help="(default nsga2)")
-    s.add_argument(
-        "--storage",
-        default=None,
-        metavar="URL",
-        help="Optuna storage: an RDB URL (sqlite:///FILE, postgresql://...) or journal:FILE "
-        "(default: sqlite in the run directory)",
+    add_config_arguments(
+        s,
+        ("solver", "profiler", "profiler_options", "profile", "calibration_tokens"),
+        SEARCH_HELP,
     )
-    s.add_argument("--study", default="bitalloc", help="study name (default bitalloc)")
-    s.add_argument(
-        "--run-dir",
-        default=None,
-        metavar="DIR",
-        help="where the study (by default), profile, frontier and best allocation go "
-        "(default runs/<study>)",
-    )
-    s.add_argument("--resume", action="store_true", help="continue the existing study of that name")
-    s.add_argument(
-        "--space",
-        choices=("near", "full"),
-        default="near",
-        help="per-unit formats: near the solvers' answers (default) or the whole palette",
-    )
-    s.add_argument(
-        "--radius", type=int, default=1, help="palette steps around the seeds (default 1)"
-    )
-    s.add_argument("--solver", default=None, help="solver for the seed allocations")
-    s.add_argument("--profiler", default="fisher", help="profiler for the seeds (default fisher)")
-    s.add_argument(
-        "--profiler-option", action="append", default=[], metavar="KEY=VALUE", help="repeatable"
-    )
-    s.add_argument("--profile", default=None, metavar="FILE", help="reuse a saved profile")
-    s.add_argument("--calibration-tokens", type=int, default=None, help="(default per profiler)")
-    s.add_argument(
-        "--eval-tokens", type=int, default=4096, help="evaluation tokens per trial (default 4096)"
-    )
-    s.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="Ray actors evaluating trials in parallel (default 0: in this process)",
-    )
-    s.add_argument(
-        "--ray-address",
-        default=None,
-        help="Ray cluster for the workers (default $RAY_ADDRESS, else a local Ray)",
-    )
-    s.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
-    s.add_argument("--no-cache", action="store_true", help="do not read or write cached profiles")
+    add_config_arguments(s, ("eval_tokens", "workers", "ray_address"), SEARCH_HELP)
+    add_config_arguments(s, ("seed", "use_cache"))
+    config_file_arguments(s)
     s.set_defaults(handler=run_search_command)
+
+
+def run_search(config: AllocateConfig, search_config: SearchConfig) -> SearchResult:
+    """Run :func:`bitalloc.search.search` on the two configs (the one place the command line
+    calls it)."""
+    from bitalloc.search import search
+
+    return search(config.model, config, search_config)
 
 
 def run_search_command(args: argparse.Namespace) -> None:
     """Run the search the arguments describe and print its summary."""
     import optuna
 
-    from bitalloc.search import search
+    from bitalloc.cliconfig import save_config
 
-    if args.profile is None:
-        check_profiler(args.profiler)
+    if args.config is None and "avg_bits" not in given_data(args, ("target",)).get("target", {}):
+        raise BitallocError("the following arguments are required: --avg-bits")
+    config = config_from_args(args)  # every option checked before anything is loaded
+    search_config = search_config_from_args(args)
+    save_config(
+        args.save_config,
+        {**config.to_json_dict(), "search": search_config.model_dump(mode="json")},
+    )
     # One line per trial from Optuna would bury the progress bar; the study keeps everything.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    result = search(
-        args.model,
-        args.avg_bits,
-        trials=args.trials,
-        sampler=args.sampler,
-        storage=args.storage,
-        study=args.study,
-        run_dir=args.run_dir,
-        resume=args.resume,
-        space=args.space,
-        radius=args.radius,
-        solver=args.solver,
-        profiler=args.profiler,
-        profile=args.profile,
-        profiler_options=parse_options(args.profiler_option),
-        formats=args.formats,
-        calibration=args.calibration,
-        evaluation=args.evaluation,
-        workers=args.workers,
-        ray_address=args.ray_address,
-        calibration_tokens=args.calibration_tokens,
-        eval_tokens=args.eval_tokens,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        use_cache=not args.no_cache,
-        progress=not args.quiet,
-    )
+    result = run_search(config, search_config)
     print(result.summary())
     print(f"wrote {result.run_dir}/search.json" + (", best.json" if result.best else ""))

@@ -25,25 +25,26 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bitalloc.allocation import Allocation, Measured, UnitChoice
-from bitalloc.allocator import (
-    Prepared,
-    allocation_for,
-    baseline_formats,
-    prepare_and_profile,
-    uniform_assignment,
-    uniform_avg_bits,
+from bitalloc.config import (
+    SEARCH_FLAT_FIELDS,
+    SEARCH_SHARED,
+    AllocateConfig,
+    SearchConfig,
+    check_known,
+    search_flat,
 )
 from bitalloc.data import tensor_fingerprint
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_json_atomic
 from bitalloc.formats import QuantFormat
+from bitalloc.jobs import check_ray_address, job_key, job_pool, run_all
+from bitalloc.measuring import baseline_formats, uniform_assignment, uniform_avg_bits
 from bitalloc.models import excluded_parameters, model_fingerprint
 from bitalloc.outputs import check_output_dir
 from bitalloc.planning import build_problem, default_method, feasible_avg_bits
 from bitalloc.search import study as studies
 from bitalloc.search.storage import (
     BEST_FILE,
-    DEFAULT_STUDY,
     FRONTIER_FILE,
     PROFILE_FILE,
     SEARCH_FILE,
@@ -54,8 +55,8 @@ from bitalloc.search.storage import (
     study_names,
 )
 from bitalloc.sensitivity import Profile
-from bitalloc.sensitivity.jobs import check_ray_address, job_key, job_pool, run_all
 from bitalloc.solvers import solve
+from bitalloc.stages import Prepared, allocation_for, prepare_and_profile
 
 DEFAULT_TRIALS = 40
 SAMPLERS = ("nsga2", "tpe")
@@ -231,39 +232,25 @@ class _Costs:
 
 def search(
     model: Any = None,
-    avg_bits: float | None = None,
+    config: AllocateConfig | float | None = None,
+    search_config: SearchConfig | None = None,
     *,
-    trials: int = DEFAULT_TRIALS,
-    sampler: str = "nsga2",
-    storage: str | None = None,
-    study: str = DEFAULT_STUDY,
-    run_dir: str | Path | None = None,
-    resume: bool = False,
-    space: str = "near",
-    radius: int = 1,
-    solver: str | None = None,
-    profiler: str = "fisher",
-    profile: Profile | str | Path | None = None,
-    profiler_options: Mapping[str, Any] | None = None,
-    formats: Sequence[str | QuantFormat] | str | None = None,
-    calibration: Any = None,
-    evaluation: Any = None,
     tokenizer: object | None = None,
-    workers: int = 0,
-    ray_address: str | None = None,
-    calibration_tokens: int | None = None,
-    eval_tokens: int | None = 4096,
-    seq_len: int = 512,
-    seed: int = 0,
-    use_cache: bool = True,
-    progress: bool = True,
+    **overrides: Any,
 ) -> SearchResult:
     """Search allocations by measurement until the study holds ``trials`` finished trials.
+
+    ``config`` holds the allocation options the search shares with :func:`bitalloc.allocate`
+    (model, budget, palette, text, profiler, seed solver, workers; a number is the short form
+    of ``avg_bits``) and ``search_config`` its own (:class:`~bitalloc.config.SearchConfig`:
+    trials, sampler, storage, study, run directory, resume, space, radius, seed);
+    ``overrides`` are options of either by their flat names (``avg_bits=3.25``,
+    ``trials=40``, ...), applied on top; ``profile`` may also be a :class:`Profile` object.
 
     Objectives: average bits and perplexity on the evaluation split (both minimised); the
     result's ``best`` is the lowest-perplexity allocation within ``avg_bits``. The study lives
     in ``storage`` (default SQLite in ``run_dir``, itself default ``runs/<study>``) under the
-    name ``study``; ``resume=True`` continues an existing one (checked to be the same search),
+    name ``study``; ``resume`` continues an existing one (checked to be the same search),
     and without it an existing study of that name is an error. ``sampler`` is ``nsga2`` or
     ``tpe``; ``space`` is ``near`` (``radius`` palette steps around the seeds) or ``full``.
     Evaluations run in this process (``workers=0``) or on that many Ray actors (local Ray, or
@@ -276,25 +263,21 @@ def search(
     import optuna
 
     start_time = time.perf_counter()
-    if avg_bits is None:
-        raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
-    if trials < 1:
-        raise BitallocError(f"trials must be >= 1, not {trials}")
-    if sampler not in SAMPLERS:
-        raise BitallocError(f"sampler {sampler!r} is not one of {', '.join(SAMPLERS)}")
-    if space not in SPACES:
-        raise BitallocError(f"search space {space!r} is not one of {', '.join(SPACES)}")
-    if not study or not isinstance(study, str):
-        raise BitallocError("give the study a name (--study NAME)")
+    config, options, profile = _resolve(model, config, search_config, overrides)
+    avg_bits = config.target.avg_bits
+    trials, sampler, seed = options.trials, options.sampler, options.seed
+    study, space, radius, resume = options.study, options.space, options.radius, options.resume
+    workers, ray_address = config.profile.workers, config.profile.ray_address
+    progress = config.progress
     if workers > 0 and (ray_address or os.environ.get("RAY_ADDRESS")):
         check_ray_address(ray_address or os.environ["RAY_ADDRESS"])
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(study)
+    run_dir = Path(options.run_dir) if options.run_dir is not None else default_run_dir(study)
     # The run directory and the storage are checked before any expensive work, so a path that
     # cannot be written, a bad URL or a damaged study fails at once rather than after
     # profiling. (A resumed run's missing storage is the better message, so it comes first.)
     if not resume:
         check_output_dir(run_dir, "run directory", must_be_empty=False)
-    url = storage or default_storage_url(run_dir)
+    url = options.storage or default_storage_url(run_dir)
     store = open_storage(url, create=not resume)
     known = study_names(store, url)
     if resume and study not in known:
@@ -312,24 +295,8 @@ def search(
         with readable(url):
             studies.check_stored(store, study)
 
-    prep, prof = prepare_and_profile(
-        model,
-        avg_bits,
-        profiler=profiler,
-        profile=profile,
-        profiler_options=profiler_options,
-        formats=formats,
-        calibration=calibration,
-        evaluation=evaluation,
-        tokenizer=tokenizer,
-        workers=workers,
-        ray_address=ray_address,
-        calibration_tokens=calibration_tokens,
-        seq_len=seq_len,
-        use_cache=use_cache,
-        progress=progress,
-    )
-    ev = prep.evaluation_windows(eval_tokens)
+    prep, prof = prepare_and_profile(model, config, tokenizer=tokenizer, profile=profile)
+    ev = prep.evaluation_windows(config.data.eval_tokens)
     identity = {
         "model": prep.loaded.source,
         "model_fingerprint": model_fingerprint(prep.model, prep.units),
@@ -341,7 +308,7 @@ def search(
         "space": space,
         "units": [u.name for u in prep.units],
     }
-    method = default_method(prof, solver)
+    method = default_method(prof, config.solve.solver)
     seeds = _seed_allocations(prep, prof, float(avg_bits), method)
     # The first generation: the solver's seeds, then noisy-profile seeds up to its size.
     population = population_size(trials)
@@ -498,6 +465,42 @@ def search(
     )
 
 
+def _resolve(
+    model: Any,
+    config: AllocateConfig | float | None,
+    search_config: SearchConfig | None,
+    overrides: dict[str, Any],
+) -> tuple[AllocateConfig, SearchConfig, Profile | None]:
+    """The validated allocation and search configurations, and a profile held in memory."""
+    flat = dict(overrides)
+    profile = flat.pop("profile") if isinstance(flat.get("profile"), Profile) else None
+    if isinstance(config, (int, float)) and not isinstance(config, bool):
+        flat.setdefault("avg_bits", config)
+        config = None
+    if isinstance(model, (str, Path)):
+        flat.setdefault("model", str(model))
+    if config is not None and not isinstance(config, AllocateConfig):
+        raise BitallocError(
+            f"config must be an AllocateConfig or avg_bits (a number of bits per weight), not "
+            f"{type(config).__name__}"
+        )
+    if config is None and "avg_bits" not in flat:
+        raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
+    own = {k: flat.pop(k) for k in list(flat) if k in SEARCH_FLAT_FIELDS}
+    base = (search_config or SearchConfig()).model_dump()
+    options = SearchConfig.build({**base, **own})
+    shared = {k: flat.pop(k) for k in list(flat) if k in SEARCH_SHARED}
+    check_known(flat, {}, "search()", also=SEARCH_SHARED + tuple(SEARCH_FLAT_FIELDS))
+    if config is None:
+        config = AllocateConfig.from_flat(**shared)
+    elif shared:
+        config = config.with_flat(**shared)
+    if config.target.avg_bits is None:
+        raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
+    search_flat(config, options)  # refuses allocation options the search does not use
+    return config, options, profile
+
+
 def _tell(
     st: Any,
     trial: Any,
@@ -520,6 +523,12 @@ def _tell(
         st.tell(trial, [costs.avg_bits(assignment), ppl])
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
+    except ValueError:
+        # Optuna says "Cannot tell a COMPLETE trial" when the other search told it between
+        # our attributes and our tell.
+        if st.trials[trial.number].state.is_finished():
+            return False
+        raise
     return True
 
 

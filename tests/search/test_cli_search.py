@@ -13,7 +13,9 @@ from bitalloc.search import default_storage_url
 
 
 @pytest.mark.slow
-def test_search_then_report_on_the_default_model(tmp_path, isolated_cache, capsys):
+def test_search_then_report_on_the_default_model(
+    tmp_path, shared_cache, capsys, reuse_default_model
+):
     run_dir = tmp_path / "run"
     args = ["search", "--avg-bits", "3.25", "--trials", "4", "--run-dir", str(run_dir)]
     args += ["--formats", "int2-g64,int3-g128,int4-g128", "--calibration-tokens", "512"]

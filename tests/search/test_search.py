@@ -87,13 +87,14 @@ def test_resume_continues_and_keeps_every_trial(tmp_path, isolated_cache):
     assert result.evaluations <= 3
 
 
-@pytest.mark.parametrize("when", ["ask", "tell"])
+@pytest.mark.parametrize("when", ["ask", "tell", "study-tell"])
 def test_a_trial_another_search_finished_first_is_left_to_it(
     tmp_path, isolated_cache, monkeypatch, when
 ):
     # SQLite cannot lock a row, so two searches on one study can both pop the same queued
-    # trial. Here a second connection finishes trial 2 just after this search asks for it (or
-    # just before this search tells it): the search keeps the other's result and goes on.
+    # trial. Here a second connection finishes trial 2 just after this search asks for it, just
+    # before this search stores its measurement, or between storing its attributes and telling
+    # its values: the search keeps the other's result and goes on.
     import bitalloc.search.run as search_run
 
     url = default_storage_url(tmp_path / "run")
@@ -102,8 +103,8 @@ def test_a_trial_another_search_finished_first_is_left_to_it(
 
     def steal(number: int) -> None:
         other = optuna.load_study(study_name="bitalloc", storage=url)
+        stolen.append(number)  # first: the other study's tell passes through the patch below
         other.tell(number, [9.0, 1e6])
-        stolen.append(number)
 
     def racing_ask(self, *args, **kwargs):
         trial = ask(self, *args, **kwargs)
@@ -116,6 +117,15 @@ def test_a_trial_another_search_finished_first_is_left_to_it(
             steal(trial.number)
         return tell(st, trial, *args, **kwargs)
 
+    study_tell = optuna.Study.tell
+
+    def racing_study_tell(self, trial, *args, **kwargs):
+        number = trial if isinstance(trial, int) else trial.number
+        if when == "study-tell" and number == 2 and not stolen and args:
+            steal(number)
+        return study_tell(self, trial, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "tell", racing_study_tell)
     monkeypatch.setattr(optuna.Study, "ask", racing_ask)
     monkeypatch.setattr(search_run, "_tell", racing_tell)
     result = run(tmp_path / "run", 8)
@@ -124,7 +134,9 @@ def test_a_trial_another_search_finished_first_is_left_to_it(
     assert len(done) == result.trials_completed == 8
     # The other search's values stand; this search stored nothing on the trial.
     lost = next(t for t in done if t.number == 2)
-    assert lost.values == [9.0, 1e6] and "loss" not in lost.user_attrs
+    assert lost.values == [9.0, 1e6]
+    if when != "study-tell":
+        assert "loss" not in lost.user_attrs
 
 
 def test_existing_study_needs_resume_and_resume_needs_a_study(tmp_path, isolated_cache):

@@ -11,8 +11,8 @@ import optuna
 import pytest
 
 from bitalloc.allocator import measure_assignment, prepare
+from bitalloc.jobs import ACTOR_PREFIX
 from bitalloc.search import default_storage_url, open_storage
-from bitalloc.sensitivity.jobs import ACTOR_PREFIX
 from tests.conftest import TEXT, ByteTokenizer, make_tiny_llama
 
 from .driver import FORMATS, run

@@ -1,0 +1,98 @@
+"""Stage 3 and 4, plan and solve: the problem the request poses on the profile (exact bit and
+byte costs, the budgets asked for, ties), the solver that answers it, and the
+:class:`~bitalloc.allocation.Allocation` of its answer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from bitalloc.allocation import Allocation
+from bitalloc.models import excluded_parameters
+from bitalloc.planning import build_problem, default_method, to_allocation
+from bitalloc.records import Budget
+from bitalloc.sensitivity import Profile
+from bitalloc.solvers import Problem, Solution, solve
+from bitalloc.stages.prepare import Prepared
+
+if TYPE_CHECKING:
+    from bitalloc.config import AllocateConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the prepared model's weights are to be allocated: the request (``budget``), the
+    fused projections tied to one format (``ties``), and the solver (``method`` with its
+    ``options``). :meth:`solve` turns any profile of the model into an allocation, so that
+    verify-and-repair can re-solve a corrected table the same way."""
+
+    prep: Prepared
+    budget: Budget
+    ties: tuple[str, ...] | None
+    method: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def problem(self, table: Profile) -> Problem:
+        """The allocation problem of ``table`` under this plan's weight budgets."""
+        return build_problem(
+            self.prep.units,
+            self.prep.palette,
+            table,
+            self.budget.avg_bits,
+            max_bytes=self.budget.max_bytes,
+            ties=None if self.ties is None else list(self.ties),
+        )
+
+    def solve(self, table: Profile) -> Allocation:
+        """The allocation the solver chooses on ``table`` (carrying the scale-folding record
+        when the model was folded, as every allocation of a folded model must)."""
+        solution = solve(self.problem(table), method=self.method, **dict(self.options))
+        chosen = allocation_for(self.prep, table, solution, self.budget)
+        record = self.prep.scale_folding
+        return chosen if record is None else chosen.with_scale_folding(record)
+
+
+def plan(prep: Prepared, profile: Profile, config: AllocateConfig) -> Plan:
+    """The plan ``config`` asks for on this profile: its weight budgets, ties and solver
+    (default: ``lagrangian``, or ``qp`` when the profile carries interaction terms). A solver
+    that needs the model (``rl``: unit embeddings, a measured reward) gets it here."""
+    from bitalloc.rl.options import rl_solver_options
+
+    method = default_method(profile, config.solve.solver)
+    options = rl_solver_options(
+        method, dict(config.solve.options), config.solve.policy, prep, config.progress
+    )
+    return Plan(
+        prep=prep,
+        budget=Budget(avg_bits=config.target.avg_bits, max_bytes=config.target.max_bytes),
+        ties=config.target.ties,
+        method=method,
+        options=options,
+    )
+
+
+def allocation_for(
+    prep: Prepared, profile: Profile, solution: Solution, budget: Budget | float | None
+) -> Allocation:
+    """The :class:`Allocation` of a solver's choice on the prepared model (``budget``: the
+    request; a number is an ``avg_bits`` request)."""
+    return to_allocation(
+        prep.units,
+        prep.palette,
+        profile,
+        solution,
+        budget,
+        model=prep.loaded.source,
+        excluded=excluded_parameters(prep.model, prep.units),
+    )
+
+
+def requested_budget(config: AllocateConfig) -> Budget:
+    """Everything ``config`` asks for, by resource (what the final allocation records)."""
+    return Budget(
+        avg_bits=config.target.avg_bits,
+        max_bytes=config.target.max_bytes,
+        kv_avg_bits=config.kv.avg_bits,
+        memory_bytes=config.kv.memory_bytes,
+    )

@@ -1,0 +1,138 @@
+"""Stage 1, prepare: load the model, discover its units, resolve the palette and the text,
+and (when asked) scale-fold the model before anything is profiled."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from bitalloc.apply import QuantizedWeightCache
+from bitalloc.data import TextSplits, load_text, tokenize, windows
+from bitalloc.errors import BitallocError
+from bitalloc.folding_record import ScaleFolding, fold_loaded
+from bitalloc.formats import QuantFormat, parse_palette
+from bitalloc.models import LoadedModel, Unit, discover_units, load_model
+from bitalloc.planning import check_budget
+
+if TYPE_CHECKING:
+    from bitalloc.config import AllocateConfig
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A loaded model with its units, palette and tokenized text, ready to profile and measure."""
+
+    loaded: LoadedModel
+    units: list[Unit]
+    palette: tuple[QuantFormat, ...]
+    text: TextSplits
+    seq_len: int
+    #: Set when the model was scale-folded before profiling (see :func:`prepare_for`).
+    scale_folding: ScaleFolding | None = None
+    #: The units' quantized weights, kept across the measurements of this model.
+    quantized: QuantizedWeightCache = field(
+        default_factory=QuantizedWeightCache, compare=False, repr=False
+    )
+
+    @property
+    def model(self) -> nn.Module:
+        """The model being allocated."""
+        return self.loaded.model
+
+    def calibration_windows(self) -> torch.Tensor:
+        """All calibration windows (profilers pick their own subset)."""
+        return windows(tokenize(self.loaded.tokenizer, self.text.calibration), self.seq_len)
+
+    def evaluation_windows(self, tokens: int | None) -> torch.Tensor:
+        """Evaluation windows, evenly spread, capped at ``tokens``."""
+        ids = tokenize(self.loaded.tokenizer, self.text.evaluation)
+        return windows(ids, self.seq_len, tokens)
+
+
+def prepare(
+    model: nn.Module | str | Path | None = None,
+    *,
+    formats: Sequence[str | QuantFormat] | str | None = None,
+    calibration: str | Path | Sequence[str | Path] | None = None,
+    evaluation: str | Path | Sequence[str | Path] | None = None,
+    tokenizer: object | None = None,
+    seq_len: int | None = None,
+) -> Prepared:
+    """Load the model, discover its units and resolve the palette and text (``seq_len`` None:
+    the configured default, :attr:`bitalloc.config.DataConfig.seq_len`)."""
+    from bitalloc.config import DataConfig
+
+    palette = parse_palette(formats)
+    text = load_text(calibration, evaluation)
+    loaded = load_model(model, tokenizer)
+    units = discover_units(loaded.model)
+    return Prepared(
+        loaded, units, palette, text, DataConfig().seq_len if seq_len is None else seq_len
+    )
+
+
+def prepare_for(
+    model: nn.Module | str | Path | None,
+    config: AllocateConfig,
+    *,
+    tokenizer: object | None = None,
+    formats: Sequence[str | QuantFormat] | None = None,
+    check: Callable[[Prepared], object] | None = None,
+) -> Prepared:
+    """:func:`prepare` as ``config`` asks: the weights' budget is checked against the units and
+    palette, ``check`` (a caller's own check, e.g. that a KV budget fits) runs next, and the
+    model is scale-folded last, so that nothing expensive runs before every check passed.
+
+    ``formats`` overrides ``config.target.formats`` (a saved profile's columns are the palette
+    when the config names none). An ``nn.Module`` passed in is copied before folding.
+    """
+    data = config.data
+    prep = prepare(
+        config.model if model is None else model,
+        formats=config.target.formats if formats is None else formats,
+        calibration=None if data.calibration is None else list(data.calibration),
+        evaluation=None if data.evaluation is None else list(data.evaluation),
+        tokenizer=tokenizer,
+        seq_len=data.seq_len,
+    )
+    if config.target.avg_bits is not None:
+        check_budget(config.target.avg_bits, prep.units, prep.palette)
+    if check is not None:
+        check(prep)
+    alpha = config.profile.scale_folding
+    if alpha is None:
+        return prep
+    # load_model does not copy a module passed in, so a copy of it is folded.
+    loaded, record = fold_loaded(
+        prep.loaded, prep.calibration_windows(), alpha, copy_module=isinstance(model, nn.Module)
+    )
+    return dataclasses.replace(
+        prep, loaded=loaded, scale_folding=record, quantized=QuantizedWeightCache()
+    )
+
+
+def select_units(units: Sequence[Unit], pattern: str | None) -> list[Unit]:
+    r"""The units whose name matches the regular expression ``pattern`` (searched, so
+    ``layers\.(0|1)\.`` or ``mlp`` work); all units when it is None."""
+    if pattern is None:
+        return list(units)
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise BitallocError(
+            f"units filter {pattern!r} is not a valid regular expression ({exc})"
+        ) from None
+    chosen = [u for u in units if regex.search(u.name)]
+    if not chosen:
+        raise BitallocError(
+            f"units filter {pattern!r} matches none of the {len(units)} units (e.g. "
+            f"{units[0].name!r}); fix the pattern"
+        )
+    return chosen
