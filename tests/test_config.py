@@ -429,7 +429,7 @@ def test_search_keywords_split_and_join():
         search_flat(config.with_flat(verify=True), search)
     with pytest.raises(ConfigError, match="trials: trials must be >= 1, not 0"):
         SearchConfig.from_flat(trials=0)
-    with pytest.raises(ConfigError, match="sampler: input should be 'nsga2' or 'tpe'"):
+    with pytest.raises(ConfigError, match="sampler: sampler 'cma' is not one of nsga2, tpe"):
         SearchConfig.from_flat(sampler="cma")
 
 
