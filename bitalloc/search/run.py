@@ -407,8 +407,11 @@ def search(
                     if twin is not None:
                         # A repeat of a measured allocation: its values are known already.
                         number, scores, ppl = twin
+                        # Kept in flight until told, so that an interrupt during the tell
+                        # still fails the trial rather than leaving it RUNNING.
+                        told = _tell(st, trial, scores, ppl, costs, assignment, duplicate_of=number)
                         del in_flight[trial.number]
-                        if _tell(st, trial, scores, ppl, costs, assignment, duplicate_of=number):
+                        if told:
                             finished += 1
                             bar.update(1)
                         continue
@@ -420,8 +423,9 @@ def search(
                 trial = in_flight[number]
                 assignment = dict(job)
                 ppl = math.exp(result["loss"])
+                told = _tell(st, trial, result, ppl, costs, assignment)
                 del in_flight[number]
-                if not _tell(st, trial, result, ppl, costs, assignment):
+                if not told:
                     continue
                 evaluated[job_key(job)] = (number, result, ppl)
                 finished += 1
