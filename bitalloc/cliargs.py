@@ -28,10 +28,11 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
 
 def check_profiler(name: str) -> None:
     """Fail on an unknown profiler before the model is loaded."""
+    from bitalloc.config.messages import UNKNOWN_PROFILER
     from bitalloc.sensitivity import PROFILERS
 
     if name not in PROFILERS:
-        raise BitallocError(f"unknown profiler {name!r}; choose one of {sorted(PROFILERS)}")
+        raise BitallocError(UNKNOWN_PROFILER.format(name=name, choices=sorted(PROFILERS)))
 
 
 _SIZE_UNITS = {

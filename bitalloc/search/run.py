@@ -58,7 +58,6 @@ from bitalloc.sensitivity import Profile
 from bitalloc.solvers import solve
 from bitalloc.stages import Prepared, allocation_for, prepare_and_profile
 
-DEFAULT_TRIALS = 40
 SAMPLERS = ("nsga2", "tpe")
 SPACES = ("near", "full")
 #: Offsets from the budget (average bits) at which the solvers' allocations seed the study.
