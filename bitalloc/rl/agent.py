@@ -105,6 +105,7 @@ def train_policy(env: AllocationEnv, config: TrainConfig) -> TrainResult:
 
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import Logger
 
     steps = config.total_steps(env.problem.n_units)
     learning_starts = config.learning_starts
@@ -145,6 +146,8 @@ def train_policy(env: AllocationEnv, config: TrainConfig) -> TrainResult:
             device="cpu",
             verbose=0,
         )
+        # Without a logger of its own, SB3 makes an empty tempdir/SB3-<time> folder per run.
+        model.set_logger(Logger(folder=None, output_formats=[]))
         model.learn(total_timesteps=steps, callback=_Track(bar))
     return TrainResult(
         model,

@@ -64,6 +64,17 @@ def test_same_seed_trains_the_same_policy(tmp_path):
     assert all(torch.equal(weights[k], other[k]) for k in weights)
 
 
+def test_training_writes_no_logger_folder(tmp_path, monkeypatch):
+    # SB3 makes an empty tempdir/SB3-<time> folder for every run that has no logger of its own;
+    # a search that trains hundreds of policies would leave hundreds.
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
+    solve(_problem(seed=2), method="rl", **TINY)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("SB3-")]
+
+
 def test_longer_training_never_returns_worse():
     # With the same seed and warm-up, a longer run replays the shorter one first, and the solver
     # keeps the best episode it has seen.
