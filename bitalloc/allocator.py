@@ -15,8 +15,8 @@ from typing import Any
 from torch import nn
 
 from bitalloc.allocation import Allocation
-from bitalloc.config import INTERACTIONS_WITH_PROFILE, AllocateConfig
-from bitalloc.errors import BitallocError, ConfigError
+from bitalloc.config import INTERACTIONS_WITH_PROFILE, AllocateConfig, call_arguments
+from bitalloc.errors import ConfigError
 from bitalloc.kv.allocate import (
     allocate_kv_only,
     allocate_with_kv,
@@ -138,26 +138,16 @@ def _resolve(
     model: Any, config: AllocateConfig | float | None, overrides: Mapping[str, Any]
 ) -> tuple[AllocateConfig, dict[str, Any]]:
     """The validated configuration, and the options given as objects in memory."""
-    flat = dict(overrides)
+    config, flat = call_arguments(model, config, overrides)
     inputs = {
         name: flat.pop(name)
         for name, kind in _IN_MEMORY.items()
         if isinstance(flat.get(name), kind)
     }
-    if isinstance(config, (int, float)) and not isinstance(config, bool):
-        flat.setdefault("avg_bits", config)
-        config = None
-    if isinstance(model, (str, Path)):
-        flat.setdefault("model", model)
     if config is None:
         resolved = AllocateConfig.from_flat(**flat)
-    elif isinstance(config, AllocateConfig):
-        resolved = config.with_flat(**flat) if flat else config
     else:
-        raise BitallocError(
-            f"config must be an AllocateConfig or avg_bits (a number of bits per weight), not "
-            f"{type(config).__name__}"
-        )
+        resolved = config.with_flat(**flat) if flat else config
     if "profile" in inputs and resolved.profile.interactions is not None:
         # The rule AllocateConfig checks for a saved profile's path, for one held in memory.
         raise ConfigError(INTERACTIONS_WITH_PROFILE)

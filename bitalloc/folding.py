@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from bitalloc.calibration import observe_inputs
+from bitalloc.config.messages import ALPHA_NOT_NUMBER, ALPHA_RANGE
 from bitalloc.errors import BitallocError
 from bitalloc.models import decoder_blocks, get_linear
 
@@ -355,12 +356,10 @@ def _scale_rows_(lin: nn.Linear, s: torch.Tensor) -> None:
 def check_alpha(alpha: float) -> float:
     """``alpha`` as a float in (0, 1), the migration strength; a clear error otherwise."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise BitallocError(f"alpha must be a number in (0, 1), got {alpha!r}")
+        raise BitallocError(ALPHA_NOT_NUMBER.format(alpha=alpha))
     alpha = float(alpha)
     if not 0.0 < alpha < 1.0:
-        raise BitallocError(
-            f"alpha must be in (0, 1) (migration strength; 0.5 is the usual choice), got {alpha}"
-        )
+        raise BitallocError(ALPHA_RANGE.format(alpha=alpha))
     return alpha
 
 

@@ -64,8 +64,7 @@ def check_output_file(
     path = Path(path)
     if not path.name or path.is_dir():
         raise BitallocError(
-            f"{option} {path} is a directory; give a file name inside it, such as "
-            f"{path / example}"
+            f"{option} {path} is a directory; give a file name inside it, such as {path / example}"
         )
     if path.exists() and not path.is_file():
         raise BitallocError(f"{option} {path} exists and is not a regular file; choose a file")
@@ -99,4 +98,3 @@ def check_output_dir(
         _probe_writable(path, option, path)
         return
     _check_ancestors(path, option)
-

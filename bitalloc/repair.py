@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from bitalloc.allocation import Allocation, Repair, RepairRound
 from bitalloc.config import VerifyConfig
+from bitalloc.config.messages import REPAIR_BUDGET, REPAIR_TOLERANCE
 from bitalloc.errors import BitallocError
 from bitalloc.formats import parse_format
 from bitalloc.jobs import Job, job_pool, run_all
@@ -111,9 +112,9 @@ def verify_and_repair(
     (the given one when no repair beat it) and the record of every round.
     """
     if budget < 2:
-        raise BitallocError(f"the repair budget must allow >= 2 evaluations, not {budget}")
+        raise BitallocError(REPAIR_BUDGET.format(budget=budget))
     if tolerance < 0:
-        raise BitallocError(f"the repair tolerance must be >= 0, not {tolerance}")
+        raise BitallocError(REPAIR_TOLERANCE.format(tolerance=tolerance))
     repair_groups(allocation, groups)  # an unknown granularity fails before any work
     start = time.perf_counter()
     chosen = spread_windows(len(calibration), calibration.shape[1], tokens)

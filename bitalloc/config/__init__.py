@@ -35,6 +35,7 @@ from bitalloc.config.allocate import (
     FLAT_FIELDS,
     FLAT_NAMES,
     AllocateConfig,
+    call_arguments,
     config_data,
     merge_data,
     read_config_data,
@@ -43,6 +44,7 @@ from bitalloc.config.base import Section, check_known, option, to_config_error
 from bitalloc.config.messages import (
     ALPHA_NOT_NUMBER,
     ALPHA_RANGE,
+    CALIBRATION_TOKENS,
     CONFIG_VERSION,
     CONTEXT_BATCH,
     DEFAULT_ALPHA,
@@ -58,7 +60,6 @@ from bitalloc.config.messages import (
     FOLDING_KV_ONLY,
     INTERACTIONS_WITH_PROFILE,
     JOINT_NEEDS_NATS,
-    KV_TOKENS,
     KV_WITHOUT_BUDGET,
     MEMORY_ALONE,
     MEMORY_NEEDS_CONTEXT,
@@ -88,6 +89,7 @@ from bitalloc.config.sections import (
 )
 
 __all__ = [
+    "call_arguments",
     "ALPHA_NOT_NUMBER",
     "ALPHA_RANGE",
     "CONFIG_VERSION",
@@ -106,7 +108,7 @@ __all__ = [
     "FLAT_NAMES",
     "INTERACTIONS_WITH_PROFILE",
     "JOINT_NEEDS_NATS",
-    "KV_TOKENS",
+    "CALIBRATION_TOKENS",
     "KV_WITHOUT_BUDGET",
     "MEMORY_ALONE",
     "MEMORY_NEEDS_CONTEXT",

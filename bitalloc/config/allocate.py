@@ -12,13 +12,13 @@ from pydantic import Field, ValidationError, model_validator
 
 from bitalloc.config.base import ALL_SECTIONS, Section, check_known, option, to_config_error
 from bitalloc.config.messages import (
+    CALIBRATION_TOKENS,
     CONFIG_VERSION,
     CONTEXT_BATCH,
     DEFAULT_KV_TOKENS,
     FOLDING_KV_ONLY,
     INTERACTIONS_WITH_PROFILE,
     JOINT_NEEDS_NATS,
-    KV_TOKENS,
     KV_WITHOUT_BUDGET,
     MEMORY_ALONE,
     MEMORY_NEEDS_CONTEXT,
@@ -38,7 +38,7 @@ from bitalloc.config.sections import (
     TargetConfig,
     VerifyConfig,
 )
-from bitalloc.errors import ConfigError
+from bitalloc.errors import BitallocError, ConfigError
 from bitalloc.fileio import parse_json, read_json_object, write_json_atomic
 
 
@@ -92,7 +92,7 @@ class AllocateConfig(Section):
                     raise ConfigError(CONTEXT_BATCH.format(what=what, value=value))
             tokens = DEFAULT_KV_TOKENS if kv.tokens is None else kv.tokens
             if tokens < 1:
-                raise ConfigError(KV_TOKENS.format(value=tokens))
+                raise ConfigError(CALIBRATION_TOKENS.format(value=tokens))
         if target.avg_bits is None and not kv.requested:
             raise ConfigError(NO_BUDGET)
         if prof.profile is None:
@@ -181,6 +181,26 @@ class AllocateConfig(Section):
     def load(cls, path: str | Path) -> AllocateConfig:
         """A config JSON file, or an allocation JSON that recorded the config it was made with."""
         return cls.build(read_config_data(path))
+
+
+def call_arguments(
+    model: Any, config: Any, flat: dict[str, Any]
+) -> tuple[AllocateConfig | None, dict[str, Any]]:
+    """``allocate(model, config, **kw)`` and ``search(...)`` read their first two arguments
+    the same way: a number as ``config`` is ``avg_bits``, a path as ``model`` is the ``model``
+    option. Returns the config given (or None) and the keywords with those two folded in."""
+    flat = dict(flat)
+    if isinstance(config, (int, float)) and not isinstance(config, bool):
+        flat.setdefault("avg_bits", config)
+        config = None
+    if isinstance(model, (str, Path)):
+        flat.setdefault("model", str(model))
+    if config is not None and not isinstance(config, AllocateConfig):
+        raise BitallocError(
+            f"config must be an AllocateConfig or avg_bits (a number of bits per weight), not "
+            f"{type(config).__name__}"
+        )
+    return config, flat
 
 
 def config_data(raw: Mapping[str, Any], where: str = "config") -> dict[str, Any]:

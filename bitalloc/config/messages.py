@@ -43,7 +43,7 @@ JOINT_NEEDS_NATS = (
     "kv_profiler in {methods}, not {method!r}"
 )
 CONTEXT_BATCH = "{what} must be a positive integer (tokens / sequences), got {value!r}"
-KV_TOKENS = "calibration tokens must be a positive integer, got {value!r}"
+CALIBRATION_TOKENS = "calibration tokens must be a positive integer, got {value!r}"
 INTERACTIONS_WITH_PROFILE = (
     "interactions are measured while profiling; with a saved profile pass "
     "interactions_from=<profile holding them> instead"
@@ -54,6 +54,7 @@ REPAIR_TOLERANCE = "the repair tolerance must be >= 0, not {tolerance}"
 ALPHA_NOT_NUMBER = "alpha must be a number in (0, 1), got {alpha!r}"
 ALPHA_RANGE = "alpha must be in (0, 1) (migration strength; 0.5 is the usual choice), got {alpha}"
 UNKNOWN_PROFILER = "unknown profiler {name!r}; choose one of {choices}"
+SEARCH_NO_BUDGET = "pass avg_bits, the budget in average bits per weight (e.g. 3.25)"
 PREDATES_CONFIG = "this allocation file predates recorded configs; pass the options again"
 FOLDING_KV_ONLY = (
     "scale folding changes how weights quantize; with kv_avg_bits alone the weights "

@@ -13,6 +13,12 @@ from bitalloc.config.allocate import FLAT_FIELDS, AllocateConfig
 from bitalloc.config.base import Section, check_known, option, to_config_error
 from bitalloc.errors import ConfigError
 
+Sampler = Literal["nsga2", "tpe"]
+Space = Literal["near", "full"]
+#: The samplers and search spaces a search takes (one definition: the config's types).
+SAMPLERS: tuple[str, ...] = typing.get_args(Sampler)
+SPACES: tuple[str, ...] = typing.get_args(Space)
+
 
 class SearchConfig(Section):
     """What the measured search adds to the allocation options (:func:`bitalloc.search.search`)."""
@@ -25,7 +31,7 @@ class SearchConfig(Section):
         "finished trials the study should hold (a resumed study continues to this count; "
         "default 40)",
     )
-    sampler: Literal["nsga2", "tpe"] = option("nsga2", "--sampler", "(default nsga2)")
+    sampler: Sampler = option("nsga2", "--sampler", "(default nsga2)")
     storage: str | None = option(
         None,
         "--storage",
@@ -44,7 +50,7 @@ class SearchConfig(Section):
     resume: bool = option(
         False, "--resume", "continue the existing study of that name", kind="switch"
     )
-    space: Literal["near", "full"] = option(
+    space: Space = option(
         "near",
         "--space",
         "per-unit formats: near the solvers' answers (default) or the whole palette",

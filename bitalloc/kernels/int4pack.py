@@ -92,9 +92,7 @@ class Int4PackProbe:
                 f"({self.layout.block_rows}-row blocks) and its int4 matmul matches the "
                 f"reference (probe {self.seconds * 1e3:.0f} ms)"
             )
-        return (
-            f"int4pack off on {self.capability}: {self.reason}; 4-bit units run unpack-matmul"
-        )
+        return f"int4pack off on {self.capability}: {self.reason}; 4-bit units run unpack-matmul"
 
 
 def int4pack_probe() -> Int4PackProbe:
@@ -278,7 +276,7 @@ def int4pack_mm(
 
 
 def _check_matmul(layout: Int4PackLayout) -> str:
-    """"" when torch's int4 matmul, fed weights packed by torch, matches the dequantized
+    """ "" when torch's int4 matmul, fed weights packed by torch, matches the dequantized
     reference for every group size and both batch sizes; otherwise what went wrong."""
     from bitalloc.kernels.packing import dequantize_codes
 

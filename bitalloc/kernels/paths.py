@@ -156,5 +156,3 @@ def cpu_path_report(model: nn.Module) -> str:
     if eligible:
         line += "; " + cpu.int4pack_probe().describe()
     return line
-
-

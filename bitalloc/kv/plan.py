@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bitalloc.config.messages import CONTEXT_BATCH
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
 from bitalloc.formats import QuantFormat
 from bitalloc.kv.formats import KVFormat
@@ -42,17 +43,12 @@ from bitalloc.planning import (
 from bitalloc.sensitivity import Profile
 from bitalloc.solvers import Problem, Solution, solve
 
-#: KV profiler methods whose values are in nats, the unit a joint budget needs.
-NATS_METHODS = ("kl", "loss")
-
 
 def check_context_batch(context_len: object, batch_size: object) -> tuple[int, int]:
     """Both must be positive integers; a clear error otherwise."""
     for what, value in (("context_len", context_len), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise BitallocError(
-                f"{what} must be a positive integer (tokens / sequences), got {value!r}"
-            )
+            raise BitallocError(CONTEXT_BATCH.format(what=what, value=value))
     return int(context_len), int(batch_size)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from bitalloc.config.messages import POLICY_NEEDS_RL
 from bitalloc.errors import BitallocError
 
 #: Calibration windows the embeddings are computed on (activation statistics settle quickly).
@@ -29,7 +30,7 @@ def rl_solver_options(
     another solver."""
     if solver != "rl":
         if policy is not None:
-            raise BitallocError(f"policy= applies an RL policy; use solver='rl', not {solver!r}")
+            raise BitallocError(POLICY_NEEDS_RL.format(solver=solver))
         return options
     from bitalloc.rl.embedding import unit_embeddings
 

@@ -30,9 +30,12 @@ from bitalloc.config import (
     SEARCH_SHARED,
     AllocateConfig,
     SearchConfig,
+    call_arguments,
     check_known,
     search_flat,
 )
+from bitalloc.config.messages import SEARCH_NO_BUDGET
+from bitalloc.config.search import SAMPLERS, SPACES
 from bitalloc.data import tensor_fingerprint
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_json_atomic
@@ -58,8 +61,6 @@ from bitalloc.sensitivity import Profile
 from bitalloc.solvers import solve
 from bitalloc.stages import Prepared, allocation_for, prepare_and_profile
 
-SAMPLERS = ("nsga2", "tpe")
-SPACES = ("near", "full")
 #: Offsets from the budget (average bits) at which the solvers' allocations seed the study.
 SEED_OFFSETS = (-0.5, -0.25, 0.0, 0.25, 0.5)
 #: Spread (standard deviation of the log factor) of the per-unit noise put on the profile to
@@ -475,20 +476,10 @@ def _resolve(
     overrides: dict[str, Any],
 ) -> tuple[AllocateConfig, SearchConfig, Profile | None]:
     """The validated allocation and search configurations, and a profile held in memory."""
-    flat = dict(overrides)
+    config, flat = call_arguments(model, config, overrides)
     profile = flat.pop("profile") if isinstance(flat.get("profile"), Profile) else None
-    if isinstance(config, (int, float)) and not isinstance(config, bool):
-        flat.setdefault("avg_bits", config)
-        config = None
-    if isinstance(model, (str, Path)):
-        flat.setdefault("model", str(model))
-    if config is not None and not isinstance(config, AllocateConfig):
-        raise BitallocError(
-            f"config must be an AllocateConfig or avg_bits (a number of bits per weight), not "
-            f"{type(config).__name__}"
-        )
     if config is None and "avg_bits" not in flat:
-        raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
+        raise BitallocError(SEARCH_NO_BUDGET)
     own = {k: flat.pop(k) for k in list(flat) if k in SEARCH_FLAT_FIELDS}
     base = (search_config or SearchConfig()).model_dump()
     options = SearchConfig.build({**base, **own})
@@ -499,7 +490,7 @@ def _resolve(
     elif shared:
         config = config.with_flat(**shared)
     if config.target.avg_bits is None:
-        raise BitallocError("pass avg_bits, the budget in average bits per weight (e.g. 3.25)")
+        raise BitallocError(SEARCH_NO_BUDGET)
     search_flat(config, options)  # refuses allocation options the search does not use
     return config, options, profile
 

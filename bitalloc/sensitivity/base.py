@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitalloc.config.messages import CALIBRATION_TOKENS
 from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.models import Unit, cache_root
@@ -212,8 +213,7 @@ class BaseProfiler(ABC):
             raise BitallocError("calibration must be an (n_windows, seq_len) tensor of token ids")
         if calibration.shape[1] < 2:
             raise BitallocError(
-                "calibration windows need 2+ tokens to score, got shape "
-                f"{tuple(calibration.shape)}"
+                f"calibration windows need 2+ tokens to score, got shape {tuple(calibration.shape)}"
             )
 
     def check_units(self, model: nn.Module, units: Sequence[Unit]) -> None:
@@ -253,7 +253,7 @@ class GradientProfiler(BaseProfiler):
         seed: int = 0,
     ):
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
-            raise BitallocError(f"calibration tokens must be a positive integer, got {tokens!r}")
+            raise BitallocError(CALIBRATION_TOKENS.format(value=tokens))
         self.tokens = tokens
         self.progress = progress
         self.estimator = check_estimator(estimator)

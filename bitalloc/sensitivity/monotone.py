@@ -28,8 +28,9 @@ def bit_chains(palette: Sequence[Any]) -> list[list[int]]:
     groups = {palette[j].group_size for j in usable if not palette[j].is_float}
     chains = []
     for group in groups:
-        cols = sorted((j for j in usable if palette[j].group_size == group),
-                      key=lambda j: palette[j].bits)
+        cols = sorted(
+            (j for j in usable if palette[j].group_size == group), key=lambda j: palette[j].bits
+        )
         if len(cols) > 1:
             chains.append(cols)
     return chains

@@ -32,6 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitalloc.apply import fake_quantized
+from bitalloc.config.messages import CALIBRATION_TOKENS
 from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat, fake_quantize_each
 from bitalloc.models import Unit, get_linear
@@ -193,7 +194,7 @@ class OutputProfiler(BaseProfiler):
 
     def __init__(self, tokens: int = 8192, progress: bool = True, *, calibrate: bool = True):
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
-            raise BitallocError(f"calibration tokens must be a positive integer, got {tokens!r}")
+            raise BitallocError(CALIBRATION_TOKENS.format(value=tokens))
         if not isinstance(calibrate, bool):
             raise BitallocError(f"calibrate must be True or False, got {calibrate!r}")
         self.tokens = tokens
@@ -227,8 +228,9 @@ class OutputProfiler(BaseProfiler):
             "base_loss": finite_or_none(float(np.mean(acc.losses))) if acc.losses else None,
         }
         grams = acc.grams() if acc.batches else None
-        return Statistics(acc.tokens, acc.batches, acc.skipped, (acc, grams, calibration[used]),
-                          metadata)
+        return Statistics(
+            acc.tokens, acc.batches, acc.skipped, (acc, grams, calibration[used]), metadata
+        )
 
     def unit_losses(
         self, index: int, statistics: Statistics, palette: Sequence[QuantFormat]

@@ -18,6 +18,7 @@ import importlib
 from collections.abc import Iterator, Mapping, Set
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from bitalloc.config.messages import UNKNOWN_PROFILER
 from bitalloc.errors import BitallocError
 
 if TYPE_CHECKING:
@@ -155,9 +156,7 @@ def make_profiler(name: str, **options: Any) -> BaseProfiler:
     try:
         cls = PROFILERS[name]
     except (KeyError, TypeError):
-        raise BitallocError(
-            f"unknown profiler {name!r}; choose one of {sorted(PROFILERS)}"
-        ) from None
+        raise BitallocError(UNKNOWN_PROFILER.format(name=name, choices=sorted(PROFILERS))) from None
     try:
         return cls(**options)
     except TypeError as exc:

@@ -79,8 +79,10 @@ class WeightErrorProfiler(BaseProfiler):
 
     def unit_losses(self, index, statistics, palette):
         w = statistics.state[index]
-        return [self.scale * float((fq.float() - w.float()).square().mean())
-                for fq in fake_quantize_each(w, palette)]
+        return [
+            self.scale * float((fq.float() - w.float()).square().mean())
+            for fq in fake_quantize_each(w, palette)
+        ]
 
 
 def _make(name, tmp_path, tag="a", **extra):

@@ -351,8 +351,11 @@ CASES: list[tuple[str, Callable[..., None], tuple[Any, ...]]] = [
     ("structured", check_structured_instances, ()),
     ("interactions", check_interactions_refused_or_optimised, ()),
     *(
-        (f"extreme-costs-{scale:g}-{where}", check_extreme_costs_and_budgets_solve_correctly,
-         (scale, where))
+        (
+            f"extreme-costs-{scale:g}-{where}",
+            check_extreme_costs_and_budgets_solve_correctly,
+            (scale, where),
+        )
         for scale in EXTREME_COST_SCALES
         for where in EXTREME_BUDGETS
     ),

@@ -282,7 +282,7 @@ def fractional_bits_problem(seed: int, avg_bits: float) -> Problem:
     numel = np.array([np.prod(shapes[i % 4]) for i in range(40)], dtype=float)
     bits = np.array([2.125, 3.25, 4.5, 5.5625, 8.5]) + rng.choice([0, 1 / 64, 1 / 32], 5)
     cost = numel[:, None] * bits
-    objective = rng.lognormal(0, 1.5, (40, 1)) * 4.0 ** -bits * rng.uniform(1.0, 1.1, (40, 5))
+    objective = rng.lognormal(0, 1.5, (40, 1)) * 4.0**-bits * rng.uniform(1.0, 1.1, (40, 5))
     return Problem(objective, {"bits": cost}, {"bits": avg_bits * numel.sum()})
 
 

@@ -38,8 +38,10 @@ class GreedyUpgrade(BaseSolver):
         # Cheapest allowed option, the lower loss among equally cheap ones: feasible, because
         # solve() checked that the budget covers every unit at its cheapest.
         choice = np.array(
-            [min(np.flatnonzero(allowed[i]), key=lambda j, i=i: (cost[i, j], objective[i, j]))
-             for i in rows]
+            [
+                min(np.flatnonzero(allowed[i]), key=lambda j, i=i: (cost[i, j], objective[i, j]))
+                for i in rows
+            ]
         )
         moves = 0
         while True:
