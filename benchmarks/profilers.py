@@ -179,20 +179,29 @@ def machine() -> str:
 
 
 def baseline_formats(rev: str) -> types.ModuleType:
-    """``bitalloc/formats.py`` as committed at ``rev``, as a module of its own."""
+    """The integer formats as committed at ``rev`` (``bitalloc/formats.py``, or
+    ``bitalloc/formats/integer.py`` once formats became a package), as a module of its own."""
     root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(
-        ["git", "show", f"{rev}:bitalloc/formats.py"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    for path in ("bitalloc/formats/integer.py", "bitalloc/formats.py"):
+        shown = subprocess.run(
+            ["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True
+        )
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"{rev} holds neither bitalloc/formats.py nor bitalloc/formats/integer.py")
     module = types.ModuleType("formats_at_baseline")
     # dataclasses look their module up in sys.modules.
     sys.modules[module.__name__] = module
-    exec(compile(source, f"{rev}:bitalloc/formats.py", "exec"), module.__dict__)
+    exec(compile(shown.stdout, f"{rev}:{path}", "exec"), module.__dict__)
     return module
+
+
+def baseline_format(module: types.ModuleType, name: str) -> Any:
+    """``name`` as a format of the baseline module (whichever layout it has)."""
+    if hasattr(module, "parse_format"):
+        return module.parse_format(name)
+    return module.IntFamily().parse(name) or module.FloatFamily().parse(name)
 
 
 def quant_table(args: argparse.Namespace) -> None:
@@ -209,12 +218,16 @@ def quant_table(args: argparse.Namespace) -> None:
     old = baseline_formats(args.baseline_rev)
     prep = prepare()
     palette = prep.palette
-    old_palette = [old.parse_format(f.name) for f in palette]
+    old_palette = [baseline_format(old, f.name) for f in palette]
     # Every layer has the same shapes, so the first few time a fixed share of the table.
     units = [u for u in prep.units if args.layers is None or u.layer < args.layers]
     weights = [get_linear(prep.model, u.name).weight.detach() for u in units]
 
+    shared_before = hasattr(old, "fake_quantize_each")
+
     def before(w: torch.Tensor, _palette) -> Iterator[torch.Tensor]:
+        if shared_before:
+            return old.fake_quantize_each(w, old_palette)
         return (f.fake_quantize(w) for f in old_palette)
 
     paths: dict[str, Callable[..., Iterator[torch.Tensor]]] = {
@@ -248,11 +261,18 @@ def quant_table(args: argparse.Namespace) -> None:
         + (f" (layers below {args.layers}; every layer has the same shapes)" if args.layers else "")
         + f": {len(weights)} units "
         f"({n_elems / 1e6:.1f} M weights) x {len(palette)} formats, Q(W) for every pair. "
-        f"Before: format by format with `bitalloc/formats.py` at {args.baseline_rev} (one "
-        "float32 copy, grouping and range per format; one pass over the weights per clipping "
-        "ratio). After: `fake_quantize_each` (grouping and ranges once per group size; all 14 "
-        "ratios in one pass per chunk). Both in one process on the same weights, rounds "
-        "alternating; all Q(W) compared equal bit for bit.",
+        + (
+            f"Before: `fake_quantize_each` at {args.baseline_rev} (a fresh tensor per "
+            "operation of the clipping search). After: the current `fake_quantize_each` (one "
+            "buffer reused by every step, bounds applied by maximum/minimum). "
+            if shared_before
+            else f"Before: format by format with `bitalloc/formats.py` at {args.baseline_rev} "
+            "(one float32 copy, grouping and range per format; one pass over the weights per "
+            "clipping ratio). After: `fake_quantize_each` (grouping and ranges once per group "
+            "size; all 14 ratios in one pass per chunk). "
+        )
+        + "Both in one process on the same weights, rounds alternating; all Q(W) compared "
+        "equal bit for bit.",
         "",
         "| path | seconds per table (each round) | best | speed-up |",
         "|---|---|---:|---:|",

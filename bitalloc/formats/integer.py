@@ -59,10 +59,10 @@ EXTRA_GROUP_SIZES = (16, 256)
 _CLIP_GRID = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.72, 0.68, 0.64, 0.6, 0.55)
 # The grid as a column, so that one tensor operation tries every ratio at once.
 _RATIOS = torch.tensor(_CLIP_GRID, dtype=torch.float32).reshape(-1, 1, 1)
-# (ratio, weight) pairs tried per step of the search: bounds its temporary memory (two float32
-# tensors of this size, 32 MiB) while keeping each operation large. Every operation costs a
-# thread hand-off on top of its arithmetic, which dominates on a busy machine when there are
-# many small ones (one pass per ratio was twice as slow; BENCHMARKS.md).
+# (ratio, weight) pairs tried per step of the search: bounds its temporary memory (one float32
+# buffer of this size, 16 MiB, reused by every step) while keeping each operation large. Every
+# operation costs a thread hand-off on top of its arithmetic, which dominates on a busy machine
+# when there are many small ones (one pass per ratio was twice as slow; BENCHMARKS.md).
 _CHUNK_ELEMENTS = 1 << 22
 
 _INT_NAME = re.compile(r"^int(\d+)-g(\d+)$")
@@ -351,6 +351,9 @@ def _search(groups: _Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor, tor
     out_features, n_groups, g = groups.x.shape
     qmax = float(2**bits - 1)
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // (len(_CLIP_GRID) * n_groups * g))
+    # One buffer for every chunk: a fresh multi-MiB tensor per operation costs its page faults
+    # on every call, as much as the arithmetic (BENCHMARKS.md).
+    buffer = torch.empty((len(_CLIP_GRID), min(rows_per_chunk, out_features), n_groups, g))
     codes, scales, zeros = [], [], []
     for start in range(0, out_features, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
@@ -358,9 +361,14 @@ def _search(groups: _Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor, tor
         # (ratios, rows, n_groups): every candidate range of every group.
         scale, zero = _scale_zero(groups.lo[rows] * _RATIOS, groups.hi[rows] * _RATIOS, qmax)
         s, z = scale[..., None], zero[..., None]
+        err = buffer[:, : x.shape[0]]
         # clamp(round(x / s) + z, 0, qmax) - z is round(x / s) clamped to [-z, qmax - z]: every
         # term is a whole number far below 2**24, so both give the same float32 values.
-        err = (x / s).round_().clamp_(min=-z, max=qmax - z).mul_(s).sub_(x).square_().sum(-1)
+        # maximum/minimum take the bounds as tensors at half the cost of clamp_ with tensors.
+        torch.div(x, s, out=err).round_()
+        torch.maximum(err, -z, out=err)
+        torch.minimum(err, qmax - z, out=err)
+        err = err.mul_(s).sub_(x).square_().sum(-1)
         best_scale, best_zero = _first_minimum(err, scale, zero)
         c = torch.clamp(torch.round(x / best_scale[..., None]) + best_zero[..., None], 0, qmax)
         codes.append(c.to(torch.uint8))
