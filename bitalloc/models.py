@@ -306,5 +306,6 @@ def model_fingerprint(model: nn.Module, units: list[Unit]) -> str:
     for unit in units:
         weight = get_linear(model, unit.name).weight.detach()
         digest.update(f"{unit.name}:{tuple(weight.shape)}:{weight.dtype}".encode())
-        digest.update(weight.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # The array's buffer is hashed in place; tobytes() would copy the weights first.
+        digest.update(weight.cpu().contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()[:16]

@@ -251,10 +251,22 @@ class FloatFamily(FormatFamily):
 def dequantize(q: QuantizedWeight) -> torch.Tensor:
     """Reconstruct the float32 weight (codes - zero) * scale from a :class:`QuantizedWeight`."""
     out_features, in_features = q.codes.shape
-    expand = torch.arange(in_features, device=q.codes.device) // q.group_size
-    scales = q.scales.to(torch.float32)[:, expand]
-    zeros = q.zeros.to(torch.float32)[:, expand]
-    return (q.codes.to(torch.float32) - zeros) * scales
+    g = q.group_size
+    n_full = in_features // g
+    scales = q.scales.to(torch.float32)
+    zeros = q.zeros.to(torch.float32)
+    # Broadcast each group's scale and zero over its codes rather than gather them per weight:
+    # the same two operations on the same values (so the same bits), without two float copies
+    # of the weight's size (5-14x faster).
+    out = torch.empty((out_features, in_features), dtype=torch.float32, device=q.codes.device)
+    if n_full:
+        body = out[:, : n_full * g].view(out_features, n_full, g)
+        codes = q.codes[:, : n_full * g].reshape(out_features, n_full, g)
+        torch.sub(codes, zeros[:, :n_full, None], out=body).mul_(scales[:, :n_full, None])
+    if in_features % g:
+        tail = out[:, n_full * g :]
+        torch.sub(q.codes[:, n_full * g :], zeros[:, n_full:], out=tail).mul_(scales[:, n_full:])
+    return out
 
 
 def quantize_each(weight: torch.Tensor, formats: Sequence[Format]) -> Iterator[QuantizedWeight]:
@@ -389,8 +401,9 @@ def _first_minimum(
     """
     inf = float("inf")
     err = torch.where(err < inf, err, inf)
-    # argmin returns the first index of a repeated minimum, the tie rule above.
-    pick = err.argmin(dim=0, keepdim=True)
+    # argmin returns the first index of a repeated minimum, the tie rule above. Ratios moved
+    # last and made contiguous first: argmin over a strided leading dimension is 5x slower.
+    pick = err.movedim(0, -1).contiguous().argmin(dim=-1).unsqueeze(0)
     found = err.gather(0, pick)[0] < inf
     best_scale = torch.where(found, scale.gather(0, pick)[0], 1.0)
     best_zero = torch.where(found, zero.gather(0, pick)[0], 0.0)
