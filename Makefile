@@ -31,13 +31,18 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "chromium is not installed (apt-get install chromium): browser tests will be skipped"; fi
 
+# One pytest worker per core (pytest-xdist); tests that start Ray share one worker
+# (xdist_group "ray"), and tests/conftest.py gives each worker its share of torch's threads.
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 # The inner loop: everything except the tests marked slow (the real default model, Ray
 # clusters, long training or measuring runs). `make test` runs those too.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check bitalloc tests benchmarks

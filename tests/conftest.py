@@ -15,6 +15,16 @@ from hypothesis import settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test` runs one worker per core), each worker gets its share of the
+# cores: torch's default of one thread per core in every worker oversubscribes them, and its
+# OpenMP threads then spin against each other. The variable reaches subprocesses (CLI runs, Ray
+# workers) too.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 # The fuzz tests draw new examples on every local run (and replay earlier failures from
 # .hypothesis/); under CI they draw a fixed sequence, so that a landing is reproducible and a
 # failure seen there can be rerun exactly (`CI=true pytest tests/fuzz`).
@@ -105,7 +115,21 @@ def isolated_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def _session_cache_root(tmp_path_factory):
+    # Under pytest-xdist every worker has its own base temp inside one run directory; the
+    # cache sits beside them so that a profile one worker computed is a hit in the other
+    # (cache files are written atomically, so two workers writing one entry is safe).
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "session-cache"
+        root.mkdir(exist_ok=True)
+        return root
     return tmp_path_factory.mktemp("session-cache")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (in their collected order, then the rest in theirs): with one worker
+    per core the minutes-long default-model tests then run beside many short ones, rather
+    than last on one worker while the other idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

@@ -113,22 +113,24 @@ def test_unknown_profiler_and_solver(tiny_model, byte_tokenizer, text_files, iso
 
 
 @pytest.mark.slow
-def test_default_model_end_to_end(default_model, isolated_cache, tmp_path):
-    """The real model: profile on 1k tokens, solve at 3.25 bits, verify on 1k tokens.
+def test_default_model_end_to_end(default_model, shared_cache, tmp_path):
+    """The real model: profile on 512 tokens, solve at 3.25 bits, verify on 512 tokens.
 
-    Repair is held to 6 evaluations of 1k tokens, as in tests/test_cli.py: each evaluation
-    re-quantizes the model, and the defaults (up to 24 of 2k) cost minutes on 2 cores; the full
-    budget is exercised on the tiny model in tests/test_repair.py."""
+    The profile (palette and tokens as in tests/test_cli.py and tests/search/test_cli_search.py)
+    is computed once per session and shared through ``shared_cache``. Repair is held to 6
+    evaluations of 512 tokens: each evaluation quantizes the model, and the defaults (up to 24
+    of 2k) cost minutes on 2 cores; the full budget is exercised on the tiny model in
+    tests/test_repair.py."""
     alloc = allocate(
         default_model.model,
         3.25,
         tokenizer=default_model.tokenizer,
-        formats="int2-g64,int3-g128,int4-g128,int4-g64,fp16",
-        calibration_tokens=1024,
-        eval_tokens=1024,
+        formats="int2-g64,int3-g128,int4-g128",
+        calibration_tokens=512,
+        eval_tokens=512,
         verify=True,
         repair_budget=6,
-        repair_tokens=1024,
+        repair_tokens=512,
         progress=False,
     )
     assert len(alloc.data.units) == 210 and alloc.avg_bits <= 3.25

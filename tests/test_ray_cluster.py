@@ -19,7 +19,7 @@ from tests.conftest import TEXT
 from tests.hfdirs import tiny_model_dir
 from tests.raycluster import ray_head
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 # The job, in one place. Paths without a leading / are relative to the job's working dir,
 # which `ray job submit --working-dir` uploads (model/, cal.txt, eval.txt: see _job_dir);

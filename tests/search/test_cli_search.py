@@ -19,7 +19,7 @@ def test_search_then_report_on_the_default_model(
     run_dir = tmp_path / "run"
     args = ["search", "--avg-bits", "3.25", "--trials", "4", "--run-dir", str(run_dir)]
     args += ["--formats", "int2-g64,int3-g128,int4-g128", "--calibration-tokens", "512"]
-    args += ["--eval-tokens", "1024", "--quiet"]
+    args += ["--eval-tokens", "512", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "best: avg_bits=" in out

@@ -19,6 +19,7 @@ from .driver import FORMATS, run
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_search_on_ray_survives_a_killed_worker(tmp_path, isolated_cache):
     ray = pytest.importorskip("ray")
     url = default_storage_url(tmp_path / "run")

@@ -158,6 +158,7 @@ def test_nan_weights_fail_clearly(tiny_model, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")
 def test_ray_workers_match_in_process_and_survive_a_killed_worker(tiny_model, tmp_path):
     ray = pytest.importorskip("ray")
     units = discover_units(tiny_model)
