@@ -138,7 +138,7 @@ def test_cli_profilers_interactions_and_combined_allocation(
     formats = ["--formats", "int2-g128,int3-g128,int4-g128", "--quiet"]
     table = tmp_path / "output.safetensors"
     assert (
-        main(["profile", "--method", "output", "--tokens", "256", *formats, "--out", str(table)])
+        main(["profile", "--method", "output", "--tokens", "512", *formats, "--out", str(table)])
         == 0
     )
     terms = tmp_path / "measured.json"
@@ -150,7 +150,7 @@ def test_cli_profilers_interactions_and_combined_allocation(
             "--units",
             r"layers\.2[89]\.",
             "--tokens",
-            "256",
+            "512",
             "--interactions",
             "neighbours",
             "--interaction-formats",
