@@ -28,11 +28,9 @@ def parse_options(items: Sequence[str]) -> dict[str, Any]:
 
 def check_profiler(name: str) -> None:
     """Fail on an unknown profiler before the model is loaded."""
-    from bitalloc.config.messages import UNKNOWN_PROFILER
-    from bitalloc.sensitivity import PROFILERS
+    from bitalloc.sensitivity import profiler_class
 
-    if name not in PROFILERS:
-        raise BitallocError(UNKNOWN_PROFILER.format(name=name, choices=sorted(PROFILERS)))
+    profiler_class(name)
 
 
 _SIZE_UNITS = {

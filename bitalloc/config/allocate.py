@@ -27,7 +27,6 @@ from bitalloc.config.messages import (
     POLICY_NEEDS_RL,
     PREDATES_CONFIG,
     RL_NO_KV,
-    UNKNOWN_PROFILER,
 )
 from bitalloc.config.names import FLAT_FIELDS, FLAT_NAMES
 from bitalloc.config.sections import (
@@ -96,12 +95,9 @@ class AllocateConfig(Section):
         if target.avg_bits is None and not kv.requested:
             raise ConfigError(NO_BUDGET)
         if prof.profile is None:
-            from bitalloc.sensitivity import PROFILERS
+            from bitalloc.sensitivity import profiler_class
 
-            if prof.profiler not in PROFILERS:
-                raise ConfigError(
-                    UNKNOWN_PROFILER.format(name=prof.profiler, choices=sorted(PROFILERS))
-                )
+            profiler_class(prof.profiler, ConfigError)
         elif prof.interactions is not None:
             raise ConfigError(INTERACTIONS_WITH_PROFILE)
         solver = self.solve.solver

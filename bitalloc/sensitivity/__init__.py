@@ -34,6 +34,7 @@ _EXPORTS = {
     "MEASURING_PROFILERS": "bitalloc.sensitivity.registry",
     "PROFILERS": "bitalloc.sensitivity.registry",
     "make_profiler": "bitalloc.sensitivity.registry",
+    "profiler_class": "bitalloc.sensitivity.registry",
     "profiler_classes": "bitalloc.sensitivity.registry",
     "register_profiler": "bitalloc.sensitivity.registry",
     "registered_profiler": "bitalloc.sensitivity.registry",

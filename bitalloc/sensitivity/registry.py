@@ -150,13 +150,20 @@ PROFILERS: Mapping[str, type[BaseProfiler]] = _Profilers()
 MEASURING_PROFILERS: Set[str] = _Measuring()
 
 
+def profiler_class(name: str, error: type[BitallocError] = BitallocError) -> type[BaseProfiler]:
+    """The weight profiler registered as ``name``; otherwise ``error`` (the caller's kind of
+    :class:`BitallocError`) naming the registered ones. The one check behind the config's rule,
+    the CLI's early check and :func:`make_profiler`."""
+    try:
+        return PROFILERS[name]
+    except (KeyError, TypeError):
+        raise error(UNKNOWN_PROFILER.format(name=name, choices=sorted(PROFILERS))) from None
+
+
 def make_profiler(name: str, **options: Any) -> BaseProfiler:
     """Build a weight profiler by method name with its options (each validated by the
     profiler)."""
-    try:
-        cls = PROFILERS[name]
-    except (KeyError, TypeError):
-        raise BitallocError(UNKNOWN_PROFILER.format(name=name, choices=sorted(PROFILERS))) from None
+    cls = profiler_class(name)
     try:
         return cls(**options)
     except TypeError as exc:
