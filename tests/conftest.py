@@ -38,6 +38,13 @@ TEXT = (
 ) * 40
 
 
+#: The palette and calibration tokens of the default-model tests that profile with Fisher: one
+#: profile, computed once per session and shared through ``shared_cache`` (its cache key holds
+#: both, so a test that drifted from them would silently profile again).
+DEFAULT_MODEL_FORMATS = "int2-g64,int3-g128,int4-g128"
+DEFAULT_MODEL_TOKENS = 512
+
+
 class ByteTokenizer:
     """Bytes as token ids: enough of the tokenizer interface that bitalloc uses."""
 

@@ -11,6 +11,7 @@ from bitalloc.formats import parse_palette
 from bitalloc.models import discover_units
 from bitalloc.sensitivity import Profile
 from tests.allocations import small_allocate
+from tests.conftest import DEFAULT_MODEL_FORMATS, DEFAULT_MODEL_TOKENS
 
 FORMATS = "int2-g32,int3-g32,int4-g32,int8-g32,fp16"
 
@@ -125,8 +126,8 @@ def test_default_model_end_to_end(default_model, shared_cache, tmp_path):
         default_model.model,
         3.25,
         tokenizer=default_model.tokenizer,
-        formats="int2-g64,int3-g128,int4-g128",
-        calibration_tokens=512,
+        formats=DEFAULT_MODEL_FORMATS,
+        calibration_tokens=DEFAULT_MODEL_TOKENS,
         eval_tokens=512,
         verify=True,
         repair_budget=6,

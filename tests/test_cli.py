@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from bitalloc.cli import main
+from tests.conftest import DEFAULT_MODEL_FORMATS, DEFAULT_MODEL_TOKENS
 
 
 def _run(*args):
@@ -70,9 +71,9 @@ def test_cli_allocate_verify_writes_json(tmp_path, shared_cache, reuse_default_m
             "--avg-bits",
             "3.25",
             "--formats",
-            "int2-g64,int3-g128,int4-g128",
+            DEFAULT_MODEL_FORMATS,
             "--calibration-tokens",
-            "512",
+            str(DEFAULT_MODEL_TOKENS),
             "--eval-tokens",
             "1024",
             "--verify",
@@ -102,9 +103,9 @@ def test_cli_allocate_verify_writes_json(tmp_path, shared_cache, reuse_default_m
             [
                 "profile",
                 "--tokens",
-                "512",
+                str(DEFAULT_MODEL_TOKENS),
                 "--formats",
-                "int2-g64,int3-g128,int4-g128",
+                DEFAULT_MODEL_FORMATS,
                 "--quiet",
                 "--out",
                 str(profile_out),
@@ -119,7 +120,7 @@ def test_cli_allocate_verify_writes_json(tmp_path, shared_cache, reuse_default_m
                 "--avg-bits",
                 "3.5",
                 "--formats",
-                "int2-g64,int3-g128,int4-g128",
+                DEFAULT_MODEL_FORMATS,
                 "--profile",
                 str(profile_out),
                 "--quiet",

@@ -7,7 +7,7 @@ import bitalloc.rl.agent as agent
 from bitalloc import allocate
 from bitalloc.errors import BitallocError
 from tests.allocations import small_allocate, small_prepare
-from tests.conftest import make_tiny_llama
+from tests.conftest import DEFAULT_MODEL_FORMATS, DEFAULT_MODEL_TOKENS, make_tiny_llama
 
 FORMATS = "int2-g32,int3-g32,int4-g32,int8-g32,fp16"
 # The transfer test profiles two models: a shorter palette halves the quantizing it costs.
@@ -132,8 +132,9 @@ def test_default_model_policy_transfers_to_a_config_built_llama(
 
     The palette and calibration are those of the other default-model tests, whose profile
     ``shared_cache`` then computes once per session."""
-    formats = "int2-g64,int3-g128,int4-g128"
-    common = dict(formats=formats, calibration_tokens=512, progress=False)
+    common = dict(
+        formats=DEFAULT_MODEL_FORMATS, calibration_tokens=DEFAULT_MODEL_TOKENS, progress=False
+    )
     policy = tmp_path / "smol.zip"
     trained = allocate(
         default_model.model,

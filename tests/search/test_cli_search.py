@@ -10,6 +10,7 @@ import pytest
 from bitalloc.allocation import Allocation
 from bitalloc.cli import main
 from bitalloc.search import default_storage_url
+from tests.conftest import DEFAULT_MODEL_FORMATS, DEFAULT_MODEL_TOKENS
 
 
 @pytest.mark.slow
@@ -18,7 +19,7 @@ def test_search_then_report_on_the_default_model(
 ):
     run_dir = tmp_path / "run"
     args = ["search", "--avg-bits", "3.25", "--trials", "4", "--run-dir", str(run_dir)]
-    args += ["--formats", "int2-g64,int3-g128,int4-g128", "--calibration-tokens", "512"]
+    args += ["--formats", DEFAULT_MODEL_FORMATS, "--calibration-tokens", str(DEFAULT_MODEL_TOKENS)]
     args += ["--eval-tokens", "512", "--quiet"]
     assert main(args) == 0
     out = capsys.readouterr().out
