@@ -205,8 +205,9 @@ def baseline_format(module: types.ModuleType, name: str) -> Any:
 
 
 def quant_table(args: argparse.Namespace) -> None:
-    """Time the quantization table, before (format by format at the baseline) and after
-    (shared across formats), and optionally whole Fisher profiles with each."""
+    """Time the quantization table, before (the baseline revision's formats: shared across
+    formats where it had ``fake_quantize_each``, else format by format) and after (the current
+    ``fake_quantize_each``), and optionally whole Fisher profiles with each."""
     import torch
 
     import bitalloc.sensitivity.fisher as fisher_module
@@ -262,9 +263,8 @@ def quant_table(args: argparse.Namespace) -> None:
         + f": {len(weights)} units "
         f"({n_elems / 1e6:.1f} M weights) x {len(palette)} formats, Q(W) for every pair. "
         + (
-            f"Before: `fake_quantize_each` at {args.baseline_rev} (a fresh tensor per "
-            "operation of the clipping search). After: the current `fake_quantize_each` (one "
-            "buffer reused by every step, bounds applied by maximum/minimum). "
+            f"Before: `fake_quantize_each` at {args.baseline_rev}. After: the current "
+            "`fake_quantize_each`. "
             if shared_before
             else f"Before: format by format with `bitalloc/formats.py` at {args.baseline_rev} "
             "(one float32 copy, grouping and range per format; one pass over the weights per "
