@@ -7,6 +7,7 @@ in :mod:`bitalloc.solvers.registry`; this module imports no concrete solver.
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -110,10 +111,7 @@ class BaseSolver(abc.ABC):
                 "drop budgets or use a method that supports several constraints, e.g. 'ilp'"
             )
         if problem.has_interactions and not self.supports_interactions:
-            # Imported here: the registry imports this module.
-            from bitalloc.solvers.registry import interaction_methods
-
-            supported = ", ".join(repr(name) for name in interaction_methods())
+            supported = ", ".join(repr(name) for name in _interaction_methods())
             raise BitallocError(
                 f"method {self.name!r} ignores pairwise interaction terms but the problem has "
                 f"{len(problem.interaction_pairs)}; use a method that optimises them "
@@ -244,3 +242,20 @@ def _simplified(problem: Problem) -> tuple[Problem, list[str], int]:
         problem.interactions or None,
     )
     return slim, loose, pruned
+
+
+def _interaction_methods() -> list[str]:
+    """Names of the loaded solver classes that optimise interaction terms, for an error message.
+
+    Found among :class:`BaseSolver`'s subclasses rather than through the registry, which
+    imports this module; every registered solver is such a subclass, loaded when registered.
+    """
+    names: set[str] = set()
+    pending = list(BaseSolver.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        name = getattr(cls, "name", None)
+        if cls.supports_interactions and isinstance(name, str) and not inspect.isabstract(cls):
+            names.add(name)
+    return sorted(names)

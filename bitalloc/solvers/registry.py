@@ -160,20 +160,6 @@ def solve(problem: Problem, method: str = "lagrangian", **options: Any) -> Solut
     return cls(**options).solve(problem)
 
 
-def interaction_methods() -> list[str]:
-    """Names of the methods that optimise interaction terms, skipping broken entry points
-    (this serves an error message about another method, which must not fail on them)."""
-    names = []
-    for name in solver_names():
-        try:
-            cls = solver_class(name)
-        except BitallocError:
-            continue
-        if cls.supports_interactions:
-            names.append(name)
-    return names
-
-
 def _declarations() -> dict[str, list[tuple[str, str]]]:
     """Method name -> distinct ``(target, distribution)`` pairs, scanned once."""
     global _declared

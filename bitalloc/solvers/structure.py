@@ -224,8 +224,6 @@ class Collapsed:
 
 def collapse(problem: Problem) -> Collapsed:
     """Reduce ``problem``'s ties and pins to super-units and masks (see :class:`Collapsed`)."""
-    from bitalloc.solvers.problem import Problem
-
     n = problem.n_units
     if not problem.ties and not problem.pins:
         return Collapsed(problem, np.arange(n), identity=True)
@@ -268,7 +266,8 @@ def collapse(problem: Problem) -> Collapsed:
         for i, s in enumerate(group_of.tolist()):
             members[s].append(names[i])
         unit_names = ["+".join(m) for m in members]
-    reduced = Problem(
+    # type(problem), not an import of Problem: problem.py imports this module.
+    reduced = type(problem)(
         objective=objective,
         costs={name: summed(table) for name, table in problem.costs.items()},
         budgets=dict(problem.budgets),
