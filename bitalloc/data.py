@@ -9,10 +9,12 @@ de-duplicated in that order: a paragraph is kept only where it first appears. No
 both splits.
 
 Windows: a split is tokenized as one stream (topics joined by a blank line, no special tokens)
-and cut into non-overlapping windows of ``seq_len`` tokens. When fewer tokens are asked for than
-the split holds, the windows are spread evenly over the stream (fixed positions, no randomness),
-so a short evaluation still samples every part of the split. A trailing partial window is
-dropped.
+and cut into non-overlapping windows of ``seq_len`` tokens. Each window starts with the special
+tokens the model's tokenizer puts at the start of a text (:func:`text_prefix`: BOS for Gemma- and
+Llama-style tokenizers, nothing for SmolLM2), and ``seq_len`` counts them: a window holds
+``seq_len - len(prefix)`` tokens of text. When fewer tokens are asked for than the split holds,
+the windows are spread evenly over the stream (fixed positions, no randomness), so a short
+evaluation still samples every part of the split. A trailing partial window is dropped.
 """
 
 from __future__ import annotations
@@ -123,24 +125,88 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def windows(ids: torch.Tensor, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+#: The text :func:`text_prefix` tokenizes to find a tokenizer's start tokens: plain words that
+#: every vocabulary covers.
+PREFIX_SAMPLE = "The quick brown fox jumps over the lazy dog."
+
+
+def text_prefix(tokenizer, sample: str = PREFIX_SAMPLE) -> tuple[int, ...]:
+    """The special token ids ``tokenizer(text)`` puts before a text: typically one BOS id
+    (Gemma, Llama-2/3), or none (SmolLM2, GPT-2); empty when the tokenizer adds nothing.
+
+    Found from what the tokenizer does, not from flags such as ``add_bos_token``, which not every
+    tokenizer has and which its post-processor may override: ``sample`` is tokenized with and
+    without special tokens, and the prefix is what comes before the plain tokens. Special tokens
+    after the text (an EOS some tokenizers append) are not part of it.
+
+    Raises :class:`BitallocError` when the plain tokens are not found inside the full ones.
+    """
+    plain = _input_ids(tokenizer(sample, add_special_tokens=False))
+    full = _input_ids(tokenizer(sample))
+    if not plain:
+        raise BitallocError(
+            f"the tokenizer turns the sample text {sample!r} into no tokens, so its start tokens "
+            "cannot be found; pass the model's own tokenizer"
+        )
+    # The first place where the plain tokens appear whole; what precedes it is the prefix. What
+    # follows it (an EOS suffix) is ignored: a window is cut from the middle of the stream, so it
+    # starts where the model's texts start but does not end where a text ends, and an EOS there
+    # would be scored as if the text stopped.
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return tuple(full[:start])
+    raise BitallocError(
+        f"the tokenizer's tokens of {sample!r} with special tokens ({full}) do not contain its "
+        f"tokens without them ({plain}), so the start tokens it adds cannot be told apart; pass "
+        "a tokenizer that only adds special tokens around the text"
+    )
+
+
+def _input_ids(encoding) -> list[int]:
+    return [int(i) for i in encoding["input_ids"]]
+
+
+def windows(
+    ids: torch.Tensor,
+    seq_len: int,
+    max_tokens: int | None = None,
+    *,
+    prefix: Sequence[int] = (),
+) -> torch.Tensor:
     """Non-overlapping (n, seq_len) windows of ``ids``, evenly spread when capped by
     ``max_tokens``.
 
-    Raises :class:`BitallocError` when the stream is shorter than one window.
+    Each window is ``prefix`` (the tokenizer's start tokens, see :func:`text_prefix`) followed by
+    ``seq_len - len(prefix)`` tokens of ``ids``: the window length counts the prefix, and so does
+    ``max_tokens``. The stream is cut into consecutive chunks of that many tokens.
+
+    Raises :class:`BitallocError` when ``seq_len`` leaves no room for text after ``prefix`` or
+    when the stream is shorter than one window.
     """
     if seq_len <= 0:
         raise BitallocError(f"sequence length must be positive, got {seq_len}")
-    available = ids.numel() // seq_len
-    if available == 0:
+    start = list(prefix)
+    body = seq_len - len(start)
+    if body <= 0:
         raise BitallocError(
-            f"the text has {ids.numel()} tokens, fewer than one sequence of {seq_len}; "
+            f"sequence length {seq_len} leaves no room for text after the tokenizer's "
+            f"{len(start)} start token(s) {start}; pass a --seq-len longer than {len(start)}"
+        )
+    available = ids.numel() // body
+    if available == 0:
+        inside = f" ({body} text tokens after {len(start)} start token(s))" if start else ""
+        raise BitallocError(
+            f"the text has {ids.numel()} tokens, fewer than one sequence of {seq_len}{inside}; "
             "pass more text or a shorter --seq-len"
         )
     wanted = available if max_tokens is None else max(1, min(available, max_tokens // seq_len))
     # Evenly spaced window indices over all available ones, fixed and deterministic.
     picks = sorted({(i * available) // wanted for i in range(wanted)})
-    return torch.stack([ids[p * seq_len : (p + 1) * seq_len] for p in picks])
+    chunks = torch.stack([ids[p * body : (p + 1) * body] for p in picks])
+    if not start:
+        return chunks
+    head = torch.tensor(start, dtype=ids.dtype, device=ids.device).expand(len(picks), -1)
+    return torch.cat([head, chunks], dim=1)
 
 
 def tensor_fingerprint(t: torch.Tensor) -> str:

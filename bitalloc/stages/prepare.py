@@ -7,6 +7,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from bitalloc.apply import QuantizedWeightCache
-from bitalloc.data import TextSplits, load_text, tokenize, windows
+from bitalloc.data import TextSplits, load_text, text_prefix, tokenize, windows
 from bitalloc.errors import BitallocError
 from bitalloc.folding_record import ScaleFolding, fold_loaded
 from bitalloc.formats import QuantFormat, parse_palette
@@ -47,13 +48,30 @@ class Prepared:
         return self.loaded.model
 
     def calibration_windows(self) -> torch.Tensor:
-        """All calibration windows (profilers pick their own subset)."""
-        return windows(tokenize(self.loaded.tokenizer, self.text.calibration), self.seq_len)
+        """All calibration windows (profilers pick their own subset), each starting with the
+        tokenizer's start tokens (:func:`bitalloc.data.text_prefix`)."""
+        return windows(self._calibration_ids, self.seq_len, prefix=self._text_prefix)
 
     def evaluation_windows(self, tokens: int | None) -> torch.Tensor:
-        """Evaluation windows, evenly spread, capped at ``tokens``."""
-        ids = tokenize(self.loaded.tokenizer, self.text.evaluation)
-        return windows(ids, self.seq_len, tokens)
+        """Evaluation windows, evenly spread, capped at ``tokens``, each starting with the
+        tokenizer's start tokens."""
+        return windows(self._evaluation_ids, self.seq_len, tokens, prefix=self._text_prefix)
+
+    # The tokenized splits and the prefix are cached on the instance: the windows are asked for
+    # several times per run and tokenizing a split takes far longer than cutting it. Prepared is
+    # frozen but has no __slots__, so cached_property stores into the instance's __dict__ (no
+    # shared state), and dataclasses.replace builds a new instance that tokenizes afresh.
+    @cached_property
+    def _text_prefix(self) -> tuple[int, ...]:
+        return text_prefix(self.loaded.tokenizer)
+
+    @cached_property
+    def _calibration_ids(self) -> torch.Tensor:
+        return tokenize(self.loaded.tokenizer, self.text.calibration)
+
+    @cached_property
+    def _evaluation_ids(self) -> torch.Tensor:
+        return tokenize(self.loaded.tokenizer, self.text.evaluation)
 
 
 def prepare(
