@@ -12,9 +12,16 @@ so ``int3-g128`` costs 3.25 bits per weight when ``g`` divides ``in`` and a litt
 does not (576 = 4 x 128 + 64 gives 5 groups per row: 3 + 160 / 576 = 3.278 bits per weight).
 
 Scales and zeros are chosen per group to minimise squared error over a grid of clipping ranges
-(min-max rounding alone is far worse at 2-3 bits). Zero points are whole numbers in the code
-range, stored as fp16 (exactly representable), so the codes and zeros can be handed to integer
-kernels the way GPTQ-style checkpoints store them.
+(min-max rounding alone is far worse at 2-3 bits). The grid starts at the full min-max range, so
+the choice is never worse than min-max on the error it minimises. Given an ``importance`` per
+input column (the mean squared activation entering the matrix, the diagonal of XᵀX / n that
+llama.cpp's importance matrix holds), the error minimised is the importance-weighted one,
+``sum_j importance[j] * (W[r, j] - Q(W)[r, j])**2`` over each group's columns: the output error
+the calibration inputs see, up to their cross terms. The weighting is diagonal, so every group is
+still chosen on its own.
+
+Zero points are whole numbers in the code range, stored as fp16 (exactly representable), so the
+codes and zeros can be handed to integer kernels the way GPTQ-style checkpoints store them.
 
 Profilers need one weight under every format of the palette: :func:`quantize_each` and
 :func:`fake_quantize_each` split the weight into groups and take each group's range once per
@@ -56,6 +63,9 @@ EXTRA_GROUP_SIZES = (16, 256)
 
 # Shrink factors of the min-max range tried per group. The grid is finer near 1 because most
 # groups at 4+ bits keep (nearly) their full range; low-bit groups gain from clipping down to ~0.5.
+# 1.0 comes first and must stay first: it is plain min-max (the range as stored, fp16 scale and
+# whole zero), and a later ratio wins only with a strictly smaller error, so the search is never
+# worse than min-max, weighted or not, and a tie keeps min-max.
 _CLIP_GRID = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.72, 0.68, 0.64, 0.6, 0.55)
 # The grid as a column, so that one tensor operation tries every ratio at once.
 _RATIOS = torch.tensor(_CLIP_GRID, dtype=torch.float32).reshape(-1, 1, 1)
@@ -154,17 +164,22 @@ class QuantFormat(Format):
         out_features, in_features = _check_shape(shape)
         return self.storage_bits(shape) / (out_features * in_features)
 
-    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
-        """Quantize a 2-D weight; scales/zeros minimise each group's squared error."""
-        return next(quantize_each(weight, (self,)))
+    def quantize(
+        self, weight: torch.Tensor, importance: torch.Tensor | None = None
+    ) -> QuantizedWeight:
+        """Quantize a 2-D weight; scales/zeros minimise each group's squared error, weighted by
+        ``importance`` when given (see :func:`quantize_each`)."""
+        return next(quantize_each(weight, (self,), importance=importance))
 
     def fake_quantize(
         self, weight: torch.Tensor, importance: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Return Q(W) in ``weight``'s dtype: what the model computes with under this format.
 
-        ``importance`` is checked and not used: the clipping search minimises the plain squared
-        error, which the profiles and the packed kernels are built on.
+        ``importance`` (one non-negative value per input column, or None) weights the clipping
+        search's squared error column by column; :func:`quantize_each` says how. It equals
+        ``dequantize(self.quantize(weight, importance))``, so a packed weight built from the
+        same importance computes with exactly this weight.
         """
         return next(fake_quantize_each(weight, (self,), importance=importance))
 
@@ -269,13 +284,26 @@ def dequantize(q: QuantizedWeight) -> torch.Tensor:
     return out
 
 
-def quantize_each(weight: torch.Tensor, formats: Sequence[Format]) -> Iterator[QuantizedWeight]:
+def quantize_each(
+    weight: torch.Tensor,
+    formats: Sequence[Format],
+    importance: torch.Tensor | None = None,
+) -> Iterator[QuantizedWeight]:
     """Quantize a 2-D weight with each integer format of ``formats`` in turn (lazily, in order).
 
-    Equal, code for code, to ``fmt.quantize(weight)`` for each format; the float32 copy, the
-    split into groups and each group's range are computed once per group size and shared by
-    every bit width of that size (kept while the iterator lives: at most one float32 copy of
-    the weight per group size).
+    Equal, code for code, to ``fmt.quantize(weight, importance)`` for each format; the float32
+    copy, the split into groups and each group's range are computed once per group size and
+    shared by every bit width of that size (kept while the iterator lives: at most one float32
+    copy of the weight per group size).
+
+    ``importance`` is None (each group minimises its plain squared error) or a 1-D tensor of
+    ``in`` finite, non-negative values, one per input column, of any real dtype and device (it
+    is used in float32 on the weight's device): each group then minimises
+    ``sum_j importance[j] * (W[r, j] - Q(W)[r, j])**2`` over its columns. Only each group's
+    relative importances matter: giving every column the same value gives exactly the result
+    without importance, and so does scaling by a power of two that keeps the values normal
+    float32 numbers. A group whose importance is all zero has no weighted error to minimise and
+    gets the unweighted choice.
     """
     formats = tuple(formats)
     others = [f.name for f in formats if not isinstance(f, QuantFormat)]
@@ -287,13 +315,16 @@ def quantize_each(weight: torch.Tensor, formats: Sequence[Format]) -> Iterator[Q
     floats = [f.name for f in formats if f.is_float]
     if floats:
         raise BitallocError("fp16 keeps the weight as is; there are no codes to compute")
-    _check_shape(tuple(weight.shape))
+    _, in_features = _check_shape(tuple(weight.shape))
+    importance = check_importance(importance, in_features)
     w = weight.detach().to(torch.float32)
+    if importance is not None:
+        importance = importance.to(w.device)
     grouped: dict[int, list[_Groups]] = {}
     for fmt in formats:
         size = int(fmt.group_size or 0)
         if size not in grouped:
-            grouped[size] = _split(w, size)
+            grouped[size] = _split(w, size, importance)
         parts = [_search(g, fmt.bits) for g in grouped[size]]
         codes = torch.cat([c.reshape(w.shape[0], -1) for c, _, _ in parts], dim=1)
         scales = torch.cat([s for _, s, _ in parts], dim=1)
@@ -313,7 +344,7 @@ def fake_quantize_each(
     formats = tuple(formats)
     _, in_features = _check_shape(tuple(weight.shape))
     importance = check_importance(importance, in_features)
-    quantized = quantize_each(weight, [f for f in formats if _is_int(f)])
+    quantized = quantize_each(weight, [f for f in formats if _is_int(f)], importance)
     for fmt in formats:
         if _is_int(fmt):
             yield dequantize(next(quantized)).to(weight.dtype)
@@ -331,31 +362,56 @@ def _is_int(fmt: Format) -> bool:
 class _Groups:
     """Rows of groups of equal length and each group's range: ``x`` is (out, n_groups, g),
     ``lo``/``hi`` are (out, n_groups), the range widened to contain 0 so that zero weights (and
-    constant groups) stay exact."""
+    constant groups) stay exact. ``weights`` is None or (n_groups, g): each column's share of
+    the squared error, shared by every row."""
 
     x: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
+    weights: torch.Tensor | None = None
 
 
-def _split(w: torch.Tensor, group_size: int) -> list[_Groups]:
+def _split(
+    w: torch.Tensor, group_size: int, importance: torch.Tensor | None = None
+) -> list[_Groups]:
     """The float32 weight as its whole groups and, when ``group_size`` does not divide the
-    input dimension, the shorter last group of every row."""
+    input dimension, the shorter last group of every row, each with its columns' weights."""
     out_features, in_features = w.shape
     n_full = in_features // group_size
     blocks = []
     if n_full:
-        blocks.append(w[:, : n_full * group_size].reshape(out_features, n_full, group_size))
+        blocks.append((slice(0, n_full * group_size), n_full, group_size))
     if in_features % group_size:
-        blocks.append(w[:, n_full * group_size :].unsqueeze(1))
-    return [
-        _Groups(x, torch.clamp(x.amin(dim=-1), max=0.0), torch.clamp(x.amax(dim=-1), min=0.0))
-        for x in blocks
-    ]
+        blocks.append((slice(n_full * group_size, in_features), 1, in_features % group_size))
+    groups = []
+    for cols, n_groups, size in blocks:
+        x = w[:, cols].reshape(out_features, n_groups, size)
+        lo = torch.clamp(x.amin(dim=-1), max=0.0)
+        hi = torch.clamp(x.amax(dim=-1), min=0.0)
+        weights = None
+        if importance is not None:
+            weights = _group_weights(importance[cols], n_groups, size)
+        groups.append(_Groups(x, lo, hi, weights))
+    return groups
+
+
+def _group_weights(importance: torch.Tensor, n_groups: int, size: int) -> torch.Tensor:
+    """``importance`` as (n_groups, size), each group divided by its largest value.
+
+    A positive factor per group leaves that group's choice unchanged; dividing by the maximum
+    makes every weight at most 1 (no overflow however large the importances are) and turns a
+    group of equal importances into exact ones, whose products and sums are those of the
+    unweighted search, bit for bit. A group of zeros would weigh every candidate at zero (min-max
+    by the tie rule, however poor for the weight): it gets ones, the unweighted choice.
+    """
+    grouped = importance.reshape(n_groups, size)
+    top = grouped.amax(dim=-1, keepdim=True)
+    return torch.where(top > 0, grouped / top, 1.0)
 
 
 def _search(groups: _Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize the groups with the clipping ratio of least squared error per group.
+    """Quantize the groups with the clipping ratio of least squared error per group, each
+    column's squared error weighted by ``groups.weights`` when there are weights.
 
     Returns codes (out, n_groups, g) uint8 and fp16 scales/zeros (out, n_groups). Every ratio
     is tried in one pass over a chunk of rows (chunks bound the temporary memory).
@@ -365,13 +421,16 @@ def _search(groups: _Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor, tor
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // (len(_CLIP_GRID) * n_groups * g))
     # One buffer for every chunk: a fresh multi-MiB tensor per operation costs its page faults
     # on every call, as much as the arithmetic (BENCHMARKS.md).
-    buffer = torch.empty((len(_CLIP_GRID), min(rows_per_chunk, out_features), n_groups, g))
+    buffer = torch.empty(
+        (len(_CLIP_GRID), min(rows_per_chunk, out_features), n_groups, g), device=groups.x.device
+    )
+    ratios = _RATIOS.to(groups.x.device)
     codes, scales, zeros = [], [], []
     for start in range(0, out_features, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         x = groups.x[rows]
         # (ratios, rows, n_groups): every candidate range of every group.
-        scale, zero = _scale_zero(groups.lo[rows] * _RATIOS, groups.hi[rows] * _RATIOS, qmax)
+        scale, zero = _scale_zero(groups.lo[rows] * ratios, groups.hi[rows] * ratios, qmax)
         s, z = scale[..., None], zero[..., None]
         err = buffer[:, : x.shape[0]]
         # clamp(round(x / s) + z, 0, qmax) - z is round(x / s) clamped to [-z, qmax - z]: every
@@ -380,7 +439,11 @@ def _search(groups: _Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor, tor
         torch.div(x, s, out=err).round_()
         torch.maximum(err, -z, out=err)
         torch.minimum(err, qmax - z, out=err)
-        err = err.mul_(s).sub_(x).square_().sum(-1)
+        err = err.mul_(s).sub_(x).square_()
+        if groups.weights is not None:
+            # The weighting is diagonal: one multiply per candidate, the search is unchanged.
+            err = err.mul_(groups.weights)
+        err = err.sum(-1)
         best_scale, best_zero = _first_minimum(err, scale, zero)
         c = torch.clamp(torch.round(x / best_scale[..., None]) + best_zero[..., None], 0, qmax)
         codes.append(c.to(torch.uint8))
