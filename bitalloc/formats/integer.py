@@ -70,10 +70,12 @@ _CLIP_GRID = (1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.72, 0.68, 0
 # The grid as a column, so that one tensor operation tries every ratio at once.
 _RATIOS = torch.tensor(_CLIP_GRID, dtype=torch.float32).reshape(-1, 1, 1)
 # (ratio, weight) pairs tried per step of the search: bounds its temporary memory (one float32
-# buffer of this size, 16 MiB, reused by every step) while keeping each operation large. Every
+# buffer of this size, 4 MiB, reused by every step) while keeping each operation large. Every
 # operation costs a thread hand-off on top of its arithmetic, which dominates on a busy machine
-# when there are many small ones (one pass per ratio was twice as slow; BENCHMARKS.md).
-_CHUNK_ELEMENTS = 1 << 22
+# when there are many small ones (one pass per ratio was twice as slow); a buffer that fits in a
+# core's L2 cache is what makes the seven passes over it fast (2x on one thread against 16 MiB,
+# BENCHMARKS.md).
+_CHUNK_ELEMENTS = 1 << 20
 
 _INT_NAME = re.compile(r"^int(\d+)-g(\d+)$")
 _FLOAT_NAMES = ("fp16", "f16", "float16")
