@@ -3,7 +3,9 @@
 A storage string is one of:
 
 - an Optuna RDB URL (``sqlite:///path/study.db``, ``postgresql://...``, ``mysql://...``):
-  every finished trial is committed as it is told, so a killed search loses none;
+  every finished trial is committed as it is told, so a killed search loses none. A SQLite
+  file is switched to write-ahead logging (see :func:`_fast_sqlite`): a trial writes one row
+  per unit, and SQLite's default journal syncs the disk on every one of those commits;
 - ``journal:PATH``: Optuna's journal file (append-only, file-locked), for clusters whose
   workers share a file system but no database server.
 
@@ -13,6 +15,8 @@ By default a search keeps its study in SQLite inside its run directory
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,11 +76,16 @@ def open_storage(url: str, *, create: bool = True) -> Any:
             f"storage {url!r} is neither an RDB URL (sqlite:///FILE, postgresql://...) nor "
             "journal:FILE"
         )
+    sqlite_path = None
     if url.startswith("sqlite:///"):
-        _check_local_file(url, Path(url[len("sqlite:///") :]).expanduser(), create)
+        sqlite_path = Path(url[len("sqlite:///") :]).expanduser()
+        _check_local_file(url, sqlite_path, create)
     for attempt in range(_ATTEMPTS):
         try:
-            return optuna.storages.RDBStorage(url)
+            storage = optuna.storages.RDBStorage(url)
+            if sqlite_path is not None:
+                _fast_sqlite(storage, sqlite_path)
+            return storage
         except Exception as exc:  # noqa: BLE001 - SQLAlchemy, drivers and schema checks vary
             # Two processes opening a new database at once (a search and its dashboard) race
             # to create the schema; the loser sees "table already exists" and succeeds on retry.
@@ -86,6 +95,39 @@ def open_storage(url: str, *, create: bool = True) -> Any:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BitallocError(f"cannot open storage {url!r}: {first}") from None
     raise AssertionError("unreachable")
+
+
+def _fast_sqlite(storage: Any, path: Path) -> None:
+    """Write-ahead logging with ``synchronous=NORMAL`` for a SQLite study.
+
+    Optuna stores every suggested parameter in its own transaction, so a trial over the 210
+    units of the default model is hundreds of commits; in SQLite's default rollback-journal
+    mode each one waits for the disk, which made suggesting a trial take seconds (6x faster in
+    WAL mode here). A commit in WAL mode is still on disk when it returns as far as any other
+    process or a killed search is concerned; only a power loss or an operating-system crash can
+    lose the last commits, never corrupt the file. WAL needs the readers on the same machine
+    (shared memory beside the file), true of the local run directories SQLite is meant for;
+    searches spread over machines use ``journal:FILE`` or a database server. A file that
+    cannot be switched (read-only, another process mid-write) is used as it is.
+    """
+    from sqlalchemy import event
+
+    def pragmas(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        try:
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+    try:
+        with contextlib.closing(sqlite3.connect(path, timeout=10)) as connection:
+            mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()
+    except sqlite3.Error:
+        return
+    if mode and str(mode[0]).lower() == "wal":
+        event.listen(storage.engine, "connect", pragmas)
+        # Connections opened while Optuna created or checked the schema lack the pragma.
+        storage.engine.dispose()
 
 
 def _check_local_file(url: str, path: Path, create: bool) -> None:

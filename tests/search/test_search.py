@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -177,6 +178,24 @@ def test_storage_that_cannot_be_opened(tmp_path, isolated_cache):
         run(tmp_path / "run", 3, storage=f"sqlite:///{tmp_path / 'junk.db'}")
     with pytest.raises(BitallocError, match="does not exist"):
         open_storage(f"sqlite:///{tmp_path / 'missing.db'}", create=False)
+
+
+def test_sqlite_studies_use_write_ahead_logging(tmp_path):
+    """A trial writes one row per unit; in rollback-journal mode each of those commits waits
+    for the disk. The study file is switched to WAL, every connection syncs at NORMAL, and what
+    one storage writes another process's storage reads at once."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    trial.suggest_categorical("layers.0.mlp", ["int2-g64", "int4-g128"])
+    study.tell(trial, 1.0)
+    with sqlite3.connect(tmp_path / "study.db") as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    again = optuna.load_study(study_name="s", storage=open_storage(url, create=False))
+    assert [t.params for t in again.trials] == [trial.params]
 
 
 def test_journal_storage(tmp_path, isolated_cache):
