@@ -113,6 +113,7 @@ def allocate(
     if request is None:
         allocation = weights.solve(profile)
         resolve = weights.solve
+        candidates = weights.uniform_candidates(profile) if config.verify.enabled else []
     else:
         allocation = allocate_with_kv(
             prep,
@@ -129,8 +130,14 @@ def allocate(
             allocation = allocation.with_scale_folding(prep.scale_folding)
         # A joint budget's weight share is not a budget repair could re-solve alone.
         resolve = None if request.joint else keeping_kv(weights.solve, allocation)
+        candidates = []
+        if resolve is not None and config.verify.enabled:
+            kv = allocation.data.kv
+            candidates = [(lb, c.with_kv(kv)) for lb, c in weights.uniform_candidates(profile)]
     if config.verify.enabled:
-        allocation = verify(prep, profile, allocation, config, resolve=resolve)
+        allocation = verify(
+            prep, profile, allocation, config, resolve=resolve, candidates=candidates
+        )
     return _recorded(allocation, config)
 
 

@@ -42,6 +42,16 @@ def repair_line(r) -> str:
         f"measured {r.measured_after:.4f} after; "
         + ("allocation changed" if r.changed else "allocation kept")
     )
+    if r.regime:
+        refined = any(round_.action == "refined" for round_ in r.rounds)
+        then = (
+            "repair measured the units that matter under every format"
+            if refined
+            else "the repair budget left no room to measure whole rows (raise --repair-budget)"
+        )
+        head += f"\n  profile outside its regime: {r.regime}; {then}"
+    if r.reason:
+        head += f"\n  returned {r.chosen}: {r.reason}"
     last = r.rounds[-1] if r.rounds else None
     if last is None or last.action != "budget spent":
         return head

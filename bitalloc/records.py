@@ -194,14 +194,18 @@ class Measured(Strict):
 class RepairRound(Strict):
     """One round of verify-and-repair: the allocation at its start, predicted and measured
     loss increase (nats/token, on the repair windows), the groups then measured (unit names or
-    ``layer N``), and what was done (``corrected``, or why it stopped: ``agrees``,
-    ``budget spent``, ``nothing left``)."""
+    ``layer N``), and what was done (``corrected``: the measured groups' terms rescaled;
+    ``refined``: the measured units' rows replaced by measurements of every format; or why it
+    stopped: ``agrees``, ``budget spent``, ``nothing left``). ``direction`` says which way the
+    prediction was off when the round acted: ``optimistic`` (measured above predicted) or
+    ``pessimistic`` (below)."""
 
     avg_bits: float
     predicted: float
     measured: float
     groups_measured: list[str]
     action: str
+    direction: str | None = None
 
 
 class Repair(Strict):
@@ -221,6 +225,16 @@ class Repair(Strict):
     groups_measured: int
     rounds: list[RepairRound]
     wall_time_s: float
+    #: Which measured candidate was returned: ``solver`` (the first choice), ``repair round N``
+    #: or ``uniform FORMAT`` (a uniform allocation within the same budget), and why.
+    chosen: str = "solver"
+    reason: str | None = None
+    #: Every other candidate measured on the repair windows: label -> loss increase (nats/token).
+    candidates: dict[str, float] = {}
+    #: Set when the profile was judged outside the regime where it can be trusted, and why;
+    #: repair then measured whole rows (every format of the units that matter) instead of
+    #: rescaling the profile's terms.
+    regime: str | None = None
 
     def check(self, predicted_loss: float | None) -> None:
         """Raise :class:`BitallocError` unless the counts are sane and ``predicted_after`` is

@@ -399,6 +399,25 @@ def test_repair_summary_says_when_the_budget_ran_out():
     assert "ran out" not in agreed and agreed.endswith("allocation changed")
 
 
+def test_repair_summary_says_what_was_returned_and_why():
+    from bitalloc.cliprint import repair_line
+
+    record = _repair("agrees").model_copy(
+        update={
+            "chosen": "uniform int3-g128",
+            "reason": "uniform int3-g128 measured perplexity 20.000 on the evaluation split",
+            "regime": "the loss increase is 5.20 nats/token",
+        }
+    )
+    text = repair_line(record)
+    assert "returned uniform int3-g128: uniform int3-g128 measured perplexity 20.000" in text
+    assert "profile outside its regime: the loss increase is 5.20 nats/token" in text
+    assert "no room to measure whole rows" in text
+    refined = record.rounds[0].model_copy(update={"action": "refined"})
+    text = repair_line(record.model_copy(update={"rounds": [refined, *record.rounds[1:]]}))
+    assert "measured the units that matter under every format" in text
+
+
 def test_eval_labels_the_stored_repair_as_recorded(tmp_path, monkeypatch, capsys):
     """`bitalloc eval` measures again but never repairs: the stored repair line is history."""
     from types import SimpleNamespace

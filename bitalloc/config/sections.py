@@ -231,8 +231,9 @@ class VerifyConfig(Section):
     enabled: bool = option(
         False,
         "--verify",
-        "measure the allocation against its prediction, repair it when the prediction was "
-        "too optimistic, and measure perplexity beside uniform baselines",
+        "measure the allocation against its prediction, repair it when the two disagree, "
+        "return the best measured of it, its repairs and the uniform allocations within the "
+        "budget, and measure perplexity beside uniform baselines",
         kind="switch",
     )
     repair: bool = option(
@@ -246,7 +247,7 @@ class VerifyConfig(Section):
     tolerance: float = option(
         DEFAULT_REPAIR_TOLERANCE,
         "--repair-tolerance",
-        "accepted relative excess of measured over predicted loss (default 0.1)",
+        "accepted relative gap between measured and predicted loss, either way (default 0.1)",
     )
     tokens: int = option(
         DEFAULT_REPAIR_TOKENS,

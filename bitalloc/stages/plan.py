@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from bitalloc.allocation import Allocation
 from bitalloc.models import excluded_parameters
 from bitalloc.planning import build_problem, default_method, to_allocation
@@ -51,6 +53,33 @@ class Plan:
         chosen = allocation_for(self.prep, table, solution, self.budget)
         record = self.prep.scale_folding
         return chosen if record is None else chosen.with_scale_folding(record)
+
+    def uniform_candidates(self, table: Profile) -> list[tuple[str, Allocation]]:
+        """The uniform allocations (every unit in one palette format) that meet this plan's
+        budgets and constraints, richest first, labelled ``uniform FORMAT``: what verify
+        measures beside the solver's choice, so that it never returns an allocation worse than
+        doing nothing clever."""
+        problem = self.problem(table)
+        found = []
+        for j, fmt in enumerate(self.prep.palette):
+            choice = np.full(problem.n_units, j, dtype=np.int64)
+            if fmt.is_float or not problem.is_feasible(choice):
+                continue
+            solution = Solution(
+                choice=choice,
+                objective=problem.objective_of(choice),
+                resources=problem.resources(choice),
+                status="feasible",
+                lower_bound=None,
+                gap=None,
+                wall_time_s=0.0,
+                method="uniform",
+            )
+            chosen = allocation_for(self.prep, table, solution, self.budget)
+            if self.prep.scale_folding is not None:
+                chosen = chosen.with_scale_folding(self.prep.scale_folding)
+            found.append((chosen.avg_bits, f"uniform {fmt.name}", chosen))
+        return [(label, alloc) for _, label, alloc in sorted(found, key=lambda f: -f[0])]
 
 
 def plan(prep: Prepared, profile: Profile, config: AllocateConfig) -> Plan:
