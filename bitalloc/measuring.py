@@ -163,7 +163,8 @@ def kv_baseline_formats(kv: KVAllocation) -> list[tuple[KVFormat, float]]:
     for name in KV_BASELINES:
         base = parse_kv_format(name)
         fmt = KVFormat(base.key_bits, base.value_bits, first.group_size, first.residual)
-        exact.append((fmt.bits_per_element(kv.head_dim, kv.n_kv_heads, kv.context_len), fmt))
+        # Counted layer by layer: a sliding-window layer stores fewer tokens than a full one.
+        exact.append((kv.uniform_avg_bits(fmt), fmt))
     return [(fmt, bits) for bits, fmt in nearest_around(exact, kv.avg_bits + 1e-9)]
 
 

@@ -1,5 +1,6 @@
 """KV-cache quantization: per-layer (key bits, value bits) formats in KIVI's layout, their exact
-storage cost, KV units for allocation, and a transformers cache that applies them.
+storage cost, KV units for allocation, and a transformers cache that applies them, on
+full-attention, sliding-window and mixed sliding/global attention models.
 
 The cache names are imported on first use: formats and storage accounting stay usable without
 importing transformers (the rest of bitalloc also imports it only when a model is involved).
@@ -14,6 +15,7 @@ from bitalloc.kv.formats import (
     KV_BITS,
     AttentionGeometry,
     KVFormat,
+    KVUnit,
     attention_geometry,
     kv_palette,
     kv_units,
@@ -45,6 +47,7 @@ __all__ = [
     "KV_BITS",
     "AttentionGeometry",
     "KVFormat",
+    "KVUnit",
     "QuantizedKVCache",
     "QuantizedKVLayer",
     "attention_geometry",

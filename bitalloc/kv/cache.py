@@ -17,21 +17,37 @@ how :func:`kv_perplexity` scores a quantized cache at a stated context in one fo
 
 Grouped-query attention needs nothing special: the cache holds the (batch, kv_heads, seq,
 head_dim) states before the model repeats them for its query heads, and quantizes per KV head.
+
+Sliding-window layers (their window read from the model's config, as transformers' own
+``DynamicCache(config=...)`` reads it) keep only the last ``min(tokens, window)`` tokens after
+each update, the ones the newest query read; an update still returns the stored tokens plus the
+new ones, and :meth:`QuantizedKVLayer.get_mask_sizes` tells the model's mask where they start,
+so the model's sliding mask hides what is out of a query's window. Which tokens are quantized
+follows absolute positions, as for a full layer, so a sliding layer holds the stored slice of
+what a full layer would hold (a key group that fills after losing tokens to the window is
+quantized over the tokens still stored). :meth:`QuantizedKVCache.stored_bits` counts what the
+layers hold, the count :meth:`KVFormat.cache_bits` predicts.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Perplexity, perplexity
-from bitalloc.kv.formats import AttentionGeometry, KVFormat, attention_geometry, parse_kv_format
-from bitalloc.kv.quantize import quantize_keys, quantize_values
+from bitalloc.kv.formats import (
+    SCALE_ZERO_BITS,
+    AttentionGeometry,
+    KVFormat,
+    attention_geometry,
+    parse_kv_format,
+)
+from bitalloc.kv.quantize import FULL_BITS, quantize_keys, quantize_values
 
 try:
     from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -50,45 +66,124 @@ def _check_positive(value: object, what: str) -> None:
 
 
 class QuantizedKVLayer(DynamicLayer):
-    """One attention layer's cache under a :class:`KVFormat` (None: kept unquantized).
+    """One attention layer's cache under a :class:`KVFormat` (None: kept unquantized), holding
+    every token (``window`` None) or the last ``window`` tokens of a sliding-window layer.
 
-    ``keys``/``values`` hold the view attention reads; ``frozen_keys``/``frozen_values`` count
-    the leading tokens already replaced by their quantized version.
+    ``keys``/``values`` hold the stored tokens as attention reads them, the oldest at absolute
+    position ``cumulative_length - keys.shape[-2]``; ``frozen_keys``/``frozen_values`` are the
+    absolute positions below which tokens have been replaced by their quantized version.
     """
 
     # A quantized token cannot be restored, so rolling tokens back (assisted decoding) is refused.
     is_croppable = False
 
-    def __init__(self, fmt: KVFormat | None = None) -> None:
+    def __init__(self, fmt: KVFormat | None = None, window: int | None = None) -> None:
         super().__init__()
+        if window is not None:
+            _check_positive(window, "sliding window (tokens)")
         self.fmt = None if fmt is None or fmt.is_lossless else fmt
+        self.window = window
+        # Read by transformers (Cache.is_sliding) to size the sliding and the full masks.
+        self.is_sliding = window is not None
+        self.cumulative_length = 0
         self.frozen_keys = 0
         self.frozen_values = 0
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new states and quantize what has just left the full-precision window."""
+        """Append the new states, quantize what has just left the full-precision window, and
+        keep at most ``window`` tokens; returns the stored tokens and the new ones."""
+        first = self.cumulative_length - self.stored_tokens
+        # DynamicLayer initialises lazily and appends: keys and values are now every token from
+        # absolute position ``first`` on.
         keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self.fmt is None:
-            return keys, values
+        self.cumulative_length += key_states.shape[-2]
+        if self.fmt is not None:
+            self._freeze(keys, values, first)
+        if self.window is not None:
+            # The last `window` tokens: what the newest query read (the mask hides the oldest of
+            # them from the next one).
+            self.keys, self.values = keys[:, :, -self.window :], values[:, :, -self.window :]
+        return keys, values
+
+    def _freeze(self, keys: torch.Tensor, values: torch.Tensor, first: int) -> None:
+        """Quantize in place the tokens that the format quantizes at the new length and that
+        are not yet; ``keys[:, :, 0]`` is absolute position ``first``."""
         fmt = self.fmt
-        n_keys, n_values = fmt.quantized_tokens(keys.shape[-2])
+        n_keys, n_values = fmt.quantized_tokens(self.cumulative_length)
         # ``keys``/``values`` are fresh tensors from torch.cat (never the caller's states), so the
         # newly full groups are overwritten in place: O(new tokens) per step, not O(context).
-        if n_keys > self.frozen_keys:
-            span = slice(self.frozen_keys, n_keys)
-            keys[:, :, span] = quantize_keys(keys[:, :, span], fmt.key_bits, fmt.group_size)
-            self.frozen_keys = n_keys
-        if n_values > self.frozen_values:
-            span = slice(self.frozen_values, n_values)
+        start = max(self.frozen_keys, first)
+        if n_keys > start:
+            # Groups count from position 0; the oldest one may have lost tokens to the window
+            # and is quantized over those it still holds.
+            aligned = min(n_keys, -(-start // fmt.group_size) * fmt.group_size)
+            for lo, hi in ((start, aligned), (aligned, n_keys)):
+                if hi > lo:
+                    span = slice(lo - first, hi - first)
+                    keys[:, :, span] = quantize_keys(keys[:, :, span], fmt.key_bits, fmt.group_size)
+        self.frozen_keys = max(self.frozen_keys, n_keys)
+        start = max(self.frozen_values, first)
+        if n_values > start:
+            span = slice(start - first, n_values - first)
             values[:, :, span] = quantize_values(values[:, :, span], fmt.value_bits, fmt.group_size)
-            self.frozen_values = n_values
-        return keys, values
+        self.frozen_values = max(self.frozen_values, n_values)
+
+    @property
+    def stored_tokens(self) -> int:
+        """Tokens the layer holds now (at most ``window``)."""
+        # Before the first update DynamicLayer holds a 1-D empty tensor.
+        if not self.is_initialized or self.keys.dim() < 2:
+            return 0
+        return self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        """Tokens seen since the last reset (a sliding layer stores fewer)."""
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        """(length, absolute position of the first token) of what the next update returns:
+        the stored tokens and ``query_length`` new ones."""
+        if isinstance(query_length, torch.Tensor):
+            # transformers 4.x passes the new tokens' cache positions instead of their count.
+            query_length = int(query_length.shape[0])
+        stored = self.stored_tokens
+        return stored + query_length, self.cumulative_length - stored
+
+    def get_max_length(self) -> int:
+        """The window of a sliding layer; -1 (no maximum) for full attention."""
+        return -1 if self.window is None else self.window
+
+    def stored_bits(self) -> int:
+        """Bits a real cache in this layer's format holds for the stored tokens: codes, an fp16
+        scale and zero per key group (per channel) and value group, 16 bits for the rest.
+
+        Counted token by token from what the layer holds (its stored tokens and their absolute
+        positions), independently of :meth:`KVFormat.cache_bits`, which predicts it.
+        """
+        if self.stored_tokens == 0:
+            return 0
+        batch, heads, stored, head_dim = self.keys.shape
+        if self.fmt is None:
+            return batch * heads * stored * head_dim * 2 * FULL_BITS
+        fmt = self.fmt
+        positions = range(self.cumulative_length - stored, self.cumulative_length)
+        keys = [p for p in positions if p < self.frozen_keys]
+        values = [p for p in positions if p < self.frozen_values]
+        key_groups = {p // fmt.group_size for p in keys}
+        value_groups = head_dim // fmt.value_group(head_dim)
+        per_head = (
+            len(keys) * head_dim * fmt.key_bits + len(key_groups) * head_dim * SCALE_ZERO_BITS
+        )
+        per_head += len(values) * (head_dim * fmt.value_bits + value_groups * SCALE_ZERO_BITS)
+        per_head += (2 * stored - len(keys) - len(values)) * head_dim * FULL_BITS
+        return batch * heads * per_head
 
     def reset(self) -> None:
         """Empty the layer (the next update starts a new sequence)."""
         super().reset()
+        self.cumulative_length = 0
         self.frozen_keys = self.frozen_values = 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -102,41 +197,61 @@ class QuantizedKVLayer(DynamicLayer):
 
 class QuantizedKVCache(DynamicCache):
     """A ``DynamicCache`` whose layer ``i`` applies ``formats_by_layer[i]`` on every update;
-    layers not in the map (and K16V16 layers) are kept unquantized.
+    layers not in the map (and K16V16 layers) are kept unquantized. Layers in ``windows``
+    (index -> tokens) are sliding-window layers that store at most that many tokens.
 
     ``num_layers`` is the number of cache slots (the model's decoder layers); use
-    :func:`build_kv_cache` to build one checked against a model.
+    :func:`build_kv_cache` to build one checked against a model (windows included).
     """
 
-    def __init__(self, formats_by_layer: Mapping[int, KVFormat | str], num_layers: int) -> None:
+    def __init__(
+        self,
+        formats_by_layer: Mapping[int, KVFormat | str],
+        num_layers: int,
+        windows: Mapping[int, int] | None = None,
+    ) -> None:
         _check_positive(num_layers, "num_layers")
         formats = {int(i): parse_kv_format(f) for i, f in formats_by_layer.items()}
-        outside = sorted(i for i in formats if not 0 <= i < num_layers)
-        if outside:
-            raise BitallocError(
-                f"KV formats given for layers {outside}, but the cache has layers "
-                f"0..{num_layers - 1}; the formats map was made for another model"
-            )
+        windows = {int(i): w for i, w in (windows or {}).items()}
+        for what, layers in (("KV formats", formats), ("sliding windows", windows)):
+            outside = sorted(i for i in layers if not 0 <= i < num_layers)
+            if outside:
+                raise BitallocError(
+                    f"{what} given for layers {outside}, but the cache has layers "
+                    f"0..{num_layers - 1}; the map was made for another model"
+                )
         self.formats: dict[int, KVFormat] = dict(sorted(formats.items()))
-        layers = [QuantizedKVLayer(self.formats.get(i)) for i in range(num_layers)]
+        self.windows: dict[int, int] = dict(sorted(windows.items()))
+        layers = [
+            QuantizedKVLayer(self.formats.get(i), self.windows.get(i)) for i in range(num_layers)
+        ]
         # DynamicCache.__init__ would build its own layers (or grow them lazily); the layers are
         # fixed here instead, so Cache's constructor is called directly with them.
         Cache.__init__(self, layers=layers)
+
+    def stored_bits(self) -> int:
+        """Bits the layers hold now, as a real cache in their formats would store them
+        (:meth:`QuantizedKVLayer.stored_bits`)."""
+        return sum(layer.stored_bits() for layer in self.layers)
 
 
 @dataclass(frozen=True)
 class CachePlan:
     """A model's checked cache layout: formats per layer, cache slots, the attention layers that
-    must write to the cache, and the forward argument that takes it."""
+    must write to the cache, the forward argument that takes it, and the sliding windows of the
+    sliding-window layers (index -> tokens)."""
 
     formats: dict[int, KVFormat]
     num_layers: int
     attention_layers: tuple[int, ...]
     argument: str
+    windows: dict[int, int] = field(default_factory=dict)
 
-    def new_cache(self) -> QuantizedKVCache:
-        """An empty cache with this plan's formats."""
-        return QuantizedKVCache(self.formats, self.num_layers)
+    def new_cache(self, formats: Mapping[int, KVFormat] | None = None) -> QuantizedKVCache:
+        """An empty cache with this plan's formats (or ``formats``, checked by the cache) and
+        the model's sliding windows."""
+        chosen = self.formats if formats is None else formats
+        return QuantizedKVCache(chosen, self.num_layers, self.windows)
 
 
 def _text_config(model: nn.Module) -> object:
@@ -195,7 +310,8 @@ def plan_cache(model: nn.Module, formats_by_layer: FormatsByLayer) -> CachePlan:
     formats = _resolve(geometry, formats_by_layer)
     declared = int(getattr(_text_config(model), "num_hidden_layers", 0) or 0)
     slots = max(declared, max(geometry.layer_indices) + 1)
-    return CachePlan(formats, slots, geometry.layer_indices, _cache_argument(model))
+    argument = _cache_argument(model)
+    return CachePlan(formats, slots, geometry.layer_indices, argument, geometry.sliding)
 
 
 def build_kv_cache(model: nn.Module, formats_by_layer: FormatsByLayer) -> QuantizedKVCache:

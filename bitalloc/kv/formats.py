@@ -23,12 +23,22 @@ of ``T`` tokens, residual window ``R`` and group size ``G``:
   the first token; a trailing partial key group stays at 16 bits until it fills (KIVI keeps it
   in its full-precision buffer);
 - every older value token is quantized (a value group lies within one token, so none is partial).
+
+A sliding-window attention layer of window ``W`` (Gemma 2/3, Mistral, Qwen2/3 with
+``use_sliding_window``) stores only the last ``min(T, W)`` tokens: the ones the query of the
+last token read. Which of them are quantized follows the rule above on absolute positions, so
+they are exactly the stored slice of what a full-attention layer would hold, and a key group
+is counted (one scale and zero per channel) while any of its quantized tokens is still stored.
+A group that fills after some of its tokens left the window is quantized over the tokens it
+still holds (:class:`~bitalloc.kv.cache.QuantizedKVLayer` does so). ``window=None`` is full
+attention.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +62,15 @@ def _check_int(value: object, what: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise BitallocError(f"{what} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def stored_tokens(context: int, window: int | None = None) -> int:
+    """Tokens one layer's cache stores at a context of ``context`` tokens: all of them for full
+    attention (``window`` None), the last ``min(context, window)`` for a sliding window."""
+    _check_int(context, "context", 0)
+    if window is None:
+        return context
+    return min(context, _check_int(window, "sliding window (tokens)", 1))
 
 
 @dataclass(frozen=True)
@@ -138,30 +157,49 @@ class KVFormat(CacheFormat):
         values = 0 if self.value_bits == FULL_BITS else old
         return keys, values
 
-    def cache_bits(self, context: int, batch: int, n_kv_heads: int, head_dim: int) -> int:
+    def cache_bits(
+        self,
+        context: int,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        window: int | None = None,
+    ) -> int:
         """Exact stored bits of one layer's K and V cache: codes, fp16 scales and zeros, and the
-        16-bit tokens (residual window and trailing partial key group).
+        16-bit tokens (residual window and trailing partial key group). ``window`` is the
+        layer's sliding window (None: full attention); such a layer stores the last
+        ``min(context, window)`` tokens (see the module docstring).
 
         Every other storage figure (bits per element, unit costs) derives from this count.
         """
         _check_int(batch, "batch", 1)
         _check_int(n_kv_heads, "n_kv_heads", 1)
         v_group = self.value_group(head_dim)
-        key_q, value_q = self.quantized_tokens(context)
+        stored = stored_tokens(context, window)
+        first = context - stored  # absolute position of the oldest stored token
+        key_end, value_end = self.quantized_tokens(context)
+        key_q = max(0, key_end - first)
+        # Key groups with a stored quantized token; the oldest may have lost its first tokens.
+        key_groups = key_end // self.group_size - first // self.group_size if key_q else 0
+        value_q = max(0, value_end - first)
         key_bits = key_q * head_dim * self.key_bits
-        key_bits += (key_q // self.group_size) * head_dim * SCALE_ZERO_BITS
-        key_bits += (context - key_q) * head_dim * FULL_BITS
+        key_bits += key_groups * head_dim * SCALE_ZERO_BITS
+        key_bits += (stored - key_q) * head_dim * FULL_BITS
         value_bits = value_q * head_dim * self.value_bits
         value_bits += value_q * (head_dim // v_group) * SCALE_ZERO_BITS
-        value_bits += (context - value_q) * head_dim * FULL_BITS
+        value_bits += (stored - value_q) * head_dim * FULL_BITS
         return batch * n_kv_heads * (key_bits + value_bits)
 
-    def bits_per_element(self, head_dim: int, n_kv_heads: int, context: int) -> float:
-        """Stored bits per cached element (``2 * n_kv_heads * head_dim`` per token), averaged
-        over a context of ``context`` tokens: :meth:`cache_bits` divided by the element count."""
+    def bits_per_element(
+        self, head_dim: int, n_kv_heads: int, context: int, window: int | None = None
+    ) -> float:
+        """Stored bits per cached element (``2 * n_kv_heads * head_dim`` per stored token),
+        averaged over the tokens stored at a context of ``context`` tokens (all of them, or the
+        last ``min(context, window)`` for a sliding window): :meth:`cache_bits` divided by the
+        element count."""
         _check_int(context, "context", 1)
-        elements = 2 * n_kv_heads * head_dim * context
-        return self.cache_bits(context, 1, n_kv_heads, head_dim) / elements
+        elements = 2 * n_kv_heads * head_dim * stored_tokens(context, window)
+        return self.cache_bits(context, 1, n_kv_heads, head_dim, window) / elements
 
     def fake_quantize(
         self, keys: torch.Tensor, values: torch.Tensor
@@ -170,15 +208,16 @@ class KVFormat(CacheFormat):
         tokens, head_dim): :func:`bitalloc.kv.quantize.fake_quantize_kv`."""
         return fake_quantize_kv(keys, values, self)
 
-    def storage_bits(self, shape: tuple[int, int], context: int) -> int:
+    def storage_bits(self, shape: tuple[int, int], context: int, window: int | None = None) -> int:
         """Exact cache bits of a KV unit of ``shape`` = (2 * n_kv_heads, head_dim) over
-        ``context`` tokens at batch 1 (see :func:`kv_units`)."""
+        ``context`` tokens at batch 1, with the unit's sliding ``window`` (None: full
+        attention; see :func:`kv_units`)."""
         rows, head_dim = shape
         if rows <= 0 or rows % 2:
             raise BitallocError(
                 f"a KV unit's shape is (2 * n_kv_heads, head_dim); got {tuple(shape)}"
             )
-        return self.cache_bits(context, 1, rows // 2, head_dim)
+        return self.cache_bits(context, 1, rows // 2, head_dim, window)
 
     def __str__(self) -> str:
         return self.name
@@ -227,18 +266,42 @@ def kv_palette(
 
 @dataclass(frozen=True)
 class AttentionGeometry:
-    """What the KV cache of a model looks like: per attention layer, its module path and index,
-    plus the shared head layout."""
+    """What the KV cache of a model looks like: per attention layer, its module path, index and
+    sliding window (None: full attention), plus the shared head layout."""
 
     paths: tuple[str, ...]
     layer_indices: tuple[int, ...]
     n_kv_heads: int
     head_dim: int
+    windows: tuple[int | None, ...] | None = None
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of cache layer ``layer`` (None: full attention)."""
+        if self.windows is None:
+            return None
+        return dict(zip(self.layer_indices, self.windows)).get(layer)
+
+    @property
+    def sliding(self) -> dict[int, int]:
+        """Cache layer index -> window, for the sliding-window layers only."""
+        windows = self.windows or (None,) * len(self.layer_indices)
+        return {i: w for i, w in zip(self.layer_indices, windows) if w is not None}
+
+
+@dataclass(frozen=True)
+class KVUnit(Unit):
+    """A KV unit (see :func:`kv_units`) with its layer's sliding ``window``: the most tokens its
+    cache holds (None: full attention, every token of the context)."""
+
+    window: int | None = None
 
 
 def attention_geometry(model: nn.Module) -> AttentionGeometry:
-    """Find every Llama-like attention module (``k_proj`` and ``v_proj`` Linear layers) in the
-    decoder blocks and the KV head layout from the config; a clear error otherwise."""
+    """Find every Llama-like attention module (``k_proj`` and ``v_proj`` Linear layers, or a
+    fused ``qkv_proj``) in the decoder blocks, the KV head layout and each layer's sliding
+    window from the config
+    (``layer_types`` / ``sliding_window``, read as transformers' caches read them); a clear
+    error otherwise, naming any attention type the cache cannot hold (chunked, linear, ...)."""
     config = getattr(model, "config", None)
     if config is None:
         raise BitallocError(
@@ -257,16 +320,10 @@ def attention_geometry(model: nn.Module) -> AttentionGeometry:
             f"the config of {type(model).__name__} gives no num_key_value_heads / head_dim; "
             "KV-cache quantization supports Llama-like attention (k_proj, v_proj, grouped heads)"
         )
-    _check_sliding(config)
     prefix, blocks = decoder_blocks(model)
     paths, indices = [], []
     for layer, block in enumerate(blocks):
-        found = [
-            (sub, module)
-            for sub, module in block.named_modules()
-            if isinstance(getattr(module, "k_proj", None), nn.Linear)
-            and isinstance(getattr(module, "v_proj", None), nn.Linear)
-        ]
+        found = [(sub, module) for sub, module in block.named_modules() if _projections(module)]
         if not found:
             continue
         if len(found) > 1:
@@ -275,12 +332,13 @@ def attention_geometry(model: nn.Module) -> AttentionGeometry:
                 "quantization supports one self-attention per decoder block"
             )
         sub, attn = found[0]
-        for proj in ("k_proj", "v_proj"):
-            out = getattr(attn, proj).out_features
-            if out != n_kv * head_dim:
+        n_heads = int(getattr(config, "num_attention_heads", 0) or 0)
+        for proj, out, expected in _projections(attn):
+            want, formula = expected(n_heads, int(n_kv), int(head_dim))
+            if out != want:
                 raise BitallocError(
-                    f"{prefix}.{layer}.{sub}.{proj} has {out} outputs, not num_key_value_heads "
-                    f"x head_dim = {n_kv} x {head_dim}; the config does not describe this model"
+                    f"{prefix}.{layer}.{sub}.{proj} has {out} outputs, not {formula} = {want}; "
+                    "the config does not describe this model"
                 )
         paths.append(f"{prefix}.{layer}.{sub}" if sub else f"{prefix}.{layer}")
         # The cache is addressed by the attention's own layer_idx (what it passes to update).
@@ -288,42 +346,138 @@ def attention_geometry(model: nn.Module) -> AttentionGeometry:
     if not paths:
         raise BitallocError(
             f"{type(model).__name__} has no Llama-like attention (modules with k_proj and v_proj "
-            "Linear layers) in its decoder blocks; KV-cache quantization cannot wrap it"
+            "Linear layers, or a fused qkv_proj) in its decoder blocks; KV-cache quantization "
+            "cannot wrap it"
         )
-    return AttentionGeometry(tuple(paths), tuple(indices), int(n_kv), int(head_dim))
+    windows = tuple(_window(config, t) for t in _attention_types(config, indices))
+    return AttentionGeometry(tuple(paths), tuple(indices), int(n_kv), int(head_dim), windows)
 
 
-def _check_sliding(config: object) -> None:
-    # The quantized cache keeps every token; a sliding-window layer would need its own layer
-    # type, so such models are refused rather than silently given full attention.
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        other = sorted({t for t in layer_types if t != "full_attention"})
-        if other:
-            raise BitallocError(
-                f"the model has {other} attention layers; KV-cache quantization supports "
-                "full-attention models only"
+def _projections(module: nn.Module) -> list[tuple[str, int, object]]:
+    """The key/value projections of a Llama-like attention module, each with its output width
+    and the width the config implies: separate ``k_proj`` and ``v_proj`` (n_kv x head_dim
+    each), or one fused ``qkv_proj`` (Phi-3: queries, keys and values stacked). Empty for any
+    other module. The cache itself sees keys and values after the projections, so either
+    layout is quantized the same way."""
+    k, v = getattr(module, "k_proj", None), getattr(module, "v_proj", None)
+    if isinstance(k, nn.Linear) and isinstance(v, nn.Linear):
+
+        def kv(_heads: int, n_kv: int, head_dim: int) -> tuple[int, str]:
+            return n_kv * head_dim, f"num_key_value_heads x head_dim = {n_kv} x {head_dim}"
+
+        return [("k_proj", k.out_features, kv), ("v_proj", v.out_features, kv)]
+    fused = getattr(module, "qkv_proj", None)
+    if isinstance(fused, nn.Linear):
+
+        def qkv(heads: int, n_kv: int, head_dim: int) -> tuple[int, str]:
+            formula = (
+                "(num_attention_heads + 2 x num_key_value_heads) x head_dim = "
+                f"({heads} + 2 x {n_kv}) x {head_dim}"
             )
+            return (heads + 2 * n_kv) * head_dim, formula
+
+        return [("qkv_proj", fused.out_features, qkv)]
+    return []
+
+
+#: Attention layer types the quantized cache reproduces (transformers' ``layer_types`` names).
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _declares(config: object, field: str) -> bool:
+    """Whether the config's class defines ``field`` (a dataclass field / class default, or an
+    ``__init__`` argument in older transformers), rather than it being set on one instance."""
+    cls = type(config)
+    if hasattr(cls, field):
+        return True
+    try:
+        return field in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _attention_types(config: object, indices: Sequence[int]) -> list[str]:
+    """The attention type of each cache layer in ``indices``, read from the config as
+    transformers' caches read it (``layer_types``; else ``sliding_window`` or
+    ``attention_chunk_size`` for every layer); a clear error for types the cache cannot hold."""
+    if getattr(config, "use_bidirectional_attention", False) or not getattr(
+        config, "is_causal", True
+    ):
+        raise BitallocError(
+            "the model's attention is bidirectional (use_bidirectional_attention / is_causal), "
+            "so a token's keys are read by earlier tokens too; KV-cache quantization supports "
+            "causal language models"
+        )
+    declared = getattr(config, "layer_types", None)
+    if declared is not None:
+        declared = list(declared)
+        outside = [i for i in indices if not 0 <= i < len(declared)]
+        if outside:
+            raise BitallocError(
+                f"attention layers {outside} are not listed in the config's layer_types "
+                f"({len(declared)} entries); the config does not describe this model"
+            )
+        types = [declared[i] for i in indices]
     elif getattr(config, "sliding_window", None) is not None and getattr(
         config, "use_sliding_window", True
     ):
+        types = ["sliding_attention"] * len(indices)
+    elif getattr(config, "attention_chunk_size", None) is not None:
+        types = ["chunked_attention"] * len(indices)
+    else:
+        types = ["full_attention"] * len(indices)
+    unsupported = sorted(set(types) - set(SUPPORTED_LAYER_TYPES))
+    if unsupported:
+        named = ", ".join(t.replace("_", " ") for t in unsupported)
         raise BitallocError(
-            f"the model uses sliding-window attention (window {config.sliding_window}); "
-            "KV-cache quantization supports full-attention models only"
+            f"the model has {unsupported} attention layers; KV-cache quantization supports "
+            f"{' and '.join(SUPPORTED_LAYER_TYPES)} layers only, not {named}"
         )
+    if "sliding_attention" in types and not _declares(config, "sliding_window"):
+        # transformers would build sliding cache layers from such a config, but the model's
+        # attention (and its masks) ignore a field its config class does not define.
+        raise BitallocError(
+            f"the config sets a sliding-window size (sliding_window="
+            f"{getattr(config, 'sliding_window', None)}) that {type(config).__name__} does not "
+            "define, so the model's attention does not apply it; remove it from the config, or "
+            "use a model class with sliding-window attention (Mistral, Qwen2, Gemma 2/3)"
+        )
+    return types
 
 
-def kv_units(model: nn.Module) -> list[Unit]:
+def _window(config: object, layer_type: str) -> int | None:
+    """The sliding window of a layer of ``layer_type`` (None for full attention)."""
+    if layer_type != "sliding_attention":
+        return None
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise BitallocError(
+            f"the config lists sliding_attention layers but its sliding_window is {window!r}; "
+            "set sliding_window to the window size in tokens"
+        )
+    return window
+
+
+def kv_units(model: nn.Module) -> list[KVUnit]:
     """One unit per attention layer, kind ``kv``: the decision is that layer's :class:`KVFormat`.
 
     Name ``<attention path>.kv`` (``model.layers.3.self_attn.kv``), role ``kv``, group = name.
     ``shape`` is (2 * n_kv_heads, head_dim): one token's K and V rows in that layer, so ``numel``
-    is the number of elements cached per token and ``head_dim`` is recoverable for the value
-    grouping (:meth:`KVFormat.storage_bits` takes this shape).
+    is the number of elements cached per stored token and ``head_dim`` is recoverable for the
+    value grouping (:meth:`KVFormat.storage_bits` takes this shape). ``window`` is the layer's
+    sliding window (None: full attention), which caps the tokens its cache stores.
     """
     geometry = attention_geometry(model)
     shape = (2 * geometry.n_kv_heads, geometry.head_dim)
     return [
-        Unit(name=f"{path}.kv", shape=shape, layer=index, role="kv", group=f"{path}.kv", kind="kv")
+        KVUnit(
+            name=f"{path}.kv",
+            shape=shape,
+            layer=index,
+            role="kv",
+            group=f"{path}.kv",
+            kind="kv",
+            window=geometry.window_of(index),
+        )
         for path, index in zip(geometry.paths, geometry.layer_indices)
     ]

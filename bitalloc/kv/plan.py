@@ -6,7 +6,8 @@ batch size (:meth:`~bitalloc.kv.KVFormat.cache_bits`), so every solver handles t
 handles weight matrices.
 
 - :func:`build_kv_problem`: the KV units alone under a budget in average bits per cached
-  element (``kv_avg_bits``).
+  element (``kv_avg_bits``). A sliding-window layer caches ``min(context, window)`` tokens, so
+  both its cost and its element count are taken at that many tokens.
 - :func:`build_joint_problem`: weight units and KV units in one problem whose options are the
   weight palette followed by the KV palette (an ``allowed`` mask keeps each unit to its own
   kind) and whose one budget is bytes: weights + KV cache + the parameters outside the
@@ -29,7 +30,7 @@ import numpy as np
 from bitalloc.config.messages import CONTEXT_BATCH
 from bitalloc.errors import BitallocError, InfeasibleBudgetError
 from bitalloc.formats import QuantFormat
-from bitalloc.kv.formats import KVFormat
+from bitalloc.kv.formats import KVFormat, stored_tokens
 from bitalloc.kv.record import FIXED_BYTES_PER_PARAMETER, KVAllocation, KVChoice, SeparateSplit
 from bitalloc.models import Unit
 from bitalloc.planning import (
@@ -52,28 +53,34 @@ def check_context_batch(context_len: object, batch_size: object) -> tuple[int, i
     return int(context_len), int(batch_size)
 
 
-def _geometry(unit: Unit) -> tuple[int, int]:
+def _geometry(unit: Unit) -> tuple[int, int, int | None]:
+    """(n_kv_heads, head_dim, sliding window or None) of a KV unit."""
     if unit.kind != "kv":
         raise BitallocError(f"{unit.name} is a {unit.kind} unit, not a KV unit (kv_units())")
     rows, head_dim = unit.shape
-    return rows // 2, head_dim
+    # A plain Unit of kind kv (built by hand) is a full-attention layer.
+    return rows // 2, head_dim, getattr(unit, "window", None)
 
 
 def kv_cost_table(
     units: Sequence[Unit], palette: Sequence[KVFormat], context_len: int, batch_size: int = 1
 ) -> np.ndarray:
-    """Exact stored bits of every KV unit's cache under every KV format, (n_units, n_formats)."""
+    """Exact stored bits of every KV unit's cache under every KV format, (n_units, n_formats);
+    a sliding-window unit stores the last ``min(context_len, window)`` tokens."""
     context_len, batch_size = check_context_batch(context_len, batch_size)
     rows = []
     for unit in units:
-        n_kv, head_dim = _geometry(unit)
-        rows.append([f.cache_bits(context_len, batch_size, n_kv, head_dim) for f in palette])
+        n_kv, head_dim, window = _geometry(unit)
+        rows.append(
+            [f.cache_bits(context_len, batch_size, n_kv, head_dim, window) for f in palette]
+        )
     return np.array(rows, dtype=np.float64)
 
 
 def kv_elements(units: Sequence[Unit], context_len: int, batch_size: int = 1) -> int:
-    """Cached elements (keys and values) of the KV units at a context and batch."""
-    return sum(u.numel for u in units) * context_len * batch_size
+    """Cached elements (keys and values) the KV units store at a context and batch: every
+    token for full attention, ``min(context_len, window)`` for a sliding-window unit."""
+    return batch_size * sum(u.numel * stored_tokens(context_len, _geometry(u)[2]) for u in units)
 
 
 def kv_feasible_avg_bits(
@@ -171,18 +178,19 @@ def to_kv_allocation(
     layers = []
     for i, (unit, j) in enumerate(zip(units, choice)):
         fmt = palette[int(j)]
-        n_kv, head_dim = _geometry(unit)
+        n_kv, head_dim, window = _geometry(unit)
         layers.append(
             KVChoice(
                 name=unit.name,
                 layer=unit.layer,
                 format=fmt.name,
-                bits_per_element=fmt.bits_per_element(head_dim, n_kv, context_len),
-                cache_bits=fmt.cache_bits(context_len, batch_size, n_kv, head_dim),
+                bits_per_element=fmt.bits_per_element(head_dim, n_kv, context_len, window),
+                cache_bits=fmt.cache_bits(context_len, batch_size, n_kv, head_dim, window),
                 predicted_loss=float(objective[i, int(j)]),
+                window=window,
             )
         )
-    n_kv, head_dim = _geometry(units[0])
+    n_kv, head_dim, _ = _geometry(units[0])
     total = sum(c.cache_bits for c in layers)
     return KVAllocation(
         context_len=context_len,

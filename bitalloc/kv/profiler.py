@@ -32,7 +32,9 @@ its ``q_proj`` (and ``q_norm`` when present) and the rotary embeddings that the 
 to it, with the model module's own ``apply_rotary_pos_emb``. A second pre-hook records the
 input of ``o_proj``, the model's own attention output; the offline attention must reproduce it
 before any error is computed, so a model whose attention differs (soft-capping, sinks, windows)
-is refused with a clear error instead of being profiled wrongly.
+is refused with a clear error instead of being profiled wrongly. Sliding-window layers are refused
+by the proxy up front (its attention is full causal attention); ``loss`` and ``kl`` measure them
+through the cache, which keeps each sliding layer's window as the model's own cache does.
 
 K16V16 (and any format that quantizes nothing at the windows' length, e.g. a residual window
 covering the whole context) is exactly 0 under every measure and costs no computation.
@@ -54,7 +56,6 @@ from tqdm.auto import tqdm
 from bitalloc.errors import BitallocError
 from bitalloc.kv.cache import (
     CachePlan,
-    QuantizedKVCache,
     check_context,
     forward_with_cache,
     model_device,
@@ -198,7 +199,7 @@ class KVProfiler(BaseProfiler):
             bar.update()
             delta = np.zeros_like(total)
             for i, j in jobs:
-                cache = QuantizedKVCache({layers[i]: formats[j]}, plan.num_layers)
+                cache = plan.new_cache({layers[i]: formats[j]})
                 with replay.replaying(layers[i]) if replay else nullcontext():
                     logits = forward_with_cache(model, ids, cache, plan)
                 # Per-batch differences: the shared base cancels before the sums grow.
@@ -220,6 +221,15 @@ class KVProfiler(BaseProfiler):
 
     def _proxy(self, model, plan: CachePlan, layers, formats, windows, bar):
         geometry = attention_geometry(model)
+        sliding = {layer: plan.windows[layer] for layer in layers if layer in plan.windows}
+        if sliding:
+            # The offline attention is full causal attention over the cache, and a sliding
+            # layer's cache no longer holds the keys its early queries read.
+            raise BitallocError(
+                f"the KV proxy recomputes full causal attention, but layers {sorted(sliding)} "
+                f"use sliding-window attention (window {sorted(set(sliding.values()))} tokens); "
+                "profile this model with method='kl' or method='loss'"
+            )
         modules = {
             i: model.get_submodule(p) for p, i in zip(geometry.paths, geometry.layer_indices)
         }

@@ -124,7 +124,7 @@ def attention_errors(
         raise BitallocError(
             f"the KV proxy could not reproduce attention layer {layer}'s output (relative "
             f"difference {check:.2g}); this attention is not plain causal softmax attention "
-            "over rotary queries (soft-capping, sinks, sliding windows?): use method='loss'"
+            "over rotary queries (soft-capping, sinks?): use method='loss' or method='kl'"
         )
     # Formats sharing a key quantization share the attention probabilities, the expensive
     # (batch, heads, seq, seq) part: one key variant at a time keeps one of them in memory.

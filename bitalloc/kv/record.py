@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from bitalloc.errors import BitallocError
-from bitalloc.kv.formats import parse_kv_format
+from bitalloc.kv.formats import KVFormat, parse_kv_format, stored_tokens
 from bitalloc.records import EDITED, ProfileSummary, SolverSummary, Strict, same_sum
 
 #: Bytes per parameter of the weights outside the allocation (embeddings, norms) in a joint
@@ -31,6 +31,13 @@ class KVChoice(Strict):
     #: Stored bits of this layer's keys and values at the context and batch.
     cache_bits: int
     predicted_loss: float | None = None
+    #: The layer's sliding window (it stores ``min(context, window)`` tokens); None: full
+    #: attention, every token of the context.
+    window: int | None = None
+
+    def stored_tokens(self, context: int) -> int:
+        """Tokens this layer's cache holds at a context of ``context`` tokens."""
+        return stored_tokens(context, self.window)
 
 
 class KVAllocation(Strict):
@@ -56,15 +63,18 @@ class KVAllocation(Strict):
         return {c.name: c.format for c in self.layers}
 
     def elements(self) -> int:
-        """Cached elements at the context and batch: K and V of every layer, head and token."""
-        return (
-            len(self.layers)
-            * 2
-            * self.n_kv_heads
-            * self.head_dim
-            * self.context_len
-            * (self.batch_size)
-        )
+        """Cached elements at the context and batch: K and V of every layer, head and stored
+        token (a sliding-window layer stores at most its window)."""
+        tokens = sum(c.stored_tokens(self.context_len) for c in self.layers)
+        return 2 * self.n_kv_heads * self.head_dim * tokens * self.batch_size
+
+    def uniform_avg_bits(self, fmt: KVFormat | str) -> float:
+        """Bits per cached element of every layer at ``fmt`` (same context, batch and sliding
+        windows): what a uniform cache of that format would average, exactly."""
+        fmt = parse_kv_format(fmt)
+        sizes = (self.context_len, self.batch_size, self.n_kv_heads, self.head_dim)
+        total = sum(fmt.cache_bits(*sizes, c.window) for c in self.layers)
+        return total / self.elements()
 
     def check(self, *, joint: bool = False) -> None:
         """Raise :class:`BitallocError` unless every layer's bits and the totals are consistent,
@@ -83,9 +93,13 @@ class KVAllocation(Strict):
             raise BitallocError("the KV allocation lists a layer more than once")
         total = 0
         for c in self.layers:
+            if c.window is not None and (isinstance(c.window, bool) or not 1 <= c.window <= 2**32):
+                raise BitallocError(
+                    f"{c.name}: sliding window {c.window} is not a positive count; {EDITED}"
+                )
             fmt = parse_kv_format(c.format)
-            bits = fmt.cache_bits(self.context_len, self.batch_size, self.n_kv_heads, self.head_dim)
-            per = fmt.bits_per_element(self.head_dim, self.n_kv_heads, self.context_len)
+            bits = fmt.cache_bits(*sizes, c.window)
+            per = fmt.bits_per_element(self.head_dim, self.n_kv_heads, self.context_len, c.window)
             if bits != c.cache_bits or not math.isclose(per, c.bits_per_element, rel_tol=1e-9):
                 raise BitallocError(
                     f"{c.name}: {c.format} stores {bits} bits ({per:.4f} per element) at context "
@@ -147,6 +161,11 @@ class KVAllocation(Strict):
             f"MiB at {self.context_len} tokens x batch {self.batch_size} in {len(self.layers)} "
             "layers"
         )
+        windows = sorted({c.window for c in self.layers if c.window is not None})
+        if windows:
+            sliding = sum(c.window is not None for c in self.layers)
+            sizes = "/".join(map(str, windows))
+            text += f" ({sliding} of them with a sliding window of {sizes} tokens)"
         if self.predicted_loss is not None:
             text += f" | predicted loss +{self.predicted_loss:.4f}"
         return text

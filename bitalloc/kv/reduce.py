@@ -80,14 +80,17 @@ def prune_dominated(bits: Mapping[str, float], loss_row: np.ndarray) -> list[str
 
 def _bits_table(profile: Profile, bits_per_pair: BitsPerPair) -> np.ndarray:
     """``bits_per_pair`` as an (units x formats) table: a map from format name to bits (the
-    same for every layer), or an array of shape (formats,) or (units, formats)."""
+    same for every layer), or an array of shape (formats,) or (units, formats) (needed when
+    layers store different token counts, as sliding-window layers do)."""
     shape = profile.loss.shape
     if isinstance(bits_per_pair, Mapping):
         missing = [f for f in profile.formats if f not in bits_per_pair]
         if missing:
             raise BitallocError(
                 f"bits_per_pair gives no storage for {missing}; map every format of the "
-                "profile to its bits (e.g. KVFormat.storage_bits(unit.shape, context))"
+                "profile to its bits (e.g. KVFormat.storage_bits(unit.shape, context)), or give "
+                "a (units, formats) table such as kv_cost_table(units, palette, context) when "
+                "the layers differ (sliding-window layers)"
             )
         row = [float(bits_per_pair[f]) for f in profile.formats]
         table = np.broadcast_to(np.asarray(row), shape).copy()

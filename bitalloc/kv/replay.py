@@ -4,7 +4,9 @@ measuring forwards replay those blocks' recorded outputs (and cached keys and va
 recomputing them. Exact, and on average about half the block computation of a KV profile.
 
 Memory: one recorded output per block for the current calibration batch
-(``blocks x batch x seq x hidden`` floats), released with the batch.
+(``blocks x batch x seq x hidden`` floats), plus the keys and values handed to each
+sliding-window layer (its cache keeps only the window, the replay needs every token), released
+with the batch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ from torch import nn
 
 from bitalloc.kv.formats import attention_geometry
 from bitalloc.models import decoder_blocks
+
+
+def _recording_update(update, states: dict, layer: int):
+    """``update`` that first records the key and value states it is handed."""
+
+    def record(key_states, value_states, *args, **kwargs):
+        states[layer] = (key_states, value_states)
+        return update(key_states, value_states, *args, **kwargs)
+
+    return record
 
 
 class _ReplayedBlock(nn.Module):
@@ -51,6 +63,7 @@ class PrefixReplay:
             self._layer_of_block[position] = layer
         self._block_of_layer = {layer: pos for pos, layer in self._layer_of_block.items()}
         self._outputs: dict[int, Any] = {}
+        self._states: dict[int, tuple[Any, Any]] = {}
         self._reference = None
 
     @contextmanager
@@ -66,12 +79,25 @@ class PrefixReplay:
             )
             for position, block in enumerate(self.blocks)
         ]
+        # A sliding-window layer keeps only its window after the forward, so the states it was
+        # handed are recorded on the way in (a full layer's cache holds them all already).
+        states: dict[int, tuple[Any, Any]] = {}
+        wrapped = [
+            layer
+            for layer in self._layer_of_block.values()
+            if getattr(reference_cache.layers[layer], "is_sliding", False)
+        ]
+        for layer in wrapped:
+            cache_layer = reference_cache.layers[layer]
+            cache_layer.update = _recording_update(cache_layer.update, states, layer)
         try:
             yield
         finally:
             for hook in hooks:
                 hook.remove()
-        self._outputs, self._reference = outputs, reference_cache
+            for layer in wrapped:
+                del reference_cache.layers[layer].update  # the class's method again
+        self._outputs, self._reference, self._states = outputs, reference_cache, states
 
     @contextmanager
     def replaying(self, layer: int) -> Iterator[None]:
@@ -83,7 +109,9 @@ class PrefixReplay:
             for position in range(stop):
                 attention = self._layer_of_block.get(position)
                 keys = values = None
-                if attention is not None:
+                if attention in self._states:
+                    keys, values = self._states[attention]
+                elif attention is not None:
                     states = self._reference.layers[attention]
                     keys, values = states.keys, states.values
                 self.blocks[position] = _ReplayedBlock(
@@ -96,4 +124,4 @@ class PrefixReplay:
 
     def release(self) -> None:
         """Drop the recorded outputs (free their memory)."""
-        self._outputs, self._reference = {}, None
+        self._outputs, self._states, self._reference = {}, {}, None
