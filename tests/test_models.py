@@ -106,3 +106,21 @@ def test_default_model_units(default_model):
     excluded = excluded_parameters(default_model.model, units)
     assert excluded["model.embed_tokens.weight"] == 49152 * 576
     assert sum(u.numel for u in units) == 106_168_320
+
+
+def test_fused_projections_are_one_unit_in_their_fusion_group():
+    from bitalloc.planning import tie_groups
+    from tests.families import decoder_linears, phi3
+
+    model, _ = phi3()
+    units = discover_units(model)
+    assert [u.name for u in units] == decoder_linears(model)
+    by_role = {u.role: u for u in units if u.layer == 0}
+    assert set(by_role) == {"qkv", "o", "gateup", "down"}
+    qkv, gateup = by_role["qkv"], by_role["gateup"]
+    assert qkv.name == "model.layers.0.self_attn.qkv_proj" and qkv.group == "model.layers.0.qkv"
+    assert qkv.shape == (64 + 2 * 32, 64)  # q, then k and v of 2 kv heads x 16
+    assert gateup.name == "model.layers.0.mlp.gate_up_proj"
+    assert gateup.group == "model.layers.0.gateup" and gateup.shape == (2 * 96, 64)
+    # A tie of the fused kinds has nothing left to tie: each group is one matrix already.
+    assert tie_groups(units, "qkv,gateup") == []

@@ -3,15 +3,18 @@ layers before it.
 
 Measured sensitivity quantizes one unit at a time; everything before that unit's layer is
 unchanged, so its output is computed once. :class:`LayerReplay` runs the unquantized model once
-over the calibration windows, keeps the input of every decoder block (and the keyword arguments
-the model passes to its blocks: attention mask, rotary embeddings), and later reruns only
-blocks ``l..L-1``, the final norm and the output head. On SmolLM2-135M this skips on average
-half of the blocks per measurement.
+over the calibration windows, keeps the input of every decoder block (and the other arguments
+the model passes to it: attention mask, rotary embeddings), and later reruns only blocks
+``l..L-1``, the final norm and the output head. On SmolLM2-135M this skips on average half of
+the blocks per measurement. Each block is rerun with the arguments the model passed to that
+block, not to the first one: models with sliding and global layers (Gemma 2/3) give the two
+kinds different masks and rotary embeddings.
 
-Replay assumes a Llama-style tail (``norm`` beside the block list, then the output
-embeddings). That is checked once against a full forward pass; a model whose tail differs
-(logit soft-capping, extra modules) is scored by full forward passes instead, with the same
-results.
+Replay assumes a Llama-style tail: ``norm`` beside the block list, then the output embeddings,
+then the final logit soft cap when the config sets one (``final_logit_softcapping``, as Gemma
+2/3). That is checked once against a full forward pass; a model whose tail differs (extra
+modules, another transformation of the logits) is scored by full forward passes instead, with
+the same results.
 """
 
 from __future__ import annotations
@@ -39,13 +42,26 @@ class Score:
     kl: float | None
 
 
+def _final_logit_softcap(model: nn.Module) -> float | None:
+    """The cap ``c`` of the final logits (``c * tanh(logits / c)``) that the model's config sets
+    (``final_logit_softcapping``, Gemma 2/3), or None."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or cap <= 0:
+        return None
+    return float(cap)
+
+
 class _Capture:
-    """Pre-hooks that record each block's hidden-state input and the call's keyword
-    arguments."""
+    """Pre-hooks that record each block's hidden-state input and the rest of its call: further
+    positional arguments and the keyword arguments (each block its own)."""
 
     def __init__(self, blocks: nn.ModuleList):
         self.inputs: list[torch.Tensor | None] = [None] * len(blocks)
-        self.kwargs: dict[str, Any] | None = None
+        self.args: list[tuple[Any, ...]] = [()] * len(blocks)
+        self.kwargs: list[dict[str, Any] | None] = [None] * len(blocks)
         self.handles = [
             block.register_forward_pre_hook(self._hook(i), with_kwargs=True)
             for i, block in enumerate(blocks)
@@ -55,8 +71,10 @@ class _Capture:
         def record(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             self.inputs[index] = hidden.detach()
-            if index == 0:
-                self.kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            # The tensors are shared, not copied: blocks of one kind get the same mask and
+            # rotary embeddings, so a reference per block costs nothing.
+            self.args[index] = tuple(args[1:])
+            self.kwargs[index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
 
         return record
 
@@ -86,8 +104,10 @@ class LayerReplay:
         parent = model.get_submodule(prefix.rsplit(".", 1)[0]) if "." in prefix else model
         self._norm = getattr(parent, "norm", None)
         self._head = model.get_output_embeddings()
+        self._softcap = _final_logit_softcap(model)
         self._inputs: list[list[torch.Tensor]] = []
-        self._kwargs: list[dict[str, Any]] = []
+        self._args: list[list[tuple[Any, ...]]] = []
+        self._kwargs: list[list[dict[str, Any]]] = []
         self._ref_logprobs: list[torch.Tensor] | None = [] if keep_logprobs else None
         losses = []
         with torch.inference_mode():
@@ -97,13 +117,14 @@ class LayerReplay:
                     logits = model(input_ids=ids[None], use_cache=False).logits
                 finally:
                     capture.remove()
-                if any(x is None for x in capture.inputs) or capture.kwargs is None:
+                if any(x is None for x in capture.inputs):
                     raise BitallocError(
                         f"{type(model).__name__} did not call every decoder block in its forward "
                         "pass; measured profiling needs a standard decoder-only model"
                     )
                 self._inputs.append(list(capture.inputs))
-                self._kwargs.append(capture.kwargs)
+                self._args.append(capture.args)
+                self._kwargs.append(list(capture.kwargs))
                 losses.append(self._nll(logits, ids))
                 if self._ref_logprobs is not None:
                     self._ref_logprobs.append(F.log_softmax(logits[0, :-1].float(), dim=-1))
@@ -126,13 +147,19 @@ class LayerReplay:
 
     def _tail_logits(self, index: int, start: int) -> torch.Tensor:
         hidden = self._inputs[index][start]
-        kwargs = self._kwargs[index]
-        for block in self.blocks[start:]:
-            out = block(hidden, **kwargs)
+        args, kwargs = self._args[index], self._kwargs[index]
+        for layer in range(start, len(self.blocks)):
+            out = self.blocks[layer](hidden, *args[layer], **kwargs[layer])
             hidden = out[0] if isinstance(out, tuple) else out
         if self._norm is not None:
             hidden = self._norm(hidden)
-        return self._head(hidden)
+        logits = self._head(hidden)
+        if self._softcap is not None:
+            # The operations of transformers' Gemma heads, in their order: bit-identical logits.
+            logits = logits / self._softcap
+            logits = torch.tanh(logits)
+            logits = logits * self._softcap
+        return logits
 
     def _check_replay(self, full_logits: torch.Tensor, index: int) -> bool:
         if self._head is None:

@@ -76,3 +76,33 @@ def test_bad_windows_and_layers_raise():
     replay = LayerReplay(model, _windows(n=1))
     with pytest.raises(BitallocError, match="outside the model"):
         replay.score(5)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},  # sliding then global layer, final logit soft cap
+        {"final_logit_softcapping": None},
+        {"layer_types": ["full_attention", "sliding_attention"], "final_logit_softcapping": 5.0},
+    ],
+    ids=["softcap-sliding-global", "no-softcap", "global-sliding-tight-cap"],
+)
+def test_gemma3_replays_with_its_soft_cap_and_each_layers_mask(fields):
+    """Gemma 3 passes its sliding and global layers different masks and rotary embeddings, and
+    soft-caps the final logits: replay reruns each block with its own arguments and applies the
+    cap, so it is used (not the full-forward fallback) and scores what a full forward scores."""
+    from tests.families import SLIDING_WINDOW, gemma3
+
+    model, _ = gemma3(**fields)
+    ids = _windows(n=2, seq_len=SLIDING_WINDOW + 8)  # longer than the window: it slides
+    with torch.inference_mode():
+        ref_logits = model(input_ids=ids).logits
+    replay = LayerReplay(model, ids, keep_logprobs=True)
+    assert replay.replays
+    for unit in (discover_units(model)[0], discover_units(model)[-1]):
+        with fake_quantized(model, {unit.name: "int2-g32"}):
+            score = replay.score(unit.layer)
+            full = math.log(perplexity(model, ids).perplexity)
+            kl = _kl(model, ids, ref_logits)
+        assert score.loss == pytest.approx(full, rel=1e-5)
+        assert score.kl == pytest.approx(kl, rel=1e-4, abs=1e-9) and score.kl > 0
