@@ -51,6 +51,7 @@ from bitalloc.search.storage import (
     FRONTIER_FILE,
     PROFILE_FILE,
     SEARCH_FILE,
+    close_storage,
     default_run_dir,
     default_storage_url,
     open_storage,
@@ -451,7 +452,7 @@ def search(
         finally:
             bar.close()
 
-    return _finish(
+    result = _finish(
         st,
         prep,
         costs,
@@ -467,6 +468,8 @@ def search(
             "wall_time_s": time.perf_counter() - start_time,
         },
     )
+    close_storage(store)
+    return result
 
 
 def _resolve(

@@ -130,6 +130,23 @@ def _fast_sqlite(storage: Any, path: Path) -> None:
         storage.engine.dispose()
 
 
+def close_storage(storage: Any) -> None:
+    """Fold a SQLite study's write-ahead log back into its file and close its connections, so
+    that the study file alone holds every trial once a search is done (a run directory copied
+    file by file, or a study file mailed on its own, is then complete). Other storages are left
+    as they are; a study interrupted before this keeps its log beside the file, which SQLite
+    replays when the study is next opened."""
+    engine = getattr(storage, "engine", None)
+    if engine is None or engine.name != "sqlite":
+        return
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    except Exception:  # noqa: BLE001 - a busy reader only delays the fold; nothing is lost
+        pass
+    engine.dispose()
+
+
 def _check_local_file(url: str, path: Path, create: bool) -> None:
     if path.exists() and not path.is_file():
         raise BitallocError(f"storage {url!r}: {path} is not a file")

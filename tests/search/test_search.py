@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from bitalloc.allocation import Allocation
 from bitalloc.errors import BitallocError
 from bitalloc.search import METRIC_NAMES, default_storage_url, open_storage
+from bitalloc.search.storage import close_storage
 from bitalloc.search.study import pareto_front
 
 from .driver import run
@@ -196,6 +198,16 @@ def test_sqlite_studies_use_write_ahead_logging(tmp_path):
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
     again = optuna.load_study(study_name="s", storage=open_storage(url, create=False))
     assert [t.params for t in again.trials] == [trial.params]
+    # Closed, the log is folded back: the study file alone holds every trial.
+    close_storage(storage)
+    wal = tmp_path / "study.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "study.db", tmp_path / "alone" / "study.db")
+    alone = optuna.load_study(
+        study_name="s", storage=open_storage(f"sqlite:///{tmp_path / 'alone' / 'study.db'}")
+    )
+    assert [t.params for t in alone.trials] == [trial.params]
 
 
 def test_journal_storage(tmp_path, isolated_cache):
