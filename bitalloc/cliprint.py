@@ -45,9 +45,9 @@ def repair_line(r) -> str:
     if r.regime:
         refined = any(round_.action == "refined" for round_ in r.rounds)
         then = (
-            "repair measured the units that matter under every format"
+            "repair measured the units that matter under their formats' neighbours"
             if refined
-            else "the repair budget left no room to measure whole rows (raise --repair-budget)"
+            else "the repair budget left no room to measure them (raise --repair-budget)"
         )
         head += f"\n  profile outside its regime: {r.regime}; {then}"
     if r.reason:

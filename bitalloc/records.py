@@ -195,7 +195,8 @@ class RepairRound(Strict):
     """One round of verify-and-repair: the allocation at its start, predicted and measured
     loss increase (nats/token, on the repair windows), the groups then measured (unit names or
     ``layer N``), and what was done (``corrected``: the measured groups' terms rescaled;
-    ``refined``: the measured units' rows replaced by measurements of every format; or why it
+    ``refined``: each measured unit's chosen format and its cheaper and richer neighbours put in
+    as measured; or why it
     stopped: ``agrees``, ``budget spent``, ``nothing left``). ``direction`` says which way the
     prediction was off when the round acted: ``optimistic`` (measured above predicted) or
     ``pessimistic`` (below)."""
@@ -232,8 +233,8 @@ class Repair(Strict):
     #: Every other candidate measured on the repair windows: label -> loss increase (nats/token).
     candidates: dict[str, float] = {}
     #: Set when the profile was judged outside the regime where it can be trusted, and why;
-    #: repair then measured whole rows (every format of the units that matter) instead of
-    #: rescaling the profile's terms.
+    #: repair then measured the units that matter under their chosen format and its cheaper and
+    #: richer neighbours instead of only rescaling the profile's terms.
     regime: str | None = None
 
     def check(self, predicted_loss: float | None) -> None:

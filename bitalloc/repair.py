@@ -10,7 +10,8 @@ again. Every candidate is measured jointly, and the best measured allocation is 
 the repair can never make the result worse than the first choice, or than the other
 candidates it was given (the uniform allocations within the same budget), on the repair
 windows. A profile judged outside its regime (:data:`REGIME_NATS`, :func:`rank_agreement`) is
-not rescaled but refined by measurement: the units that matter are measured under every format.
+not only rescaled but refined by measurement: the units that matter are measured alone under
+their chosen format and the nearest cheaper and richer ones.
 
 Measurements use the calibration split (the profile's own data); the final perplexity beside the
 baselines is measured on the held-out evaluation split by :func:`bitalloc.allocator.measure`.
@@ -57,6 +58,8 @@ REGIME_NATS = 1.0
 #: profile's ranking is not trusted, once at least RANK_MIN_GROUPS groups are measured.
 RANK_AGREEMENT = 0.3
 RANK_MIN_GROUPS = 4
+#: Evaluations per unit in a measured refinement: its chosen format and its two neighbours.
+REFINE_FORMATS = 3
 
 
 def corrected_profile(
@@ -136,9 +139,11 @@ def verify_and_repair(
 
     When the profile is outside the regime where its local approximation holds (a predicted or
     measured loss increase above ``regime_nats``, or a measured ranking of the repaired units
-    that disagrees with the predicted one, :func:`rank_agreement`), rescaling its terms is not
-    to be trusted either: repair then measures the units that matter under every format and
-    puts those rows in as measured (a measured refinement), within the same budget.
+    that disagrees with the predicted one, :func:`rank_agreement`), rescaling a row by one
+    measured entry is not to be trusted either: repair then measures the units that matter
+    alone under their chosen format and the nearest cheaper and richer ones
+    (:data:`REFINE_FORMATS` evaluations each), puts those terms in as measured and rescales the
+    rest of each row (a measured refinement), within the same budget.
 
     Returns the best measured allocation of all it measured (first choice, candidates, every
     repair round) with the record of every round, which says which one was returned and why.
@@ -193,6 +198,7 @@ def verify_and_repair(
         exact: dict[tuple[str, str], float] = {}
         rounds: list[RepairRound] = []
         formats = [name for name in profile.formats if not parse_format(name).is_float]
+        shapes = {u.name: tuple(u.shape) for u in units}
         while True:
             predicted = float(current.data.predicted_loss or 0.0)
             direction = _direction(predicted, measured_now, tolerance, slack)
@@ -202,21 +208,34 @@ def verify_and_repair(
                 rounds.append(_round(current, predicted, measured_now, [], action))
                 break
             share = {u.name: u.predicted_loss or 0.0 for u in current.data.units}
-            if regime is not None and left - 1 >= len(formats):
-                # Measured refinement: whole rows for the units that matter most.
-                picked_units = [
-                    u.name
-                    for u in sorted(current.data.units, key=lambda u: -(u.predicted_loss or 0.0))
-                    if not parse_format(u.format).is_float
-                    and any((u.name, f) not in exact for f in formats)
-                ][: (left - 1) // len(formats)]
-                if not picked_units:
+            if regime is not None and left - 1 >= REFINE_FORMATS:
+                # Measured refinement: the units that matter most, each alone under its chosen
+                # format and the next cheaper and richer ones (the trade-offs the solver
+                # weighs for it), put in as measured; the rest of each row is rescaled by the
+                # chosen format's ratio.
+                fits = (left - 1) // REFINE_FORMATS
+                pairs = []
+                labels = []
+                for u in sorted(current.data.units, key=lambda u: -(u.predicted_loss or 0.0)):
+                    todo = [
+                        (u.name, f)
+                        for f in _neighbours(u, formats, shapes[u.name])
+                        if (u.name, f) not in exact
+                    ]
+                    if todo and not parse_format(u.format).is_float:
+                        pairs += todo
+                        labels.append(u.name)
+                    if len(labels) == min(fits, UNITS_PER_ROUND):
+                        break
+                if not pairs:
                     rounds.append(_round(current, predicted, measured_now, [], "nothing left"))
                     break
-                pairs = [(unit, f) for unit in picked_units for f in formats]
+                chosen_format = {u.name: u.format for u in current.data.units}
                 for (unit, fmt), loss in zip(pairs, run([((u, f),) for u, f in pairs])):
                     exact[(unit, fmt)] = loss - base
-                action, labels = "refined", picked_units
+                    if fmt == chosen_format[unit]:
+                        corrections[((unit, fmt),)] = loss - base
+                action = "refined"
             else:
                 ranked = sorted(
                     (
@@ -263,7 +282,7 @@ def verify_and_repair(
         measured_after=returned_measured,
         changed=returned.formats != allocation.formats,
         groups=groups,
-        groups_measured=len(corrections) + len({unit for unit, _ in exact}),
+        groups_measured=len(set(corrections) | {((unit, fmt),) for unit, fmt in exact}),
         rounds=rounds,
         wall_time_s=time.perf_counter() - start,
         chosen=label,
@@ -271,6 +290,16 @@ def verify_and_repair(
         candidates=measured_candidates,
         regime=regime,
     )
+
+
+def _neighbours(choice: Any, formats: Sequence[str], shape: tuple[int, int]) -> list[str]:
+    """The unit's chosen format and the palette formats just below and just above it in stored
+    bits for its shape (the nearest cheaper and richer options)."""
+    ranked = sorted(formats, key=lambda f: (parse_format(f).storage_bits(shape), f))
+    if choice.format not in ranked:
+        return []
+    i = ranked.index(choice.format)
+    return ranked[max(0, i - 1) : i + 2]
 
 
 def _job(alloc: Allocation) -> Job:

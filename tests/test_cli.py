@@ -412,10 +412,10 @@ def test_repair_summary_says_what_was_returned_and_why():
     text = repair_line(record)
     assert "returned uniform int3-g128: uniform int3-g128 measured perplexity 20.000" in text
     assert "profile outside its regime: the loss increase is 5.20 nats/token" in text
-    assert "no room to measure whole rows" in text
+    assert "left no room to measure them" in text
     refined = record.rounds[0].model_copy(update={"action": "refined"})
     text = repair_line(record.model_copy(update={"rounds": [refined, *record.rounds[1:]]}))
-    assert "measured the units that matter under every format" in text
+    assert "measured the units that matter under their formats' neighbours" in text
 
 
 def test_eval_labels_the_stored_repair_as_recorded(tmp_path, monkeypatch, capsys):
