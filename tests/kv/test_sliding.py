@@ -31,6 +31,15 @@ from tests.conftest import make_tiny_llama, random_windows
 WINDOW = 16
 #: Gemma 3's layout in miniature: sliding layers with a global one between them.
 MIXED = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+#: What every tiny model below shares: vocabulary, widths, heads (grouped 2:1), positions.
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 
 def make_tiny_gemma3(seed: int = 0, window: int = WINDOW, layer_types=None, **fields):
@@ -40,15 +49,10 @@ def make_tiny_gemma3(seed: int = 0, window: int = WINDOW, layer_types=None, **fi
     torch.manual_seed(seed)
     types = list(layer_types or MIXED)
     config = Gemma3TextConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
+        **TINY,
         num_hidden_layers=len(types),
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         query_pre_attn_scalar=16,
-        max_position_embeddings=256,
         sliding_window=window,
         layer_types=types,
         final_logit_softcapping=30.0,
@@ -63,16 +67,7 @@ def _gemma2(seed: int = 0):
 
     torch.manual_seed(seed)
     config = Gemma2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        max_position_embeddings=256,
-        sliding_window=12,
+        **TINY, num_hidden_layers=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=12
     )
     return Gemma2ForCausalLM(config).eval()
 
@@ -82,16 +77,7 @@ def _mistral(seed: int = 0):
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        sliding_window=12,
-    )
+    config = MistralConfig(**TINY, num_hidden_layers=2, sliding_window=12)
     return MistralForCausalLM(config).eval()
 
 
@@ -101,14 +87,9 @@ def _qwen3(seed: int = 0):
 
     torch.manual_seed(seed)
     config = Qwen3Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,
+        **TINY,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
-        max_position_embeddings=256,
         use_sliding_window=True,
         sliding_window=12,
         max_window_layers=1,
