@@ -207,7 +207,6 @@ def verify_and_repair(
                 action = "agrees" if direction is None else "budget spent"
                 rounds.append(_round(current, predicted, measured_now, [], action))
                 break
-            share = {u.name: u.predicted_loss or 0.0 for u in current.data.units}
             if regime is not None and left - 1 >= REFINE_FORMATS:
                 # Measured refinement: the units that matter most, each alone under its chosen
                 # format and the next cheaper and richer ones (the trade-offs the solver
@@ -237,6 +236,7 @@ def verify_and_repair(
                         corrections[((unit, fmt),)] = loss - base
                 action = "refined"
             else:
+                share = {u.name: u.predicted_loss or 0.0 for u in current.data.units}
                 ranked = sorted(
                     (
                         (sum(share[unit] for unit, _ in job), label, job)
