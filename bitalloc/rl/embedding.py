@@ -85,6 +85,9 @@ ROLE_CODES: dict[str, float] = {
     "gate": 4 / 6,
     "up": 5 / 6,
     "down": 1.0,
+    # Fused projections (Phi-3 style) sit where the projections they fuse sit on average.
+    "qkv": 1 / 6,
+    "gateup": 9 / 12,
 }
 OTHER_ROLE = 0.5
 

@@ -195,6 +195,18 @@ def test_other_roles_and_a_single_layer():
     np.testing.assert_array_equal(raw[-1, :8], raw[units.index(up), :8])
 
 
+def test_fused_projections_get_the_roles_they_fuse_not_the_unknown_code():
+    from tests.families import phi3
+
+    model, _ = phi3()
+    units = discover_units(model)
+    raw = unit_statistics(model, units, random_windows(n=1))
+    codes = {u.role: raw[i, 9] for i, u in enumerate(units)}
+    assert codes["qkv"] == pytest.approx(np.mean([ROLE["q"], ROLE["k"], ROLE["v"]]))
+    assert codes["gateup"] == pytest.approx(np.mean([ROLE["gate"], ROLE["up"]]))
+    assert codes["qkv"] != codes["o"] and codes["gateup"] != 0.5
+
+
 def test_hooks_are_removed_and_mode_restored(tiny_model):
     units = discover_units(tiny_model)
     linears = [get_linear(tiny_model, u.name) for u in units]
