@@ -57,6 +57,7 @@ def verify(
             workers=config.profile.workers,
             ray_address=config.profile.ray_address,
             progress=config.progress,
+            importance=prep.importance,
         )
     measured = measure(
         prep, allocation, eval_tokens=config.data.eval_tokens, progress=config.progress
@@ -85,12 +86,16 @@ def never_worse_than_baselines(
     do not."""
     if allocation.data.kv is not None:
         return allocation, measured, record
-    better = [
-        (measured.baselines[label.removeprefix("uniform ")], label, cand)
-        for label, cand in candidates
-        if label in record.candidates
-        and measured.baselines.get(label.removeprefix("uniform "), math.inf) < measured.perplexity
-    ]
+    better = []
+    for label, cand in candidates:
+        # The baseline measured for a candidate is the one of its single format (read from the
+        # candidate itself, not from its label).
+        formats = set(cand.formats.values())
+        if label not in record.candidates or len(formats) != 1:
+            continue
+        ppl = measured.baselines.get(formats.pop(), math.inf)
+        if ppl < measured.perplexity:
+            better.append((ppl, label, cand))
     if not better:
         return allocation, measured, record
     ppl, label, cand = min(better, key=lambda b: b[0])
