@@ -34,6 +34,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.fileio import read_model, write_json_atomic
 from bitalloc.folding_record import ScaleFolding, apply_recorded_
 from bitalloc.formats import QuantFormat, parse_format
+from bitalloc.importance import Importance, ImportanceRecord
 from bitalloc.kv.record import JointBudget, KVAllocation
 from bitalloc.models import Unit, get_linear
 from bitalloc.records import (
@@ -118,6 +119,11 @@ class AllocationData(Strict):
     repair: Repair | None = None
     #: Scale folding done before profiling; :meth:`Allocation.apply` repeats it.
     scale_folding: ScaleFolding | None = None
+    #: The per-input-column importance that weighted every clipping search when the formats
+    #: were profiled and measured (None: plain squared error, ``--clipping mse``, and files
+    #: written before it was recorded); :meth:`Allocation.apply` quantizes with it, so the
+    #: applied and packed weights are the ones that were measured.
+    importance: ImportanceRecord | None = None
     #: Per-layer KV-cache formats, when the KV cache was allocated too.
     kv: KVAllocation | None = None
     #: The joint weights + KV memory budget and its split, when one was given.
@@ -254,6 +260,26 @@ class Allocation:
         """A copy recording that the model was scale-folded (by ``record``) before allocating."""
         return Allocation(self.data.model_copy(update={"scale_folding": record}))
 
+    def with_importance(self, importance: Importance | None) -> Allocation:
+        """A copy recording the importance that weights its units' clipping (None: none; also
+        none when every unit is a float format, which has no clipping)."""
+        record = None
+        if importance is not None and not self.all_float:
+            record = importance.restricted(u.name for u in self.data.units).record
+        allocation = Allocation(self.data.model_copy(update={"importance": record}))
+        _check_importance(allocation.data)
+        return allocation
+
+    @property
+    def all_float(self) -> bool:
+        """True when every unit is in a float format (nothing clipped, e.g. a KV-only run)."""
+        return all(parse_format(u.format).is_float for u in self.data.units)
+
+    def importance(self) -> Importance | None:
+        """The recorded importance (see :attr:`AllocationData.importance`), or None."""
+        record = self.data.importance
+        return None if record is None else record.decode()
+
     # --- presentation ----------------------------------------------------------------------
     def table(self) -> str:
         """Per-unit table: unit, format, bits per weight, weights, predicted loss."""
@@ -308,6 +334,8 @@ class Allocation:
             text += f" | predicted loss +{d.predicted_loss:.4f}"
         if d.scale_folding is not None:
             text += f" | scale folding (alpha {d.scale_folding.alpha:g})"
+        if d.importance is not None:
+            text += " | importance-weighted clipping"
         if d.kv is not None:
             text += f" | KV {d.kv.avg_bits:.3f} bits/element, {d.kv.bytes / 2**20:.2f} MiB"
         return text
@@ -366,11 +394,17 @@ class Allocation:
         target = model if inplace else copy.deepcopy(model)
         if record is not None:
             apply_recorded_(target, record)  # no-op when already folded by this record
+        importance = self.importance()
         if packed:
             return pack_model(
-                target, self.formats, inplace=True, cpu_path=cpu_path, progress=progress
+                target,
+                self.formats,
+                inplace=True,
+                cpu_path=cpu_path,
+                progress=progress,
+                importance=importance,
             )
-        return fake_quantize_(target, self.formats)
+        return fake_quantize_(target, self.formats, importance)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`BitallocError` unless every unit exists in ``model`` with its shape."""
@@ -424,6 +458,7 @@ def _check_consistent(data: AllocationData) -> None:
     _check_losses(data)
     if data.scale_folding is not None:
         data.scale_folding.check()
+    _check_importance(data)
     if data.kv is not None:
         data.kv.check(joint=data.joint is not None)
     if data.joint is not None:
@@ -441,6 +476,24 @@ def _check_consistent(data: AllocationData) -> None:
             kv_loss=data.kv.predicted_loss,
             excluded_numel=data.excluded_numel,
         )
+
+
+def _check_importance(data: AllocationData) -> None:
+    if data.importance is None:
+        return
+    vectors = data.importance.decode().values
+    for u in data.units:
+        value = vectors.get(u.name)
+        if value is None:
+            raise BitallocError(f"{u.name} has no importance vector in the record; {EDITED}")
+        if value.numel() != u.shape[1]:
+            raise BitallocError(
+                f"{u.name}: importance vector of {value.numel()} values for {u.shape[1]} input "
+                f"columns; {EDITED}"
+            )
+    extra = sorted(set(vectors) - {u.name for u in data.units})
+    if extra:
+        raise BitallocError(f"importance recorded for units not allocated ({extra[0]}); {EDITED}")
 
 
 def _check_units(data: AllocationData) -> None:

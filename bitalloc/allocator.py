@@ -126,8 +126,7 @@ def allocate(
             use_cache=config.profile.use_cache,
             progress=config.progress,
         )
-        if prep.scale_folding is not None:
-            allocation = allocation.with_scale_folding(prep.scale_folding)
+        allocation = prep.recorded(allocation)
         # A joint budget's weight share is not a budget repair could re-solve alone.
         resolve = None if request.joint else keeping_kv(weights.solve, allocation)
         candidates = []

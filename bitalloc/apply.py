@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -12,6 +13,9 @@ from torch import nn
 from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat, QuantizedWeight, dequantize, parse_format
 from bitalloc.models import get_linear
+
+if TYPE_CHECKING:
+    from bitalloc.importance import Importance
 
 #: Default cap on what one :class:`QuantizedWeightCache` holds (codes take a byte per weight).
 CACHE_BYTES = 2 * 2**30
@@ -27,13 +31,16 @@ class QuantizedWeightCache:
     ``fake_quantize`` gives. Only integer formats are kept (fp16 and other families are cheap
     or opaque and are quantized each time). The least recently used entries go when
     ``max_bytes`` would be passed. An entry is keyed by unit name and format and checked
-    against the weight's sum, so a weight changed since (a different model, a folded copy)
-    is quantized again rather than served stale.
+    against the weight's sum and the importance's fingerprint, so a weight changed since (a
+    different model, a folded copy) or quantized with another importance is quantized again
+    rather than served stale.
     """
 
     def __init__(self, max_bytes: int = CACHE_BYTES):
         self.max_bytes = int(max_bytes)
-        self._entries: OrderedDict[tuple[str, str], tuple[float, QuantizedWeight]] = OrderedDict()
+        self._entries: OrderedDict[
+            tuple[str, str], tuple[tuple[float, float | None], QuantizedWeight]
+        ] = OrderedDict()
         self._bytes = 0
         self.hits = 0
         self.misses = 0
@@ -43,24 +50,36 @@ class QuantizedWeightCache:
         """Bytes the kept entries take."""
         return self._bytes
 
-    def fake_quantize(self, unit: str, weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
-        """``fmt.fake_quantize(weight)``, from the cache when this unit's weight was quantized
-        with ``fmt`` before."""
+    def fake_quantize(
+        self,
+        unit: str,
+        weight: torch.Tensor,
+        fmt: QuantFormat,
+        importance: Importance | None = None,
+    ) -> torch.Tensor:
+        """``fmt.fake_quantize(weight, importance.of(unit))``, from the cache when this unit's
+        weight was quantized with ``fmt`` and the same importance before."""
+        vector = None if importance is None else importance.of(unit)
         if not isinstance(fmt, QuantFormat) or fmt.is_float:
-            return fmt.fake_quantize(weight)
+            return fmt.fake_quantize(weight, vector)
         key = (unit, fmt.name)
-        total = float(weight.detach().sum(dtype=torch.float64))
+        check = (
+            float(weight.detach().sum(dtype=torch.float64)),
+            None if importance is None else importance.fingerprint(unit),
+        )
         entry = self._entries.get(key)
-        if entry is not None and entry[0] == total:
+        if entry is not None and entry[0] == check:
             self._entries.move_to_end(key)
             self.hits += 1
             return dequantize(entry[1]).to(weight.dtype)
         self.misses += 1
-        q = fmt.quantize(weight)
-        self._store(key, total, q)
+        q = fmt.quantize(weight, vector)
+        self._store(key, check, q)
         return dequantize(q).to(weight.dtype)
 
-    def _store(self, key: tuple[str, str], total: float, q: QuantizedWeight) -> None:
+    def _store(
+        self, key: tuple[str, str], total: tuple[float, float | None], q: QuantizedWeight
+    ) -> None:
         size = _nbytes(q)
         old = self._entries.pop(key, None)
         if old is not None:
@@ -87,11 +106,17 @@ def _resolve(
     return resolved
 
 
-def fake_quantize_(model: nn.Module, assignment: Mapping[str, str | QuantFormat]) -> nn.Module:
-    """Quantize-dequantize the named units' weights in place; returns ``model``."""
+def fake_quantize_(
+    model: nn.Module,
+    assignment: Mapping[str, str | QuantFormat],
+    importance: Importance | None = None,
+) -> nn.Module:
+    """Quantize-dequantize the named units' weights in place (clipping weighted by each unit's
+    ``importance`` where it has one); returns ``model``."""
     with torch.no_grad():
-        for _, linear, fmt in _resolve(model, assignment):
-            linear.weight.copy_(fmt.fake_quantize(linear.weight))
+        for name, linear, fmt in _resolve(model, assignment):
+            vector = None if importance is None else importance.of(name)
+            linear.weight.copy_(fmt.fake_quantize(linear.weight, vector))
     return model
 
 
@@ -100,19 +125,22 @@ def fake_quantized(
     model: nn.Module,
     assignment: Mapping[str, str | QuantFormat],
     cache: QuantizedWeightCache | None = None,
+    importance: Importance | None = None,
 ) -> Iterator[nn.Module]:
     """Temporarily fake-quantize units; the original weights come back on exit (also on error).
     ``cache`` (kept by the caller across measurements of one model) saves re-quantizing a
-    unit in a format it took before."""
+    unit in a format it took before; ``importance`` weights each unit's clipping search."""
     resolved = _resolve(model, assignment)
     saved = [linear.weight.detach().clone() for _, linear, _ in resolved]
     try:
         with torch.no_grad():
             for name, linear, fmt in resolved:
                 quantized = (
-                    fmt.fake_quantize(linear.weight)
+                    fmt.fake_quantize(
+                        linear.weight, None if importance is None else importance.of(name)
+                    )
                     if cache is None
-                    else cache.fake_quantize(name, linear.weight, fmt)
+                    else cache.fake_quantize(name, linear.weight, fmt, importance)
                 )
                 linear.weight.copy_(quantized)
         yield model

@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(f, ("use_cache",))
 
     e = sub.add_parser("eval", help="measure the perplexity of a saved allocation")
-    add_config_arguments(e, COMMON)
+    # The allocation records the clipping its formats were measured with: eval uses that.
+    add_config_arguments(e, tuple(name for name in COMMON if name != "clipping"))
     e.add_argument("--allocation", required=True, metavar="FILE", help="allocation JSON")
     add_config_arguments(
         e, ("eval_tokens",), {"eval_tokens": {"help": "evaluation tokens (default 4096)"}}
@@ -201,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prepare(args: argparse.Namespace):
-    """Model, units, palette and text from the options every subcommand shares."""
+def _prepare(args: argparse.Namespace, importance=None):
+    """Model, units, palette and text from the options every subcommand shares (with
+    ``importance``, an allocation's record, instead of gathering one)."""
     from bitalloc.allocator import prepare
 
     return prepare(
@@ -211,6 +213,11 @@ def _prepare(args: argparse.Namespace):
         calibration=args.calibration,
         evaluation=args.evaluation,
         seq_len=args.seq_len,
+        # eval quantizes with the importance its allocation recorded, not a new one.
+        clipping=getattr(args, "clipping", "mse"),
+        progress=not args.quiet,
+        use_cache=not getattr(args, "no_cache", False),
+        importance=importance,
     )
 
 
@@ -379,7 +386,8 @@ def _eval(args: argparse.Namespace) -> None:
     from bitalloc.allocator import measure
 
     alloc = Allocation.load(args.allocation)
-    prep = _prepare(args)
+    # Measured with the clipping its formats were chosen with (eval has no --clipping).
+    prep = _prepare(args, importance=alloc.importance())
     if alloc.data.scale_folding is not None:
         from bitalloc.folding_record import apply_recorded_
 

@@ -34,7 +34,7 @@ OPTION_FIELDS: dict[str, tuple[str, str]] = {**FLAT_FIELDS, **SEARCH_FLAT_FIELDS
 GIVEN = "config_given"
 
 #: The options most subcommands share, and those of each group of ``bitalloc allocate``.
-COMMON = ("model", "formats", "calibration", "evaluation", "seq_len", "progress")
+COMMON = ("model", "formats", "clipping", "calibration", "evaluation", "seq_len", "progress")
 BUDGET = ("avg_bits", "max_bytes")
 KV = ("kv_avg_bits", "memory_bytes", "context_len", "batch_size", "kv_formats")
 KV += ("kv_profiler", "kv_tokens")

@@ -26,7 +26,7 @@ import uuid
 import warnings
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -35,6 +35,9 @@ from tqdm.auto import tqdm
 from bitalloc.apply import QuantizedWeightCache, fake_quantized
 from bitalloc.errors import BitallocError
 from bitalloc.sensitivity.replay import LayerReplay
+
+if TYPE_CHECKING:
+    from bitalloc.importance import Importance
 
 Job = tuple[tuple[str, str], ...]
 JOURNAL_VERSION = 1
@@ -48,7 +51,8 @@ def job_key(job: Job) -> str:
 
 
 class JobEvaluator:
-    """Scores jobs on one model copy. ``layers`` maps unit name -> decoder layer index."""
+    """Scores jobs on one model copy. ``layers`` maps unit name -> decoder layer index;
+    ``importance`` weights each unit's clipping search (None: plain squared error)."""
 
     def __init__(
         self,
@@ -57,9 +61,11 @@ class JobEvaluator:
         layers: Mapping[str, int],
         *,
         keep_logprobs: bool,
+        importance: Importance | None = None,
     ):
         self.model = model
         self.layers = dict(layers)
+        self.importance = importance
         self.replay = LayerReplay(model, windows, keep_logprobs=keep_logprobs)
         # Jobs on one model repeat most (unit, format) pairs: quantize each once.
         self.quantized = QuantizedWeightCache()
@@ -73,7 +79,7 @@ class JobEvaluator:
                 "kl": 0.0 if self.replay.keeps_logprobs else None,
             }
         start = min(self.layers[unit] for unit, _ in job)
-        with fake_quantized(self.model, dict(job), self.quantized):
+        with fake_quantized(self.model, dict(job), self.quantized, self.importance):
             score = self.replay.score(start)
         return {"loss": score.loss, "kl": score.kl}
 
@@ -134,6 +140,7 @@ def run_jobs(
     ray_address: str | None = None,
     progress: bool = True,
     desc: str = "measuring",
+    importance: Importance | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score every job; returns job key -> result (``loss``, ``kl``).
 
@@ -166,6 +173,7 @@ def run_jobs(
                 keep_logprobs=keep_logprobs,
                 workers=min(workers, len(todo)),
                 ray_address=ray_address,
+                importance=importance,
             ) as pool:
                 for _, job, result in run_all(pool, [(job, job) for job in todo]):
                     if journal is not None:
@@ -214,10 +222,20 @@ class RayPool:
     returned are never affected.
     """
 
-    def __init__(self, ray: Any, model, windows, layers, *, keep_logprobs: bool, workers: int):
+    def __init__(
+        self,
+        ray: Any,
+        model,
+        windows,
+        layers,
+        *,
+        keep_logprobs: bool,
+        workers: int,
+        importance: Importance | None = None,
+    ):
         self._ray = ray
         self._actor_cls = ray.remote(num_cpus=1)(_RayWorker)
-        self._args = (ray.put(model), windows, dict(layers), keep_logprobs)
+        self._args = (ray.put(model), windows, dict(layers), keep_logprobs, importance)
         self._run_id = uuid.uuid4().hex[:8]
         self._started = itertools.count()
         self._idle = [self._new_actor() for _ in range(workers)]
@@ -304,14 +322,18 @@ def job_pool(
     keep_logprobs: bool,
     workers: int = 0,
     ray_address: str | None = None,
+    importance: Importance | None = None,
 ) -> Iterator[InProcessPool | RayPool]:
-    """A pool that scores jobs: in this process (``workers=0``) or on that many Ray actors.
+    """A pool that scores jobs: in this process (``workers=0``) or on that many Ray actors;
+    ``importance`` weights each unit's clipping search.
 
     Both pools share one interface: ``capacity``, ``pending``, ``submit(tag, job)``,
     ``wait() -> (tag, job, result)`` and ``cancel()``.
     """
     if workers <= 0:
-        yield InProcessPool(JobEvaluator(model, windows, layers, keep_logprobs=keep_logprobs))
+        yield InProcessPool(
+            JobEvaluator(model, windows, layers, keep_logprobs=keep_logprobs, importance=importance)
+        )
         return
     with ray_session(ray_address, min(workers, os.cpu_count() or 1)) as ray:
         # Each actor takes one CPU: more actors than the cluster's CPUs would never start, and
@@ -323,7 +345,15 @@ def job_pool(
                 stacklevel=3,
             )
             workers = cpus
-        pool = RayPool(ray, model, windows, layers, keep_logprobs=keep_logprobs, workers=workers)
+        pool = RayPool(
+            ray,
+            model,
+            windows,
+            layers,
+            keep_logprobs=keep_logprobs,
+            workers=workers,
+            importance=importance,
+        )
         try:
             yield pool
         finally:
@@ -389,9 +419,11 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[Any]:
 class _RayWorker:
     """A Ray actor holding one model copy (single-threaded: the actors share the cores)."""
 
-    def __init__(self, model, windows, layers, keep_logprobs):
+    def __init__(self, model, windows, layers, keep_logprobs, importance=None):
         torch.set_num_threads(1)
-        self.evaluator = JobEvaluator(model, windows, layers, keep_logprobs=keep_logprobs)
+        self.evaluator = JobEvaluator(
+            model, windows, layers, keep_logprobs=keep_logprobs, importance=importance
+        )
 
     def run(self, job: Job) -> dict[str, Any]:
         result = self.evaluator.run(tuple(tuple(pair) for pair in job))

@@ -11,6 +11,7 @@ import torch
 
 from bitalloc.allocation import Allocation, Measured
 from bitalloc.apply import fake_quantized
+from bitalloc.errors import BitallocError
 from bitalloc.evaluate import Perplexity, perplexity
 from bitalloc.folding_record import require_folded
 from bitalloc.formats import QuantFormat, parse_format
@@ -74,7 +75,7 @@ def measure_assignment(
 ) -> Perplexity:
     """Perplexity with ``assignment`` (unit -> format) fake-applied and, when ``kv_formats``
     (KV unit -> KV format) is given, the KV cache quantized per layer; the model is restored."""
-    with fake_quantized(prep.model, assignment, prep.quantized):
+    with fake_quantized(prep.model, assignment, prep.quantized, prep.importance):
         if kv_formats:
             from bitalloc.kv.cache import kv_perplexity
 
@@ -89,6 +90,24 @@ def measure_assignment(
         return perplexity(prep.model, ev, batch_size=batch_size, progress=progress, desc=desc)
 
 
+def _check_importance(prep: Prepared, allocation: Allocation) -> None:
+    """Refuse to measure an allocation with another clipping than it records: the numbers
+    would describe weights that applying it does not give."""
+    if allocation.all_float:
+        return
+    recorded = allocation.data.importance
+    ours = prep.importance
+    if ours is not None:
+        ours = ours.restricted(u.name for u in allocation.data.units).record.sha256
+    if (None if recorded is None else recorded.sha256) != ours:
+        had = "none (plain squared error)" if recorded is None else "importance-weighted"
+        raise BitallocError(
+            f"the allocation records {had} clipping but the prepared model clips otherwise; "
+            "measure it with the importance it records (prepare with clipping='mse' and set "
+            "importance=allocation.importance(), as `bitalloc eval` does)"
+        )
+
+
 def measure(
     prep: Prepared,
     allocation: Allocation,
@@ -100,6 +119,7 @@ def measure(
     """Perplexity of the allocation beside uniform baselines on the evaluation split."""
     allocation.check_model(prep.model)
     require_folded(prep.model, allocation.data.scale_folding)
+    _check_importance(prep, allocation)
     ev = prep.evaluation_windows(eval_tokens)
     baselines: dict[str, float] = {}
     baseline_bits: dict[str, float] = {}
@@ -197,5 +217,6 @@ def measure_frontier(
             progress=progress,
             desc=f"perplexity @ {point.budget:g} bits",
         )
-        points.append(FrontierPoint(point.budget, point.allocation, result.perplexity))
+        allocation = point.allocation.with_importance(prep.importance)
+        points.append(FrontierPoint(point.budget, allocation, result.perplexity))
     return Frontier(tuple(points), front.method, front.ties, fp16)

@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -53,6 +53,9 @@ from bitalloc.kernels.paths import (
 )
 from bitalloc.kernels.quant_linear import Float16Linear, QuantLinear
 from bitalloc.models import get_linear
+
+if TYPE_CHECKING:
+    from bitalloc.importance import Importance
 
 MANIFEST = "bitalloc_packed.json"
 WEIGHTS = "model.safetensors"
@@ -100,12 +103,14 @@ def pack_model(
     inplace: bool = False,
     cpu_path: str = "auto",
     progress: bool = True,
+    importance: Importance | None = None,
 ) -> nn.Module:
     """Replace each named ``nn.Linear`` by a :class:`QuantLinear` (or :class:`Float16Linear` for
     ``fp16``) holding its quantized weight, then choose CPU paths (see :func:`choose_cpu_paths`).
 
     Every name and format is checked before anything changes; a deep copy is packed unless
-    ``inplace``. ``progress`` shows a bar per unit (stderr).
+    ``inplace``. ``progress`` shows a bar per unit (stderr). ``importance`` weights each unit's
+    clipping search (pass the allocation's, so the packed weights are the measured ones).
     """
     check_policy(cpu_path)
     resolved = [(name, get_linear(model, name), parse_format(f)) for name, f in formats.items()]
@@ -118,7 +123,9 @@ def pack_model(
             layer = (
                 Float16Linear.from_linear(linear)
                 if fmt.is_float
-                else QuantLinear.from_linear(linear, fmt)
+                else QuantLinear.from_linear(
+                    linear, fmt, None if importance is None else importance.of(name)
+                )
             )
             _replace(target, name, layer)
     choose_cpu_paths(target, cpu_path, progress=progress)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from bitalloc.jobs import Job, job_pool, run_all
 from bitalloc.sensitivity import Profile
 from bitalloc.sensitivity.base import spread_windows
 from bitalloc.sensitivity.monotone import monotone_in_bits
+
+if TYPE_CHECKING:
+    from bitalloc.importance import Importance
 
 # The defaults live in the configuration (the one home of every default).
 _DEFAULTS = VerifyConfig()
@@ -127,8 +130,10 @@ def verify_and_repair(
     workers: int = 0,
     ray_address: str | None = None,
     progress: bool = True,
+    importance: Importance | None = None,
 ) -> tuple[Allocation, Repair]:
     """Measure ``allocation`` against its prediction and repair it within ``budget`` evaluations.
+    Every measurement quantizes with ``importance`` (the run's clipping weights).
 
     ``solve_with(profile)`` re-solves the same problem (budget, ties, solver) on a corrected
     profile. ``candidates`` are other allocations within the same budget (labelled, e.g. the
@@ -162,7 +167,13 @@ def verify_and_repair(
     with (
         bar,
         job_pool(
-            model, windows, layers, keep_logprobs=False, workers=workers, ray_address=ray_address
+            model,
+            windows,
+            layers,
+            keep_logprobs=False,
+            workers=workers,
+            ray_address=ray_address,
+            importance=importance,
         ) as pool,
     ):
 

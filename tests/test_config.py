@@ -42,6 +42,8 @@ OLD_ALLOCATE_DEFAULTS = {
     "solver_options": {},
     "profiler_options": {},
     "formats": None,
+    # Added after the config: clipping weighted by the calibration importance (issue 18).
+    "clipping": "weighted",
     "calibration": None,
     "evaluation": None,
     "verify": False,
@@ -87,6 +89,7 @@ OLD_SEARCH_DEFAULTS = {
 VALUES = {
     "model": "some/dir",
     "avg_bits": 3.25,
+    "clipping": "mse",
     "profiler": "hessian",
     "solver": "rl",
     "ties": ("qkv", "gateup"),
@@ -436,7 +439,7 @@ def test_search_keywords_split_and_join():
 # --- the command line ------------------------------------------------------------------------
 
 FULL_ALLOCATE = [
-    "allocate", "--model", "some/dir", "--formats", "int2-g64,int4-g128",
+    "allocate", "--model", "some/dir", "--formats", "int2-g64,int4-g128", "--clipping", "mse",
     "--calibration", "a.txt", "b.txt", "--evaluation", "c.txt", "--seq-len", "64", "--quiet",
     "--avg-bits", "3.25", "--max-bytes", "1e6", "--profiler", "hessian",
     "--profiler-option", "max_probes=32", "--workers", "2", "--ray-address", "127.0.0.1:6379",

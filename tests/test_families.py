@@ -74,14 +74,18 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def _fake_quantized_copy(model, formats):
-    """The model with each unit's weight replaced by its format's ``fake_quantize``, done here
-    unit by unit rather than through bitalloc.apply."""
+def _fake_quantized_copy(model, alloc):
+    """The model with each unit's weight replaced by its format's ``fake_quantize`` with the
+    importance the allocation records, done here unit by unit rather than through
+    bitalloc.apply."""
+    importance = alloc.importance()
+    assert importance is not None  # the default clipping is weighted
     reference = copy.deepcopy(model)
     with torch.no_grad():
-        for name, fmt in formats.items():
+        for name, fmt in alloc.formats.items():
             linear = get_linear(reference, name)
-            linear.weight.copy_(parse_format(fmt).fake_quantize(linear.weight))
+            weighted = parse_format(fmt).fake_quantize(linear.weight, importance.of(name))
+            linear.weight.copy_(weighted)
     return reference
 
 
@@ -144,14 +148,14 @@ def test_applied_allocation_computes_the_fake_quantized_model(allocated):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = _ids(tok)
     applied = _logits(alloc.apply(model, progress=False), ids)
-    assert torch.equal(applied, _logits(_fake_quantized_copy(model, alloc.formats), ids))
+    assert torch.equal(applied, _logits(_fake_quantized_copy(model, alloc), ids))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_packed_model_saves_loads_and_computes_the_fake_quantized_model(allocated, tmp_path):
     family, model, tok, alloc = allocated
     ids = _ids(tok)
-    reference = _logits(_fake_quantized_copy(model, alloc.formats), ids)
+    reference = _logits(_fake_quantized_copy(model, alloc), ids)
     packed = alloc.apply(model, packed=True, cpu_path=cpu.UNPACK_MATMUL, progress=False)
     assert set(packed_layers(packed)) == set(alloc.formats)
     out = save_packed(packed, tmp_path / "packed", tokenizer=tok, allocation=alloc)

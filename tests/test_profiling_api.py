@@ -131,6 +131,12 @@ def test_calibration_shorter_than_one_window_is_refused(
 ):
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    prep = prepare(tiny_model, formats=FORMATS, calibration=short, tokenizer=byte_tokenizer)
+    # Refused while preparing (the importance reads the calibration windows), before any
+    # profiling; with plain clipping, by the profiler.
+    with pytest.raises(BitallocError, match="fewer than one sequence of 512"):
+        prepare(tiny_model, formats=FORMATS, calibration=short, tokenizer=byte_tokenizer)
+    prep = prepare(
+        tiny_model, formats=FORMATS, calibration=short, tokenizer=byte_tokenizer, clipping="mse"
+    )
     with pytest.raises(BitallocError, match="fewer than one sequence of 512"):
         profile_model(prep, "fisher", progress=False)

@@ -14,6 +14,7 @@ FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "solver_options": ("solve", "options"),
     "profiler_options": ("profile", "options"),
     "formats": ("target", "formats"),
+    "clipping": ("target", "clipping"),
     "calibration": ("data", "calibration"),
     "evaluation": ("data", "evaluation"),
     "verify": ("verify", "enabled"),

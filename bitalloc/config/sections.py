@@ -88,6 +88,13 @@ class TargetConfig(Section):
         metavar="KINDS",
         dest="tie",
     )
+    clipping: Literal["weighted", "mse"] = option(
+        "weighted",
+        "--clipping",
+        "what each group's clipping search minimises: weighted (default; squared error "
+        "weighted by each input column's mean squared activation on the calibration text, the "
+        "statistic of llama.cpp's importance matrix) or mse (plain squared weight error)",
+    )
 
     _positive = field_validator("avg_bits", "max_bytes")(positive)
 

@@ -141,11 +141,17 @@ class PackedWeight:
         )
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, fmt: QuantFormat) -> PackedWeight:
-        """Quantize ``weight`` with ``fmt`` (an integer format) and pack it."""
+    def quantize(
+        cls,
+        weight: torch.Tensor,
+        fmt: QuantFormat,
+        importance: torch.Tensor | None = None,
+    ) -> PackedWeight:
+        """Quantize ``weight`` with ``fmt`` (an integer format; ``importance`` per input column
+        weights its clipping search, see :meth:`QuantFormat.quantize`) and pack it."""
         if fmt.is_float:
             raise BitallocError("fp16 units are stored as fp16 weights, not packed codes")
-        return cls.from_quantized(fmt.quantize(weight))
+        return cls.from_quantized(fmt.quantize(weight, importance))
 
     @property
     def out_features(self) -> int:

@@ -103,9 +103,12 @@ class QuantLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: QuantFormat) -> QuantLinear:
-        """Quantize ``linear``'s weight with ``fmt`` (an integer format) and pack it."""
-        packed = PackedWeight.quantize(linear.weight.detach(), fmt)
+    def from_linear(
+        cls, linear: nn.Linear, fmt: QuantFormat, importance: torch.Tensor | None = None
+    ) -> QuantLinear:
+        """Quantize ``linear``'s weight with ``fmt`` (an integer format; ``importance``
+        weights its clipping search) and pack it."""
+        packed = PackedWeight.quantize(linear.weight.detach(), fmt, importance)
         return cls.from_packed(packed, linear.bias)
 
     # --- what is stored ---------------------------------------------------------------------

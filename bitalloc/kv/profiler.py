@@ -143,9 +143,11 @@ class KVProfiler(BaseProfiler):
         palette: Sequence[KVFormat],
         calibration: torch.Tensor,
         bar: tqdm,
+        importance: object = None,
     ) -> Statistics:
         """The KV units x KV formats table (rows in ``units`` order, columns in ``palette``
-        order), negative values clipped to 0."""
+        order), negative values clipped to 0. ``importance`` (of weight units) does not apply
+        to the cache and is ignored."""
         layers = _unit_layers(model, units)
         windows = _windows(calibration, self.tokens)
         check_context(model, windows.shape[1])

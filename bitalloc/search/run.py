@@ -308,6 +308,7 @@ def search(
         "eval_fingerprint": tensor_fingerprint(ev),
         "space": space,
         "units": [u.name for u in prep.units],
+        "clipping": "mse" if prep.importance is None else prep.importance.digest,
     }
     method = default_method(prof, config.solve.solver)
     seeds = _seed_allocations(prep, prof, float(avg_bits), method)
@@ -361,6 +362,7 @@ def search(
         keep_logprobs=True,
         workers=workers,
         ray_address=ray_address,
+        importance=prep.importance,
     ) as pool:
         evaluations += _measure_baselines(st, pool, prep, avg_bits, progress)
         finished = len(studies.completed(st))
@@ -553,6 +555,7 @@ def _finish(st, prep, costs, seeds, method, run_dir, url, budget, ev, run_info) 
             ],
             excluded=excluded_parameters(prep.model, prep.units),
         )
+        best = prep.recorded(best)
         fp16_bits = uniform_avg_bits(prep.units, "fp16")
         best = best.with_measured(
             Measured(

@@ -7,7 +7,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from bitalloc.models import Unit, cache_root
 from bitalloc.sensitivity.monotone import bit_chains, cap_chains
 from bitalloc.sensitivity.profile import Profile, cache_key
 
+if TYPE_CHECKING:
+    from bitalloc.importance import Importance
+
 
 @dataclass
 class Statistics:
@@ -31,6 +34,8 @@ class Statistics:
     profiler's :meth:`BaseProfiler.unit_losses` needs (accumulators, traces); ``metadata``:
     the profiler's own metadata entries; ``table``: set by a :meth:`BaseProfiler.measure` that
     fills the whole units x formats table at once (None: the skeleton asks for rows).
+    ``importance`` and ``units`` (unit names in order) are set by the skeleton: see
+    :meth:`importance_of`.
     """
 
     tokens: int
@@ -39,6 +44,15 @@ class Statistics:
     state: Any = None
     metadata: dict[str, Any] = field(default_factory=dict)
     table: np.ndarray | None = None
+    importance: Importance | None = None
+    units: tuple[str, ...] = ()
+
+    def importance_of(self, index: int) -> torch.Tensor | None:
+        """The importance vector that weights unit ``index``'s clipping search (None: plain
+        squared error); pass it to :func:`~bitalloc.formats.fake_quantize_each`."""
+        if self.importance is None:
+            return None
+        return self.importance.of(self.units[index])
 
 
 class BaseProfiler(ABC):
@@ -48,9 +62,12 @@ class BaseProfiler(ABC):
     ``tests/sensitivity/test_contract.py``):
 
     - :meth:`profile` takes the model (not modified: any temporary change is undone before it
-      returns, also on error), the units in network order, the palette, and calibration token
-      windows of shape (n_windows, seq_len). It returns a :class:`Profile` whose rows are the
-      units in the given order and whose columns are the palette's format names in order.
+      returns, also on error), the units in network order, the palette, calibration token
+      windows of shape (n_windows, seq_len) and optionally each unit's importance
+      (:mod:`bitalloc.importance`). It returns a :class:`Profile` whose rows are the units in
+      the given order and whose columns are the palette's format names in order.
+    - Every quantized weight it scores is quantized as the run will quantize it: with the
+      importance given, each unit's clipping search is weighted by its vector.
     - Values are finite and non-negative predicted increases of the language-model loss (mean
       next-token cross-entropy, in nats) when only that unit takes that format (KV profilers
       may record another additive measure and say so in their metadata).
@@ -74,10 +91,12 @@ class BaseProfiler(ABC):
       hooks), also on error, advances ``bar`` once per window or probe, and does not build
       the table.
     - :meth:`unit_losses` ``(index, statistics, palette)`` -> one row: the values of unit
-      ``index`` under each format, from the statistics alone (no model forward); the skeleton
-      calls it under ``torch.no_grad`` for each unit in order and advances the bar.
-    - :meth:`measure` ``(model, units, palette, calibration, bar)`` -> :class:`Statistics`:
-      the whole measurement. The default runs :meth:`gather` then :meth:`unit_losses` per unit;
+      ``index`` under each format, from the statistics alone (no model forward), quantizing
+      with ``statistics.importance_of(index)``; the skeleton calls it under ``torch.no_grad``
+      for each unit in order and advances the bar.
+    - :meth:`measure` ``(model, units, palette, calibration, bar, importance)`` ->
+      :class:`Statistics`: the whole measurement. The default runs :meth:`gather`, puts the
+      importance in the statistics, then runs :meth:`unit_losses` per unit;
       a profiler whose measurements are per (unit, format) jobs (on a job pool, or one forward
       per KV layer and format) overrides it and returns the table in ``Statistics.table``.
     - :meth:`finalize` ``(table, statistics, model, units, palette)`` -> ``(table, metadata)``:
@@ -112,9 +131,13 @@ class BaseProfiler(ABC):
         units: Sequence[Unit],
         palette: Sequence[Any],
         calibration: torch.Tensor,
+        importance: Importance | None = None,
     ) -> Profile:
         """Compute the units x formats table of predicted loss increase (see the class
-        docstring for what every profiler guarantees)."""
+        docstring for what every profiler guarantees); ``importance`` weights every clipping
+        search as the run that uses the profile will."""
+        if importance is not None:
+            importance = importance.restricted(u.name for u in units)
         start = time.perf_counter()
         self.check_calibration(calibration)
         self.check_units(model, units)
@@ -125,7 +148,7 @@ class BaseProfiler(ABC):
             unit=self.progress_unit,
             disable=not self.progress or self.measures_on_pool,
         ) as bar:
-            stats = self.measure(model, units, formats, calibration, bar)
+            stats = self.measure(model, units, formats, calibration, bar, importance)
         if stats.usable == 0:
             raise BitallocError(self.no_usable_batch(stats.skipped))
         table, fixed = cap_chains(stats.table, self.monotone_chains(formats))
@@ -152,11 +175,14 @@ class BaseProfiler(ABC):
         palette: Sequence[Any],
         calibration: torch.Tensor,
         bar: tqdm,
+        importance: Importance | None = None,
     ) -> Statistics:
         """Gather the statistics, then fill the table one unit at a time."""
         stats = self.gather(model, units, calibration, bar)
         if stats.usable == 0:
             return stats
+        stats.importance = importance
+        stats.units = tuple(u.name for u in units)
         bar.set_description(f"{self.name}: formats")
         bar.unit = "unit"
         bar.reset(total=len(units))
@@ -346,13 +372,17 @@ def cached_profile(
     model_fingerprint: str,
     calibration_fingerprint: str,
     use_cache: bool = True,
+    importance: Importance | None = None,
 ) -> Profile:
     """Return the profile from the cache when one matches, else compute and store it.
 
-    The key covers the method and its options, the model's weights, the palette and the
-    calibration tokens, so a stale profile is never reused.
+    The key covers the method and its options, the model's weights, the palette, the
+    calibration tokens and the importance that weights the clipping, so a stale profile is
+    never reused.
     """
+    clipping = clipping_metadata(importance)
     parts = {
+        "clipping": clipping,
         "method": profiler.name,
         "options": profiler.options(),
         "model": model_fingerprint,
@@ -370,9 +400,10 @@ def cached_profile(
             {**cached.metadata, "cache": "hit", "cache_path": str(path)},
         )
     start = time.perf_counter()
-    result = profiler.profile(model, units, palette, calibration)
+    result = profiler.profile(model, units, palette, calibration, importance)
     metadata = {
         **result.metadata,
+        **clipping,
         "model_fingerprint": model_fingerprint,
         "calibration_fingerprint": calibration_fingerprint,
         "palette": [f.name for f in palette],
@@ -387,3 +418,11 @@ def cached_profile(
         result.loss,
         {**metadata, "cache": "miss", "cache_path": str(path) if use_cache else None},
     )
+
+
+def clipping_metadata(importance: Importance | None) -> dict[str, Any]:
+    """What a profile records of the clipping it was made with: ``clipping`` (``weighted`` or
+    ``mse``) and, when weighted, ``importance_sha256`` (the importance record's digest)."""
+    if importance is None:
+        return {"clipping": "mse"}
+    return {"clipping": "weighted", "importance_sha256": importance.digest}

@@ -119,7 +119,7 @@ class FisherProfiler(GradientProfiler):
         acc, fisher, scale = statistics.state
         w, f = acc.weights[index].detach(), fisher[index]
         row = []
-        for fq in fake_quantize_each(w, palette):
+        for fq in fake_quantize_each(w, palette, statistics.importance_of(index)):
             dw = fq.float() - w.float()
             row.append(scale * float((f * dw.square()).sum()))
         return row

@@ -230,7 +230,7 @@ class HessianProfiler(BaseProfiler):
         # predict that quantization lowers the loss; clip to no predicted change.
         weight_per_entry = 0.5 * max(float(traces[index]), 0.0) / w.numel()
         row = []
-        for fq in fake_quantize_each(w, palette):
+        for fq in fake_quantize_each(w, palette, statistics.importance_of(index)):
             dw = fq.double() - w.double()
             row.append(weight_per_entry * float(dw.square().sum()))
         return row

@@ -24,6 +24,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from bitalloc.formats import QuantFormat
 from bitalloc.jobs import job_key
 from bitalloc.models import Unit
 from bitalloc.sensitivity.interaction_terms import Interactions
+
+if TYPE_CHECKING:
+    from bitalloc.importance import Importance
 
 
 def select_pairs(
@@ -108,16 +112,17 @@ def measure_interactions(
     ray_address: str | None = None,
     results: str | Path | None = None,
     progress: bool = True,
+    importance: Importance | None = None,
 ) -> Interactions:
     """Measure the interaction of every pair at every format in ``formats`` (both units in the
     same format), on the same journaled jobs as the ``measured`` profiler, so single-unit
-    measurements already made are reused."""
+    measurements already made are reused; ``importance`` weights the clipping."""
     from bitalloc.sensitivity.measured import measured_journal, run_measured_jobs
 
     start = time.perf_counter()
     if not formats:
         raise BitallocError("give at least one format to measure interactions at")
-    windows, journal = measured_journal(model, calibration, tokens, results)
+    windows, journal = measured_journal(model, calibration, tokens, results, importance)
     jobs: list[tuple] = [()]
     for a, b in pairs:
         for f in formats:
@@ -133,6 +138,7 @@ def measure_interactions(
         progress=progress,
         desc="interactions",
         keep_logprobs=False,
+        importance=importance,
     )
     base = results_by_key[job_key(())]["loss"]
 

@@ -158,7 +158,7 @@ class KFACProfiler(GradientProfiler):
         gram, d = grams[index], factors[index]
         w = acc.linears[index].weight.detach().float()
         row = []
-        for fq in fake_quantize_each(w, palette):
+        for fq in fake_quantize_each(w, palette, statistics.importance_of(index)):
             dw = fq.float() - w
             per_row = ((dw @ gram) * dw).sum(dim=1).clamp_min(0)
             row.append(scale * float((d * per_row).sum()))

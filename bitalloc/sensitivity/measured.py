@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,18 +37,23 @@ from bitalloc.sensitivity.base import BaseProfiler, Statistics, spread_windows
 from bitalloc.sensitivity.profile import cache_key
 from bitalloc.sensitivity.registry import register_profiler
 
+if TYPE_CHECKING:
+    from bitalloc.importance import Importance
+
 
 def measured_journal(
     model: nn.Module,
     calibration: torch.Tensor,
     tokens: int,
     results: str | Path | None,
+    importance: Importance | None = None,
 ) -> tuple[torch.Tensor, Journal]:
     """The calibration windows for ``tokens`` and the journal of this run.
 
-    The run is named by the windows and the weights of every unit of the model (not only
-    those measured now), so a later run with other units, formats or method (``measured``,
-    ``kl``, interactions) on the same model reuses every job already measured.
+    The run is named by the windows, the weights of every unit of the model (not only
+    those measured now) and the importance that weights the clipping, so a later run with
+    other units, formats or method (``measured``, ``kl``, interactions) on the same model
+    reuses every job already measured.
     """
     seq_len = calibration.shape[1]
     windows = calibration[spread_windows(len(calibration), seq_len, tokens)]
@@ -57,6 +62,7 @@ def measured_journal(
         "tokens": int(windows.numel()),
         "model": model_fingerprint(model, discover_units(model)),
         "calibration": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
+        "clipping": "mse" if importance is None else importance.digest[:16],
     }
     path = Path(results) if results else cache_root() / "measured" / f"{cache_key(run)}.jsonl"
     return windows, Journal(path, run)
@@ -70,7 +76,8 @@ def run_measured_jobs(
     journal: Journal,
     **options: Any,
 ) -> dict[str, dict[str, Any]]:
-    """:func:`run_jobs` with each unit's layer taken from ``units``."""
+    """:func:`run_jobs` with each unit's layer taken from ``units`` (``options`` as
+    :func:`run_jobs` takes them, ``importance`` included)."""
     return run_jobs(
         model, windows, {u.name: u.layer for u in units}, jobs, journal=journal, **options
     )
@@ -124,10 +131,13 @@ class MeasuredProfiler(BaseProfiler):
         palette: Sequence[QuantFormat],
         calibration: torch.Tensor,
         bar: tqdm,
+        importance: Importance | None = None,
     ) -> Statistics:
         """Every (unit, format) job on the pool; negative increases clipped to 0."""
         seq_len = calibration.shape[1]
-        windows, journal = measured_journal(model, calibration, self.tokens, self.results)
+        windows, journal = measured_journal(
+            model, calibration, self.tokens, self.results, importance
+        )
         jobs = [()] + [((u.name, f.name),) for u in units for f in palette]
         results = run_measured_jobs(
             model,
@@ -140,6 +150,7 @@ class MeasuredProfiler(BaseProfiler):
             ray_address=self.ray_address,
             progress=self.progress,
             desc=f"{self.name}: units x formats",
+            importance=importance,
         )
         base = results[job_key(())]
         raw = np.array(

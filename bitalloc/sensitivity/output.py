@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from bitalloc.models import Unit, get_linear
 from bitalloc.sensitivity.base import BaseProfiler, Statistics, spread_windows
 from bitalloc.sensitivity.profile import finite_or_none
 from bitalloc.sensitivity.registry import register_profiler
+
+if TYPE_CHECKING:
+    from bitalloc.importance import Importance
 
 
 def _window_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -239,7 +242,9 @@ class OutputProfiler(BaseProfiler):
         lin = acc.linears[index]
         return [
             output_error(lin.weight, grams[index], fq)
-            for fq in fake_quantize_each(lin.weight.detach(), palette)
+            for fq in fake_quantize_each(
+                lin.weight.detach(), palette, statistics.importance_of(index)
+            )
         ]
 
     def finalize(
@@ -254,7 +259,9 @@ class OutputProfiler(BaseProfiler):
         the order of every column."""
         acc, _, windows = statistics.state
         with _eval_mode(model):
-            scale, info = self._scale(model, units, palette, table, windows, acc.losses)
+            scale, info = self._scale(
+                model, units, palette, table, windows, acc.losses, statistics.importance
+            )
         return scale * table, info
 
     def no_usable_batch(self, skipped: int) -> str:
@@ -271,6 +278,7 @@ class OutputProfiler(BaseProfiler):
         raw: np.ndarray,
         windows: torch.Tensor,
         base_losses: list[float],
+        importance: Importance | None = None,
     ) -> tuple[float, dict[str, Any]]:
         """The global factor and what to record about it."""
         if not self.calibrate:
@@ -282,7 +290,8 @@ class OutputProfiler(BaseProfiler):
         }
         if ref is None:
             return 1.0, {**info, "scale": 1.0, "scale_source": "unscaled: no integer format"}
-        with fake_quantized(model, {u.name: ref for u in units}), torch.inference_mode():
+        assignment = {u.name: ref for u in units}
+        with fake_quantized(model, assignment, importance=importance), torch.inference_mode():
             quant = [float(_window_loss(model, w.reshape(1, -1))) for w in windows]
         increase = float(np.mean(quant)) - float(np.mean(base_losses))
         predicted = float(raw[:, list(palette).index(ref)].sum())

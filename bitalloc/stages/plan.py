@@ -48,11 +48,10 @@ class Plan:
 
     def solve(self, table: Profile) -> Allocation:
         """The allocation the solver chooses on ``table`` (carrying the scale-folding record
-        when the model was folded, as every allocation of a folded model must)."""
+        when the model was folded, as every allocation of a folded model must, and the
+        importance that weighted the clipping)."""
         solution = solve(self.problem(table), method=self.method, **dict(self.options))
-        chosen = allocation_for(self.prep, table, solution, self.budget)
-        record = self.prep.scale_folding
-        return chosen if record is None else chosen.with_scale_folding(record)
+        return self.prep.recorded(allocation_for(self.prep, table, solution, self.budget))
 
     def uniform_candidates(self, table: Profile) -> list[tuple[str, Allocation]]:
         """The uniform allocations (every unit in one palette format) that meet this plan's
@@ -75,9 +74,7 @@ class Plan:
                 wall_time_s=0.0,
                 method="uniform",
             )
-            chosen = allocation_for(self.prep, table, solution, self.budget)
-            if self.prep.scale_folding is not None:
-                chosen = chosen.with_scale_folding(self.prep.scale_folding)
+            chosen = self.prep.recorded(allocation_for(self.prep, table, solution, self.budget))
             found.append((chosen.avg_bits, f"uniform {fmt.name}", chosen))
         return [(label, alloc) for _, label, alloc in sorted(found, key=lambda f: -f[0])]
 

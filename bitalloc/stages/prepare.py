@@ -19,10 +19,12 @@ from bitalloc.data import TextSplits, load_text, text_prefix, tokenize, windows
 from bitalloc.errors import BitallocError
 from bitalloc.folding_record import ScaleFolding, fold_loaded
 from bitalloc.formats import QuantFormat, parse_palette
+from bitalloc.importance import CLIPPING_METHODS, Importance, gather_importance
 from bitalloc.models import LoadedModel, Unit, discover_units, load_model
 from bitalloc.planning import check_budget
 
 if TYPE_CHECKING:
+    from bitalloc.allocation import Allocation
     from bitalloc.config import AllocateConfig
 
 
@@ -37,6 +39,9 @@ class Prepared:
     seq_len: int
     #: Set when the model was scale-folded before profiling (see :func:`prepare_for`).
     scale_folding: ScaleFolding | None = None
+    #: Per-input-column importance of each unit, which weights every clipping search (None:
+    #: plain squared error, ``--clipping mse``); see :mod:`bitalloc.importance`.
+    importance: Importance | None = field(default=None, compare=False)
     #: The units' quantized weights, kept across the measurements of this model.
     quantized: QuantizedWeightCache = field(
         default_factory=QuantizedWeightCache, compare=False, repr=False
@@ -46,6 +51,14 @@ class Prepared:
     def model(self) -> nn.Module:
         """The model being allocated."""
         return self.loaded.model
+
+    def recorded(self, allocation: Allocation) -> Allocation:
+        """``allocation`` carrying what this preparation did to the weights it measured: the
+        scale-folding record and the importance that weighted the clipping, so that applying
+        it reproduces them."""
+        if self.scale_folding is not None:
+            allocation = allocation.with_scale_folding(self.scale_folding)
+        return allocation.with_importance(self.importance)
 
     def calibration_windows(self) -> torch.Tensor:
         """All calibration windows (profilers pick their own subset), each starting with the
@@ -82,18 +95,71 @@ def prepare(
     evaluation: str | Path | Sequence[str | Path] | None = None,
     tokenizer: object | None = None,
     seq_len: int | None = None,
+    clipping: str = "weighted",
+    progress: bool = True,
+    use_cache: bool = True,
+    importance: Importance | None = None,
 ) -> Prepared:
     """Load the model, discover its units and resolve the palette and text (``seq_len`` None:
-    the configured default, :attr:`bitalloc.config.DataConfig.seq_len`)."""
+    the configured default, :attr:`bitalloc.config.DataConfig.seq_len`).
+
+    ``clipping="weighted"`` gathers each unit's importance from the calibration windows (one
+    forward pass over up to :data:`~bitalloc.importance.IMPORTANCE_TOKENS` tokens), which then
+    weights every clipping search (cached on disk like profiles unless ``use_cache`` is
+    False); ``"mse"`` minimises each group's plain squared error. A given ``importance`` (an
+    allocation's record, to measure it again) is used instead of gathering one.
+    """
     from bitalloc.config import DataConfig
 
+    check_clipping(clipping)
     palette = parse_palette(formats)
     text = load_text(calibration, evaluation)
     loaded = load_model(model, tokenizer)
     units = discover_units(loaded.model)
-    return Prepared(
+    prep = Prepared(
         loaded, units, palette, text, DataConfig().seq_len if seq_len is None else seq_len
     )
+    if importance is not None:
+        return dataclasses.replace(prep, importance=importance)
+    return with_importance(prep, clipping, progress=progress, use_cache=use_cache)
+
+
+def check_clipping(clipping: str) -> str:
+    """``clipping`` if it names a clipping objective, else :class:`BitallocError`."""
+    if clipping not in CLIPPING_METHODS:
+        raise BitallocError(
+            f"clipping {clipping!r} is not one of {', '.join(CLIPPING_METHODS)}: weighted "
+            "(by each input column's mean squared activation) or mse (plain squared error)"
+        )
+    return clipping
+
+
+def with_importance(
+    prep: Prepared, clipping: str, *, progress: bool = True, use_cache: bool = False
+) -> Prepared:
+    """``prep`` with the importance that ``clipping`` asks for, gathered from its calibration
+    windows (``weighted``; read from the cache when ``use_cache`` and one matches) or none
+    (``mse``), and a fresh cache of quantized weights."""
+    importance = None
+    if check_clipping(clipping) == "weighted":
+        importance = gather_importance(
+            prep.model,
+            prep.units,
+            prep.calibration_windows(),
+            progress=progress,
+            use_cache=use_cache,
+        )
+    new = dataclasses.replace(prep, importance=importance, quantized=QuantizedWeightCache())
+    _keep_tokenized(prep, new)
+    return new
+
+
+def _keep_tokenized(old: Prepared, new: Prepared) -> None:
+    # Same tokenizer and text: the tokenized splits cached on ``old`` hold for ``new`` too.
+    if new.loaded.tokenizer is old.loaded.tokenizer and new.text == old.text:
+        for name in ("_text_prefix", "_calibration_ids", "_evaluation_ids"):
+            if name in old.__dict__:
+                new.__dict__[name] = old.__dict__[name]
 
 
 def prepare_for(
@@ -119,20 +185,27 @@ def prepare_for(
         evaluation=None if data.evaluation is None else list(data.evaluation),
         tokenizer=tokenizer,
         seq_len=data.seq_len,
+        clipping="mse",  # gathered below, once the model is in its final (folded) form
     )
     if config.target.avg_bits is not None:
         check_budget(config.target.avg_bits, prep.units, prep.palette)
     if check is not None:
         check(prep)
     alpha = config.profile.scale_folding
-    if alpha is None:
-        return prep
-    # load_model does not copy a module passed in, so a copy of it is folded.
-    loaded, record = fold_loaded(
-        prep.loaded, prep.calibration_windows(), alpha, copy_module=isinstance(model, nn.Module)
-    )
-    return dataclasses.replace(
-        prep, loaded=loaded, scale_folding=record, quantized=QuantizedWeightCache()
+    if alpha is not None:
+        # load_model does not copy a module passed in, so a copy of it is folded.
+        loaded, record = fold_loaded(
+            prep.loaded,
+            prep.calibration_windows(),
+            alpha,
+            copy_module=isinstance(model, nn.Module),
+        )
+        prep = dataclasses.replace(prep, loaded=loaded, scale_folding=record)
+    return with_importance(
+        prep,
+        config.target.clipping,
+        progress=config.progress,
+        use_cache=config.profile.use_cache,
     )
 
 

@@ -56,6 +56,7 @@ def cached_profile_of(
         model_fingerprint=model_fingerprint(prep.model, prep.units),
         calibration_fingerprint=tensor_fingerprint(calibration),
         use_cache=use_cache,
+        importance=prep.importance,
     )
 
 
@@ -129,6 +130,7 @@ def profile_model(
             workers=workers,
             ray_address=ray_address,
             progress=progress,
+            importance=prep.importance,
         )
         result = result.with_interactions(terms)
     return result
@@ -148,6 +150,14 @@ def load_profile_for(prep: Prepared, profile: Profile | str | Path) -> Profile:
                 f"{recorded} != {actual}); re-profile this model{hint}"
             )
     check_profile_matches(prep.units, prep.palette, prof)
+    recorded_clipping = prof.metadata.get("clipping")
+    clipping = "mse" if prep.importance is None else "weighted"
+    if recorded_clipping is not None and recorded_clipping != clipping:
+        raise BitallocError(
+            f"the profile was made with --clipping {recorded_clipping}, this run clips "
+            f"{clipping}: its predictions are for other quantized weights; pass --clipping "
+            f"{recorded_clipping} or re-profile"
+        )
     return prof
 
 

@@ -114,7 +114,8 @@ def test_measured_loss_is_the_loss_increase_on_calibration_windows(
     n = len(prep.units)
     ids = prep.calibration_windows()[:MEASURE_WINDOWS]
     base = perplexity(tiny_model, ids).nll
-    with fake_quantized(tiny_model, {u.name: "int2-g32" for u in prep.units}) as q:
+    assignment = {u.name: "int2-g32" for u in prep.units}
+    with fake_quantized(tiny_model, assignment, importance=prep.importance) as q:
         direct = perplexity(q, ids).nll - base
     assert measure(np.zeros(n, dtype=int)) == pytest.approx(direct, abs=1e-6)
     assert direct != 0.0

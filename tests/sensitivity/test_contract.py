@@ -81,7 +81,7 @@ class WeightErrorProfiler(BaseProfiler):
         w = statistics.state[index]
         return [
             self.scale * float((fq.float() - w.float()).square().mean())
-            for fq in fake_quantize_each(w, palette)
+            for fq in fake_quantize_each(w, palette, statistics.importance_of(index))
         ]
 
 
@@ -160,6 +160,30 @@ def test_deterministic_under_equal_options(name, contract_runs, tmp_path):
     again = _make(name, tmp_path, "b").profile(model, units, palette, _calibration())
     np.testing.assert_array_equal(first.loss, again.loss)
     assert _make(name, tmp_path).options() == _make(name, tmp_path, "b").options()
+
+
+@pytest.mark.parametrize("weight_profiler", sorted(PROFILERS))
+def test_every_weight_profiler_quantizes_with_the_importance_given(weight_profiler, tmp_path):
+    # Equal importances give bit-identical quantization, so an equal table; skewed ones move
+    # the clipping of integer formats, so the table must move too, or the profiler ignored it.
+    import torch
+
+    from bitalloc.importance import Importance, to_bfloat16_values
+
+    model = make_tiny_llama()
+    units = discover_units(model)
+    palette = PALETTE[:4]
+    g = torch.Generator().manual_seed(0)
+    flat = Importance({u.name: torch.full((u.shape[1],), 3.0) for u in units}, 128)
+    skewed = Importance(
+        {u.name: to_bfloat16_values(torch.rand(u.shape[1], generator=g) ** 6) for u in units}, 128
+    )
+    runs = {}
+    for tag, importance in (("none", None), ("flat", flat), ("skewed", skewed)):
+        profiler = _make(weight_profiler, tmp_path, tag)
+        runs[tag] = profiler.profile(model, units, palette, _calibration(), importance).loss
+    np.testing.assert_array_equal(runs["flat"], runs["none"])
+    assert not np.array_equal(runs["skewed"], runs["none"])
 
 
 def test_subset_of_units_in_given_order(name, tiny_model, tmp_path):
