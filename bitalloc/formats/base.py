@@ -65,6 +65,12 @@ class Format(NamedFormat):
 
         A subclass may override:
 
+        - :attr:`ladder`: ``(name, rank)`` when the format is one rung of a ladder of formats
+          that store weights the same way at rising precision (``int3-g128`` is rank 3 of
+          ``int-g128``, ``gguf:Q4_K`` rank 4.5 of ``gguf-k``), so that a higher rank of one
+          ladder never quantizes worse; None (the default) when it is on none. Profiles cap
+          their tables along ladders (:func:`bitalloc.sensitivity.monotone.bit_chains`), and the
+          contract suite checks that error falls along each.
         - :meth:`encode` / :meth:`decode`: the packed stored form. When :meth:`encode` returns
           an :class:`~bitalloc.formats.encoding.Encoded`, its bit count equals
           :meth:`storage_bits` and :meth:`decode` of it equals :meth:`fake_quantize` (in
@@ -98,6 +104,11 @@ class Format(NamedFormat):
         self, weight: torch.Tensor, importance: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The dequantized weight, in ``weight``'s shape and dtype."""
+
+    @property
+    def ladder(self) -> tuple[str, float] | None:
+        """``(ladder name, rank)``, or None when the format is on no ladder (see above)."""
+        return None
 
     def allows(self, shape: Sequence[int]) -> bool:
         """True when :meth:`check_shape` accepts ``shape``."""

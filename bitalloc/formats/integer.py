@@ -143,6 +143,14 @@ class QuantFormat(Format):
         return self.group_size is None
 
     @property
+    def ladder(self) -> tuple[str, float] | None:
+        """``("int-g<group>", bits)``: more bits at one group size never quantize worse
+        (None for ``fp16``)."""
+        if self.is_float:
+            return None
+        return (f"int-g{self.group_size}", float(self.bits))
+
+    @property
     def nominal_bits(self) -> float:
         """Bits per weight when the group size divides the input dimension."""
         if self.is_float:

@@ -1,8 +1,8 @@
 """More bits never predict more loss: the fix-up every profile table gets.
 
 A leaf module (numpy only) so that :mod:`bitalloc.sensitivity.profile` can repair a loaded
-table without importing any measuring code. Formats are read by duck typing (``bits``,
-``group_size``, ``is_float``), so no format module is imported either.
+table without importing any measuring code. Formats are read by duck typing (their ``ladder``,
+see :attr:`bitalloc.formats.Format.ladder`), so no format module is imported either.
 """
 
 from __future__ import annotations
@@ -14,26 +14,17 @@ import numpy as np
 
 
 def bit_chains(palette: Sequence[Any]) -> list[list[int]]:
-    """Column indices that must not increase, one chain per group size, fewest bits first.
+    """Column indices that must not increase, one chain per ladder (``int-g128``: the int
+    formats of group size 128), lowest rank first.
 
-    A chain holds the palette's columns sharing the group size of some integer format (a
-    format is integer when ``is_float`` is false). Entries without ``bits`` and ``group_size``
-    (KV pairs, families that define neither) belong to no chain.
+    Entries without a ``ladder`` (fp16, KV pairs, formats on no ladder) belong to no chain.
     """
-    usable = [
-        j
-        for j, f in enumerate(palette)
-        if hasattr(f, "bits") and hasattr(f, "group_size") and hasattr(f, "is_float")
-    ]
-    groups = {palette[j].group_size for j in usable if not palette[j].is_float}
-    chains = []
-    for group in groups:
-        cols = sorted(
-            (j for j in usable if palette[j].group_size == group), key=lambda j: palette[j].bits
-        )
-        if len(cols) > 1:
-            chains.append(cols)
-    return chains
+    ladders: dict[str, list[tuple[float, int]]] = {}
+    for j, fmt in enumerate(palette):
+        rung = getattr(fmt, "ladder", None)
+        if rung is not None:
+            ladders.setdefault(rung[0], []).append((rung[1], j))
+    return [[j for _, j in sorted(rungs)] for rungs in ladders.values() if len(rungs) > 1]
 
 
 def cap_chains(table: np.ndarray, chains: Sequence[Sequence[int]]) -> tuple[np.ndarray, int]:

@@ -49,6 +49,10 @@ class UniformFormat(Format):
         return False
 
     @property
+    def ladder(self) -> tuple[str, float]:
+        return ("uniform", float(self.bits))
+
+    @property
     def group_size(self) -> None:
         # One scale per row: no groups along the input, for the contract's monotonicity keys.
         return None
