@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from bitalloc.formats.base import CacheFormat, Format, check_importance
 from bitalloc.formats.encoding import Encoded, Section
+from bitalloc.formats.gguf import GGUFFamily, GGUFFormat
 from bitalloc.formats.integer import (
     EXTRA_GROUP_SIZES,
     SCALE_ZERO_BITS,
@@ -47,6 +48,7 @@ from bitalloc.formats.registry import (
 # The built-in families, registered once when formats are first imported.
 register_family(IntFamily())
 register_family(FloatFamily())
+register_family(GGUFFamily())
 
 __all__ = [
     "EXTRA_GROUP_SIZES",
@@ -60,6 +62,8 @@ __all__ = [
     "Format",
     "FormatFamily",
     "FormatRegistry",
+    "GGUFFamily",
+    "GGUFFormat",
     "IntFamily",
     "QuantFormat",
     "QuantizedWeight",

@@ -28,6 +28,7 @@ from bitalloc.formats.registry import FormatFamily
 from tests.formats.toy import UniformFamily, UniformFormat
 
 BUILT_IN = [fmt for family in format_families() for fmt in family.members()]
+BUILT_IN_FAMILIES = ["int", "float", "gguf"]
 # (out, in): every group size divides 256; 200 leaves a last partial group for every size;
 # 40 is shorter than most groups; (1, 8) is a single short row.
 SHAPES = [(4, 256), (6, 200), (3, 40), (1, 8)]
@@ -134,25 +135,26 @@ def check_fake_quantize(fmt: Format) -> None:
 
 def check_shared_equals_each(formats: list[Format]) -> None:
     w = weight((5, 96), seed=3)
+    formats = [f for f in formats if f.allows(tuple(w.shape))]
     for fmt, out in zip(formats, fake_quantize_each(w, formats), strict=True):
         assert torch.equal(out, fmt.fake_quantize(w)), fmt.name
 
 
 def check_monotone_error(members: tuple[Format, ...]) -> None:
-    """More bits at one group size, or smaller groups at one width, never raise the error."""
+    """A higher rung of one ladder (more bits at one int group size, a richer K-quant), or a
+    smaller group at one int width, never raises the error."""
     w = weight((6, 256), seed=11)
     mse = {f: (f.fake_quantize(w) - w).square().mean().item() for f in members}
     quantized = [f for f in members if not f.is_float]
-    by_group: dict[object, list[Format]] = {}
+    by_ladder: dict[str, list[Format]] = {}
     by_bits: dict[object, list[Format]] = {}
     for fmt in quantized:
-        by_group.setdefault(getattr(fmt, "group_size", None), []).append(fmt)
-        by_bits.setdefault(getattr(fmt, "bits", None), []).append(fmt)
-    chains = [sorted(same, key=lambda f: f.bits) for same in by_group.values()]
-    chains += [
-        sorted((f for f in same if f.group_size is not None), key=lambda f: -f.group_size)
-        for same in by_bits.values()
-    ]
+        if fmt.ladder is not None:
+            by_ladder.setdefault(fmt.ladder[0], []).append(fmt)
+        if getattr(fmt, "group_size", None) is not None:
+            by_bits.setdefault(fmt.bits, []).append(fmt)
+    chains = [sorted(same, key=lambda f: f.ladder[1]) for same in by_ladder.values()]
+    chains += [sorted(same, key=lambda f: -f.group_size) for same in by_bits.values()]
     for chain in chains:
         errors = [mse[f] for f in chain]
         assert all(b <= a for a, b in zip(errors, errors[1:])), list(zip(chain, errors))
@@ -173,8 +175,9 @@ FORMAT_CHECKS = [
 
 # --- the built-in families --------------------------------------------------------------------
 def test_the_built_in_families_and_their_members():
-    assert [f.name for f in format_families()] == ["int", "float"]
-    assert len(BUILT_IN) == 6 * 5 + 1
+    assert [f.name for f in format_families()] == BUILT_IN_FAMILIES
+    # int: 6 widths x 5 group sizes; float: fp16; gguf: 18 llama.cpp types.
+    assert len(BUILT_IN) == 6 * 5 + 1 + 18
     assert {f.name for f in default_palette()} < {f.name for f in BUILT_IN}
 
 
@@ -279,7 +282,7 @@ def test_registration_refuses_duplicates_collisions_and_broken_families():
         register_family(_Claiming("uniform", "nope"))
     with pytest.raises(BitallocError, match="takes a FormatFamily"):
         register_family("uniform")  # type: ignore[arg-type]
-    assert [f.name for f in format_families()] == ["int", "float"]
+    assert [f.name for f in format_families()] == BUILT_IN_FAMILIES
 
 
 def test_a_name_two_families_parse_is_refused_at_parse_time():
@@ -297,7 +300,7 @@ def test_unregistering_and_the_context_manager_leave_nothing_behind():
     with pytest.raises(RuntimeError), registered_family(UniformFamily()):
         assert parse_format("uniform2") == UniformFormat(2)
         raise RuntimeError("the block fails")
-    assert [f.name for f in format_families()] == ["int", "float"]
+    assert [f.name for f in format_families()] == BUILT_IN_FAMILIES
     family = register_family(UniformFamily())
     try:
         assert parse_format("uniform8").family == "uniform"
