@@ -13,6 +13,8 @@ the same target at once each rename a complete file of their own: the last renam
 
 from __future__ import annotations
 
+import base64
+import binascii
 import errno
 import json
 import os
@@ -291,3 +293,18 @@ def read_model(
         raise BitallocError(
             f"{what} file {path} is malformed at {where or 'top level'}: {first['msg']}"
         ) from None
+
+
+def decode_two_byte_values(text: str, what: str, kind: str) -> bytes:
+    """``text`` decoded from base64, checked to hold a whole, non-zero number of two-byte
+    values (``kind``: ``float16``, ``bfloat16``); :class:`BitallocError` naming ``what``
+    otherwise. For the vectors records carry inside JSON."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BitallocError(f"{what} are not valid base64") from None
+    if not raw or len(raw) % 2:
+        raise BitallocError(
+            f"{what} decode to {len(raw)} bytes, not a whole number of {kind} values"
+        )
+    return raw

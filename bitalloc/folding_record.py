@@ -15,7 +15,6 @@ allocations to the original model.
 from __future__ import annotations
 
 import base64
-import binascii
 import copy
 import hashlib
 import json
@@ -29,6 +28,7 @@ from torch import nn
 
 from bitalloc.config.messages import DEFAULT_ALPHA
 from bitalloc.errors import BitallocError
+from bitalloc.fileio import decode_two_byte_values
 from bitalloc.folding import DEFAULT_PAIRS, apply_fold_scales_, check_alpha, fold_with_scales_
 from bitalloc.models import LoadedModel
 
@@ -132,15 +132,7 @@ def decode_scales(encoded: Mapping[str, str], sha256: str | None = None) -> dict
         )
     out = {}
     for key, text in encoded.items():
-        try:
-            raw = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise BitallocError(f"scale folding scales {key!r} are not valid base64") from None
-        if not raw or len(raw) % 2:
-            raise BitallocError(
-                f"scale folding scales {key!r} decode to {len(raw)} bytes, not a whole number of "
-                "float16 values"
-            )
+        raw = decode_two_byte_values(text, f"scale folding scales {key!r}", "float16")
         values = np.frombuffer(raw, dtype="<f2").astype(np.float32)
         out[key] = torch.from_numpy(values)
     return out

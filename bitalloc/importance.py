@@ -19,7 +19,6 @@ scales that were profiled and measured, bit for bit; bfloat16 keeps float32's ra
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
-from bitalloc.fileio import write_atomic
+from bitalloc.fileio import decode_two_byte_values, write_atomic
 from bitalloc.models import Unit, get_linear
 
 #: Calibration tokens the importance is gathered from (evenly spread windows; all when fewer).
@@ -141,15 +140,7 @@ class ImportanceRecord(BaseModel):
             )
         decoded: dict[str, torch.Tensor] = {}
         for key, text in self.vectors.items():
-            try:
-                raw = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise BitallocError(f"importance vector {key!r} is not valid base64") from None
-            if not raw or len(raw) % 2:
-                raise BitallocError(
-                    f"importance vector {key!r} decodes to {len(raw)} bytes, not a whole number "
-                    "of bfloat16 values"
-                )
+            raw = decode_two_byte_values(text, f"importance vector {key!r}", "bfloat16")
             decoded[key] = _from_bf16_bytes(raw)
         missing = sorted(set(self.units.values()) - set(decoded))
         if missing:

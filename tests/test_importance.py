@@ -179,17 +179,11 @@ def _allocate(model, text_files, byte_tokenizer, **kw):
     )
 
 
-def test_an_allocation_records_its_importance_and_applies_the_weights_it_measured(
-    text_files, byte_tokenizer, tmp_path
-):
+def _prepare(model, text_files, byte_tokenizer, **kw):
     from bitalloc.stages.prepare import prepare
 
-    model = make_tiny_llama(seed=1)
     cal, ev = text_files
-    alloc = _allocate(model, text_files, byte_tokenizer)
-    assert alloc.data.importance is not None
-    assert "importance-weighted clipping" in alloc.summary()
-    prep = prepare(
+    return prepare(
         model,
         formats="int2-g32,int3-g32,int4-g32,int8-g32",
         calibration=str(cal),
@@ -197,8 +191,20 @@ def test_an_allocation_records_its_importance_and_applies_the_weights_it_measure
         tokenizer=byte_tokenizer,
         seq_len=32,
         progress=False,
-        use_cache=False,
+        **kw,
     )
+
+
+def test_an_allocation_records_its_importance_and_applies_the_weights_it_measured(
+    text_files, byte_tokenizer, tmp_path
+):
+
+    model = make_tiny_llama(seed=1)
+    cal, ev = text_files
+    alloc = _allocate(model, text_files, byte_tokenizer)
+    assert alloc.data.importance is not None
+    assert "importance-weighted clipping" in alloc.summary()
+    prep = _prepare(model, text_files, byte_tokenizer, use_cache=False)
     assert prep.importance.restricted(alloc.formats).digest == alloc.data.importance.sha256
 
     path = tmp_path / "alloc.json"
@@ -269,21 +275,11 @@ def test_an_allocation_whose_importance_misses_a_unit_is_refused(
 
 def test_measuring_with_another_clipping_than_recorded_is_refused(text_files, byte_tokenizer):
     from bitalloc.measuring import measure
-    from bitalloc.stages.prepare import prepare
 
     model = make_tiny_llama(seed=1)
     cal, ev = text_files
     alloc = _allocate(model, text_files, byte_tokenizer)
-    prep = prepare(
-        model,
-        formats="int2-g32,int3-g32,int4-g32,int8-g32",
-        calibration=str(cal),
-        evaluation=str(ev),
-        tokenizer=byte_tokenizer,
-        seq_len=32,
-        clipping="mse",
-        progress=False,
-    )
+    prep = _prepare(model, text_files, byte_tokenizer, clipping="mse")
     with pytest.raises(BitallocError, match="clipping"):
         measure(prep, alloc, eval_tokens=64, progress=False)
 
