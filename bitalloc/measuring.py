@@ -53,8 +53,13 @@ def baseline_formats(
     units: Sequence[Unit], palette: Sequence[QuantFormat], avg_bits: float
 ) -> list[QuantFormat]:
     """Uniform baselines for a budget: the palette formats nearest below and above it (by their
-    exact average bits on these units), ``int4-g128``, and ``fp16`` (unquantized)."""
-    exact = [(uniform_avg_bits(units, f), f) for f in palette if not f.is_float]
+    exact average bits on these units; only formats that can store every unit), ``int4-g128``,
+    and ``fp16`` (unquantized)."""
+    exact = [
+        (uniform_avg_bits(units, f), f)
+        for f in palette
+        if not f.is_float and all(f.allows(u.shape) for u in units)
+    ]
     chosen = [f for _, f in nearest_around(exact, avg_bits)]
     for extra in ("int4-g128", "fp16"):
         fmt = parse_format(extra)

@@ -21,6 +21,7 @@ from bitalloc.formats import QuantFormat, parse_format, parse_palette
 from bitalloc.models import Unit
 from bitalloc.records import Budget
 from bitalloc.sensitivity import Profile
+from bitalloc.sensitivity.monotone import allowed_by_shapes
 from bitalloc.solvers import Problem, Solution, solve
 
 #: Fusion kinds accepted by ``ties``: serving engines fuse these projections into one kernel,
@@ -28,16 +29,55 @@ from bitalloc.solvers import Problem, Solution, solve
 TIE_KINDS = {"qkv": "qkv", "gateup": "gateup"}
 
 
+def allowed_table(units: Sequence[Unit], palette: Sequence[QuantFormat]) -> np.ndarray:
+    """Which format can store which unit, (n_units, n_formats) bools: a format refuses a shape
+    its rows do not fit (llama.cpp's K-quants need input widths that are multiples of 256)."""
+    return allowed_by_shapes([u.shape for u in units], palette)
+
+
 def cost_table(units: Sequence[Unit], palette: Sequence[QuantFormat]) -> np.ndarray:
-    """Exact stored bits of every unit under every format, (n_units, n_formats)."""
-    return np.array([[f.storage_bits(u.shape) for f in palette] for u in units], dtype=np.float64)
+    """Exact stored bits of every unit under every format, (n_units, n_formats). Where a
+    format cannot store a unit (:func:`allowed_table`) the entry is a placeholder, the format's
+    nominal bits times the unit's weights, which no solve may pick."""
+    return np.array(
+        [
+            [
+                f.storage_bits(u.shape) if f.allows(u.shape) else f.nominal_bits * u.numel
+                for f in palette
+            ]
+            for u in units
+        ],
+        dtype=np.float64,
+    ).reshape(len(units), len(palette))
+
+
+def check_allowed(units: Sequence[Unit], palette: Sequence[QuantFormat]) -> np.ndarray:
+    """:func:`allowed_table`, or :class:`BitallocError` naming a unit that no format of the
+    palette can store and what would."""
+    allowed = allowed_table(units, palette)
+    for i in np.flatnonzero(~allowed.any(axis=1)):
+        unit = units[int(i)]
+        try:
+            palette[0].check_shape(unit.shape)
+            why = ""
+        except BitallocError as exc:
+            why = f" ({palette[0].name}: {exc})"
+        raise BitallocError(
+            f"no format of the palette can store {unit.name} of shape {tuple(unit.shape)}{why}; "
+            "add a format that fits it to --formats"
+        )
+    return allowed
 
 
 def feasible_avg_bits(units: Sequence[Unit], palette: Sequence[QuantFormat]) -> tuple[float, float]:
-    """Lowest and highest achievable average bits per weight for these units."""
+    """Lowest and highest achievable average bits per weight for these units, each unit
+    taking only the formats that can store it."""
+    allowed = check_allowed(units, palette)
     costs = cost_table(units, palette)
     numel = sum(u.numel for u in units)
-    return float(costs.min(axis=1).sum() / numel), float(costs.max(axis=1).sum() / numel)
+    lowest = np.where(allowed, costs, np.inf).min(axis=1)
+    highest = np.where(allowed, costs, -np.inf).max(axis=1)
+    return float(lowest.sum() / numel), float(highest.sum() / numel)
 
 
 def range_decimals(value: float, low: float, high: float) -> int:
@@ -157,6 +197,7 @@ def build_problem(
         budgets=budgets,
         unit_names=names,
         option_names=formats,
+        allowed=check_allowed(units, palette),
         ties=tie_groups(units, ties) or None,
         interactions=interactions,
     )

@@ -36,7 +36,7 @@ from bitalloc.formats import parse_format
 from bitalloc.jobs import Job, job_pool, run_all
 from bitalloc.sensitivity import Profile
 from bitalloc.sensitivity.base import spread_windows
-from bitalloc.sensitivity.monotone import monotone_in_bits
+from bitalloc.sensitivity.monotone import allowed_by_shapes, monotone_in_bits, unit_shapes
 
 if TYPE_CHECKING:
     from bitalloc.importance import Importance
@@ -95,7 +95,8 @@ def corrected_profile(
     for (unit, fmt), value in (exact or {}).items():
         table[row[unit], col[fmt]] = max(value, 0.0)
     formats = tuple(parse_format(name) for name in profile.formats)
-    table, _ = monotone_in_bits(table, formats)
+    shapes = unit_shapes(profile.metadata, len(profile.units))
+    table, _ = monotone_in_bits(table, formats, allowed_by_shapes(shapes, formats))
     return replace(profile, loss=table)
 
 
@@ -306,7 +307,8 @@ def verify_and_repair(
 def _neighbours(choice: Any, formats: Sequence[str], shape: tuple[int, int]) -> list[str]:
     """The unit's chosen format and the palette formats just below and just above it in stored
     bits for its shape (the nearest cheaper and richer options)."""
-    ranked = sorted(formats, key=lambda f: (parse_format(f).storage_bits(shape), f))
+    fitting = [f for f in formats if parse_format(f).allows(shape)]
+    ranked = sorted(fitting, key=lambda f: (parse_format(f).storage_bits(shape), f))
     if choice.format not in ranked:
         return []
     i = ranked.index(choice.format)

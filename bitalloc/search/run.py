@@ -119,9 +119,10 @@ def search_space(
 ) -> dict[str, list[str]]:
     """Per unit, the formats the sampler may choose, cheapest first.
 
-    ``full`` is the whole palette. ``near`` keeps, in each unit's own cost order, the formats
-    from ``radius`` steps below the cheapest seed choice to ``radius`` steps above the
-    dearest, so every seed lies inside the space and the sampler refines around them.
+    ``full`` is every palette format that can store the unit. ``near`` keeps, in each unit's
+    own cost order, the formats from ``radius`` steps below the cheapest seed choice to
+    ``radius`` steps above the dearest, so every seed lies inside the space and the sampler
+    refines around them.
     """
     if space not in SPACES:
         raise BitallocError(f"search space {space!r} is not one of {', '.join(SPACES)}")
@@ -129,7 +130,9 @@ def search_space(
         raise BitallocError(f"radius must be >= 0, not {radius}")
     result = {}
     for unit in units:
-        order = sorted(palette, key=lambda f: (f.storage_bits(unit.shape), f.name))
+        # Only the formats that can store the unit (llama.cpp's row-length rules).
+        fitting = [f for f in palette if f.allows(unit.shape)]
+        order = sorted(fitting, key=lambda f: (f.storage_bits(unit.shape), f.name))
         names = [f.name for f in order]
         if space == "full" or not seeds:
             result[unit.name] = names

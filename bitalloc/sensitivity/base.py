@@ -18,7 +18,7 @@ from bitalloc.config.messages import CALIBRATION_TOKENS
 from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat, parse_format
 from bitalloc.models import Unit, cache_root
-from bitalloc.sensitivity.monotone import bit_chains, cap_chains
+from bitalloc.sensitivity.monotone import allowed_by_shapes, bit_chains, cap_chains
 from bitalloc.sensitivity.profile import Profile, cache_key
 
 if TYPE_CHECKING:
@@ -71,7 +71,10 @@ class BaseProfiler(ABC):
     - Values are finite and non-negative predicted increases of the language-model loss (mean
       next-token cross-entropy, in nats) when only that unit takes that format (KV profilers
       may record another additive measure and say so in their metadata).
-    - Within one group size, more bits never predict more loss.
+    - Along each format ladder (one int group size), a higher rung never predicts more loss.
+    - A format that cannot store a unit (:meth:`~bitalloc.formats.Format.allows` refuses its
+      shape: llama.cpp's K-quants on a 576-wide input) is never measured for it; its entry is
+      the placeholder 0, which the problem masks out.
     - ``metadata`` holds at least ``method``, ``tokens`` (calibration tokens used),
       ``skipped_batches``, ``monotone_fixes`` and ``seconds``.
     - :meth:`options` returns every setting that changes the result; it keys the cache, so two
@@ -151,7 +154,8 @@ class BaseProfiler(ABC):
             stats = self.measure(model, units, formats, calibration, bar, importance)
         if stats.usable == 0:
             raise BitallocError(self.no_usable_batch(stats.skipped))
-        table, fixed = cap_chains(stats.table, self.monotone_chains(formats))
+        allowed = allowed_mask(units, formats)
+        table, fixed = cap_chains(stats.table, self.monotone_chains(formats), allowed)
         table, extra = self.finalize(table, stats, model, units, formats)
         return Profile(
             units=tuple(u.name for u in units),
@@ -187,9 +191,13 @@ class BaseProfiler(ABC):
         bar.unit = "unit"
         bar.reset(total=len(units))
         table = np.zeros((len(units), len(palette)))
+        allowed = allowed_mask(units, palette)
         with torch.no_grad():
             for i in range(len(units)):
-                table[i] = self.unit_losses(i, stats, palette)
+                # Only the formats that can store the unit are asked for; the others keep the
+                # placeholder 0, which no solve may pick (see allowed_mask).
+                cols = np.flatnonzero(allowed[i])
+                table[i, cols] = self.unit_losses(i, stats, [palette[j] for j in cols])
                 bar.update()
         stats.table = table
         return stats
@@ -418,6 +426,14 @@ def cached_profile(
         result.loss,
         {**metadata, "cache": "miss", "cache_path": str(path) if use_cache else None},
     )
+
+
+def allowed_mask(units: Sequence[Any], palette: Sequence[Any]) -> np.ndarray:
+    """(n_units, n_formats) bools: which format can store which unit (a weight format refuses a
+    shape its rows do not fit; KV formats, which have no ``allows``, take every unit). A
+    profile's entry where it is False is a placeholder (0), never measured and never chosen:
+    :func:`bitalloc.planning.build_problem` masks it out."""
+    return allowed_by_shapes([getattr(u, "shape", ()) for u in units], palette)
 
 
 def clipping_metadata(importance: Importance | None) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat
 from bitalloc.jobs import Job, Journal, job_key, run_jobs
 from bitalloc.models import Unit, cache_root, discover_units, model_fingerprint
-from bitalloc.sensitivity.base import BaseProfiler, Statistics, spread_windows
+from bitalloc.sensitivity.base import BaseProfiler, Statistics, allowed_mask, spread_windows
 from bitalloc.sensitivity.profile import cache_key
 from bitalloc.sensitivity.registry import register_profiler
 
@@ -138,7 +138,14 @@ class MeasuredProfiler(BaseProfiler):
         windows, journal = measured_journal(
             model, calibration, self.tokens, self.results, importance
         )
-        jobs = [()] + [((u.name, f.name),) for u in units for f in palette]
+        allowed = allowed_mask(units, palette)
+        # A format that cannot store a unit is not measured: its entry stays the placeholder 0.
+        jobs = [()] + [
+            ((u.name, f.name),)
+            for i, u in enumerate(units)
+            for j, f in enumerate(palette)
+            if allowed[i, j]
+        ]
         results = run_measured_jobs(
             model,
             windows,
@@ -155,10 +162,15 @@ class MeasuredProfiler(BaseProfiler):
         base = results[job_key(())]
         raw = np.array(
             [
-                [self._value(results[job_key(((u.name, f.name),))], base) for f in palette]
-                for u in units
+                [
+                    self._value(results[job_key(((u.name, f.name),))], base)
+                    if allowed[i, j]
+                    else 0.0
+                    for j, f in enumerate(palette)
+                ]
+                for i, u in enumerate(units)
             ]
-        )
+        ).reshape(len(units), len(palette))
         if not np.isfinite(raw).all():
             bad = np.argwhere(~np.isfinite(raw))[0]
             raise BitallocError(

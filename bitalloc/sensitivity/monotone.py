@@ -27,23 +27,60 @@ def bit_chains(palette: Sequence[Any]) -> list[list[int]]:
     return [[j for _, j in sorted(rungs)] for rungs in ladders.values() if len(rungs) > 1]
 
 
-def cap_chains(table: np.ndarray, chains: Sequence[Sequence[int]]) -> tuple[np.ndarray, int]:
-    """Cap each chain's column at the previous column's value; returns a new table and how many
-    entries were lowered."""
+def cap_chains(
+    table: np.ndarray,
+    chains: Sequence[Sequence[int]],
+    allowed: np.ndarray | None = None,
+) -> tuple[np.ndarray, int]:
+    """Cap each chain's column at the least value of the columns before it; returns a new table
+    and how many entries were lowered.
+
+    ``allowed`` (a bool table of the same shape, None: all) marks the entries that stand for a
+    format the unit can take; the others are placeholders, which neither cap nor are capped.
+    """
     out = np.array(table, dtype=np.float64, copy=True)
+    mask = np.ones(out.shape, dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool)
     fixed = 0
     for cols in chains:
-        for prev, j in zip(cols, cols[1:]):
-            # More bits never make a weight worse to represent. A higher value is an artefact:
-            # the clipping search minimises plain (not weighted) squared error, and measured
-            # values carry noise of about 1e-5 nats.
-            lower = out[:, j] > out[:, prev]
+        running = np.full(out.shape[0], np.inf)
+        for j in cols:
+            # More bits never make a weight worse to represent. A higher value is an artefact
+            # of the clipping search (it minimises a per-group error, not the loss) and of
+            # measurement noise (about 1e-5 nats).
+            lower = mask[:, j] & (out[:, j] > running)
             fixed += int(lower.sum())
-            out[:, j] = np.minimum(out[:, j], out[:, prev])
+            out[:, j] = np.where(lower, running, out[:, j])
+            running = np.where(mask[:, j], np.minimum(running, out[:, j]), running)
     return out, fixed
 
 
-def monotone_in_bits(table: np.ndarray, palette: Sequence[Any]) -> tuple[np.ndarray, int]:
-    """Cap each value at the value of fewer bits with the same group size; returns the table and
-    how many entries were lowered."""
-    return cap_chains(table, bit_chains(palette))
+def monotone_in_bits(
+    table: np.ndarray, palette: Sequence[Any], allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    """Cap each value at the least value of the rungs below it on its ladder; returns the table
+    and how many entries were lowered (``allowed``: see :func:`cap_chains`)."""
+    return cap_chains(table, bit_chains(palette), allowed)
+
+
+def allowed_by_shapes(
+    shapes: Sequence[Sequence[int]] | None, palette: Sequence[Any]
+) -> np.ndarray | None:
+    """Which format can store which of the units of ``shapes`` (None when the shapes are not
+    known, e.g. a profile without ``unit_info``); formats without ``allows`` take every unit."""
+    if shapes is None:
+        return None
+    return np.array(
+        [[not hasattr(f, "allows") or f.allows(tuple(s)) for f in palette] for s in shapes],
+        dtype=bool,
+    ).reshape(len(shapes), len(palette))
+
+
+def unit_shapes(metadata: Any, n_units: int) -> list[tuple[int, ...]] | None:
+    """The unit shapes a profile's metadata records (``unit_info``), or None."""
+    info = metadata.get("unit_info") if isinstance(metadata, dict) else None
+    if not isinstance(info, list) or len(info) != n_units:
+        return None
+    try:
+        return [tuple(int(d) for d in entry["shape"]) for entry in info]
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -175,14 +175,24 @@ def output_error(weight: torch.Tensor, gram: torch.Tensor, quantized: torch.Tens
     return max(value, 0.0)
 
 
-def reference_format(palette: Sequence[QuantFormat]) -> QuantFormat | None:
-    """The format used to calibrate the scale: 4 bits with the largest group if present, else the
-    integer format nearest to 4 bits (ties: larger group, then fewer bits); None without one."""
-    ints = [f for f in palette if not f.is_float]
-    if not ints:
+def reference_format(
+    palette: Sequence[QuantFormat], units: Sequence[Unit] = ()
+) -> QuantFormat | None:
+    """The format used to calibrate the scale: of the quantized formats that can store every
+    unit, 4 bits with the largest group if present, else the one nearest to 4 bits (ties:
+    larger group, then fewer bits; a family without code widths counts its nominal bits);
+    None without one."""
+    quantized = [f for f in palette if not f.is_float and all(f.allows(u.shape) for u in units)]
+    if not quantized:
         return None
+
+    def bits(f: QuantFormat) -> float:
+        return float(getattr(f, "bits", f.nominal_bits))
+
     # Fewer bits on a full tie: the larger loss increase is measured with less relative noise.
-    return min(ints, key=lambda f: (abs(f.bits - 4), -(f.group_size or 0), f.bits))
+    return min(
+        quantized, key=lambda f: (abs(bits(f) - 4), -(getattr(f, "group_size", 0) or 0), bits(f))
+    )
 
 
 @register_profiler
@@ -283,7 +293,7 @@ class OutputProfiler(BaseProfiler):
         """The global factor and what to record about it."""
         if not self.calibrate:
             return 1.0, {"scale": 1.0, "scale_source": "unscaled"}
-        ref = reference_format(palette)
+        ref = reference_format(palette, units)
         info: dict[str, Any] = {
             "reference_format": ref.name if ref else None,
             "reference_loss_increase": None,

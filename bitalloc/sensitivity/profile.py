@@ -39,7 +39,7 @@ from bitalloc.fileio import (
     write_json_atomic,
 )
 from bitalloc.sensitivity.interaction_terms import Interactions
-from bitalloc.sensitivity.monotone import monotone_in_bits
+from bitalloc.sensitivity.monotone import allowed_by_shapes, monotone_in_bits, unit_shapes
 
 PROFILE_VERSION = 1
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -319,7 +319,10 @@ def _monotone_on_load(profile: Profile, where: str) -> Profile:
         palette.append(fmt)
     if len(cols) < 2:
         return profile
-    capped, fixed = monotone_in_bits(profile.loss[:, cols], palette)
+    shapes = unit_shapes(profile.metadata, len(profile.units))
+    capped, fixed = monotone_in_bits(
+        profile.loss[:, cols], palette, allowed_by_shapes(shapes, palette)
+    )
     if not fixed:
         return profile
     table = np.array(profile.loss)

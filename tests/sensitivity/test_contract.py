@@ -186,6 +186,23 @@ def test_every_weight_profiler_quantizes_with_the_importance_given(weight_profil
     assert not np.array_equal(runs["skewed"], runs["none"])
 
 
+@pytest.mark.parametrize("weight_profiler", sorted(PROFILERS))
+def test_every_weight_profiler_leaves_formats_a_unit_cannot_take_at_the_placeholder(
+    weight_profiler, tmp_path
+):
+    # 256-wide inputs take K-quants, down_proj's 320-wide ones do not: those entries are
+    # never measured and hold the placeholder 0 (build_problem masks them out).
+    model = make_tiny_llama(hidden=256, intermediate=320)
+    units = discover_units(model)
+    palette = parse_palette("gguf:Q4_K,gguf:Q4_0,int3-g32")
+    prof = _make(weight_profiler, tmp_path).profile(model, units, palette, _calibration())
+    k = prof.formats.index("gguf:Q4_K")
+    down = np.array([u.role == "down" for u in units])
+    assert (prof.loss[down, k] == 0).all()
+    assert (prof.loss[~down, k] > 0).any()  # measured where it fits (hessian clips some to 0)
+    assert np.isfinite(prof.loss).all() and (prof.loss >= 0).all()
+
+
 def test_subset_of_units_in_given_order(name, tiny_model, tmp_path):
     cls = profiler_classes()[name]
     units, palette = _inputs(cls, tiny_model)
