@@ -35,6 +35,7 @@ from bitalloc.kv.record import FIXED_BYTES_PER_PARAMETER, KVAllocation, KVChoice
 from bitalloc.models import Unit
 from bitalloc.planning import (
     build_problem,
+    check_allowed,
     check_profile_matches,
     cost_table,
     profile_summary,
@@ -297,7 +298,8 @@ def build_joint_problem(
     cost[:n_w, :k_w] = space.weight_bytes()
     cost[n_w:, k_w:] = space.kv_bytes()
     allowed = np.zeros(objective.shape, dtype=bool)
-    allowed[:n_w, :k_w] = True
+    # A weight unit takes the weight formats that can store it (row-length rules).
+    allowed[:n_w, :k_w] = check_allowed(space.weight_units, space.weight_palette)
     allowed[n_w:, k_w:] = True
     interactions = None
     terms = space.weight_profile.interactions
