@@ -116,6 +116,13 @@ def pack_model(
     resolved = [(name, get_linear(model, name), parse_format(f)) for name, f in formats.items()]
     if not resolved:
         raise BitallocError("nothing to pack: the allocation names no unit")
+    for name, _, fmt in resolved:
+        if not isinstance(fmt, QuantFormat):
+            raise BitallocError(
+                f"{name} is {fmt.name}, which bitalloc's packed kernels do not run (they run "
+                "the int and fp16 formats); apply the allocation without packing "
+                "(fake-quantized weights)"
+            )
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for name, _, fmt in tqdm(resolved, desc="packing", unit="unit", disable=not progress):

@@ -63,6 +63,15 @@ def test_each_unit_takes_only_the_types_that_fit_it(text_files, byte_tokenizer, 
         assert torch.equal(get_linear(applied, name).weight, expected), name
 
 
+def test_packing_a_gguf_allocation_is_refused_with_the_projects_error():
+    from bitalloc.packed import pack_model
+
+    model = make_tiny_llama()
+    name = discover_units(model)[0].name
+    with pytest.raises(BitallocError, match="packed kernels do not run"):
+        pack_model(model, {name: "gguf:Q4_0"}, progress=False)
+
+
 def test_a_palette_that_cannot_store_a_unit_is_refused_before_profiling(
     text_files, byte_tokenizer, isolated_cache
 ):
