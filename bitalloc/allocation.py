@@ -24,8 +24,9 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -49,6 +50,9 @@ from bitalloc.records import (
     Strict,
     same_sum,
 )
+
+if TYPE_CHECKING:
+    from bitalloc.targets import StoredTensor
 
 #: The version this code writes; it reads versions 1 to this one.
 ALLOCATION_VERSION = 2
@@ -124,6 +128,12 @@ class AllocationData(Strict):
     #: written before it was recorded); :meth:`Allocation.apply` quantizes with it, so the
     #: applied and packed weights are the ones that were measured.
     importance: ImportanceRecord | None = None
+    #: The engine the allocation is for (``gguf``, ``ct``; None or ``bitalloc``: bitalloc's
+    #: own kernels); see :mod:`bitalloc.targets`.
+    target: str | None = None
+    #: Unit -> the type the source file stored it in, when the model was loaded from a
+    #: quantized GGUF file: exporting quantizes those already quantized weights again.
+    source_types: dict[str, str] | None = None
     #: Per-layer KV-cache formats, when the KV cache was allocated too.
     kv: KVAllocation | None = None
     #: The joint weights + KV memory budget and its split, when one was given.
@@ -260,6 +270,44 @@ class Allocation:
         """A copy recording that the model was scale-folded (by ``record``) before allocating."""
         return Allocation(self.data.model_copy(update={"scale_folding": record}))
 
+    def with_target(
+        self,
+        target: str,
+        outside: Sequence[StoredTensor] = (),
+        source_types: Mapping[str, str] | None = None,
+    ) -> Allocation:
+        """A copy made for ``target``, with the parameters outside the allocation stored as
+        ``outside`` says (type and bytes) and the source's quantized types of the units."""
+        stored = {t.name: t for t in outside}
+        excluded = [
+            p.model_copy(update={"type": stored[p.name].type, "nbytes": stored[p.name].nbytes})
+            if p.name in stored
+            else p
+            for p in self.data.excluded
+        ]
+        update = {"target": target, "excluded": excluded}
+        if source_types:
+            update["source_types"] = dict(source_types)
+        return Allocation(self.data.model_copy(update=update))
+
+    @property
+    def outside_bytes(self) -> int | None:
+        """Bytes of the parameters outside the allocation in the target's file (None when the
+        target does not fix them)."""
+        sizes = [p.nbytes for p in self.data.excluded]
+        return None if not sizes or None in sizes else int(sum(sizes))
+
+    def warnings(self) -> list[str]:
+        """What a user should know before exporting: re-quantizing a quantized source."""
+        kinds = sorted(set((self.data.source_types or {}).values()))
+        if not kinds:
+            return []
+        return [
+            f"the source model stores these weights as {', '.join(kinds)}: the chosen formats "
+            "quantize already quantized values again, so quality is bounded by the source's "
+            "quantization; allocate from an unquantized model where one exists"
+        ]
+
     def with_importance(self, importance: Importance | None) -> Allocation:
         """A copy recording the importance that weights its units' clipping (None: none; also
         none when every unit is a float format, which has no clipping)."""
@@ -330,6 +378,10 @@ class Allocation:
             f"for {d.numel:,} weights in {len(d.units)} units | "
             f"{d.excluded_numel:,} weights left out"
         )
+        if d.target not in (None, "bitalloc"):
+            text += f" | target {d.target}"
+            if self.outside_bytes is not None:
+                text += f", other tensors {self.outside_bytes / 2**20:.2f} MiB"
         if d.predicted_loss is not None:
             text += f" | predicted loss +{d.predicted_loss:.4f}"
         if d.scale_folding is not None:

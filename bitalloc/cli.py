@@ -35,6 +35,7 @@ from bitalloc.dashboards.cli import (
     report_command,
 )
 from bitalloc.errors import BitallocError
+from bitalloc.export.command import add_export_parser
 from bitalloc.packed_cli import add_apply_parser, add_generate_parser
 from bitalloc.search.cli import add_search_parser
 
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="measure the perplexity of a saved allocation")
     # The allocation records the clipping its formats were measured with: eval uses that.
-    add_config_arguments(e, tuple(name for name in COMMON if name != "clipping"))
+    add_config_arguments(e, tuple(n for n in COMMON if n not in ("clipping", "target", "imatrix")))
     e.add_argument("--allocation", required=True, metavar="FILE", help="allocation JSON")
     add_config_arguments(
         e, ("eval_tokens",), {"eval_tokens": {"help": "evaluation tokens (default 4096)"}}
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dashboard_parser(sub)
     add_apply_parser(sub)
     add_generate_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -34,8 +34,9 @@ OPTION_FIELDS: dict[str, tuple[str, str]] = {**FLAT_FIELDS, **SEARCH_FLAT_FIELDS
 GIVEN = "config_given"
 
 #: The options most subcommands share, and those of each group of ``bitalloc allocate``.
-COMMON = ("model", "formats", "clipping", "calibration", "evaluation", "seq_len", "progress")
-BUDGET = ("avg_bits", "max_bytes")
+COMMON = ("model", "target", "formats", "clipping", "calibration", "evaluation", "seq_len")
+COMMON += ("imatrix", "progress")
+BUDGET = ("avg_bits", "max_bytes", "max_file_bytes")
 KV = ("kv_avg_bits", "memory_bytes", "context_len", "batch_size", "kv_formats")
 KV += ("kv_profiler", "kv_tokens")
 MEASURING = ("workers", "ray_address", "interactions")

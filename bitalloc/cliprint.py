@@ -93,6 +93,12 @@ def check_outputs(args: argparse.Namespace) -> None:
         from bitalloc.packed_cli import replaceable_packed_dir
 
         check_output_dir(args.out, "--out", may_replace=replaceable_packed_dir)
+    elif command == "export":
+        from bitalloc.export import export_format
+        from bitalloc.export.base import check_export_path
+
+        directory = export_format(args.out, args.format) != "gguf"
+        check_export_path(args.out, force=args.force, directory=directory)
     elif command == "search":
         from bitalloc.search.storage import default_run_dir
 

@@ -51,6 +51,8 @@ class Budget(Strict):
     kv_avg_bits: float | None = None
     #: One bound on weights (all, at 16 bits where not allocated) + KV cache bytes.
     memory_bytes: float | None = None
+    #: Bytes of the whole exported file (``--file-size``, targets gguf and ct).
+    max_file_bytes: float | None = None
 
     def check(self) -> None:
         """Raise :class:`BitallocError` unless every given bound is a positive finite number."""
@@ -72,6 +74,8 @@ class Budget(Strict):
             parts.append(f"KV {self.kv_avg_bits:g}")
         if self.memory_bytes is not None:
             parts.append(f"memory {self.memory_bytes / 2**20:.2f} MiB")
+        if self.max_file_bytes is not None:
+            parts.append(f"file {self.max_file_bytes / 2**20:.2f} MiB")
         return ", ".join(parts) or "none"
 
 
@@ -144,10 +148,13 @@ class ProfileSummary(Strict):
 
 
 class ExcludedParameter(Strict):
-    """A parameter left out of the allocation (kept as it is), reported separately."""
+    """A parameter left out of the allocation, reported separately: for an engine target, with
+    the type the target's convention stores it in and its bytes in the exported file."""
 
     name: str
     numel: int
+    type: str | None = None
+    nbytes: int | None = None
 
 
 class Measured(Strict):

@@ -71,6 +71,10 @@ OLD_ALLOCATE_DEFAULTS = {
     "kv_formats": None,
     "kv_profiler": "kl",
     "kv_tokens": None,
+    # Added with engine targets (issue 19).
+    "target": "bitalloc",
+    "max_file_bytes": None,
+    "imatrix": None,
 }
 OLD_SEARCH_DEFAULTS = {
     "trials": 40,
@@ -257,9 +261,15 @@ RULES = [
     ({"kv_avg_bits": 4.0, "kv_tokens": 0}, "calibration tokens must be a positive integer, got 0"),
     (
         {},
-        "pass avg_bits (--avg-bits), the budget in average bits per weight (e.g. 3.25), or a KV "
-        "cache budget: kv_avg_bits (--kv-avg-bits) or memory_bytes (--memory)",
+        "pass avg_bits (--avg-bits), the budget in average bits per weight (e.g. 3.25), a file "
+        "size (max_file_bytes, --file-size, with --target gguf or ct), or a KV cache budget: "
+        "kv_avg_bits (--kv-avg-bits) or memory_bytes (--memory)",
     ),
+    ({"max_file_bytes": 1e6}, "with it"),
+    ({"avg_bits": 4, "target": "gguf", "formats": "int4-g128"}, "cannot be stored in a GGUF"),
+    ({"avg_bits": 4, "target": "vllm"}, "target"),
+    ({"avg_bits": 4, "imatrix": "i.gguf", "clipping": "mse"}, "leave --clipping at weighted"),
+    ({"avg_bits": 4, "imatrix": "i.gguf", "scale_folding": 0.5}, "use one or the other"),
     ({"max_bytes": 1e6}, "pass avg_bits (--avg-bits)"),
     (
         {"avg_bits": 3, "profiler": "magic"},

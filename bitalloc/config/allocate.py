@@ -17,6 +17,7 @@ from bitalloc.config.messages import (
     CONTEXT_BATCH,
     DEFAULT_KV_TOKENS,
     FOLDING_KV_ONLY,
+    IMATRIX_FOLDING,
     INTERACTIONS_WITH_PROFILE,
     JOINT_NEEDS_NATS,
     KV_WITHOUT_BUDGET,
@@ -92,7 +93,9 @@ class AllocateConfig(Section):
             tokens = DEFAULT_KV_TOKENS if kv.tokens is None else kv.tokens
             if tokens < 1:
                 raise ConfigError(CALIBRATION_TOKENS.format(value=tokens))
-        if target.avg_bits is None and not kv.requested:
+        if target.imatrix is not None and prof.scale_folding is not None:
+            raise ConfigError(IMATRIX_FOLDING)
+        if target.avg_bits is None and target.max_file_bytes is None and not kv.requested:
             raise ConfigError(NO_BUDGET)
         if prof.profile is None:
             from bitalloc.sensitivity import profiler_class

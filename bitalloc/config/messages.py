@@ -19,7 +19,8 @@ NATS_METHODS = ("kl", "loss")
 # Messages of the rules between options, word for word as the modules that check them at run
 # time say them (tests match them), so the config's early check and the late one agree.
 NO_BUDGET = (
-    "pass avg_bits (--avg-bits), the budget in average bits per weight (e.g. 3.25), or a KV "
+    "pass avg_bits (--avg-bits), the budget in average bits per weight (e.g. 3.25), a file "
+    "size (max_file_bytes, --file-size, with --target gguf or ct), or a KV "
     "cache budget: kv_avg_bits (--kv-avg-bits) or memory_bytes (--memory)"
 )
 KV_WITHOUT_BUDGET = (
@@ -59,4 +60,8 @@ PREDATES_CONFIG = "this allocation file predates recorded configs; pass the opti
 FOLDING_KV_ONLY = (
     "scale folding changes how weights quantize; with kv_avg_bits alone the weights "
     "stay at fp16, so pass avg_bits too or leave scale_folding off"
+)
+IMATRIX_FOLDING = (
+    "an importance matrix file (imatrix) was gathered on the unfolded model, and scale folding "
+    "rescales the columns it weights: use one or the other"
 )

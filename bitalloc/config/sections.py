@@ -75,11 +75,28 @@ class TargetConfig(Section):
         "--max-bytes",
         "budget: stored bytes of the allocated matrices (codes, scales, zeros)",
     )
+    target: Literal["bitalloc", "gguf", "ct"] = option(
+        "bitalloc",
+        "--target",
+        "where the allocation runs: bitalloc (default; its own int formats and packed "
+        "kernels), gguf (llama.cpp types, for `bitalloc export --out model.gguf`) or ct "
+        "(compressed-tensors schemes for vLLM, q/k/v and gate/up tied as vLLM fuses them); "
+        "picks the default palette and how tensors outside the allocation are stored",
+    )
+    max_file_bytes: float | None = option(
+        None,
+        "--file-size",
+        "budget: bytes of the whole exported file (e.g. 90MiB), counting every tensor and "
+        "the metadata; needs --target gguf or ct",
+        kind="size",
+        metavar="SIZE",
+        dest="file_size",
+    )
     formats: tuple[str, ...] | None = option(
         None,
         "--formats",
         "comma-separated palette, e.g. int2-g64,int3-g128,int4-g128,fp16 "
-        "(default: int{2,3,4,5,6,8}-g{32,64,128} and fp16)",
+        "(default: the target's palette; for bitalloc int{2,3,4,5,6,8}-g{32,64,128} and fp16)",
     )
     ties: tuple[str, ...] | None = option(
         None,
@@ -95,8 +112,36 @@ class TargetConfig(Section):
         "weighted by each input column's mean squared activation on the calibration text, the "
         "statistic of llama.cpp's importance matrix) or mse (plain squared weight error)",
     )
+    imatrix: str | None = option(
+        None,
+        "--imatrix",
+        "weight the clipping with this llama.cpp importance matrix (llama-imatrix's .gguf or "
+        ".dat file) instead of gathering one from the calibration text",
+        metavar="FILE",
+    )
 
-    _positive = field_validator("avg_bits", "max_bytes")(positive)
+    _positive = field_validator("avg_bits", "max_bytes", "max_file_bytes")(positive)
+
+    @model_validator(mode="after")
+    def _target_rules(self) -> TargetConfig:
+        from bitalloc.targets import check_target_palette
+
+        if self.max_file_bytes is not None and self.target == "bitalloc":
+            raise ValueError(
+                "a file-size budget (--file-size) counts an exported file: pass --target gguf "
+                "or --target ct with it"
+            )
+        if self.imatrix is not None and self.clipping != "weighted":
+            raise ValueError(
+                "an importance matrix (--imatrix) weights the clipping: leave --clipping at "
+                "weighted"
+            )
+        if self.formats is not None:
+            try:
+                check_target_palette(self.target, self.formats)
+            except BitallocError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
     @field_validator("formats")
     @classmethod

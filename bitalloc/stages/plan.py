@@ -17,6 +17,7 @@ from bitalloc.records import Budget
 from bitalloc.sensitivity import Profile
 from bitalloc.solvers import Problem, Solution, solve
 from bitalloc.stages.prepare import Prepared
+from bitalloc.targets import target_ties
 
 if TYPE_CHECKING:
     from bitalloc.config import AllocateConfig
@@ -42,9 +43,16 @@ class Plan:
             self.prep.palette,
             table,
             self.budget.avg_bits,
-            max_bytes=self.budget.max_bytes,
+            max_bytes=self.max_unit_bytes,
             ties=None if self.ties is None else list(self.ties),
         )
+
+    @property
+    def max_unit_bytes(self) -> float | None:
+        """The units' byte bound: ``max_bytes``, or what a file-size budget leaves for them
+        (see :func:`bitalloc.targets.unit_byte_budget`), whichever is tighter."""
+        bounds = [b for b in (self.budget.max_bytes, self.prep.file_unit_bytes) if b is not None]
+        return min(bounds) if bounds else None
 
     def solve(self, table: Profile) -> Allocation:
         """The allocation the solver chooses on ``table`` (carrying the scale-folding record
@@ -89,10 +97,15 @@ def plan(prep: Prepared, profile: Profile, config: AllocateConfig) -> Plan:
     options = rl_solver_options(
         method, dict(config.solve.options), config.solve.policy, prep, config.progress
     )
+    target = config.target
     return Plan(
         prep=prep,
-        budget=Budget(avg_bits=config.target.avg_bits, max_bytes=config.target.max_bytes),
-        ties=config.target.ties,
+        budget=Budget(
+            avg_bits=target.avg_bits,
+            max_bytes=target.max_bytes,
+            max_file_bytes=target.max_file_bytes,
+        ),
+        ties=target_ties(target.target, target.ties),
         method=method,
         options=options,
     )
@@ -121,4 +134,5 @@ def requested_budget(config: AllocateConfig) -> Budget:
         max_bytes=config.target.max_bytes,
         kv_avg_bits=config.kv.avg_bits,
         memory_bytes=config.kv.memory_bytes,
+        max_file_bytes=config.target.max_file_bytes,
     )

@@ -22,6 +22,14 @@ from bitalloc.formats import QuantFormat, parse_palette
 from bitalloc.importance import CLIPPING_METHODS, Importance, gather_importance
 from bitalloc.models import LoadedModel, Unit, discover_units, load_model
 from bitalloc.planning import check_budget
+from bitalloc.targets import (
+    check_target_palette,
+    file_overhead,
+    outside_tensors,
+    source_unit_types,
+    target_palette,
+    unit_byte_budget,
+)
 
 if TYPE_CHECKING:
     from bitalloc.allocation import Allocation
@@ -42,6 +50,10 @@ class Prepared:
     #: Per-input-column importance of each unit, which weights every clipping search (None:
     #: plain squared error, ``--clipping mse``); see :mod:`bitalloc.importance`.
     importance: Importance | None = field(default=None, compare=False)
+    #: The engine the allocation is for (see :mod:`bitalloc.targets`).
+    target: str = "bitalloc"
+    #: Bytes a file-size budget leaves for the units (None: no file-size budget).
+    file_unit_bytes: float | None = None
     #: The units' quantized weights, kept across the measurements of this model.
     quantized: QuantizedWeightCache = field(
         default_factory=QuantizedWeightCache, compare=False, repr=False
@@ -58,6 +70,12 @@ class Prepared:
         it reproduces them."""
         if self.scale_folding is not None:
             allocation = allocation.with_scale_folding(self.scale_folding)
+        if self.target != "bitalloc":
+            allocation = allocation.with_target(
+                self.target,
+                outside_tensors(self.model, self.units, self.target),
+                source_unit_types(self.loaded.source, self.model, self.units),
+            )
         return allocation.with_importance(self.importance)
 
     def calibration_windows(self) -> torch.Tensor:
@@ -177,18 +195,28 @@ def prepare_for(
     ``formats`` overrides ``config.target.formats`` (a saved profile's columns are the palette
     when the config names none). An ``nn.Module`` passed in is copied before folding.
     """
-    data = config.data
+    data, target = config.data, config.target
+    if formats is None:
+        formats = target.formats if target.formats is not None else target_palette(target.target)
     prep = prepare(
         config.model if model is None else model,
-        formats=config.target.formats if formats is None else formats,
+        formats=formats,
         calibration=None if data.calibration is None else list(data.calibration),
         evaluation=None if data.evaluation is None else list(data.evaluation),
         tokenizer=tokenizer,
         seq_len=data.seq_len,
         clipping="mse",  # gathered below, once the model is in its final (folded) form
     )
-    if config.target.avg_bits is not None:
-        check_budget(config.target.avg_bits, prep.units, prep.palette)
+    check_target_palette(target.target, [f.name for f in prep.palette])
+    prep = dataclasses.replace(prep, target=target.target)
+    if target.avg_bits is not None:
+        check_budget(target.avg_bits, prep.units, prep.palette)
+    if target.max_file_bytes is not None:
+        overhead = file_overhead(
+            prep.model, prep.units, target.target, prep.loaded.source, prep.loaded.tokenizer
+        )
+        unit_bytes = unit_byte_budget(target.max_file_bytes, overhead, prep.units, prep.palette)
+        prep = dataclasses.replace(prep, file_unit_bytes=unit_bytes)
     if check is not None:
         check(prep)
     alpha = config.profile.scale_folding
@@ -201,6 +229,13 @@ def prepare_for(
             copy_module=isinstance(model, nn.Module),
         )
         prep = dataclasses.replace(prep, loaded=loaded, scale_folding=record)
+    if target.imatrix is not None:
+        from bitalloc.imatrix import load_imatrix
+
+        importance = load_imatrix(target.imatrix, prep.model, prep.units)
+        new = dataclasses.replace(prep, importance=importance, quantized=QuantizedWeightCache())
+        _keep_tokenized(prep, new)
+        return new
     return with_importance(
         prep,
         config.target.clipping,
