@@ -107,6 +107,11 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        # mkdtemp (and safetensors' writer) create owner-only modes; an export is read by
+        # other users and containers (a vLLM server), so it gets the usual 0755 / 0644.
+        tmp.chmod(0o755)
+        for item in tmp.rglob("*"):
+            item.chmod(0o755 if item.is_dir() else 0o644)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "dir")

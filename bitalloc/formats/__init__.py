@@ -16,6 +16,7 @@ Formats are a leaf: they import nothing from bitalloc but :mod:`bitalloc.errors`
 from __future__ import annotations
 
 from bitalloc.formats.base import CacheFormat, Format, check_importance
+from bitalloc.formats.ct import CTFamily, CTFormat
 from bitalloc.formats.encoding import Encoded, Section
 from bitalloc.formats.gguf import GGUFFamily, GGUFFormat
 from bitalloc.formats.integer import (
@@ -49,6 +50,7 @@ from bitalloc.formats.registry import (
 register_family(IntFamily())
 register_family(FloatFamily())
 register_family(GGUFFamily())
+register_family(CTFamily())
 
 __all__ = [
     "EXTRA_GROUP_SIZES",
@@ -56,6 +58,8 @@ __all__ = [
     "SCALE_ZERO_BITS",
     "SUPPORTED_BITS",
     "SUPPORTED_GROUP_SIZES",
+    "CTFamily",
+    "CTFormat",
     "CacheFormat",
     "Encoded",
     "FloatFamily",

@@ -156,10 +156,10 @@ def test_convention_types_follow_llama_quantize():
 
 
 def test_an_imatrix_file_replaces_the_gathered_importance(tiny_gguf, tmp_path, capsys, text_files):
-    from bitalloc.stages.prepare import prepare_for
     from bitalloc.cli import main
     from bitalloc.config import AllocateConfig
     from bitalloc.imatrix import save_imatrix
+    from bitalloc.stages.prepare import prepare_for
 
     source, loaded = tiny_gguf
     base = ["allocate", "--model", str(source), "--avg-bits", "4.5", "--quiet"]
