@@ -20,7 +20,13 @@ weights that already lie on a 4-bit grid in blocks of 32: types with 32-blocks a
 Needs llama.cpp's tools (``python -m bitalloc.export.llamacpp build``). Writes its section of
 BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/engines.py [--chunks 16] [--presets Q4_K_M,Q3_K_M]
+    .venv/bin/python benchmarks/engines.py [--part all|gguf|ct|speed] [--chunks 16]
+                                           [--presets Q4_K_M,Q3_K_M]
+
+``--part ct`` needs no llama.cpp: uniform compressed-tensors schemes (W4A16, MXFP4A16,
+NVFP4A16) against bitalloc's ``--target ct`` allocation at the same bits, each checkpoint loaded
+by transformers. ``--part speed`` measures decode speed on one preset (Q4_K_M) and bitalloc's
+file at its size.
 """
 
 from __future__ import annotations
@@ -46,6 +52,11 @@ from bitalloc.imatrix import save_imatrix
 from bitalloc.models import default_gguf_path
 
 START, END = "<!-- engines:start -->", "<!-- engines:end -->"
+CT_START, CT_END = "<!-- engines-ct:start -->", "<!-- engines-ct:end -->"
+SPEED_START, SPEED_END = "<!-- engines-speed:start -->", "<!-- engines-speed:end -->"
+#: Uniform compressed-tensors baselines: W4A16 (int4, the largest group of 128/64/32 that
+#: divides each unit's width: SmolLM2's 576 is not a multiple of 128), MXFP4A16, NVFP4A16.
+CT_BASELINES = ("W4A16", "ct:mxfp4", "ct:nvfp4")
 MIB = 1024 * 1024
 PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ3_S", "IQ4_XS")
 
@@ -73,7 +84,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="BENCHMARKS.md")
+    parser.add_argument("--part", choices=("all", "gguf", "ct", "speed"), default="all")
     args = parser.parse_args()
+    if args.part in ("all", "ct"):
+        ct_section(args)
+    if args.part == "ct":
+        return
+    if args.part == "speed" and args.presets == ",".join(PRESETS):
+        args.presets = "Q4_K_M"
     tools = find_llama_cpp()
     if tools is None:
         sys.exit(missing_reason())
@@ -119,11 +137,19 @@ def main() -> None:
             f"{ours.file_bytes / MIB:.2f} MiB ppl {ours_ppl:.3f}"
         )
 
-    # transformers reads an exported file back as the weights the allocation measured.
     done = [row for row in rows if len(row) > 5]
     middle = done[len(done) // 2]
-    check_alloc = middle[7]
     exported = work / f"bitalloc-{middle[0]}.gguf"
+    if args.part in ("all", "speed"):
+        started_speed = time.time()
+        speed = decode_speeds(args, tools, prep, exported, work / f"{middle[0]}.gguf")
+        section = render_speed(args, speed, time.time() - started_speed)
+        write_section(args.out, SPEED_START, SPEED_END, section)
+        print(section)
+    if args.part == "speed":
+        return
+    # transformers reads an exported file back as the weights the allocation measured.
+    check_alloc = middle[7]
     from transformers import AutoModelForCausalLM
 
     windows = prep.evaluation_windows(4096)
@@ -134,9 +160,92 @@ def main() -> None:
     read_ppl = perplexity(reread, windows).perplexity
     print(f"transformers on the export: {read_ppl:.4f} vs allocation {own:.4f}")
 
-    speed = decode_speeds(args, tools, prep, exported, work / f"{middle[0]}.gguf")
-    section = render(args, rows, (own, read_ppl, exported.name), speed, time.time() - started)
+    section = render(args, rows, (own, read_ppl, exported.name), time.time() - started)
     write_section(args.out, START, END, section)
+    print(section)
+
+
+def _w4a16(unit) -> str:
+    group = next(g for g in (128, 64, 32) if unit.shape[1] % g == 0)
+    return f"ct:int4-g{group}"
+
+
+def ct_section(args: argparse.Namespace) -> None:
+    """Compressed-tensors: uniform schemes against bitalloc's ct allocation at the same unit
+    bits; every checkpoint exported, loaded by transformers (bfloat16, as its config says) and
+    measured on bitalloc's evaluation windows."""
+    from transformers import AutoModelForCausalLM
+
+    from bitalloc.allocation import Allocation, UnitChoice
+    from bitalloc.export.compressed_tensors import export_compressed_tensors
+    from bitalloc.formats import parse_format
+    from bitalloc.models import excluded_parameters
+
+    started = time.time()
+    torch.set_num_threads(args.threads)
+    prep = prepare(None, formats="ct:int4-g64", clipping="mse")
+    windows = prep.evaluation_windows(4096)
+    work = Path(tempfile.mkdtemp(prefix="bitalloc-engines-ct-"))
+
+    def measured(alloc, name: str) -> tuple[float, int, float]:
+        out = export_compressed_tensors(
+            alloc, prep.model, prep.loaded.tokenizer, work / name, progress=False
+        )
+        loaded = AutoModelForCausalLM.from_pretrained(out.path)
+        ppl = perplexity(loaded, windows).perplexity
+        own = perplexity(alloc.apply(prep.model, progress=False), windows).perplexity
+        return ppl, out.file_bytes, own
+
+    rows = []
+    for baseline in CT_BASELINES:
+        names = {u.name: _w4a16(u) if baseline == "W4A16" else baseline for u in prep.units}
+        choices = [UnitChoice.of(u, parse_format(names[u.name])) for u in prep.units]
+        uniform = Allocation.from_choices(
+            model=prep.loaded.source,
+            budget=None,
+            units=choices,
+            excluded=excluded_parameters(prep.model, prep.units),
+        )
+        base_ppl, base_bytes, _ = measured(uniform, baseline.replace(":", "-"))
+        alloc = allocate(None, target="ct", avg_bits=uniform.avg_bits, progress=False)
+        ours_ppl, ours_bytes, own = measured(alloc, f"bitalloc-{baseline.replace(':', '-')}")
+        rows.append(
+            (
+                baseline,
+                uniform.avg_bits,
+                base_bytes,
+                base_ppl,
+                alloc.avg_bits,
+                ours_bytes,
+                ours_ppl,
+                own,
+            )
+        )
+        print(f"{baseline}: {base_ppl:.3f} vs bitalloc {ours_ppl:.3f} (fake-quant {own:.3f})")
+    lines = [
+        CT_START,
+        "## Engines: compressed-tensors checkpoints (default model)",
+        "",
+        f"`{' '.join(['.venv/bin/python', *sys.argv])}` on {cpu_description()}, "
+        f"{(time.time() - started) / 60:.0f} min. Each checkpoint is written by `bitalloc "
+        "export`, loaded by transformers (`from_pretrained(dir)`, bfloat16 as its config says, "
+        "compressed-tensors decompressing) and measured on 4,096 evaluation tokens (8 windows "
+        "of 512). bitalloc: `--target ct --avg-bits` = the uniform scheme's bits (q/k/v and "
+        "gate/up tied, as vLLM fuses them). W4A16 takes group 128 where the width allows "
+        "(down_proj) and 64 elsewhere (576 is not a multiple of 128).",
+        "",
+        "| uniform scheme | bits/weight | model.safetensors MiB | ppl | bitalloc bits/weight "
+        "| bitalloc MiB | bitalloc ppl (loaded) | bitalloc ppl (fake-quantized) | ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, bits, size, ppl, ours_bits, ours_size, ours_ppl, own in rows:
+        lines.append(
+            f"| {name} | {bits:.3f} | {size / MIB:.2f} | {ppl:.3f} | {ours_bits:.3f} "
+            f"| {ours_size / MIB:.2f} | {ours_ppl:.3f} | {own:.3f} | {ours_ppl / ppl:.3f} |"
+        )
+    lines.append(CT_END)
+    section = "\n".join(lines)
+    write_section(args.out, CT_START, CT_END, section)
     print(section)
 
 
@@ -166,7 +275,28 @@ def decode_speeds(args, tools, prep, exported: Path, preset: Path) -> list[tuple
     return out
 
 
-def render(args, rows, check, speed, seconds: float) -> str:
+def render_speed(args, speed, seconds: float) -> str:
+    """The decode-speed section."""
+    lines = [
+        SPEED_START,
+        "### Batch-1 decode speed on this CPU",
+        "",
+        f"`{' '.join(['.venv/bin/python', *sys.argv])}` on {cpu_description()}, "
+        f"{seconds / 60:.0f} min; {args.threads} threads, {args.new_tokens} new tokens, median "
+        f"of {args.rounds} runs (llama-bench: its own mean of 3). llama.cpp runs with "
+        "`--repack 0` (its AMX path crashes on these machines).",
+        "",
+        "| runtime | tokens/s | × float32 |",
+        "|---|---:|---:|",
+    ]
+    ref = dict(speed)["PyTorch float32"]
+    for name, tps in speed:
+        lines.append(f"| {name} | {tps:.1f} | {tps / ref:.2f} |")
+    lines.append(SPEED_END)
+    return "\n".join(lines)
+
+
+def render(args, rows, check, seconds: float) -> str:
     lines = [
         START,
         "## Engines: GGUF files against llama.cpp's presets (default model)",
@@ -203,16 +333,8 @@ def render(args, rows, check, speed, seconds: float) -> str:
         f"perplexity {read_ppl:.4f} on 4,096 evaluation tokens (bitalloc's windows); the "
         f"allocation itself, fake-quantized in bitalloc, {own:.4f} "
         f"(difference {abs(read_ppl / own - 1) * 100:.3f}%).",
-        "",
-        f"Batch-1 decode on this CPU ({args.threads} threads, {args.new_tokens} new tokens):",
-        "",
-        "| runtime | tokens/s | × float32 |",
-        "|---|---:|---:|",
+        END,
     ]
-    ref = dict(speed)["PyTorch float32"]
-    for name, tps in speed:
-        lines.append(f"| {name} | {tps:.1f} | {tps / ref:.2f} |")
-    lines.append(END)
     return "\n".join(lines)
 
 

@@ -174,7 +174,7 @@ def add_config_arguments(
                 kwargs["type"] = value_type
             if choices is not None:
                 kwargs["choices"] = choices
-        parser.add_argument(spec["flag"], **kwargs)
+        parser.add_argument(spec["flag"], *spec.get("aliases", ()), **kwargs)
 
 
 def config_file_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,14 +29,17 @@ def option(
     kind: str = "value",
     metavar: str | None = None,
     dest: str | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> Any:
     """A config field that is also a command-line option: its ``flag``, ``help`` text and how
     the flag is read (``kind``: ``value``, ``files`` (one or more paths), ``switch`` (a flag
     that sets True), ``invert`` (a flag that sets False: ``--no-cache``), ``size`` (``150MiB``),
-    ``options`` (repeatable ``KEY=VALUE``), ``alpha`` (``--scale-folding [ALPHA]``)).
+    ``options`` (repeatable ``KEY=VALUE``), ``alpha`` (``--scale-folding [ALPHA]``));
+    ``aliases`` are other spellings of the flag.
 
     :mod:`bitalloc.cliconfig` builds the argparse options from these."""
     extra = {"flag": flag, "kind": kind, "metavar": metavar, "dest": dest}
+    extra["aliases"] = list(aliases) or None
     extra = {key: value for key, value in extra.items() if value is not None}
     if isinstance(default, dict):
         return Field(default_factory=dict, description=help, json_schema_extra=extra)

@@ -91,6 +91,7 @@ class TargetConfig(Section):
         kind="size",
         metavar="SIZE",
         dest="file_size",
+        aliases=("--max-file-bytes",),
     )
     formats: tuple[str, ...] | None = option(
         None,

@@ -21,10 +21,20 @@ from tests.export.tiny_gguf import write_tiny_gguf
 MIX = ["gguf:Q4_K", "gguf:IQ4_NL", "gguf:Q2_K", "gguf:Q8_0", "gguf:F16", "gguf:IQ3_S"]
 
 
+@pytest.fixture(scope="module")
+def _tiny_gguf(tmp_path_factory):
+    # Written and loaded once per module (loading a GGUF caches it as safetensors: seconds);
+    # tests only read the model (exports and apply() work on copies).
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BITALLOC_CACHE_DIR", str(root / "cache"))
+        path = write_tiny_gguf(root / "tiny.gguf")
+        return path, load_model(str(path))
+
+
 @pytest.fixture
-def tiny_gguf(tmp_path, isolated_cache):
-    path = write_tiny_gguf(tmp_path / "tiny.gguf")
-    return path, load_model(str(path))
+def tiny_gguf(_tiny_gguf, isolated_cache):
+    return _tiny_gguf
 
 
 def _reload(path):
@@ -166,17 +176,21 @@ def test_an_imatrix_file_replaces_the_gathered_importance(tiny_gguf, tmp_path, c
     base += ["--calibration", str(text_files[0]), "--evaluation", str(text_files[1])]
     assert main([*base, "--imatrix", str(tmp_path / "missing.gguf")]) == 2
     assert "missing.gguf" in capsys.readouterr().err
-    (tmp_path / "corrupt.gguf").write_bytes(b"GGUF\x03\x00")
-    assert main([*base, "--imatrix", str(tmp_path / "corrupt.gguf")]) == 2
-    assert "corrupt.gguf" in capsys.readouterr().err
     cal, ev = (str(p) for p in text_files)
     config = AllocateConfig.from_flat(avg_bits=4.5, seq_len=64, calibration=cal, evaluation=ev)
-    prep = prepare_for(str(source), config)
-    gathered = prep.importance
-    path = save_imatrix(gathered, prep.model, prep.units, tmp_path / "imatrix.gguf")
-    read = prepare_for(str(source), config.with_flat(imatrix=str(path))).importance
+    prep = prepare_for(loaded.model, config, tokenizer=loaded.tokenizer)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF\x03\x00")
+    with pytest.raises(BitallocError, match="corrupt.gguf"):
+        prepare_for(
+            loaded.model, config.with_flat(imatrix=str(corrupt)), tokenizer=prep.loaded.tokenizer
+        )
+    path = save_imatrix(prep.importance, prep.model, prep.units, tmp_path / "imatrix.gguf")
+    read = prepare_for(
+        loaded.model, config.with_flat(imatrix=str(path)), tokenizer=loaded.tokenizer
+    ).importance
     for unit in prep.units:
-        assert torch.equal(read.of(unit.name), gathered.of(unit.name))
+        assert torch.equal(read.of(unit.name), prep.importance.of(unit.name))
 
 
 def _bpe_tokenizer():
@@ -233,3 +247,15 @@ def test_a_hugging_face_llama_is_converted_and_reads_back(tmp_path):
             tmp_path / "q.gguf",
             tokenizer=other_tokenizer,
         )
+
+
+def test_a_qwen2_gguf_source_exports_without_the_llama_permutation(tmp_path, isolated_cache):
+    source = write_tiny_gguf(tmp_path / "qwen2.gguf", arch="qwen2")
+    loaded = load_model(str(source))
+    alloc = cycling_allocation(loaded.model, ["gguf:Q4_K", "gguf:Q8_0"])
+    report = export_gguf(alloc, loaded.model, source, tmp_path / "m.gguf", progress=False)
+    reloaded = dict(_reload(report.path).named_parameters())
+    measured = alloc.apply(loaded.model, progress=False)
+    for unit in alloc.data.units:
+        got = reloaded[f"{unit.name}.weight"]
+        assert torch.equal(got, measured.get_submodule(unit.name).weight), unit.name
