@@ -242,6 +242,8 @@ def _allocate(args: argparse.Namespace) -> None:
     _print_allocation(alloc, units=args.units)
     if alloc.measured is not None:
         print_measured(alloc)
+    for warning in alloc.warnings():
+        print(f"warning: {warning}")
     if args.out:
         alloc.save(args.out)
         print(f"wrote {args.out}")

@@ -101,6 +101,12 @@ def test_a_quantized_source_is_copied_where_it_can_be_and_warned_about(tmp_path,
     alloc = cycling_allocation(loaded.model, ["gguf:Q4_K"])
     report = export_gguf(alloc, loaded.model, source, tmp_path / "m.gguf", progress=False)
     assert any("Q8_0" in w for w in report.warnings)
+    # An allocation for the gguf target records the source's types and warns before export.
+    from bitalloc.targets import source_unit_types
+
+    types = source_unit_types(str(source), loaded.model, alloc.data.units)
+    assert set(types.values()) == {"Q8_0"} and len(types) == len(alloc.data.units)
+    assert "Q8_0" in alloc.with_target("gguf", (), types).warnings()[0]
     # The embedding's convention type is Q6_K here, so it is quantized from the Q8_0 values.
     assert dict((t.name, t.type) for t in report.tensors)["token_embd.weight"] == "Q6_K"
 
