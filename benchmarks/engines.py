@@ -85,6 +85,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default="BENCHMARKS.md")
     parser.add_argument("--part", choices=("all", "gguf", "ct", "speed"), default="all")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="allocate with --verify (measure, repair, never worse than a uniform candidate)",
+    )
     args = parser.parse_args()
     if args.part in ("all", "ct"):
         ct_section(args)
@@ -115,7 +120,9 @@ def main() -> None:
         size = made.stat().st_size
         ppl = tools.perplexity(made, text, chunks=args.chunks, threads=args.threads)
         try:
-            alloc = allocate(None, target="gguf", max_file_bytes=size, progress=False)
+            alloc = allocate(
+                None, target="gguf", max_file_bytes=size, verify=args.verify, progress=False
+            )
         except InfeasibleBudgetError as exc:
             print(f"{preset}: bitalloc cannot reach {size / MIB:.2f} MiB: {exc}")
             rows.append((preset, size, unit_bits(made, prep.model, prep.units), ppl, None))
@@ -211,7 +218,9 @@ def ct_section(args: argparse.Namespace) -> None:
             excluded=excluded_parameters(prep.model, prep.units),
         )
         base_ppl, base_bytes, _ = measured(uniform, baseline.replace(":", "-"))
-        alloc = allocate(None, target="ct", avg_bits=uniform.avg_bits, progress=False)
+        alloc = allocate(
+            None, target="ct", avg_bits=uniform.avg_bits, verify=args.verify, progress=False
+        )
         ours_ppl, ours_bytes, own = measured(alloc, f"bitalloc-{baseline.replace(':', '-')}")
         rows.append(
             (
