@@ -20,7 +20,7 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,5 +154,3 @@ def progress_iter(items: list, description: str, progress: bool) -> Iterator:
 
     return iter(tqdm(items, desc=description, unit="tensor", leave=False))
 
-
-Writer = Callable[..., ExportReport]
