@@ -67,6 +67,16 @@ def test_exported_units_are_the_allocated_types_and_the_measured_weights(tiny_gg
     for unit in alloc.data.units:
         got = reloaded[f"{unit.name}.weight"]
         assert torch.equal(got, measured.get_submodule(unit.name).weight), unit.name
+    # libgguf (llama.cpp's own dequantization) reads each unit's bytes back as the same weight,
+    # in llama.cpp's row order.
+    stored = {t.name: t for t in reader.tensors}
+    for unit in alloc.data.units:
+        tensor = stored[by_unit[unit.name].name]
+        weight = measured.get_submodule(unit.name).weight.detach()
+        if unit.role in ("q", "k"):
+            weight = llama_permute(weight, 4 if unit.role == "q" else 2)
+        fmt = GGUFFormat(unit.format.removeprefix("gguf:"))
+        assert torch.equal(fmt.dequantize_bytes(tensor.data.tobytes(), unit.shape), weight)
     # The metadata and tokenizer came from the source.
     assert reader.fields["general.name"].contents() == "tiny"
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 300
