@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from bitalloc.apply import fake_quantize_
@@ -153,6 +154,22 @@ class Allocation:
     def __init__(self, data: AllocationData):
         _check_consistent(data)
         self.data = data
+        # The run's importance with its Gram matrices, kept in memory only (see
+        # :meth:`with_live_importance`); copies and loaded allocations do not have it.
+        self._live_importance: Importance | None = None
+
+    def with_live_importance(self, importance: Importance | None) -> Allocation:
+        """This allocation, holding ``importance`` in memory when it carries Gram matrices, so
+        that :meth:`apply` quantizes ``+gptq`` units exactly as the run measured them without
+        gathering the matrices again (they are not saved)."""
+        if importance is not None and importance.has_grams:
+            self._live_importance = importance.restricted(u.name for u in self.data.units)
+        return self
+
+    @property
+    def uses_grams(self) -> bool:
+        """True when some unit's format quantizes with its inputs' Gram matrix (``+gptq``)."""
+        return any(parse_format(u.format).uses_gram for u in self.data.units)
 
     @classmethod
     def from_choices(
@@ -417,8 +434,17 @@ class Allocation:
         packed: bool = False,
         cpu_path: str = "auto",
         progress: bool = True,
+        calibration: torch.Tensor | None = None,
+        sequential: bool = False,
     ) -> nn.Module:
         """Quantize ``model`` per the allocation (a deep copy unless ``inplace``).
+
+        Units in ``+gptq`` formats quantize with their inputs' Gram matrices: the ones the run
+        gathered when this is the object :func:`bitalloc.allocate` returned, else gathered
+        again from ``calibration`` (the calibration windows, ``(n, seq_len)`` token ids: the
+        same text gives the model that was measured). ``sequential`` (needs ``calibration``)
+        quantizes block by block with each block's inputs from the already quantized blocks
+        before it (:mod:`bitalloc.sequential`).
 
         By default the weights are fake-quantized: replaced by Q(W) in their own dtype. With
         ``packed=True`` each unit becomes a :class:`~bitalloc.kernels.QuantLinear` holding its
@@ -446,7 +472,18 @@ class Allocation:
         target = model if inplace else copy.deepcopy(model)
         if record is not None:
             apply_recorded_(target, record)  # no-op when already folded by this record
-        importance = self.importance()
+        importance = self._importance_for(target, calibration, sequential, progress)
+        if sequential:
+            from bitalloc.sequential import apply_sequential_
+
+            if packed:
+                raise BitallocError(
+                    "sequential applies fake-quantized weights; pack its result by applying "
+                    "without sequential, or leave packed off"
+                )
+            return apply_sequential_(
+                target, self.formats, calibration, importance, progress=progress
+            )
         if packed:
             return pack_model(
                 target,
@@ -457,6 +494,37 @@ class Allocation:
                 importance=importance,
             )
         return fake_quantize_(target, self.formats, importance)
+
+    def _importance_for(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        sequential: bool,
+        progress: bool,
+    ) -> Importance | None:
+        """The importance to quantize with: the record, with the Gram matrices ``+gptq`` units
+        need (live, or gathered from ``calibration``)."""
+        recorded = self.importance()
+        if sequential and calibration is None:
+            raise BitallocError(
+                "sequential quantization runs the calibration windows through the model: pass "
+                "calibration= (token ids, (n, seq_len))"
+            )
+        if recorded is None or not self.uses_grams or sequential:
+            # No recorded importance: the run quantized with none (plain rounding), and so
+            # does applying it, +gptq and +rht included.
+            return recorded
+        if self._live_importance is not None:
+            return self._live_importance
+        if calibration is None:
+            raise BitallocError(
+                "this allocation has +gptq formats, whose codes depend on the Gram matrices of "
+                "the calibration inputs, which allocations do not store; pass calibration= (the "
+                "calibration windows, (n, seq_len) token ids; bitalloc's CLI passes its text's)"
+            )
+        from bitalloc.sequential import gram_importance
+
+        return gram_importance(model, self.formats, calibration, recorded, progress=progress)
 
     def check_model(self, model: nn.Module) -> None:
         """Raise :class:`BitallocError` unless every unit exists in ``model`` with its shape."""

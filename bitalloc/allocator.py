@@ -137,7 +137,7 @@ def allocate(
         allocation = verify(
             prep, profile, allocation, config, resolve=resolve, candidates=candidates
         )
-    return _recorded(allocation, config)
+    return _recorded(allocation, config).with_live_importance(prep.importance)
 
 
 def _resolve(

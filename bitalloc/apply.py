@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats import QuantFormat, QuantizedWeight, dequantize, parse_format
+from bitalloc.formats import Format, QuantFormat, QuantizedWeight, dequantize, parse_format
 from bitalloc.models import get_linear
 
 if TYPE_CHECKING:
@@ -28,8 +28,9 @@ class QuantizedWeightCache:
 
     Entries hold the codes (one byte per weight) with the per-group scales and zeros, not a
     float copy, and dequantize on use, which gives exactly what the format's
-    ``fake_quantize`` gives. Only integer formats are kept (fp16 and other families are cheap
-    or opaque and are quantized each time). The least recently used entries go when
+    ``fake_quantize`` gives. Only integer formats and formats stored as int codes (``+gptq``)
+    are kept (fp16 and other families are cheap or opaque and are quantized each time). The
+    least recently used entries go when
     ``max_bytes`` would be passed. An entry is keyed by unit name and format and checked
     against the weight's sum and the importance's fingerprint, so a weight changed since (a
     different model, a folded copy) or quantized with another importance is quantized again
@@ -54,13 +55,13 @@ class QuantizedWeightCache:
         self,
         unit: str,
         weight: torch.Tensor,
-        fmt: QuantFormat,
+        fmt: Format,
         importance: Importance | None = None,
     ) -> torch.Tensor:
         """``fmt.fake_quantize(weight, importance.of(unit))``, from the cache when this unit's
         weight was quantized with ``fmt`` and the same importance before."""
         vector = None if importance is None else importance.of(unit)
-        if not isinstance(fmt, QuantFormat) or fmt.is_float:
+        if not _stored_as_int(fmt):
             return fmt.fake_quantize(weight, vector)
         key = (unit, fmt.name)
         check = (
@@ -90,6 +91,14 @@ class QuantizedWeightCache:
         if size <= self.max_bytes:
             self._entries[key] = (total, q)
             self._bytes += size
+
+
+def _stored_as_int(fmt: Format) -> bool:
+    """True for an int format, or one stored as int codes (``+gptq``) that gives them by
+    ``quantize``: its codes are what the cache keeps."""
+    if isinstance(fmt, QuantFormat):
+        return not fmt.is_float
+    return getattr(fmt, "int_format", None) is not None and hasattr(fmt, "quantize")
 
 
 def _nbytes(q: QuantizedWeight) -> int:

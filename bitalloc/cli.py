@@ -398,6 +398,21 @@ def _eval(args: argparse.Namespace) -> None:
         # The formats were chosen for the folded weights; this freshly loaded model is ours.
         alloc.check_model(prep.model)
         apply_recorded_(prep.model, alloc.data.scale_folding)
+    if alloc.uses_grams:
+        import dataclasses
+
+        from bitalloc.sequential import gram_importance
+
+        # +gptq codes depend on the calibration inputs' Gram matrices, which are not saved.
+        alloc.check_model(prep.model)
+        importance = gram_importance(
+            prep.model,
+            alloc.formats,
+            prep.calibration_windows(),
+            prep.importance,
+            progress=not args.quiet,
+        )
+        prep = dataclasses.replace(prep, importance=importance)
     alloc = alloc.with_measured(
         measure(prep, alloc, eval_tokens=args.eval_tokens, progress=not args.quiet)
     )

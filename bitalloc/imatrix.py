@@ -142,7 +142,7 @@ def save_imatrix(
     sums: dict[str, np.ndarray] = {}
     count = max(importance.tokens, 1)
     for unit in units:
-        value = importance.of(unit.name)
+        value = importance.vector(unit.name)
         if value is None:
             raise BitallocError(
                 f"the importance has no vector for unit {unit.name!r}; gather it for the "

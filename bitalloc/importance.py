@@ -21,7 +21,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -46,27 +47,51 @@ CLIPPING_METHODS = ("weighted", "mse")
 class Importance:
     """Unit name -> float32 vector of mean squared input activation per input column, each
     value exactly representable in bfloat16; ``tokens`` is how many calibration tokens the
-    means are over."""
+    means are over.
+
+    ``grams``, when gathered (error-feedback formats such as ``+gptq`` in the palette), maps
+    each unit to its input Gram matrix ``XᵀX / tokens`` (units reading one input share one
+    tensor), whose diagonal is exactly the unit's vector: a format that weighs columns
+    independently reads the same values from either. Grams are not recorded in allocations
+    (megabytes per unit); applying a saved allocation gathers them again.
+    """
 
     values: Mapping[str, torch.Tensor]
     tokens: int
+    grams: Mapping[str, torch.Tensor] | None = None
     _fingerprints: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
 
     def of(self, unit: str) -> torch.Tensor | None:
-        """The unit's vector, or None when the importance does not cover it (plain MSE)."""
+        """What the unit's formats are given: its Gram matrix when gathered, else its vector;
+        None when the importance does not cover it (plain MSE)."""
+        if self.grams is not None and unit in self.grams:
+            return self.grams[unit]
+        return self.values.get(unit)
+
+    def vector(self, unit: str) -> torch.Tensor | None:
+        """The unit's per-column vector (what llama.cpp's importance matrix holds), or None."""
         return self.values.get(unit)
 
     def fingerprint(self, unit: str) -> float | None:
-        """A cheap number that changes with the unit's vector (for caches that must not mix
-        results of different importances); None when the unit has none."""
+        """A cheap number that changes with the unit's vector and Gram matrix (for caches that
+        must not mix results of different importances); None when the unit has none."""
         value = self.values.get(unit)
         if value is None:
             return None
         if unit not in self._fingerprints:
             # Weighted by position, so a permutation of the same values differs too.
             ramp = torch.arange(1, value.numel() + 1, dtype=torch.float64)
-            self._fingerprints[unit] = float((value.to(torch.float64) * ramp).sum())
+            total = float((value.to(torch.float64) * ramp).sum())
+            gram = None if self.grams is None else self.grams.get(unit)
+            if gram is not None:
+                total += float((gram.to(torch.float64).sum(dim=0) * ramp).sum()) * math.pi
+            self._fingerprints[unit] = total
         return self._fingerprints[unit]
+
+    @property
+    def has_grams(self) -> bool:
+        """True when the input Gram matrices were gathered."""
+        return self.grams is not None
 
     @cached_property
     def record(self) -> ImportanceRecord:
@@ -81,7 +106,14 @@ class Importance:
     def restricted(self, units: Iterable[str]) -> Importance:
         """The importance of ``units`` only (those it covers)."""
         names = [u for u in units if u in self.values]
-        return Importance({u: self.values[u] for u in names}, self.tokens)
+        grams = None
+        if self.grams is not None:
+            grams = {u: self.grams[u] for u in names if u in self.grams}
+        return Importance({u: self.values[u] for u in names}, self.tokens, grams)
+
+    def without_grams(self) -> Importance:
+        """The same vectors, no Gram matrices."""
+        return Importance(self.values, self.tokens) if self.grams is not None else self
 
 
 class ImportanceRecord(BaseModel):
@@ -174,11 +206,16 @@ class ImportanceAccumulator:
     rounding of the result.
     """
 
-    def __init__(self, model: nn.Module, units: Sequence[Unit]):
+    def __init__(self, model: nn.Module, units: Sequence[Unit], grams: bool = False):
         self.model = model
         self.names = [u.name for u in units]
         self.linears = [get_linear(model, u.name) for u in units]
         self.sums = [torch.zeros(lin.in_features, dtype=torch.float64) for lin in self.linears]
+        # With ``grams``: XᵀX sums (float64), one per distinct input; ``self.shared[i]`` is the
+        # index of the first unit reading unit i's input (found on the first batch).
+        self.grams = grams
+        self.gram_sums: dict[int, torch.Tensor] = {}
+        self.shared: list[int] | None = None
         self.tokens = 0
         self.batches = 0
         self.skipped = 0
@@ -187,9 +224,17 @@ class ImportanceAccumulator:
     def add_batch(self, windows: torch.Tensor) -> bool:
         """One forward over ``windows`` (n, seq_len); False if the batch was skipped."""
         ids = windows.reshape(-1, windows.shape[-1])
+        return self.add_batch_through(lambda: self._runner(input_ids=ids, use_cache=False))
+
+    def add_batch_through(self, forward: Callable[[], object]) -> bool:
+        """Record the units' inputs during ``forward()`` (any call that runs them once: the
+        model, or one decoder block on its inputs); False if the batch was skipped."""
+        rows: list[int] = []
         pending: list[torch.Tensor | None] = [None] * len(self.linears)
+        pending_grams: list[torch.Tensor | None] = [None] * len(self.linears)
+        first_reader: list[int] = list(range(len(self.linears)))
         # Inputs seen in this forward (kept alive, so their ids stay unique) -> their sums.
-        seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        seen: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]] = {}
 
         def hook(index: int):
             def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -197,16 +242,22 @@ class ImportanceAccumulator:
                 known = seen.get(id(x))
                 if known is None:
                     flat = x.detach().reshape(-1, x.shape[-1]).float()
-                    known = seen[id(x)] = (x, (flat * flat).sum(dim=0))
-                square = known[1]
+                    rows.append(int(flat.shape[0]))
+                    gram = flat.T @ flat if self.grams else None
+                    known = seen[id(x)] = (x, (flat * flat).sum(dim=0), gram, index)
+                square, gram = known[1], known[2]
                 pending[index] = square if pending[index] is None else pending[index] + square
+                first_reader[index] = known[3]
+                if gram is not None:
+                    previous = pending_grams[index]
+                    pending_grams[index] = gram if previous is None else previous + gram
 
             return record
 
         handles = [lin.register_forward_hook(hook(i)) for i, lin in enumerate(self.linears)]
         try:
             with torch.inference_mode():
-                self._runner(input_ids=ids, use_cache=False)
+                forward()
         finally:
             for h in handles:
                 h.remove()
@@ -216,7 +267,16 @@ class ImportanceAccumulator:
             return False
         for total, square in zip(self.sums, pending):
             total += square.cpu().to(torch.float64)
-        self.tokens += int(ids.numel())
+        if self.grams:
+            if self.shared is None:
+                self.shared = first_reader
+            for index, gram in enumerate(pending_grams):
+                if self.shared[index] != index:
+                    continue  # read through the unit that reads this input first
+                total = self.gram_sums.get(index)
+                gram64 = gram.cpu().to(torch.float64)
+                self.gram_sums[index] = gram64 if total is None else total + gram64
+        self.tokens += rows[0]
         self.batches += 1
         return True
 
@@ -232,7 +292,20 @@ class ImportanceAccumulator:
             name: to_bfloat16_values(total / self.tokens)
             for name, total in zip(self.names, self.sums)
         }
-        return Importance(values, self.tokens)
+        if not self.grams or self.shared is None:
+            return Importance(values, self.tokens)
+        means: dict[int, torch.Tensor] = {}
+        grams = {}
+        for index, name in enumerate(self.names):
+            owner = self.shared[index]
+            if owner not in means:
+                gram = (self.gram_sums[owner] / self.tokens).to(torch.float32)
+                # The diagonal is the vector, value for value: formats that read only the
+                # diagonal then quantize exactly as with the vector.
+                torch.diagonal(gram).copy_(values[self.names[owner]])
+                means[owner] = gram
+            grams[name] = means[owner]
+        return Importance(values, self.tokens, grams)
 
 
 def _backbone(model: nn.Module, linears: Sequence[nn.Module]) -> nn.Module:
@@ -256,12 +329,15 @@ def gather_importance(
     batch_size: int = 4,
     progress: bool = True,
     use_cache: bool = False,
+    grams: bool = False,
 ) -> Importance:
     """The importance of every unit from calibration windows (n, seq_len): evenly spread
     windows up to ``tokens`` tokens (all of them when there are fewer).
 
     ``use_cache`` reads and writes the result under the cache root, keyed by the units'
-    weights, the windows used and ``tokens`` (as profiles are cached).
+    weights, the windows used and ``tokens`` (as profiles are cached). ``grams`` also gathers
+    each input's Gram matrix (for ``+gptq`` formats), in the same pass; those are not cached
+    (hundreds of megabytes for a small model, and seconds to gather).
     """
     from bitalloc.models import cache_root, model_fingerprint
     from bitalloc.sensitivity.base import spread_windows
@@ -275,7 +351,7 @@ def gather_importance(
     picks = spread_windows(len(calibration), int(calibration.shape[1]), tokens)
     windows = calibration[picks]
     path = None
-    if use_cache:
+    if use_cache and not grams:
         key = cache_key(
             {
                 "kind": "importance",
@@ -289,7 +365,7 @@ def gather_importance(
         cached = _read_cached(path, [u.name for u in units])
         if cached is not None:
             return cached
-    acc = ImportanceAccumulator(model, units)
+    acc = ImportanceAccumulator(model, units, grams=grams)
     was_training = model.training
     model.eval()
     try:

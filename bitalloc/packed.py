@@ -4,7 +4,9 @@ bytes, and saved as safetensors + JSON that reload without the full-precision we
 A packed directory holds:
 
 - ``model.safetensors``: every tensor of the model once (tied tensors once), units as
-  ``<unit>.qweight`` / ``.scales`` / ``.zeros`` (``.weight`` in fp16 for ``fp16`` units);
+  ``<unit>.qweight`` / ``.scales`` / ``.zeros`` (``.weight`` in fp16 for ``fp16`` units;
+  ``<unit>.inner.qweight`` etc. for a rotated unit, whose rotation is rebuilt from the seed in
+  its format's name);
 - ``bitalloc_packed.json``: the manifest (unit -> format and shape, the packing layout, tied
   tensors, the SHA-256 of the weights file and of ``config.json``, the allocation, and the
   SHA-256 of its own other fields), validated strictly on load;
@@ -36,14 +38,14 @@ from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
 from bitalloc.fileio import read_json_object, read_model, write_atomic, write_json_atomic
-from bitalloc.formats import QuantFormat, parse_format
+from bitalloc.formats import Format, QuantFormat, parse_format
+from bitalloc.formats.rotation import RotatedFormat
 from bitalloc.kernels.packing import PLANES, check_packed, packed_nbytes
 from bitalloc.kernels.paths import (
     CPU_POLICIES as CPU_POLICIES,
 )
 from bitalloc.kernels.paths import (
     CpuPathChoice,
-    PackedLayer,
     check_policy,
     choose_cpu_paths,
     packed_layers,
@@ -51,7 +53,8 @@ from bitalloc.kernels.paths import (
 from bitalloc.kernels.paths import (
     cpu_path_report as cpu_path_report,
 )
-from bitalloc.kernels.quant_linear import Float16Linear, QuantLinear
+from bitalloc.kernels.quant_linear import Float16Linear, QuantLinear, int_layout
+from bitalloc.kernels.rotated import INNER, RotatedLinear
 from bitalloc.models import get_linear
 
 if TYPE_CHECKING:
@@ -98,7 +101,7 @@ class PackedManifest(_Strict):
 # --- building --------------------------------------------------------------------------------
 def pack_model(
     model: nn.Module,
-    formats: Mapping[str, str | QuantFormat],
+    formats: Mapping[str, str | Format],
     *,
     inplace: bool = False,
     cpu_path: str = "auto",
@@ -108,6 +111,11 @@ def pack_model(
     """Replace each named ``nn.Linear`` by a :class:`QuantLinear` (or :class:`Float16Linear` for
     ``fp16``) holding its quantized weight, then choose CPU paths (see :func:`choose_cpu_paths`).
 
+    Formats stored as int codes run: ``int{b}-g{g}``, and any format with an int layout (an
+    ``int_format`` and a ``quantize``, see :func:`~bitalloc.kernels.quant_linear.int_layout`,
+    e.g. ``+gptq``), whose own quantizer chooses the codes. A rotated format (``+rht``) of such
+    a format becomes a :class:`~bitalloc.kernels.rotated.RotatedLinear` around such a layer.
+
     Every name and format is checked before anything changes; a deep copy is packed unless
     ``inplace``. ``progress`` shows a bar per unit (stderr). ``importance`` weights each unit's
     clipping search (pass the allocation's, so the packed weights are the measured ones).
@@ -116,27 +124,58 @@ def pack_model(
     resolved = [(name, get_linear(model, name), parse_format(f)) for name, f in formats.items()]
     if not resolved:
         raise BitallocError("nothing to pack: the allocation names no unit")
-    for name, _, fmt in resolved:
-        if not isinstance(fmt, QuantFormat):
+    for name, linear, fmt in resolved:
+        if _layout(fmt) is None:
             raise BitallocError(
                 f"{name} is {fmt.name}, which bitalloc's packed kernels do not run (they run "
-                "the int and fp16 formats); apply the allocation without packing "
-                "(fake-quantized weights)"
+                "fp16 and formats stored as int codes: int, +gptq of int, +rht of those); "
+                "apply the allocation without packing (fake-quantized weights)"
             )
+        fmt.check_shape((linear.out_features, linear.in_features))
     target = model if inplace else copy.deepcopy(model)
     with torch.no_grad():
         for name, _, fmt in tqdm(resolved, desc="packing", unit="unit", disable=not progress):
             linear = get_linear(target, name)
-            layer = (
-                Float16Linear.from_linear(linear)
-                if fmt.is_float
-                else QuantLinear.from_linear(
-                    linear, fmt, None if importance is None else importance.of(name)
-                )
-            )
+            weights = None if importance is None else importance.of(name)
+            layer: nn.Module
+            if fmt.is_float:
+                layer = Float16Linear.from_linear(linear)
+            elif isinstance(fmt, RotatedFormat):
+                layer = RotatedLinear.from_linear(linear, fmt, weights)
+            else:
+                layer = QuantLinear.from_linear(linear, fmt, weights)
             _replace(target, name, layer)
     choose_cpu_paths(target, cpu_path, progress=progress)
     return target
+
+
+def _layout(fmt: Format) -> QuantFormat | None:
+    """The layout a packed unit stores ``fmt`` in (``fp16``, or an int format), or None when
+    the packed kernels cannot run it."""
+    if isinstance(fmt, QuantFormat):
+        return fmt
+    if isinstance(fmt, RotatedFormat):
+        return fmt.stored_int_format
+    return int_layout(fmt)
+
+
+UnitLayer = QuantLinear | Float16Linear | RotatedLinear
+
+
+def packed_units(model: nn.Module) -> dict[str, UnitLayer]:
+    """The packed units of ``model`` by unit name, in network order: like
+    :func:`~bitalloc.kernels.paths.packed_layers`, but a rotated unit is its
+    :class:`RotatedLinear` (whose inner :class:`QuantLinear`, ``<unit>.inner``, is part of it
+    and not listed)."""
+    units: dict[str, UnitLayer] = {}
+    inner: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, RotatedLinear):
+            units[name] = module
+            inner.add(f"{name}.{INNER}" if name else INNER)
+        elif isinstance(module, QuantLinear | Float16Linear) and name not in inner:
+            units[name] = module
+    return units
 
 
 def _replace(model: nn.Module, name: str, layer: nn.Module) -> None:
@@ -195,7 +234,7 @@ def save_packed(
         raise BitallocError(
             "save_packed needs a Hugging Face model (with a .config) so that it can be rebuilt"
         )
-    layers = packed_layers(model)
+    layers = packed_units(model)
     if not layers:
         raise BitallocError("the model has no packed units; pack it with alloc.apply(packed=True)")
     directory = Path(directory)
@@ -207,7 +246,7 @@ def save_packed(
         name: PackedUnit(format=layer.format.name, shape=layer.shape, bias=layer.bias is not None)
         for name, layer in layers.items()
     }
-    predicted = sum(packed_nbytes(u.shape, parse_format(u.format)) for u in units.values())
+    predicted = sum(packed_nbytes(u.shape, _layout(parse_format(u.format))) for u in units.values())
     manifest = PackedManifest(
         planes={str(b): p for b, p in PLANES.items()},
         units=units,
@@ -389,6 +428,12 @@ def _install_unit(
     model: nn.Module, name: str, unit: PackedUnit, tensors: Mapping[str, torch.Tensor]
 ) -> None:
     fmt = parse_format(unit.format)
+    layout = _layout(fmt)
+    if layout is None:
+        raise BitallocError(
+            f"packed unit {name!r} is {fmt.name}, which packed models cannot hold; save the "
+            "model again"
+        )
     try:
         linear = get_linear(model, name)
     except BitallocError:
@@ -401,29 +446,38 @@ def _install_unit(
             f"packed unit {name!r} is {unit.shape} in the manifest but "
             f"{(linear.out_features, linear.in_features)} in config.json"
         )
+    rotated = isinstance(fmt, RotatedFormat)
+    if rotated:
+        try:
+            fmt.check_shape(unit.shape)
+        except BitallocError as exc:
+            raise BitallocError(f"packed unit {name!r}: {exc}") from None
+    # A rotated unit's tensors belong to its inner layer: <unit>.inner.qweight, ...
+    sub = f"{INNER}." if rotated else ""
     names = ["weight"] if fmt.is_float else ["qweight", "scales", "zeros"]
     names += ["bias"] if unit.bias else []
-    missing = [n for n in names if f"{name}.{n}" not in tensors]
+    stored = [sub + n for n in names]
+    missing = [n for n in stored if f"{name}.{n}" not in tensors]
     if missing:
         raise BitallocError(f"{WEIGHTS} lacks {name}.{missing[0]} that the manifest requires")
     prefix = f"{name}."
-    extra = sorted(k for k in tensors if k.startswith(prefix) and k[len(prefix) :] not in names)
+    extra = sorted(k for k in tensors if k.startswith(prefix) and k[len(prefix) :] not in stored)
     if extra:
         # A tensor the manifest does not account for (a bias it says is absent) would be dropped.
         raise BitallocError(f"{WEIGHTS} holds {extra[0]}, which the manifest's {name!r} lacks")
-    t = {n: tensors[f"{name}.{n}"] for n in names}
+    t = {n: tensors[f"{name}.{sub}{n}"] for n in names}
     if fmt.is_float:
         if t["weight"].dtype != torch.float16 or tuple(t["weight"].shape) != unit.shape:
             raise BitallocError(
                 f"{name}.weight is {t['weight'].dtype} {tuple(t['weight'].shape)}; the manifest "
                 f"says fp16 {unit.shape}"
             )
-        layer: PackedLayer = Float16Linear(in_features, out_features, bias=unit.bias)
+        layer: UnitLayer = Float16Linear(in_features, out_features, bias=unit.bias)
         layer.weight = t["weight"]
     else:
         try:
             check_packed(
-                t["qweight"], t["scales"], t["zeros"], fmt.bits, fmt.group_size, in_features
+                t["qweight"], t["scales"], t["zeros"], layout.bits, layout.group_size, in_features
             )
         except BitallocError as exc:
             raise BitallocError(
@@ -432,14 +486,24 @@ def _install_unit(
             ) from None
         if t["qweight"].shape[0] != out_features:
             raise BitallocError(
-                f"{name}.qweight has {t['qweight'].shape[0]} rows, not {out_features}"
+                f"{name}.{sub}qweight has {t['qweight'].shape[0]} rows, not {out_features}"
             )
-        layer = QuantLinear(in_features, out_features, fmt.bits, fmt.group_size, bias=unit.bias)
-        layer.qweight, layer.scales, layer.zeros = t["qweight"], t["scales"], t["zeros"]
+        quant = QuantLinear(
+            in_features,
+            out_features,
+            layout.bits,
+            layout.group_size,
+            bias=unit.bias,
+            fmt=fmt.base if rotated else fmt,
+        )
+        quant.qweight, quant.scales, quant.zeros = t["qweight"], t["scales"], t["zeros"]
+        layer = quant
     if unit.bias:
         if tuple(t["bias"].shape) != (out_features,):
-            raise BitallocError(f"{name}.bias has shape {tuple(t['bias'].shape)}")
+            raise BitallocError(f"{name}.{sub}bias has shape {tuple(t['bias'].shape)}")
         layer.bias = t["bias"]
+    if rotated:
+        layer = RotatedLinear(layer, fmt)
     _replace(model, name, layer)
 
 

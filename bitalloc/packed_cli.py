@@ -79,6 +79,12 @@ def apply_command(args: argparse.Namespace) -> None:
     alloc = Allocation.load(args.allocation)
     loaded = load_model(args.model)
     alloc.check_model(loaded.model)
+    calibration = None
+    if alloc.uses_grams:
+        from bitalloc.sequential import recorded_calibration
+
+        # +gptq codes depend on the calibration inputs: gathered again from the recorded text.
+        calibration = recorded_calibration(alloc, loaded.tokenizer)
     start = time.perf_counter()
     packed = alloc.apply(
         loaded.model,
@@ -86,6 +92,7 @@ def apply_command(args: argparse.Namespace) -> None:
         packed=True,
         cpu_path="unpack-matmul",
         progress=not args.quiet,
+        calibration=calibration,
     )
     seconds = time.perf_counter() - start
     out = save_packed(packed, args.out, tokenizer=loaded.tokenizer, allocation=alloc)

@@ -380,3 +380,168 @@ def test_files_do_not_depend_on_the_cpu_capability(tmp_path):
     with torch.no_grad():
         reference = exact(torch.arange(24).reshape(2, 12)).logits
     assert _rel(torch.load(tmp_path / "y"), reference) < cpu.DEFAULT_TOLERANCE
+
+
+# --- formats stored in an int layout: rotated (+rht) and duck-typed (GPTQ-like) --------------
+ROTATED = ("int3-g32+rht", "int4-g32+rht-s5", "int3-g64+gptq+rht-s2", "int2-g32", "fp16")
+
+
+@pytest.fixture
+def rht_family():
+    from bitalloc.formats import get_family
+
+    return get_family("rht")
+
+
+def _fake_quantized(model, formats):
+    """A copy of ``model`` whose named linears hold their formats' fake-quantized weights."""
+    import copy
+
+    from bitalloc.formats import parse_format
+    from bitalloc.models import get_linear
+
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, fmt in formats.items():
+            linear = get_linear(reference, name)
+            linear.weight.copy_(parse_format(fmt).fake_quantize(linear.weight))
+    return reference
+
+
+def test_rotated_units_compute_the_fake_quantized_model_and_survive_save_and_load(
+    tmp_path, tiny_model, ids, rht_family
+):
+    from bitalloc.kernels.rotated import RotatedLinear
+    from bitalloc.packed import packed_units
+
+    alloc = cycling_allocation(tiny_model, ROTATED)
+    packed = alloc.apply(tiny_model, packed=True)
+    units = packed_units(packed)
+    assert list(units) == [u.name for u in alloc.data.units]
+    for name, fmt in alloc.formats.items():
+        assert units[name].format.name == fmt
+        assert isinstance(units[name], RotatedLinear) == ("+rht" in fmt)
+    # The rotated units' inner layers are what path choice and byte counts walk.
+    rotated = [n for n, f in alloc.formats.items() if "+rht" in f]
+    assert {f"{n}.inner" for n in rotated} <= set(packed_layers(packed))
+    # 64 and 96 inputs fill every plane word: the bytes are the base layouts' storage bits.
+    assert unit_bytes(packed) * 8 == alloc.data.total_bits
+    for name in rotated:
+        layer = units[name]
+        assert layer.nbytes * 8 == layer.format.storage_bits(layer.shape)
+
+    reference = _logits(_fake_quantized(tiny_model, alloc.formats), ids)
+    assert _rel(_logits(packed, ids), reference) < 1e-5
+    assert _rel(_logits(alloc.apply(tiny_model), ids), reference) < 1e-6
+
+    out = save_packed(packed, tmp_path / "packed", allocation=alloc)
+    with safe_open(out / WEIGHTS, "pt") as f:
+        keys = set(f.keys())
+    assert all(f"{n}.inner.qweight" in keys and f"{n}.qweight" not in keys for n in rotated)
+    loaded = load_packed(out, cpu_path=cpu.UNPACK_MATMUL, progress=False)
+    assert {n: u.format for n, u in loaded.manifest.units.items()} == alloc.formats
+    assert torch.equal(_logits(loaded.model, ids), _logits(packed, ids))
+    assert loaded.manifest.unit_bytes == loaded.manifest.predicted_unit_bytes == unit_bytes(packed)
+    again = packed_units(loaded.model)
+    assert all(isinstance(again[n], RotatedLinear) for n in rotated)
+    assert again[rotated[1]].rotation.seed == 5  # rebuilt from the name
+
+    # A manifest that drops the rotation (re-signed) cannot find the unit's tensors.
+    name = rotated[0]
+    _edit_manifest(out, lambda d: d["units"][name].update(format="int3-g32"))
+    with pytest.raises(BitallocError, match=f"lacks {name}.qweight"):
+        load_packed(out, progress=False)
+
+
+def test_a_format_without_an_int_layout_is_refused_before_anything_changes(tiny_model):
+    from bitalloc.formats import parse_format
+    from bitalloc.formats.rotation import RotatedFormat
+
+    name = "model.layers.0.mlp.down_proj"
+    with pytest.raises(BitallocError, match="packed kernels do not run"):
+        pack_model(tiny_model, {name: RotatedFormat(parse_format("gguf:q4_0"))}, progress=False)
+    with pytest.raises(BitallocError, match="packed kernels do not run"):
+        pack_model(tiny_model, {name: "gguf:q4_0"}, progress=False)
+    assert not packed_layers(tiny_model)
+
+
+class _EmphasisFamily:
+    """A test double for an error-feedback family: ``int<b>-g<g>+emph`` stores int codes (an
+    ``int_format``) chosen by its own ``quantize`` (importance rising across the columns), which
+    differs from the plain int quantizer; nothing but the duck-typed attributes tells the packer
+    how to hold it."""
+
+    @staticmethod
+    def make():
+        import re
+        from dataclasses import dataclass
+
+        from bitalloc.formats import QuantFormat, dequantize, parse_format
+        from bitalloc.formats.base import Format
+        from bitalloc.formats.registry import FormatFamily
+
+        @dataclass(frozen=True)
+        class EmphasisFormat(Format):
+            base: QuantFormat
+
+            name = property(lambda self: self.base.name + "+emph")
+            family = "emph"
+            is_float = False
+            nominal_bits = property(lambda self: self.base.nominal_bits)
+            int_format = property(lambda self: self.base)
+
+            def check_shape(self, shape):
+                return self.base.check_shape(shape)
+
+            def storage_bits(self, shape):
+                return self.base.storage_bits(shape)
+
+            def quantize(self, weight, importance=None):
+                emphasis = torch.linspace(1.0, 50.0, weight.shape[1]) ** 2
+                return self.base.quantize(weight, emphasis)
+
+            def fake_quantize(self, weight, importance=None):
+                return dequantize(self.quantize(weight, importance)).to(weight.dtype)
+
+        class EmphasisFamily(FormatFamily):
+            name = "emph"
+            description = "test only: '<int format>+emph'"
+            example = "int3-g32+emph"
+
+            def parse(self, text):
+                match = re.match(r"^(int\d+-g\d+)\+emph$", text)
+                return EmphasisFormat(parse_format(match.group(1))) if match else None
+
+            def members(self):
+                return (EmphasisFormat(QuantFormat(3, 32)),)
+
+        return EmphasisFamily()
+
+
+def test_a_duck_typed_int_layout_format_packs_saves_and_loads(tmp_path, tiny_model, ids):
+    from bitalloc.formats import parse_format, registered_family
+    from bitalloc.packed import packed_units
+
+    with registered_family(_EmphasisFamily.make()):
+        formats = cycling_allocation(
+            tiny_model, ("int3-g32+emph", "int4-g64+emph+rht-s1", "int3-g32")
+        ).formats
+        packed = pack_model(tiny_model, formats, cpu_path=cpu.UNPACK_MATMUL, progress=False)
+        units = packed_units(packed)
+        for name, fmt in formats.items():
+            assert units[name].format.name == fmt
+            assert units[name].nbytes * 8 == parse_format(fmt).storage_bits(units[name].shape)
+        # The packed codes are the format's own (not the plain int quantizer's).
+        emph = next(n for n, f in formats.items() if f == "int3-g32+emph")
+        plain = QuantLinear.from_linear(tiny_model.get_submodule(emph), parse_format("int3-g32"))
+        assert not torch.equal(units[emph].qweight, plain.qweight)
+        reference = _logits(_fake_quantized(tiny_model, formats), ids)
+        assert _rel(_logits(packed, ids), reference) < 1e-5
+
+        out = save_packed(packed, tmp_path / "packed")
+        loaded = load_packed(out, cpu_path=cpu.UNPACK_MATMUL, progress=False)
+        assert {n: u.format for n, u in loaded.manifest.units.items()} == formats
+        assert torch.equal(_logits(loaded.model, ids), _logits(packed, ids))
+    # Without the family the name no longer parses: the manifest refuses to load.
+    with pytest.raises(BitallocError, match="unknown format 'int3-g32\\+emph'"):
+        load_packed(out, progress=False)

@@ -143,7 +143,7 @@ def weights_to_export(allocation, model: nn.Module) -> tuple[nn.Module, Importan
 
 def importance_of(importance: Importance | None, unit: str) -> torch.Tensor | None:
     """The per-input-column importance of ``unit`` (None without one)."""
-    return None if importance is None else importance.of(unit)
+    return None if importance is None else importance.vector(unit)
 
 
 def progress_iter(items: list, description: str, progress: bool) -> Iterator:

@@ -18,7 +18,9 @@ from __future__ import annotations
 from bitalloc.formats.base import CacheFormat, Format, check_importance
 from bitalloc.formats.ct import CTFamily, CTFormat
 from bitalloc.formats.encoding import Encoded, Section
+from bitalloc.formats.fp import FPFamily, FPFormat
 from bitalloc.formats.gguf import GGUFFamily, GGUFFormat
+from bitalloc.formats.gptq import GPTQFamily, GPTQFormat
 from bitalloc.formats.integer import (
     EXTRA_GROUP_SIZES,
     SCALE_ZERO_BITS,
@@ -45,12 +47,16 @@ from bitalloc.formats.registry import (
     registered_family,
     unregister_family,
 )
+from bitalloc.formats.rotation import RHTFamily, RotatedFormat
 
 # The built-in families, registered once when formats are first imported.
 register_family(IntFamily())
 register_family(FloatFamily())
 register_family(GGUFFamily())
 register_family(CTFamily())
+register_family(FPFamily())
+register_family(GPTQFamily())
+register_family(RHTFamily())
 
 __all__ = [
     "EXTRA_GROUP_SIZES",
@@ -62,15 +68,21 @@ __all__ = [
     "CTFormat",
     "CacheFormat",
     "Encoded",
+    "FPFamily",
+    "FPFormat",
     "FloatFamily",
     "Format",
     "FormatFamily",
     "FormatRegistry",
     "GGUFFamily",
     "GGUFFormat",
+    "GPTQFamily",
+    "GPTQFormat",
     "IntFamily",
     "QuantFormat",
     "QuantizedWeight",
+    "RHTFamily",
+    "RotatedFormat",
     "Section",
     "check_importance",
     "default_palette",

@@ -61,7 +61,9 @@ class Format(NamedFormat):
           input gives bit-identical output). ``importance`` is an optional non-negative weight per
           input channel (length ``in``) that a family may use in its rounding search and may
           ignore; every family must accept it, and must give exactly its plain result when it
-          is None. It calls :meth:`check_shape` first.
+          is None. It may also be the input Gram matrix (``in`` x ``in``): a family that weighs
+          columns independently reads its diagonal (:func:`check_importance` does so), an
+          error-feedback family uses all of it. It calls :meth:`check_shape` first.
 
         A subclass may override:
 
@@ -75,6 +77,11 @@ class Format(NamedFormat):
           an :class:`~bitalloc.formats.encoding.Encoded`, its bit count equals
           :meth:`storage_bits` and :meth:`decode` of it equals :meth:`fake_quantize` (in
           float32). The default returns None: the family has no packed form.
+        - :attr:`uses_gram`: True when the format uses the whole input Gram matrix, not only
+          its diagonal (a wrapper forwards its base's).
+        - :meth:`column_quantizer`: a :class:`ColumnQuantizer` rounding the weight one input
+          column at a time on the format's own grid, so that error-feedback quantizers
+          (``+gptq``) can use the format; None (the default) when it cannot.
         - :meth:`bits_per_weight` and :meth:`allows`, derived here from the methods above.
 
         Formats are immutable and compare equal when they store weights the same way (frozen
@@ -110,6 +117,13 @@ class Format(NamedFormat):
         """``(ladder name, rank)``, or None when the format is on no ladder (see above)."""
         return None
 
+    @property
+    def uses_gram(self) -> bool:
+        """True when the format quantizes better given the input Gram matrix as
+        ``importance`` than given its diagonal (error feedback: ``+gptq``), so that a run
+        gathers the Gram matrices. False by default."""
+        return False
+
     def allows(self, shape: Sequence[int]) -> bool:
         """True when :meth:`check_shape` accepts ``shape``."""
         try:
@@ -130,6 +144,17 @@ class Format(NamedFormat):
     def decode(self, encoded: Encoded) -> torch.Tensor:
         """The float32 weight an :meth:`encode` result stores."""
         raise BitallocError(f"{self.name} has no packed encoding to decode")
+
+    def column_quantizer(
+        self, weight: torch.Tensor, importance: torch.Tensor | None = None
+    ) -> ColumnQuantizer | None:
+        """A :class:`ColumnQuantizer` for ``weight`` (error-feedback quantizers need one), or
+        None (the default) when the family cannot be rounded column by column.
+
+        ``weight`` is the original weight: a family may fix parameters that span the whole
+        tensor from it (a global scale); ``importance`` is as for :meth:`fake_quantize`.
+        """
+        return None
 
     def __str__(self) -> str:
         return self.name
@@ -184,8 +209,14 @@ class CacheFormat(NamedFormat):
 
 
 def check_importance(importance: torch.Tensor | None, in_features: int) -> torch.Tensor | None:
-    """``importance`` checked for :meth:`Format.fake_quantize`: None, or a 1-D tensor of
-    ``in_features`` finite, non-negative weights (returned as float32 on its device)."""
+    """``importance`` checked for :meth:`Format.fake_quantize`, as per-input-channel weights:
+    None, or a 1-D tensor of ``in_features`` finite, non-negative weights (returned as float32
+    on its device).
+
+    An ``(in_features, in_features)`` input Gram matrix (``XᵀX / n``, what error-feedback
+    quantizers such as GPTQ use) is accepted too: a family that weighs columns independently
+    takes its diagonal, which is the per-channel mean squared activation.
+    """
     if importance is None:
         return None
     if not isinstance(importance, torch.Tensor):
@@ -193,12 +224,84 @@ def check_importance(importance: torch.Tensor | None, in_features: int) -> torch
             f"importance must be a tensor of {in_features} per-input-channel weights or None, "
             f"got {type(importance).__name__}"
         )
+    if tuple(importance.shape) == (in_features, in_features) and in_features > 1:
+        importance = torch.diagonal(importance)
     if tuple(importance.shape) != (in_features,):
         raise BitallocError(
             f"importance has shape {tuple(importance.shape)}; it needs one weight per input "
-            f"channel, shape ({in_features},)"
+            f"channel, shape ({in_features},), or an input Gram matrix, shape "
+            f"({in_features}, {in_features})"
         )
     values = importance.detach().to(torch.float32)
     if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
         raise BitallocError("importance weights must be finite and >= 0")
     return values
+
+
+def check_gram(importance: torch.Tensor | None, in_features: int) -> torch.Tensor | None:
+    """``importance`` as an ``(in, in)`` float32 input Gram matrix for error-feedback
+    quantizers: a Gram matrix is checked (finite, square, non-negative diagonal) and returned;
+    a 1-D per-channel vector becomes the diagonal matrix it stands for (no cross terms); None
+    stays None (plain squared error)."""
+    if isinstance(importance, torch.Tensor) and importance.dim() == 2 and in_features > 1:
+        if tuple(importance.shape) != (in_features, in_features):
+            raise BitallocError(
+                f"the input Gram matrix has shape {tuple(importance.shape)}; this weight needs "
+                f"({in_features}, {in_features})"
+            )
+        gram = importance.detach().to(torch.float32)
+        if not bool(torch.isfinite(gram).all()):
+            raise BitallocError("the input Gram matrix has non-finite values (NaN or inf)")
+        if bool((torch.diagonal(gram) < 0).any()):
+            raise BitallocError("the input Gram matrix has a negative diagonal; it is not XᵀX")
+        return gram
+    values = check_importance(importance, in_features)
+    return None if values is None else torch.diag(values)
+
+
+class ColumnQuantizer(ABC):
+    """One weight quantized one input column at a time with a format's stored grid, for
+    error-feedback quantizers (GPTQ, :mod:`bitalloc.formats.gptq`), which round a column,
+    spread its error over the columns not yet rounded, and go on.
+
+    A format that can be quantized this way returns one from :meth:`Format.column_quantizer`;
+    the result is in the format's own stored layout, so packing, exports and costs are
+    unchanged.
+
+    Note:
+        The caller, for a weight of shape (out, in):
+
+        1. calls :meth:`fit` for each group of :attr:`group_size` consecutive input columns
+           (the last may be shorter) before the first of its columns is rounded: with the
+           group's current, error-updated values (GPTQ's default), or for every group up front
+           with the original weight (static groups, needed when the columns are visited in
+           another order);
+        2. calls :meth:`round` exactly once for every column, in any order, with that column's
+           current values; it returns the dequantized column the model will compute with;
+        3. calls :meth:`encode` once every column is rounded.
+
+        A subclass must implement:
+
+        - :attr:`group_size`: columns sharing scale parameters (``in`` when one set per row).
+        - :meth:`fit`: choose the parameters of the group starting at column ``start`` from
+          ``block`` (out, group length); may use ``importance`` given at construction.
+        - :meth:`round`: column ``index``'s stored value for ``column`` (out,) under its group's
+          fitted parameters (nearest grid point), float32; and remember its codes.
+        - :meth:`encode`: the :class:`~bitalloc.formats.encoding.Encoded` stored form of all
+          rounded columns, which the format's :meth:`Format.decode` turns back into exactly the
+          rounded columns, and whose bit count is :meth:`Format.storage_bits`.
+    """
+
+    group_size: int
+
+    @abstractmethod
+    def fit(self, start: int, block: torch.Tensor) -> None:
+        """Choose the parameters of the group whose first column is ``start``."""
+
+    @abstractmethod
+    def round(self, index: int, column: torch.Tensor) -> torch.Tensor:
+        """The dequantized value of column ``index`` (float32, shape (out,))."""
+
+    @abstractmethod
+    def encode(self) -> Encoded:
+        """The stored form of every rounded column."""

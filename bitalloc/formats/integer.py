@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats.base import Format, check_importance
+from bitalloc.formats.base import ColumnQuantizer, Format, check_importance
 from bitalloc.formats.encoding import (
     Encoded,
     pack_codes,
@@ -198,13 +198,15 @@ class QuantFormat(Format):
         shape = _check_shape(tuple(weight.shape))
         if self.is_float:
             return Encoded(self.name, shape, (pack_fp16("weight", weight),))
-        q = self.quantize(weight)
-        sections = (
-            pack_codes("codes", q.codes, self.bits),
-            pack_fp16("scales", q.scales),
-            pack_fp16("zeros", q.zeros),
-        )
-        return Encoded(self.name, shape, sections)
+        return encode_quantized(self, self.quantize(weight))
+
+    def column_quantizer(
+        self, weight: torch.Tensor, importance: torch.Tensor | None = None
+    ) -> IntColumnQuantizer | None:
+        """The format's grid one column at a time (for ``+gptq``); None for ``fp16``."""
+        if self.is_float:
+            return None
+        return IntColumnQuantizer((self,), weight.shape, importance)
 
     def decode(self, encoded: Encoded) -> torch.Tensor:
         """The float32 weight that :meth:`encode` stored."""
@@ -271,6 +273,95 @@ class FloatFamily(FormatFamily):
     def members(self) -> tuple[QuantFormat, ...]:
         """Just ``fp16``."""
         return (QuantFormat(16, None),)
+
+
+def encode_quantized(fmt: QuantFormat, q: QuantizedWeight) -> Encoded:
+    """The stored form of integer codes and group parameters under ``fmt``."""
+    sections = (
+        pack_codes("codes", q.codes, fmt.bits),
+        pack_fp16("scales", q.scales),
+        pack_fp16("zeros", q.zeros),
+    )
+    return Encoded(fmt.name, (int(q.codes.shape[0]), int(q.codes.shape[1])), sections)
+
+
+class IntColumnQuantizer(ColumnQuantizer):
+    """Integer formats of one group size rounded one input column at a time, for error-feedback
+    quantizers.
+
+    Several bit widths run side by side: the weight is a stack ``(len(formats), out, in)``
+    (``(out, in)`` for one format), each slice with its own format, so one error-feedback pass
+    serves a whole ladder. A group's scale and zero come from the same clipping search as
+    :meth:`QuantFormat.quantize` (weighted by ``importance`` when given), so fitting every group
+    of the original weight and rounding its columns gives exactly :meth:`QuantFormat.quantize`.
+    """
+
+    def __init__(
+        self,
+        formats: Sequence[QuantFormat],
+        shape: Sequence[int],
+        importance: torch.Tensor | None = None,
+    ) -> None:
+        self.formats = tuple(formats)
+        sizes = {f.group_size for f in self.formats}
+        if not self.formats or len(sizes) != 1 or None in sizes:
+            raise BitallocError("a column quantizer takes int formats of one group size")
+        out_features, in_features = _check_shape(tuple(shape)[-2:])
+        self.group_size = int(self.formats[0].group_size)
+        self.importance = check_importance(importance, in_features)
+        n, n_groups = len(self.formats), math.ceil(in_features / self.group_size)
+        self.shape = (out_features, in_features)
+        self._stacked = len(tuple(shape)) == 3
+        self._qmax = torch.tensor([2.0**f.bits - 1 for f in self.formats]).reshape(n, 1)
+        self._scales = torch.ones(n, out_features, n_groups)
+        self._zeros = torch.zeros(n, out_features, n_groups)
+        self._codes = torch.zeros(n, out_features, in_features, dtype=torch.uint8)
+        self._floor = torch.zeros(n, 1)
+        self._current: tuple[int, torch.Tensor, torch.Tensor] = (-1, self._floor, self._floor)
+
+    def fit(self, start: int, block: torch.Tensor) -> None:
+        """Search the scale and zero of the group at ``start`` for each format's slice."""
+        stack = block.reshape(len(self.formats), self.shape[0], -1).to(torch.float32)
+        width = stack.shape[-1]
+        weights = None if self.importance is None else self.importance[start : start + width]
+        group = start // self.group_size
+        for k, fmt in enumerate(self.formats):
+            (groups,) = _split(stack[k], width, weights)
+            _, scale, zero = _search(groups, fmt.bits)
+            self._scales[k, :, group] = scale[:, 0].to(torch.float32)
+            self._zeros[k, :, group] = zero[:, 0].to(torch.float32)
+        self._current = (-1, self._floor, self._floor)
+
+    def round(self, index: int, column: torch.Tensor) -> torch.Tensor:
+        """``(clamp(round(w / s) + z, 0, qmax) - z) * s`` with the group's fitted s and z."""
+        group = index // self.group_size
+        if self._current[0] != group:
+            # The group's parameters as contiguous columns, taken once per group rather than
+            # gathered from the strided table for every column.
+            self._current = (
+                group,
+                self._scales[:, :, group].contiguous(),
+                self._zeros[:, :, group].contiguous(),
+            )
+        _, scale, zero = self._current
+        x = column.reshape(len(self.formats), -1)
+        codes = torch.div(x, scale).round_().add_(zero).clamp_(min=self._floor, max=self._qmax)
+        self._codes[:, :, index] = codes
+        return codes.sub_(zero).mul_(scale).reshape(column.shape)
+
+    def quantized(self, k: int = 0) -> QuantizedWeight:
+        """Codes and group parameters of the ``k``-th format."""
+        return QuantizedWeight(
+            self._codes[k].clone(),
+            self._scales[k].to(torch.float16),
+            self._zeros[k].to(torch.float16),
+            self.group_size,
+            self.formats[k].bits,
+        )
+
+    def encode(self, k: int = 0) -> Encoded:
+        """The ``k``-th format's stored form of the rounded columns."""
+        return encode_quantized(self.formats[k], self.quantized(k))
 
 
 def dequantize(q: QuantizedWeight) -> torch.Tensor:
@@ -350,16 +441,32 @@ def fake_quantize_each(
     """Q(W) in ``weight``'s dtype for each format of ``formats`` (``fp16`` and formats of other
     families included), lazily and in order: each equal, bit for bit, to
     ``fmt.fake_quantize(weight, importance)``, with the work that does not depend on the bit
-    width of int formats shared as in :func:`quantize_each`."""
+    width of int formats shared as in :func:`quantize_each`, and formats whose class has a
+    ``fake_quantize_many(weight, formats, importance)`` (GPTQ) computed together, on first
+    need."""
     formats = tuple(formats)
     _, in_features = _check_shape(tuple(weight.shape))
-    importance = check_importance(importance, in_features)
-    quantized = quantize_each(weight, [f for f in formats if _is_int(f)], importance)
+    vector = check_importance(importance, in_features)
+    quantized = quantize_each(weight, [f for f in formats if _is_int(f)], vector)
+    together: dict[type, list[Format]] = {}
     for fmt in formats:
+        if not isinstance(fmt, QuantFormat) and hasattr(type(fmt), "fake_quantize_many"):
+            together.setdefault(type(fmt), []).append(fmt)
+    done: dict[int, torch.Tensor] = {}
+    for index, fmt in enumerate(formats):
         if _is_int(fmt):
             yield dequantize(next(quantized)).to(weight.dtype)
         elif isinstance(fmt, QuantFormat):
             yield weight.detach().to(torch.float16).to(weight.dtype)
+        elif type(fmt) in together:
+            if index not in done:
+                members = together.pop(type(fmt))
+                results = type(fmt).fake_quantize_many(weight, members, importance)
+                positions = [i for i, f in enumerate(formats) if type(f) is type(fmt)]
+                done.update(zip(positions, results))
+            yield done.pop(index)
+        elif index in done:
+            yield done.pop(index)
         else:
             yield fmt.fake_quantize(weight, importance)
 

@@ -41,7 +41,13 @@ class FormatFamily(ABC):
 
         :meth:`default_members` (the members the default palette includes) defaults to
         :meth:`members`; a family whose formats are opt-in returns ``()``.
+
+        :attr:`wraps` is True for a family whose names are another format's name plus an
+        option (``int3-g128+gptq``): when several families refuse a name, the wrapping
+        family's reason is the one reported (it knows what the option needs of its base).
     """
+
+    wraps: bool = False
 
     @property
     @abstractmethod
@@ -142,9 +148,21 @@ class FormatRegistry:
         if isinstance(name, Format):
             return name
         text = str(name).strip().lower()
-        found = [fmt for fmt in (f.parse(text) for f in self._families.values()) if fmt]
+        found: list[Format] = []
+        refusals: list[tuple[bool, BitallocError]] = []
+        for family in self._families.values():
+            try:
+                fmt = family.parse(text)
+            except BitallocError as exc:
+                refusals.append((family.wraps, exc))
+                continue
+            if fmt:
+                found.append(fmt)
         if len(found) == 1:
             return found[0]
+        if not found and refusals:
+            # A wrapping family's reason first: it names what its option needs of the base.
+            raise sorted(refusals, key=lambda r: not r[0])[0][1]
         if found:
             # Registration refuses overlapping families; reaching here means a parse that
             # claims names outside its own examples and members.

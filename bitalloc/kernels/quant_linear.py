@@ -4,6 +4,13 @@
 :mod:`bitalloc.kernels.packing`) and computes with them: Triton kernels on a GPU, the CPU path
 chosen by :func:`bitalloc.kernels.cpu.measure_paths` on the CPU. :class:`Float16Linear` keeps an
 ``fp16`` unit's weight in 16 bits. Both record which path ran last (``last_path``).
+
+A :class:`QuantLinear` runs any format whose weights are stored as int codes: ``int{b}-g{g}``
+itself, and formats that choose the codes another way but store them in an int layout (GPTQ's
+``+gptq``). Such a format is known by duck typing (:func:`int_layout`):
+an ``int_format`` attribute naming the :class:`~bitalloc.formats.QuantFormat` layout and a
+``quantize(weight, importance)`` method giving the codes. The layer records the format it was
+built with (``format``), so that manifests and reports name it.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats import QuantFormat
+from bitalloc.formats import Format, QuantFormat, QuantizedWeight
+from bitalloc.formats.rotation import RotatedFormat
 from bitalloc.kernels import cpu
 from bitalloc.kernels.packing import (
     PackedWeight,
@@ -36,6 +44,25 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def int_layout(fmt: Format) -> QuantFormat | None:
+    """The int format whose layout stores ``fmt``'s weights, or None when packed int kernels
+    cannot hold it (``fp16`` and formats of other layouts).
+
+    ``int{b}-g{g}`` is its own layout; another format qualifies when it has an ``int_format``
+    attribute that is a quantized :class:`~bitalloc.formats.QuantFormat` and a callable
+    ``quantize(weight, importance)`` returning a :class:`~bitalloc.formats.QuantizedWeight` in
+    that layout, whose dequantized weight is the format's fake-quantized one (GPTQ's does).
+    Rotated formats (``+rht``) are not among them: their codes are those of ``W R``, held by a
+    :class:`~bitalloc.kernels.rotated.RotatedLinear` that rotates its input.
+    """
+    if isinstance(fmt, QuantFormat):
+        return None if fmt.is_float else fmt
+    layout = getattr(fmt, "int_format", None)
+    if not isinstance(layout, QuantFormat) or layout.is_float:
+        return None
+    return layout if callable(getattr(fmt, "quantize", None)) else None
+
+
 class QuantLinear(nn.Module):
     """``y = x @ W.T + b`` with ``W`` stored as packed ``bits``-bit codes per group.
 
@@ -53,9 +80,26 @@ class QuantLinear(nn.Module):
         group_size: int,
         bias: bool = False,
         bias_dtype: torch.dtype = torch.float32,
+        fmt: Format | None = None,
     ) -> None:
+        """``fmt`` is the format the unit was given (recorded as ``format``, the name manifests
+        and reports use); None means ``int{bits}-g{group_size}``. It must store its weights as
+        that int format (see :func:`int_layout`)."""
         super().__init__()
-        fmt = QuantFormat(bits, group_size)
+        layout = QuantFormat(bits, group_size)
+        if fmt is None:
+            fmt = layout
+        elif isinstance(fmt, RotatedFormat):
+            # Its codes are those of W R: computing x Wᵀ needs the input rotated first.
+            raise BitallocError(
+                f"{fmt.name} stores the codes of a rotated weight; hold it in a RotatedLinear "
+                "(bitalloc.kernels.rotated), which rotates the input to match"
+            )
+        elif int_layout(fmt) != layout:
+            raise BitallocError(
+                f"{fmt.name} is not stored as {layout.name} codes; a QuantLinear of "
+                f"{bits}-bit codes in groups of {group_size} cannot hold it"
+            )
         if in_features <= 0 or out_features <= 0:
             raise BitallocError(
                 f"a layer needs positive sizes, got ({out_features}, {in_features})"
@@ -85,8 +129,11 @@ class QuantLinear(nn.Module):
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
-    def from_packed(cls, packed: PackedWeight, bias: torch.Tensor | None = None) -> QuantLinear:
-        """A layer holding ``packed`` (and ``bias``, kept in its dtype)."""
+    def from_packed(
+        cls, packed: PackedWeight, bias: torch.Tensor | None = None, fmt: Format | None = None
+    ) -> QuantLinear:
+        """A layer holding ``packed`` (and ``bias``, kept in its dtype); ``fmt`` is the format
+        to record (None: the packed int format)."""
         layer = cls(
             packed.in_features,
             packed.out_features,
@@ -94,6 +141,7 @@ class QuantLinear(nn.Module):
             packed.group_size,
             bias=bias is not None,
             bias_dtype=bias.dtype if bias is not None else torch.float32,
+            fmt=fmt,
         )
         layer.qweight = packed.qweight.clone()
         layer.scales = packed.scales.clone()
@@ -103,13 +151,31 @@ class QuantLinear(nn.Module):
         return layer
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, fmt: QuantFormat, importance: torch.Tensor | None = None
+    def from_quantized(
+        cls, q: QuantizedWeight, bias: torch.Tensor | None = None, fmt: Format | None = None
     ) -> QuantLinear:
-        """Quantize ``linear``'s weight with ``fmt`` (an integer format; ``importance``
-        weights its clipping search) and pack it."""
-        packed = PackedWeight.quantize(linear.weight.detach(), fmt, importance)
-        return cls.from_packed(packed, linear.bias)
+        """A layer holding the codes and group parameters of ``q`` (and ``bias``); ``fmt`` is
+        the format that chose them, recorded as ``format`` (None: ``int{bits}-g{group}``)."""
+        return cls.from_packed(PackedWeight.from_quantized(q), bias, fmt)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, fmt: Format, importance: torch.Tensor | None = None
+    ) -> QuantLinear:
+        """Quantize ``linear``'s weight with ``fmt`` (an integer format, or a format stored in
+        an int layout, see :func:`int_layout`; ``importance`` is passed to its quantizer) and
+        pack it."""
+        if isinstance(fmt, RotatedFormat):
+            raise BitallocError(
+                f"{fmt.name} stores the codes of a rotated weight; build a RotatedLinear "
+                "(bitalloc.kernels.rotated), which rotates the input to match"
+            )
+        if int_layout(fmt) is None:
+            raise BitallocError(
+                f"{fmt.name} is not stored as int codes; a QuantLinear cannot hold it"
+            )
+        q = fmt.quantize(linear.weight.detach(), importance)
+        return cls.from_quantized(q, linear.bias, fmt)
 
     # --- what is stored ---------------------------------------------------------------------
     @property

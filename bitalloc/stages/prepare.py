@@ -18,7 +18,7 @@ from bitalloc.apply import QuantizedWeightCache
 from bitalloc.data import TextSplits, load_text, text_prefix, tokenize, windows
 from bitalloc.errors import BitallocError
 from bitalloc.folding_record import ScaleFolding, fold_loaded
-from bitalloc.formats import QuantFormat, parse_palette
+from bitalloc.formats import Format, QuantFormat, parse_palette
 from bitalloc.importance import CLIPPING_METHODS, Importance, gather_importance
 from bitalloc.models import LoadedModel, Unit, discover_units, load_model
 from bitalloc.planning import check_budget
@@ -142,6 +142,11 @@ def prepare(
     return with_importance(prep, clipping, progress=progress, use_cache=use_cache)
 
 
+def needs_grams(palette: Sequence[Format]) -> list[str]:
+    """Names of the palette's formats that quantize with input Gram matrices (``+gptq``)."""
+    return [f.name for f in palette if getattr(f, "uses_gram", False)]
+
+
 def check_clipping(clipping: str) -> str:
     """``clipping`` if it names a clipping objective, else :class:`BitallocError`."""
     if clipping not in CLIPPING_METHODS:
@@ -159,6 +164,7 @@ def with_importance(
     windows (``weighted``; read from the cache when ``use_cache`` and one matches) or none
     (``mse``), and a fresh cache of quantized weights."""
     importance = None
+    grams = needs_grams(prep.palette)
     if check_clipping(clipping) == "weighted":
         importance = gather_importance(
             prep.model,
@@ -166,6 +172,12 @@ def with_importance(
             prep.calibration_windows(),
             progress=progress,
             use_cache=use_cache,
+            grams=bool(grams),
+        )
+    elif grams:
+        raise BitallocError(
+            f"{grams[0]} quantizes with the calibration inputs' Gram matrices, which "
+            "--clipping mse turns off; use --clipping weighted or drop the +gptq formats"
         )
     new = dataclasses.replace(prep, importance=importance, quantized=QuantizedWeightCache())
     _keep_tokenized(prep, new)
@@ -232,6 +244,12 @@ def prepare_for(
     if target.imatrix is not None:
         from bitalloc.imatrix import load_imatrix
 
+        grams = needs_grams(prep.palette)
+        if grams:
+            raise BitallocError(
+                f"{grams[0]} quantizes with the calibration inputs' Gram matrices, which an "
+                "importance matrix file does not hold; drop --imatrix or the +gptq formats"
+            )
         importance = load_imatrix(target.imatrix, prep.model, prep.units)
         new = dataclasses.replace(prep, importance=importance, quantized=QuantizedWeightCache())
         _keep_tokenized(prep, new)

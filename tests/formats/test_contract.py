@@ -28,7 +28,7 @@ from bitalloc.formats.registry import FormatFamily
 from tests.formats.toy import UniformFamily, UniformFormat
 
 BUILT_IN = [fmt for family in format_families() for fmt in family.members()]
-BUILT_IN_FAMILIES = ["int", "float", "gguf", "ct"]
+BUILT_IN_FAMILIES = ["int", "float", "gguf", "ct", "fp", "gptq", "rht"]
 # (out, in): every group size divides 256; 200 leaves a last partial group for every size;
 # 40 is shorter than most groups; (1, 8) is a single short row.
 SHAPES = [(4, 256), (6, 200), (3, 40), (1, 8)]
@@ -123,6 +123,14 @@ def check_fake_quantize(fmt: Format) -> None:
     assert torch.equal(fmt.fake_quantize(w, importance=None), first)
     ones = torch.ones(shape[1])
     assert fmt.fake_quantize(w, importance=ones).shape == w.shape
+    # An input Gram matrix is accepted as importance; a format that weighs columns
+    # independently reads its diagonal, exactly.
+    x = torch.randn(4 * shape[1], shape[1], generator=torch.Generator().manual_seed(5))
+    gram = x.T @ x / len(x)
+    with_gram = fmt.fake_quantize(w, importance=gram)
+    assert with_gram.shape == w.shape and torch.isfinite(with_gram).all()
+    if not fmt.uses_gram:
+        assert torch.equal(with_gram, fmt.fake_quantize(w, torch.diagonal(gram).clone()))
     for dtype in (torch.float16, torch.bfloat16):
         assert fmt.fake_quantize(w.to(dtype)).dtype == dtype
     for bad in (torch.ones(shape[1] + 1), -ones, ones * float("nan"), [1.0] * shape[1]):
@@ -176,8 +184,10 @@ FORMAT_CHECKS = [
 # --- the built-in families --------------------------------------------------------------------
 def test_the_built_in_families_and_their_members():
     assert [f.name for f in format_families()] == BUILT_IN_FAMILIES
-    # int: 6 widths x 5 group sizes; float: fp16; gguf: 18 llama.cpp types.
-    assert len(BUILT_IN) == 6 * 5 + 1 + 18 + 15
+    # int: 6 widths x 5 group sizes; float: fp16; gguf: 18 llama.cpp types; ct: 15 schemes;
+    # fp: 15 element/scaling pairs; gptq: 4 widths x 2 group sizes + one in activation order;
+    # rht: 3 widths x 2 group sizes + one with another seed.
+    assert len(BUILT_IN) == 6 * 5 + 1 + 18 + 15 + 15 + 9 + 7
     assert {f.name for f in default_palette()} < {f.name for f in BUILT_IN}
 
 
