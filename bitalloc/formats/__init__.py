@@ -16,6 +16,7 @@ Formats are a leaf: they import nothing from bitalloc but :mod:`bitalloc.errors`
 from __future__ import annotations
 
 from bitalloc.formats.base import CacheFormat, Format, check_importance
+from bitalloc.formats.codebook import CodebookFamily, LloydMaxFormat, NormalFloatFormat
 from bitalloc.formats.ct import CTFamily, CTFormat
 from bitalloc.formats.encoding import Encoded, Section
 from bitalloc.formats.fp import FPFamily, FPFormat
@@ -48,6 +49,7 @@ from bitalloc.formats.registry import (
     unregister_family,
 )
 from bitalloc.formats.rotation import RHTFamily, RotatedFormat
+from bitalloc.formats.vq import VectorFormat
 
 # The built-in families, registered once when formats are first imported.
 register_family(IntFamily())
@@ -55,6 +57,7 @@ register_family(FloatFamily())
 register_family(GGUFFamily())
 register_family(CTFamily())
 register_family(FPFamily())
+register_family(CodebookFamily())
 register_family(GPTQFamily())
 register_family(RHTFamily())
 
@@ -65,6 +68,7 @@ __all__ = [
     "SUPPORTED_BITS",
     "SUPPORTED_GROUP_SIZES",
     "CTFamily",
+    "CodebookFamily",
     "CTFormat",
     "CacheFormat",
     "Encoded",
@@ -79,11 +83,14 @@ __all__ = [
     "GPTQFamily",
     "GPTQFormat",
     "IntFamily",
+    "LloydMaxFormat",
+    "NormalFloatFormat",
     "QuantFormat",
     "QuantizedWeight",
     "RHTFamily",
     "RotatedFormat",
     "Section",
+    "VectorFormat",
     "check_importance",
     "default_palette",
     "dequantize",
