@@ -112,9 +112,7 @@ def main() -> int:
         "|---|---|---:|---:|---:|---:|",
     ]
     for name, family, rate, g, m, r in rows:
-        lines.append(
-            f"| {name} | {family} | {rate:.3f} | {g:.2f} | {_fmt(m)} | {_fmt(r)} |"
-        )
+        lines.append(f"| {name} | {family} | {rate:.3f} | {g:.2f} | {_fmt(m)} | {_fmt(r)} |")
     lines += ["", "Best Gaussian ratio per whole rate band:", ""]
     for low in range(2, 9):
         band = [row for row in rows if low <= row[2] < low + 1]

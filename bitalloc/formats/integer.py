@@ -317,6 +317,7 @@ class IntColumnQuantizer(ColumnQuantizer):
         self._zeros = torch.zeros(n, out_features, n_groups)
         self._codes = torch.zeros(n, out_features, in_features, dtype=torch.uint8)
         self._floor = torch.zeros(n, 1)
+        self._row_qmax = self._qmax.expand(n, out_features).reshape(-1)
         self._current: tuple[int, torch.Tensor, torch.Tensor] = (-1, self._floor, self._floor)
 
     def fit(self, start: int, block: torch.Tensor) -> None:
@@ -325,11 +326,12 @@ class IntColumnQuantizer(ColumnQuantizer):
         width = stack.shape[-1]
         weights = None if self.importance is None else self.importance[start : start + width]
         group = start // self.group_size
-        for k, fmt in enumerate(self.formats):
-            (groups,) = _split(stack[k], width, weights)
-            _, scale, zero = _search(groups, fmt.bits)
-            self._scales[k, :, group] = scale[:, 0].to(torch.float32)
-            self._zeros[k, :, group] = zero[:, 0].to(torch.float32)
+        # Every format's rows in one search, each row with its own code range: the same
+        # arithmetic, row for row, as a search per format, in a fraction of the operations.
+        (groups,) = _split(stack.reshape(-1, width), width, weights)
+        _, scale, zero = _search(groups, 0, row_qmax=self._row_qmax)
+        self._scales[:, :, group] = scale.reshape(len(self.formats), -1).to(torch.float32)
+        self._zeros[:, :, group] = zero.reshape(len(self.formats), -1).to(torch.float32)
         self._current = (-1, self._floor, self._floor)
 
     def round(self, index: int, column: torch.Tensor) -> torch.Tensor:
@@ -526,12 +528,16 @@ def _group_weights(importance: torch.Tensor, n_groups: int, size: int) -> torch.
     return torch.where(top > 0, grouped / top, 1.0)
 
 
-def _search(groups: _Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _search(
+    groups: _Groups, bits: int, row_qmax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize the groups with the clipping ratio of least squared error per group, each
     column's squared error weighted by ``groups.weights`` when there are weights.
 
     Returns codes (out, n_groups, g) uint8 and fp16 scales/zeros (out, n_groups). Every ratio
     is tried in one pass over a chunk of rows (chunks bound the temporary memory).
+    ``row_qmax`` (one largest code per row, float32) replaces ``bits`` for rows of several
+    widths searched together; each row gets what a search at its own width gives.
     """
     out_features, n_groups, g = groups.x.shape
     qmax = float(2**bits - 1)
@@ -546,6 +552,8 @@ def _search(groups: _Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor, tor
     for start in range(0, out_features, rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         x = groups.x[rows]
+        if row_qmax is not None:
+            qmax = row_qmax[rows].reshape(-1, 1)  # broadcasts as (rows, n_groups)
         # (ratios, rows, n_groups): every candidate range of every group.
         scale, zero = _scale_zero(groups.lo[rows] * ratios, groups.hi[rows] * ratios, qmax)
         s, z = scale[..., None], zero[..., None]
@@ -555,14 +563,19 @@ def _search(groups: _Groups, bits: int) -> tuple[torch.Tensor, torch.Tensor, tor
         # maximum/minimum take the bounds as tensors at half the cost of clamp_ with tensors.
         torch.div(x, s, out=err).round_()
         torch.maximum(err, -z, out=err)
-        torch.minimum(err, qmax - z, out=err)
+        torch.minimum(err, (qmax if row_qmax is None else qmax[..., None]) - z, out=err)
         err = err.mul_(s).sub_(x).square_()
         if groups.weights is not None:
             # The weighting is diagonal: one multiply per candidate, the search is unchanged.
             err = err.mul_(groups.weights)
         err = err.sum(-1)
         best_scale, best_zero = _first_minimum(err, scale, zero)
-        c = torch.clamp(torch.round(x / best_scale[..., None]) + best_zero[..., None], 0, qmax)
+        c = torch.round(x / best_scale[..., None]) + best_zero[..., None]
+        c = (
+            torch.clamp(c, 0, qmax)
+            if row_qmax is None
+            else c.clamp_(min=0).minimum(qmax[..., None])
+        )
         codes.append(c.to(torch.uint8))
         scales.append(best_scale.to(torch.float16))
         zeros.append(best_zero.to(torch.float16))
@@ -591,7 +604,7 @@ def _first_minimum(
 
 
 def _scale_zero(
-    lo: torch.Tensor, hi: torch.Tensor, qmax: float
+    lo: torch.Tensor, hi: torch.Tensor, qmax: float | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and whole-number zero for the range [lo, hi], as they will be stored (fp16).
 
@@ -601,8 +614,10 @@ def _scale_zero(
     scale = (span / qmax).to(torch.float16).to(torch.float32)
     # fp16 underflow would make the scale zero; the smallest normal fp16 keeps division finite.
     scale = torch.clamp(scale, min=6.2e-5)
-    zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    return scale, zero
+    zero = torch.round(-lo / scale)
+    if isinstance(qmax, torch.Tensor):
+        return scale, zero.clamp_(min=0).minimum(qmax)
+    return scale, torch.clamp(zero, 0, qmax)
 
 
 def _check_shape(shape: Sequence[int]) -> tuple[int, int]:
