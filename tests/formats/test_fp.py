@@ -12,11 +12,6 @@ import torch
 from bitalloc.errors import BitallocError
 from bitalloc.formats import format_families, get_family, parse_format, registered_family
 from bitalloc.formats.fp import ELEMENT_TYPES, SUPPORTED, FPFamily, FPFormat
-from tests.formats.test_contract import (
-    FORMAT_CHECKS,
-    check_monotone_error,
-    check_shared_equals_each,
-)
 
 MEMBERS = FPFamily().members()
 NAMES = [f.name for f in MEMBERS]
@@ -430,15 +425,7 @@ def test_the_column_quantizer_refuses_misuse():
         fmt.column_quantizer(torch.randn(4, 40))
 
 
-# --- the contract -----------------------------------------------------------------------------
-@pytest.mark.parametrize("check", FORMAT_CHECKS, ids=lambda c: c.__name__[6:])
-@pytest.mark.parametrize("fmt", MEMBERS, ids=str)
-def test_every_member_meets_the_contract(fmt, check):
-    check(fmt)
-
-
-def test_family_wide_contract_checks():
-    check_monotone_error(MEMBERS)
-    check_shared_equals_each([*MEMBERS, parse_format("int3-g32"), parse_format("fp16")])
+# --- the family (every member's contract checks run in tests/formats/test_contract.py) -------
+def test_family_wide_properties():
     assert all(fmt.ladder is None for fmt in MEMBERS)
     assert set(SUPPORTED) == set(ELEMENT_TYPES)
