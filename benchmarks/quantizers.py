@@ -11,8 +11,9 @@ The same ratio on the default model's weights (every unit, each weight matrix no
 own variance so that D(R) applies to it as to a unit Gaussian), with and without a randomized
 Hadamard rotation of the input dimension where the ``rht`` family is registered. The default
 model's weights are the shipped Q4_1 GGUF dequantized: they lie on a 4-bit grid in blocks of
-32 along the input dimension, so 32-aligned formats reach zero error at 4 bits and more on them
-(ratios of 0); rotation destroys that alignment. Read the model columns with that in mind.
+32 along the input dimension, which favours 32-aligned formats at 4 bits and more (a grid that
+also holds 0, as ``int`` grids do, does not reproduce them exactly); rotation destroys that
+alignment. Read the model columns with that in mind.
 
     .venv/bin/python benchmarks/quantizers.py [--rows 256] [--cols 4096] [--model-units 14]
 """
@@ -68,8 +69,13 @@ def model_weights(count: int) -> list[torch.Tensor]:
 
     model = load_model().model
     units = discover_units(model)
-    step = max(1, len(units) // count)
-    return [get_linear(model, u.name).weight.detach().float() for u in units[::step][:count]]
+    # Evenly spread over the layers, the role moving on by one each time (q, k, v, o, ...).
+    roles = len({u.role for u in units})
+    picks = [
+        min(len(units) - 1, (i * len(units)) // count // roles * roles + i % roles)
+        for i in range(count)
+    ]
+    return [get_linear(model, units[i].name).weight.detach().float() for i in picks]
 
 
 def main() -> int:
@@ -105,8 +111,9 @@ def main() -> int:
         f"{(time.perf_counter() - start) / 60:.0f} min. Ratio = MSE / (variance x 2^(-2R)) at "
         "the format's exact rate R (all stored bits); 1.0 is the limit. Gaussian: a "
         f"{args.rows} x {args.cols} matrix of i.i.d. N(0, 1). Model: the mean ratio over "
-        f"{len(weights)} units of the default model (Q4_1-dequantized weights: 32-aligned "
-        "formats at 4+ bits reproduce them exactly, ratio 0); rotated: the same with `+rht`.",
+        f"{len(weights)} units of the default model, every role (Q4_1-dequantized weights, which "
+        "favour 32-aligned formats at 4+ bits); rotated: the same with `+rht`. The 1.5x target "
+        "needs trellis or lattice codes (QTIP, about 1.2x), which bitalloc does not have yet.",
         "",
         "| format | family | rate (bits) | Gaussian ratio | model ratio | model ratio, rotated |",
         "|---|---|---:|---:|---:|---:|",
