@@ -81,10 +81,8 @@ def apply_command(args: argparse.Namespace) -> None:
     alloc.check_model(loaded.model)
     calibration = None
     if alloc.uses_grams:
-        from bitalloc.sequential import recorded_calibration
-
         # +gptq codes depend on the calibration inputs: gathered again from the recorded text.
-        calibration = recorded_calibration(alloc, loaded.tokenizer)
+        calibration = _recorded_calibration(alloc, loaded.tokenizer)
     start = time.perf_counter()
     packed = alloc.apply(
         loaded.model,
@@ -105,6 +103,20 @@ def apply_command(args: argparse.Namespace) -> None:
         f"{sizes['other'] / MIB:.2f} MiB; files {_dir_bytes(out) / MIB:.2f} MiB"
     )
     print(f"wrote {out}")
+
+
+def _recorded_calibration(allocation: Any, tokenizer: Any) -> Any:
+    """The calibration windows the allocation was made with (its recorded ``data`` options:
+    the calibration files, else the embedded text, and the window length), as token ids."""
+    from bitalloc.config import DataConfig
+    from bitalloc.data import load_text, text_prefix, tokenize, windows
+
+    options = (allocation.data.config or {}).get("data") or {}
+    files = options.get("calibration")
+    seq_len = int(options.get("seq_len") or DataConfig().seq_len)
+    text = load_text(list(files) if files else None, None)
+    ids = tokenize(tokenizer, text.calibration)
+    return windows(ids, seq_len, prefix=text_prefix(tokenizer))
 
 
 def replaceable_packed_dir(directory: Path) -> bool:

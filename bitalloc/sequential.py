@@ -92,20 +92,6 @@ def gram_importance(
     return merged(recorded, gathered)
 
 
-def recorded_calibration(allocation: Any, tokenizer: Any) -> torch.Tensor:
-    """The calibration windows the allocation was made with (its recorded ``data`` options:
-    the calibration files, else the embedded text, and the window length), as token ids."""
-    from bitalloc.config import DataConfig
-    from bitalloc.data import load_text, text_prefix, tokenize, windows
-
-    options = (allocation.data.config or {}).get("data") or {}
-    files = options.get("calibration")
-    seq_len = int(options.get("seq_len") or DataConfig().seq_len)
-    text = load_text(list(files) if files else None, None)
-    ids = tokenize(tokenizer, text.calibration)
-    return windows(ids, seq_len, prefix=text_prefix(tokenizer))
-
-
 class _Stop(Exception):
     """Raised by the hook that catches the first block's inputs, to skip the rest."""
 

@@ -153,4 +153,3 @@ def progress_iter(items: list, description: str, progress: bool) -> Iterator:
     from tqdm.auto import tqdm
 
     return iter(tqdm(items, desc=description, unit="tensor", leave=False))
-
