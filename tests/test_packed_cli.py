@@ -1,5 +1,7 @@
-"""``bitalloc apply`` and ``bitalloc generate``, in subprocesses as a user runs them (bad input
-in process)."""
+"""``bitalloc apply`` and ``bitalloc generate``. Each command runs in a subprocess as a user runs
+it (``apply`` in the refusal test, ``generate`` after every ``apply``); the other runs and bad
+input go through ``main()`` in process, which is what the command runs: a new interpreter costs
+10-20 s of imports on 2 cores."""
 
 import shutil
 import subprocess
@@ -26,17 +28,19 @@ def _apply(allocation, model, out):
     return _run("apply", "--allocation", str(allocation), "--model", str(model), "--out", str(out))
 
 
-def test_apply_then_generate_without_the_source_model(tmp_path):
+def test_apply_then_generate_without_the_source_model(tmp_path, capsys):
     source = tiny_model_dir(tmp_path / "source")
     alloc = cycling_allocation(
         load_model(source).model, ("int3-g32", "int4-g32", "int8-g64", "fp16")
     )
     alloc.save(tmp_path / "alloc.json")
     out = tmp_path / "packed"
-    result = _apply(tmp_path / "alloc.json", source, out)
-    assert result.returncode == 0, result.stderr
-    assert f"predicted {alloc.data.total_bits // 8:,} (ratio 1.0000)" in result.stdout
-    assert f"wrote {out}" in result.stdout
+    # In process; the generate below runs as a process of its own, so it reads only the files.
+    args = ["--allocation", str(tmp_path / "alloc.json"), "--model", str(source), "--out", str(out)]
+    assert main(["apply", *args]) == 0
+    stdout = capsys.readouterr().out
+    assert f"predicted {alloc.data.total_bits // 8:,} (ratio 1.0000)" in stdout
+    assert f"wrote {out}" in stdout
     assert {"bitalloc_packed.json", "model.safetensors", "tokenizer.json"} <= {
         p.name for p in out.iterdir()
     }
@@ -49,22 +53,25 @@ def test_apply_then_generate_without_the_source_model(tmp_path):
     assert stats.startswith("5 tokens in ") and "tokens/s) on cpu" in stats
     assert "unpack-matmul" in stats and "fp16-as-float32 " in stats
 
-    forced = _run(
-        "generate",
-        "--model",
-        str(out),
-        "--prompt",
-        "Hello",
-        "--max-new-tokens",
-        "3",
-        "--cpu-path",
-        "unpack-matmul",
-        "--sample",
-        "--seed",
-        "1",
+    forced = main(
+        [
+            "generate",
+            "--model",
+            str(out),
+            "--prompt",
+            "Hello",
+            "--max-new-tokens",
+            "3",
+            "--cpu-path",
+            "unpack-matmul",
+            "--sample",
+            "--seed",
+            "1",
+        ]
     )
-    assert forced.returncode == 0, forced.stderr
-    assert "int4pack" not in forced.stderr.splitlines()[-1]
+    assert forced == 0
+    stats = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stats.startswith("3 tokens in ") and "int4pack" not in stats
 
 
 @pytest.mark.parametrize(
@@ -97,15 +104,17 @@ def test_apply_refuses_an_allocation_for_another_model(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_default_model_apply_and_generate(tmp_path, default_model):
-    """The embedded model, every integer width among its units: exact bytes and text out."""
+def test_default_model_apply_and_generate(tmp_path, default_model, reuse_default_model, capsys):
+    """The embedded model, every integer width among its units: exact bytes and text out.
+
+    ``apply`` runs in process on a copy of the session's model (a process of its own would load
+    the model again); ``generate`` runs as a process, from the packed files alone."""
     formats = ("int3-g128", "int4-g64", "int2-g64", "int5-g32", "int6-g128", "int8-g64", "fp16")
     alloc = cycling_allocation(default_model.model, formats)
     alloc.save(tmp_path / "alloc.json")
     out = tmp_path / "packed"
-    result = _run("apply", "--allocation", str(tmp_path / "alloc.json"), "--out", str(out))
-    assert result.returncode == 0, result.stderr
-    assert "(ratio 1.0000)" in result.stdout
+    assert main(["apply", "--allocation", str(tmp_path / "alloc.json"), "--out", str(out)]) == 0
+    assert "(ratio 1.0000)" in capsys.readouterr().out
     result = _run(
         "generate",
         "--model",

@@ -142,7 +142,9 @@ def test_default_model_policy_transfers_to_a_config_built_llama(
         3.25,
         tokenizer=default_model.tokenizer,
         solver="rl",
-        solver_options={"steps": 2100, "save_policy": str(policy)},
+        # Five episodes of the 210 units: the policy acts on the Lagrangian anchor, and within
+        # the bounds below at 700 steps already (2100 steps cost 12 s more of training).
+        solver_options={"steps": 1050, "save_policy": str(policy)},
         **common,
     )
     optimum = allocate(

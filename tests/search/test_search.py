@@ -24,7 +24,7 @@ from bitalloc.search.study import pareto_front
 
 from .driver import run
 
-DRIVER = Path(__file__).with_name("driver.py")
+HELD_DRIVER = Path(__file__).with_name("held_driver.py")
 
 
 def _study(run_dir: Path, name: str = "bitalloc"):
@@ -241,52 +241,49 @@ def test_pareto_front_matches_brute_force():
         assert len(front) == len(expected)
 
 
-def _wait_for(study_url: str, predicate, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            study = optuna.load_study(study_name="bitalloc", storage=study_url)
-            trials = study.get_trials()
-            if predicate(trials):
-                return trials
-        except (KeyError, Exception):  # noqa: BLE001 - the study may not exist yet
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the search did not get there in time")
-
-
-def _start(tmp_path, trials: int):
+def _start(tmp_path, trials: int, hold_after: int, marker: Path):
+    """The search in its own process, held in the evaluation after ``hold_after`` trials."""
     env = {**os.environ, "BITALLOC_CACHE_DIR": str(tmp_path / "cache")}
+    args = [str(tmp_path / "run"), str(trials), str(hold_after), str(marker)]
     return subprocess.Popen(
-        [sys.executable, str(DRIVER), str(tmp_path / "run"), str(trials), "--eval-tokens", "8192"],
+        [sys.executable, str(HELD_DRIVER), *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        text=True,
     )
 
 
-def _running_after(n_complete):
-    state = optuna.trial.TrialState
-
-    def predicate(trials):
-        done = sum(t.state == state.COMPLETE for t in trials)
-        return done >= n_complete and any(t.state == state.RUNNING for t in trials)
-
-    return predicate
+def _wait_for_hold(proc, marker: Path, timeout: float = 600.0) -> None:
+    """Until the search is held in an evaluation (a deadline for a badly overloaded machine:
+    the wait ends as soon as the marker appears)."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the search exited ({proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            raise AssertionError("the search did not reach its held evaluation in time")
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("how", ["kill", "interrupt"])
 def test_killed_search_resumes_without_losing_a_trial(tmp_path, isolated_cache, how):
-    url = default_storage_url(tmp_path / "run")
-    proc = _start(tmp_path, 100)
+    # The search is held inside the evaluation of the trial after the third (see
+    # held_driver.py), so the signal surely lands while a trial is being evaluated.
+    marker = tmp_path / "held"
+    state = optuna.trial.TrialState
+    proc = _start(tmp_path, 100, 3, marker)
     try:
-        _wait_for(url, _running_after(3))
+        _wait_for_hold(proc, marker)
+        held = _study(tmp_path / "run").get_trials()
+        assert sum(t.state == state.COMPLETE for t in held) >= 3
+        assert [t.state for t in held].count(state.RUNNING) == 1
         proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
-        proc.wait(timeout=60)
+        proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    state = optuna.trial.TrialState
+            proc.wait()
     trials = _study(tmp_path / "run").get_trials()
     done = {t.number: t.values for t in trials if t.state == state.COMPLETE}
     running = [t.number for t in trials if t.state == state.RUNNING]
@@ -297,7 +294,7 @@ def test_killed_search_resumes_without_losing_a_trial(tmp_path, isolated_cache, 
         assert not running and proc.returncode != 0
         failed = [t for t in trials if t.state == state.FAIL]
         assert failed and any(t.state == state.WAITING for t in trials)
-    result = run(tmp_path / "run", len(done) + 3, resume=True, eval_tokens=8192)
+    result = run(tmp_path / "run", len(done) + 3, resume=True)
     trials = _study(tmp_path / "run").get_trials()
     after = {t.number: t.values for t in trials if t.state == state.COMPLETE}
     assert all(after[n] == v for n, v in done.items()), "a finished trial changed or was lost"
