@@ -33,7 +33,7 @@ from bitalloc.importance import (
     ImportanceAccumulator,
     gather_importance,
 )
-from bitalloc.models import decoder_blocks, discover_units, get_linear
+from bitalloc.models import Unit, decoder_blocks, discover_units, get_linear
 from bitalloc.sensitivity.base import spread_windows
 
 #: Windows per forward while gathering (as the importance pass).
@@ -127,6 +127,7 @@ def apply_sequential_(
         raise BitallocError("the sequential pass needs calibration windows (n, seq_len)")
     picks = spread_windows(len(calibration), int(calibration.shape[1]), tokens)
     windows = calibration[picks]
+    units = {u.name: u for u in discover_units(model)}
     was_training = model.training
     model.eval()
     try:
@@ -136,7 +137,7 @@ def apply_sequential_(
                 tqdm(blocks, desc="sequential", unit="block", disable=not progress)
             ):
                 names = by_block[index]
-                _quantize_block(model, block, names, resolved, inputs, recorded)
+                _quantize_block(model, block, names, resolved, inputs, recorded, units)
                 if index + 1 < len(blocks):
                     inputs = [_run_block(block, args, kwargs) for args, kwargs in inputs]
         with torch.no_grad():
@@ -195,17 +196,17 @@ def _quantize_block(
     resolved: Mapping[str, Format],
     inputs: Sequence[tuple[tuple, dict[str, Any]]],
     recorded: Importance | None,
+    units: Mapping[str, Unit],
 ) -> None:
     """Gather the block's Gram matrices from ``inputs`` (unquantized block), then quantize its
     units: ``+gptq`` ones with those matrices, others with their recorded vector."""
     gram_names = [n for n in names if resolved[n].uses_gram]
     importance = recorded
     if gram_names:
-        units = [u for u in discover_units(model) if u.name in set(gram_names)]
-        acc = ImportanceAccumulator(model, units, grams=True)
+        acc = ImportanceAccumulator(model, [units[n] for n in gram_names], grams=True)
         for args, kwargs in inputs:
             acc.add_batch_through(lambda a=args, k=kwargs: block(*a, **k))
-        importance = merged(None, acc.result())
+        importance = acc.result()
         if recorded is not None:
             importance = Importance(
                 {**recorded.values, **importance.values}, recorded.tokens, importance.grams
