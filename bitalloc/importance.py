@@ -19,6 +19,7 @@ scales that were profiled and measured, bit for bit; bfloat16 keeps float32's ra
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import math
@@ -54,12 +55,19 @@ class Importance:
     tensor), whose diagonal is exactly the unit's vector: a format that weighs columns
     independently reads the same values from either. Grams are not recorded in allocations
     (megabytes per unit); applying a saved allocation gathers them again.
+
+    ``windows`` is the hex SHA-256 of the calibration windows (token ids) the means are over,
+    when known: a profiler that needs the same Gram matrices over the same windows (``output``)
+    reuses them instead of gathering its own.
     """
 
     values: Mapping[str, torch.Tensor]
     tokens: int
     grams: Mapping[str, torch.Tensor] | None = None
-    _fingerprints: dict[str, float] = field(default_factory=dict, compare=False, repr=False)
+    windows: str | None = None
+    _fingerprints: dict[str, float] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def of(self, unit: str) -> torch.Tensor | None:
         """What the unit's formats are given: its Gram matrix when gathered, else its vector;
@@ -109,11 +117,14 @@ class Importance:
         grams = None
         if self.grams is not None:
             grams = {u: self.grams[u] for u in names if u in self.grams}
-        return Importance({u: self.values[u] for u in names}, self.tokens, grams)
+        values = {u: self.values[u] for u in names}
+        return Importance(values, self.tokens, grams, self.windows)
 
     def without_grams(self) -> Importance:
         """The same vectors, no Gram matrices."""
-        return Importance(self.values, self.tokens) if self.grams is not None else self
+        if self.grams is None:
+            return self
+        return Importance(self.values, self.tokens, windows=self.windows)
 
 
 class ImportanceRecord(BaseModel):
@@ -350,6 +361,7 @@ def gather_importance(
         )
     picks = spread_windows(len(calibration), int(calibration.shape[1]), tokens)
     windows = calibration[picks]
+    digest = windows_digest(windows)
     path = None
     if use_cache and not grams:
         key = cache_key(
@@ -358,13 +370,13 @@ def gather_importance(
                 "version": 1,
                 "model": model_fingerprint(model, list(units)),
                 "units": [u.name for u in units],
-                "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+                "windows": digest,
             }
         )
         path = cache_root() / "importance" / f"{key}.safetensors"
         cached = _read_cached(path, [u.name for u in units])
         if cached is not None:
-            return cached
+            return dataclasses.replace(cached, windows=digest)
     acc = ImportanceAccumulator(model, units, grams=grams)
     was_training = model.training
     model.eval()
@@ -378,10 +390,16 @@ def gather_importance(
             acc.add_batch(windows[start : start + batch_size])
     finally:
         model.train(was_training)
-    result = acc.result()
+    result = dataclasses.replace(acc.result(), windows=digest)
     if path is not None:
         _write_cached(path, result)
     return result
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """Hex SHA-256 of calibration windows' token ids (int64), as :attr:`Importance.windows`."""
+    ids = windows.detach().to(torch.int64).cpu().contiguous()
+    return hashlib.sha256(ids.numpy().tobytes()).hexdigest()
 
 
 def _read_cached(path: Path, names: Sequence[str]) -> Importance | None:

@@ -271,9 +271,9 @@ class ColumnQuantizer(ABC):
     Note:
         The caller, for a weight of shape (out, in):
 
-        1. calls :meth:`fit` for each group of :attr:`group_size` consecutive input columns
-           (the last may be shorter) before the first of its columns is rounded: with the
-           group's current, error-updated values (GPTQ's default), or for every group up front
+        1. calls :meth:`fit` at every multiple of :attr:`group_size` before that column is
+           rounded, with the :attr:`fit_width` columns from there (fewer at the end): with
+           their current, error-updated values (GPTQ's default), or for every group up front
            with the original weight (static groups, needed when the columns are visited in
            another order);
         2. calls :meth:`round` exactly once for every column, in any order, with that column's
@@ -283,6 +283,9 @@ class ColumnQuantizer(ABC):
         A subclass must implement:
 
         - :attr:`group_size`: columns sharing scale parameters (``in`` when one set per row).
+          A quantizer of several formats at once may have groups of several sizes: then it is
+          their greatest common divisor, and :attr:`fit_width` (by default
+          :attr:`group_size`) is the largest.
         - :meth:`fit`: choose the parameters of the group starting at column ``start`` from
           ``block`` (out, group length); may use ``importance`` given at construction.
         - :meth:`round`: column ``index``'s stored value for ``column`` (out,) under its group's
@@ -293,6 +296,12 @@ class ColumnQuantizer(ABC):
     """
 
     group_size: int
+
+    @property
+    def fit_width(self) -> int:
+        """Columns :meth:`fit` is given from its start: :attr:`group_size`, unless the
+        quantizer holds groups of several sizes."""
+        return self.group_size
 
     @abstractmethod
     def fit(self, start: int, block: torch.Tensor) -> None:

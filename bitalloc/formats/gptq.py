@@ -27,8 +27,8 @@ The algorithm, as in the reference implementation:
   ``H[j, j]``) every group is fitted up front from the original weight ("static groups"), so
   the stored format, groups along the input dimension, is unchanged.
 
-Formats of the int family of one group size run side by side in one pass
-(:meth:`GPTQFormat.fake_quantize_many`), which is what profiling every bit width costs.
+Formats of the int family run side by side in one pass, whatever their widths and group sizes
+(:meth:`GPTQFormat.fake_quantize_many`), which is what profiling a whole palette costs.
 """
 
 from __future__ import annotations
@@ -44,12 +44,8 @@ import torch
 from bitalloc.errors import BitallocError
 from bitalloc.formats.base import ColumnQuantizer, Format, check_gram, check_importance
 from bitalloc.formats.encoding import Encoded
-from bitalloc.formats.integer import (
-    IntColumnQuantizer,
-    QuantFormat,
-    QuantizedWeight,
-    _check_shape,
-)
+from bitalloc.formats.int_columns import IntColumnQuantizer
+from bitalloc.formats.integer import QuantFormat, QuantizedWeight, _check_shape
 from bitalloc.formats.registry import FormatFamily, parse_format
 
 #: Dampening, as a fraction of the mean diagonal of ``H`` (the reference's ``percdamp``).
@@ -126,7 +122,7 @@ def gptq_pass(
     w = weight.detach().to(torch.float32)
     stacked = w if w.dim() == 3 else w.unsqueeze(0)
     in_features = stacked.shape[-1]
-    size = quantizer.group_size
+    size, width = quantizer.group_size, quantizer.fit_width
 
     def own(t: torch.Tensor) -> torch.Tensor:
         # The quantizer sees the caller's layout, (out, ...) or a stack (k, out, ...); the
@@ -137,7 +133,7 @@ def gptq_pass(
 
     if order is not None:
         for start in range(0, in_features, size):
-            quantizer.fit(start, own(stacked[..., start : start + size].transpose(-1, -2)))
+            quantizer.fit(start, own(stacked[..., start : start + width].transpose(-1, -2)))
         stacked = stacked[..., order]
     columns = stacked.transpose(-1, -2).contiguous()
     block = BLOCK if size % BLOCK == 0 or BLOCK % size == 0 else size
@@ -151,7 +147,7 @@ def gptq_pass(
             k = first + i
             j = k if order is None else int(order[k])
             if order is None and j % size == 0:
-                quantizer.fit(j, own(columns[:, j : j + size]))
+                quantizer.fit(j, own(columns[:, j : j + width]))
             column = part[:, i]
             rounded = quantizer.round(j, column if weight.dim() == 3 else column[0])
             result[:, k] = rounded.reshape(column.shape)
@@ -300,8 +296,8 @@ class GPTQFormat(Format):
         importance: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """``[f.fake_quantize(weight, importance) for f in formats]``, bit for bit, with one
-        factorisation per visiting order and the int formats of one group size stacked into
-        one pass."""
+        factorisation per visiting order and the int formats of each order, every width and
+        group size, stacked into one pass."""
         if not formats:
             return []
         _, in_features = _check_shape(tuple(weight.shape))
@@ -310,22 +306,20 @@ class GPTQFormat(Format):
             return [f.fake_quantize(weight, importance) for f in formats]
         vector = check_importance(importance, in_features)
         results: dict[int, torch.Tensor] = {}
-        factors: dict[bool, torch.Tensor] = {}
-        stacks: dict[tuple[int, bool], list[int]] = {}
+        stacks: dict[bool, list[int]] = {}
         for i, fmt in enumerate(formats):
             fmt.check_shape(tuple(weight.shape))
             if isinstance(fmt.base, QuantFormat):
-                stacks.setdefault((int(fmt.base.group_size), fmt.act_order), []).append(i)
+                stacks.setdefault(fmt.act_order, []).append(i)
             else:
                 results[i] = fmt.fake_quantize(weight, importance)
-        for (_, act_order), members in stacks.items():
-            if act_order not in factors:
-                factors[act_order] = inverse_factor(_ordered(gram, act_order))[0]
+        for act_order, members in stacks.items():
+            upper = inverse_factor(_ordered(gram, act_order))[0]
             bases = [formats[i].base for i in members]
             quantizer = IntColumnQuantizer(bases, (len(bases), *weight.shape), vector)
             stack = weight.detach().to(torch.float32).expand(len(bases), *weight.shape)
             order = visiting_order(gram, act_order)
-            dequantized = gptq_pass(stack, factors[act_order], quantizer, order)
+            dequantized = gptq_pass(stack, upper, quantizer, order)
             for k, i in enumerate(members):
                 results[i] = dequantized[k].to(weight.dtype)
         return [results[i] for i in range(len(formats))]
@@ -346,7 +340,7 @@ def _round_plain(weight: torch.Tensor, quantizer: ColumnQuantizer) -> torch.Tens
     w = weight.detach().to(torch.float32)
     in_features = w.shape[-1]
     for start in range(0, in_features, quantizer.group_size):
-        quantizer.fit(start, w[..., start : start + quantizer.group_size])
+        quantizer.fit(start, w[..., start : start + quantizer.fit_width])
     return torch.stack([quantizer.round(j, w[..., j]) for j in range(in_features)], dim=-1)
 
 

@@ -202,8 +202,10 @@ class QuantFormat(Format):
 
     def column_quantizer(
         self, weight: torch.Tensor, importance: torch.Tensor | None = None
-    ) -> IntColumnQuantizer | None:
+    ) -> ColumnQuantizer | None:
         """The format's grid one column at a time (for ``+gptq``); None for ``fp16``."""
+        from bitalloc.formats.int_columns import IntColumnQuantizer
+
         if self.is_float:
             return None
         return IntColumnQuantizer((self,), weight.shape, importance)
@@ -283,87 +285,6 @@ def encode_quantized(fmt: QuantFormat, q: QuantizedWeight) -> Encoded:
         pack_fp16("zeros", q.zeros),
     )
     return Encoded(fmt.name, (int(q.codes.shape[0]), int(q.codes.shape[1])), sections)
-
-
-class IntColumnQuantizer(ColumnQuantizer):
-    """Integer formats of one group size rounded one input column at a time, for error-feedback
-    quantizers.
-
-    Several bit widths run side by side: the weight is a stack ``(len(formats), out, in)``
-    (``(out, in)`` for one format), each slice with its own format, so one error-feedback pass
-    serves a whole ladder. A group's scale and zero come from the same clipping search as
-    :meth:`QuantFormat.quantize` (weighted by ``importance`` when given), so fitting every group
-    of the original weight and rounding its columns gives exactly :meth:`QuantFormat.quantize`.
-    """
-
-    def __init__(
-        self,
-        formats: Sequence[QuantFormat],
-        shape: Sequence[int],
-        importance: torch.Tensor | None = None,
-    ) -> None:
-        self.formats = tuple(formats)
-        sizes = {f.group_size for f in self.formats}
-        if not self.formats or len(sizes) != 1 or None in sizes:
-            raise BitallocError("a column quantizer takes int formats of one group size")
-        out_features, in_features = _check_shape(tuple(shape)[-2:])
-        self.group_size = int(self.formats[0].group_size)
-        self.importance = check_importance(importance, in_features)
-        n, n_groups = len(self.formats), math.ceil(in_features / self.group_size)
-        self.shape = (out_features, in_features)
-        self._stacked = len(tuple(shape)) == 3
-        self._qmax = torch.tensor([2.0**f.bits - 1 for f in self.formats]).reshape(n, 1)
-        self._scales = torch.ones(n, out_features, n_groups)
-        self._zeros = torch.zeros(n, out_features, n_groups)
-        self._codes = torch.zeros(n, out_features, in_features, dtype=torch.uint8)
-        self._floor = torch.zeros(n, 1)
-        self._row_qmax = self._qmax.expand(n, out_features).reshape(-1)
-        self._current: tuple[int, torch.Tensor, torch.Tensor] = (-1, self._floor, self._floor)
-
-    def fit(self, start: int, block: torch.Tensor) -> None:
-        """Search the scale and zero of the group at ``start`` for each format's slice."""
-        stack = block.reshape(len(self.formats), self.shape[0], -1).to(torch.float32)
-        width = stack.shape[-1]
-        weights = None if self.importance is None else self.importance[start : start + width]
-        group = start // self.group_size
-        # Every format's rows in one search, each row with its own code range: the same
-        # arithmetic, row for row, as a search per format, in a fraction of the operations.
-        (groups,) = _split(stack.reshape(-1, width), width, weights)
-        _, scale, zero = _search(groups, 0, row_qmax=self._row_qmax)
-        self._scales[:, :, group] = scale.reshape(len(self.formats), -1).to(torch.float32)
-        self._zeros[:, :, group] = zero.reshape(len(self.formats), -1).to(torch.float32)
-        self._current = (-1, self._floor, self._floor)
-
-    def round(self, index: int, column: torch.Tensor) -> torch.Tensor:
-        """``(clamp(round(w / s) + z, 0, qmax) - z) * s`` with the group's fitted s and z."""
-        group = index // self.group_size
-        if self._current[0] != group:
-            # The group's parameters as contiguous columns, taken once per group rather than
-            # gathered from the strided table for every column.
-            self._current = (
-                group,
-                self._scales[:, :, group].contiguous(),
-                self._zeros[:, :, group].contiguous(),
-            )
-        _, scale, zero = self._current
-        x = column.reshape(len(self.formats), -1)
-        codes = torch.div(x, scale).round_().add_(zero).clamp_(min=self._floor, max=self._qmax)
-        self._codes[:, :, index] = codes
-        return codes.sub_(zero).mul_(scale).reshape(column.shape)
-
-    def quantized(self, k: int = 0) -> QuantizedWeight:
-        """Codes and group parameters of the ``k``-th format."""
-        return QuantizedWeight(
-            self._codes[k].clone(),
-            self._scales[k].to(torch.float16),
-            self._zeros[k].to(torch.float16),
-            self.group_size,
-            self.formats[k].bits,
-        )
-
-    def encode(self, k: int = 0) -> Encoded:
-        """The ``k``-th format's stored form of the rounded columns."""
-        return encode_quantized(self.formats[k], self.quantized(k))
 
 
 def dequantize(q: QuantizedWeight) -> torch.Tensor:

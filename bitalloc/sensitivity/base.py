@@ -93,6 +93,10 @@ class BaseProfiler(ABC):
       Hessians before solving). It restores every change it makes to the model (flags, modes,
       hooks), also on error, advances ``bar`` once per window or probe, and does not build
       the table.
+    - :meth:`reuse` ``(model, units, calibration, bar, importance)`` -> :class:`Statistics` or
+      None: optional; statistics that the run's importance already holds (the ``output``
+      profiler takes the input Gram matrices gathered for ``+gptq`` formats), in place of
+      :meth:`gather`.
     - :meth:`unit_losses` ``(index, statistics, palette)`` -> one row: the values of unit
       ``index`` under each format, from the statistics alone (no model forward), quantizing
       with ``statistics.importance_of(index)``; the skeleton calls it under ``torch.no_grad``
@@ -181,8 +185,11 @@ class BaseProfiler(ABC):
         bar: tqdm,
         importance: Importance | None = None,
     ) -> Statistics:
-        """Gather the statistics, then fill the table one unit at a time."""
-        stats = self.gather(model, units, calibration, bar)
+        """Gather the statistics (or take them from ``importance``: :meth:`reuse`), then fill
+        the table one unit at a time."""
+        stats = self.reuse(model, units, calibration, bar, importance)
+        if stats is None:
+            stats = self.gather(model, units, calibration, bar)
         if stats.usable == 0:
             return stats
         stats.importance = importance
@@ -209,6 +216,18 @@ class BaseProfiler(ABC):
         raise NotImplementedError(
             f"{type(self).__name__} must implement gather() and unit_losses(), or measure()"
         )
+
+    def reuse(
+        self,
+        model: nn.Module,
+        units: Sequence[Unit],
+        calibration: torch.Tensor,
+        bar: tqdm,
+        importance: Importance | None,
+    ) -> Statistics | None:
+        """Statistics built from what ``importance`` already holds (the input Gram matrices of
+        the same windows, for ``output``), or None (the default): :meth:`gather` them."""
+        return None
 
     def unit_losses(self, index: int, statistics: Statistics, palette: Sequence[Any]) -> Any:
         """Unit ``index``'s value under each format (see the class docstring)."""

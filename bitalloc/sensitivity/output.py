@@ -35,6 +35,7 @@ from bitalloc.apply import fake_quantized
 from bitalloc.config.messages import CALIBRATION_TOKENS
 from bitalloc.errors import BitallocError
 from bitalloc.formats import QuantFormat, fake_quantize_each
+from bitalloc.importance import windows_digest
 from bitalloc.models import Unit, get_linear
 from bitalloc.sensitivity.base import BaseProfiler, Statistics, spread_windows
 from bitalloc.sensitivity.profile import finite_or_none
@@ -241,15 +242,57 @@ class OutputProfiler(BaseProfiler):
             "base_loss": finite_or_none(float(np.mean(acc.losses))) if acc.losses else None,
         }
         grams = acc.grams() if acc.batches else None
-        return Statistics(
-            acc.tokens, acc.batches, acc.skipped, (acc, grams, calibration[used]), metadata
-        )
+        state = (acc.linears, grams, calibration[used], acc.losses)
+        return Statistics(acc.tokens, acc.batches, acc.skipped, state, metadata)
+
+    def reuse(
+        self,
+        model: nn.Module,
+        units: Sequence[Unit],
+        calibration: torch.Tensor,
+        bar: tqdm,
+        importance: Importance | None,
+    ) -> Statistics | None:
+        """The importance's Gram matrices when they are over exactly this profiler's windows
+        (gathered for ``+gptq`` formats with the same token count and no window skipped): then
+        only each window's loss is computed, by a plain forward pass without hooks."""
+        seq_len = calibration.shape[1]
+        picks = spread_windows(len(calibration), seq_len, self.tokens)
+        windows = calibration[picks]
+        if (
+            importance is None
+            or importance.grams is None
+            or importance.windows != windows_digest(windows)
+            or importance.tokens != windows.numel()
+            or any(u.name not in importance.grams for u in units)
+        ):
+            return None
+        bar.reset(total=len(picks))
+        losses = []
+        with _eval_mode(model), torch.inference_mode():
+            for window in windows:
+                losses.append(float(_window_loss(model, window.reshape(1, -1))))
+                bar.update()
+        if not all(math.isfinite(v) for v in losses):
+            return None  # gather() skips those windows and says so
+        grams = [importance.grams[u.name] for u in units]
+        metadata = {
+            "windows": len(picks),
+            "seq_len": seq_len,
+            "gram_matrices": len({id(g) for g in grams}),
+            "units_without_input": 0,
+            "base_loss": finite_or_none(float(np.mean(losses))),
+            "gram_source": "importance",
+        }
+        linears = [get_linear(model, u.name) for u in units]
+        state = (linears, grams, windows, losses)
+        return Statistics(int(windows.numel()), len(picks), 0, state, metadata)
 
     def unit_losses(
         self, index: int, statistics: Statistics, palette: Sequence[QuantFormat]
     ) -> list[float]:
-        acc, grams, _ = statistics.state
-        lin = acc.linears[index]
+        linears, grams, _, _ = statistics.state
+        lin = linears[index]
         return [
             output_error(lin.weight, grams[index], fq)
             for fq in fake_quantize_each(
@@ -267,10 +310,10 @@ class OutputProfiler(BaseProfiler):
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Multiply the (already capped) errors by the fitted factor; a positive factor keeps
         the order of every column."""
-        acc, _, windows = statistics.state
+        _, _, windows, losses = statistics.state
         with _eval_mode(model):
             scale, info = self._scale(
-                model, units, palette, table, windows, acc.losses, statistics.importance
+                model, units, palette, table, windows, losses, statistics.importance
             )
         return scale * table, info
 

@@ -82,9 +82,14 @@ def test_stored_layout_and_bits_are_the_base_formats():
 
 def test_passes_side_by_side_equal_single_passes_bit_for_bit():
     w, gram = weight(40, 192), correlated(192)
+    # Every width and group size in one stack (192 = 128 + a 64-column tail group), and both
+    # visiting orders.
     names = [f"int{b}-g64+gptq" for b in (2, 3, 4, 8)] + [
         "int3-g32+gptq",
+        "int2-g128+gptq",
         "int3-g64+gptq-act",
+        "int4-g128+gptq-act",
+        "int3-g32+gptq-act",
         "int4-g32",
         "fp16",
     ]

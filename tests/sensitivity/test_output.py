@@ -283,3 +283,38 @@ def test_options_and_validation():
         OutputProfiler(tokens=1.5)
     with pytest.raises(BitallocError, match="calibrate must be True or False"):
         OutputProfiler(calibrate="yes")
+
+
+def test_reuses_the_importance_gram_matrices_of_the_same_windows(tiny_model):
+    from bitalloc.importance import gather_importance
+
+    units = discover_units(tiny_model)
+    cal = _calibration(n=3)
+    profiler = OutputProfiler(tokens=96, progress=False, calibrate=True)
+    own = profiler.profile(tiny_model, units, PALETTE, cal)
+    assert "gram_source" not in own.metadata
+
+    shared = gather_importance(tiny_model, units, cal, tokens=96, progress=False, grams=True)
+    calls = []
+    original = InputGramAccumulator.add_batch
+    InputGramAccumulator.add_batch = lambda self, w: calls.append(1) or original(self, w)
+    try:
+        reused = profiler.profile(tiny_model, units, PALETTE, cal, importance=shared)
+    finally:
+        InputGramAccumulator.add_batch = original
+    assert calls == [] and reused.metadata["gram_source"] == "importance"
+    assert reused.metadata["tokens"] == own.metadata["tokens"] == 96
+    assert reused.metadata["gram_matrices"] == own.metadata["gram_matrices"]
+    assert reused.metadata["base_loss"] == pytest.approx(own.metadata["base_loss"], rel=1e-6)
+    # Same windows, same matrices up to float32 summation order and the diagonal kept at the
+    # importance vector's bfloat16 values; the weighted clipping is the same in both runs.
+    with_vectors = profiler.profile(
+        tiny_model, units, PALETTE, cal, importance=shared.without_grams()
+    )
+    assert "gram_source" not in with_vectors.metadata
+    np.testing.assert_allclose(reused.loss, with_vectors.loss, rtol=0.02, atol=1e-9)
+
+    # Other windows (another token count) are not reused.
+    fewer = gather_importance(tiny_model, units, cal, tokens=64, progress=False, grams=True)
+    other = profiler.profile(tiny_model, units, PALETTE, cal, importance=fewer)
+    assert "gram_source" not in other.metadata
