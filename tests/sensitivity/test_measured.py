@@ -12,6 +12,7 @@ from bitalloc.apply import fake_quantized
 from bitalloc.errors import BitallocError
 from bitalloc.evaluate import perplexity
 from bitalloc.formats import parse_palette
+from bitalloc.importance import gather_importance
 from bitalloc.jobs import ACTOR_PREFIX, Journal, job_key, run_jobs
 from bitalloc.models import discover_units
 from bitalloc.sensitivity import KLProfiler, MeasuredProfiler
@@ -167,6 +168,12 @@ def test_ray_workers_match_in_process_and_survive_a_killed_worker(tiny_model, tm
     jobs = [()] + [((u.name, f.name),) for u in units for f in PALETTE]
     jobs += [((u.name, "int2-g32"), (v.name, "int4-g32")) for u, v in zip(units, units[1:])]
     local = run_jobs(tiny_model, cal, layers, jobs, keep_logprobs=True, progress=False)
+    grams = gather_importance(tiny_model, units, cal, tokens=256, progress=False, grams=True)
+    gptq_jobs = [()] + [((u.name, "int2-g32+gptq"),) for u in units[:4]]
+    gptq_jobs += [((units[0].name, "int3-g32+gptq-act"), (units[5].name, "int2-g32+gptq"))]
+    gptq_local = run_jobs(
+        tiny_model, cal, layers, gptq_jobs, keep_logprobs=False, progress=False, importance=grams
+    )
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -195,8 +202,23 @@ def test_ray_workers_match_in_process_and_survive_a_killed_worker(tiny_model, tm
         ray.kill(ray.get_actor(victims[0]))
         thread.join(timeout=300)
         assert not thread.is_alive()
+        # GPTQ formats on the workers: the Gram matrices travel with the importance and give
+        # what they give in process.
+        gptq_remote = run_jobs(
+            tiny_model,
+            cal,
+            layers,
+            gptq_jobs,
+            keep_logprobs=False,
+            workers=2,
+            progress=False,
+            importance=grams,
+        )
     finally:
         ray.shutdown()
+    for key, value in gptq_local.items():
+        assert gptq_remote[key]["loss"] == pytest.approx(value["loss"], rel=1e-6), key
+    assert len({round(v["loss"], 9) for v in gptq_local.values()}) == len(gptq_jobs)
     remote = out["results"]
     assert set(remote) == {job_key(j) for j in jobs}
     for key, value in local.items():
