@@ -5,7 +5,8 @@ i.i.d. standard Gaussian weights divided by the distortion-rate bound of a unit-
 Gaussian source, D(R) = 2^(-2R), at the format's *exact* rate R (every stored bit counted:
 codes, scales, zeros, codebooks). A ratio of 1 is the limit; reference points from the
 literature: round-to-nearest at 3 bits about 2.9x, Lloyd-Max about 2.2x, trellis-coded
-quantization about 1.2x (Q-Palette, Lee et al. 2025).
+quantization about 1.2x (Q-Palette, Lee et al. 2025; QTIP, Tseng et al. 2024), which the
+``trellis`` family (``tcq{k}-l{L}``) implements.
 
 The same ratio on the default model's weights (every unit, each weight matrix normalised by its
 own variance so that D(R) applies to it as to a unit Gaussian), with and without a randomized
@@ -16,6 +17,10 @@ also holds 0, as ``int`` grids do, does not reproduce them exactly); rotation de
 alignment. Read the model columns with that in mind.
 
     .venv/bin/python benchmarks/quantizers.py [--rows 256] [--cols 4096] [--model-units 14]
+        [--model-rows 128]
+
+``--model-rows`` keeps that many rows of each model unit, evenly spaced (every format sees the
+same rows; rotation acts along the rows): the trellis search costs up to 70 µs per weight.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from bitalloc.formats import Format, format_families, parse_format
 
 START, END = "<!-- quantizers:start -->", "<!-- quantizers:end -->"
 #: Families whose members are listed (wrapping families are asked for explicitly below).
-SCALAR_FAMILIES = ("int", "fp", "codebook")
+SCALAR_FAMILIES = ("int", "fp", "codebook", "trellis")
 
 
 def candidates() -> list[Format]:
@@ -63,8 +68,9 @@ def ratio(fmt: Format, weight: torch.Tensor) -> tuple[float, float]:
     return rate, error / (variance * 2.0 ** (-2 * rate))
 
 
-def model_weights(count: int) -> list[torch.Tensor]:
-    """``count`` unit weights of the default model, spread over its layers and roles."""
+def model_weights(count: int, rows: int | None = None) -> list[torch.Tensor]:
+    """``count`` unit weights of the default model, spread over its layers and roles; with
+    ``rows``, that many of each one's rows, evenly spaced."""
     from bitalloc.models import discover_units, get_linear, load_model
 
     model = load_model().model
@@ -75,7 +81,10 @@ def model_weights(count: int) -> list[torch.Tensor]:
         min(len(units) - 1, (i * len(units)) // count // roles * roles + i % roles)
         for i in range(count)
     ]
-    return [get_linear(model, units[i].name).weight.detach().float() for i in picks]
+    weights = [get_linear(model, units[i].name).weight.detach().float() for i in picks]
+    if rows is None:
+        return weights
+    return [w[torch.linspace(0, w.shape[0] - 1, min(rows, w.shape[0])).long()] for w in weights]
 
 
 def main() -> int:
@@ -83,11 +92,12 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--model-units", type=int, default=14)
+    parser.add_argument("--model-rows", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     args = parser.parse_args()
     start = time.perf_counter()
     gaussian = torch.randn(args.rows, args.cols, generator=torch.Generator().manual_seed(0))
-    weights = model_weights(args.model_units)
+    weights = model_weights(args.model_units, args.model_rows)
     rows = []
     for fmt in candidates():
         if not (2.0 <= fmt.nominal_bits <= 8.6) or not fmt.allows(tuple(gaussian.shape)):
@@ -107,13 +117,16 @@ def main() -> int:
         "## Quantizers against the Gaussian distortion-rate limit",
         "",
         f"`.venv/bin/python benchmarks/quantizers.py --rows {args.rows} --cols {args.cols} "
-        f"--model-units {args.model_units}` on {cpu_description()}, "
+        f"--model-units {args.model_units}"
+        + (f" --model-rows {args.model_rows}" if args.model_rows else "")
+        + f"` on {cpu_description()}, "
         f"{(time.perf_counter() - start) / 60:.0f} min. Ratio = MSE / (variance x 2^(-2R)) at "
         "the format's exact rate R (all stored bits); 1.0 is the limit. Gaussian: a "
         f"{args.rows} x {args.cols} matrix of i.i.d. N(0, 1). Model: the mean ratio over "
-        f"{len(weights)} units of the default model, every role (Q4_1-dequantized weights, which "
-        "favour 32-aligned formats at 4+ bits); rotated: the same with `+rht`. The 1.5x target "
-        "needs trellis or lattice codes (QTIP, about 1.2x), which bitalloc does not have yet.",
+        f"{len(weights)} units of the default model, every role"
+        + (f" ({args.model_rows} evenly spaced rows of each)" if args.model_rows else "")
+        + " (Q4_1-dequantized weights, which favour 32-aligned formats at 4+ bits); rotated: "
+        "the same with `+rht`.",
         "",
         "| format | family | rate (bits) | Gaussian ratio | model ratio | model ratio, rotated |",
         "|---|---|---:|---:|---:|---:|",

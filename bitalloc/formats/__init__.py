@@ -49,6 +49,7 @@ from bitalloc.formats.registry import (
     unregister_family,
 )
 from bitalloc.formats.rotation import RHTFamily, RotatedFormat
+from bitalloc.formats.trellis import TrellisFamily, TrellisFormat
 from bitalloc.formats.vq import VectorFormat
 
 # The built-in families, registered once when formats are first imported.
@@ -60,6 +61,7 @@ register_family(FPFamily())
 register_family(CodebookFamily())
 register_family(GPTQFamily())
 register_family(RHTFamily())
+register_family(TrellisFamily())
 
 __all__ = [
     "EXTRA_GROUP_SIZES",
@@ -90,6 +92,8 @@ __all__ = [
     "RHTFamily",
     "RotatedFormat",
     "Section",
+    "TrellisFamily",
+    "TrellisFormat",
     "VectorFormat",
     "check_importance",
     "default_palette",

@@ -28,7 +28,7 @@ from bitalloc.formats.registry import FormatFamily
 from tests.formats.toy import UniformFamily, UniformFormat
 
 BUILT_IN = [fmt for family in format_families() for fmt in family.members()]
-BUILT_IN_FAMILIES = ["int", "float", "gguf", "ct", "fp", "codebook", "gptq", "rht"]
+BUILT_IN_FAMILIES = ["int", "float", "gguf", "ct", "fp", "codebook", "gptq", "rht", "trellis"]
 # (out, in): every group size divides 256; 200 leaves a last partial group for every size;
 # 40 is shorter than most groups; (1, 8) is a single short row.
 SHAPES = [(4, 256), (6, 200), (3, 40), (1, 8)]
@@ -187,7 +187,7 @@ def test_the_built_in_families_and_their_members():
     # int: 6 widths x 5 group sizes; float: fp16; gguf: 18 llama.cpp types; ct: 15 schemes;
     # fp: 15 element/scaling pairs; gptq: 4 widths x 2 group sizes + one in activation order;
     # codebook: NF 6, Lloyd-Max 12, VQ 6; rht: 3 widths x 2 group sizes + one with another seed.
-    assert len(BUILT_IN) == 6 * 5 + 1 + 18 + 15 + 15 + 24 + 9 + 7
+    assert len(BUILT_IN) == 6 * 5 + 1 + 18 + 15 + 15 + 24 + 9 + 7 + 6
     assert {f.name for f in default_palette()} < {f.name for f in BUILT_IN}
 
 
