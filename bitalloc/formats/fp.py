@@ -70,7 +70,7 @@ from bitalloc.formats.encoding import (
     unpack_codes,
     unpack_fp16,
 )
-from bitalloc.formats.integer import _check_shape, _group_weights
+from bitalloc.formats.int_grid import _check_shape, _group_weights
 from bitalloc.formats.registry import FormatFamily
 
 

@@ -12,20 +12,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats.base import ColumnQuantizer, check_importance
 from bitalloc.formats.encoding import Encoded
-from bitalloc.formats.integer import (
-    QuantFormat,
+from bitalloc.formats.int_grid import (
     QuantizedWeight,
     _check_shape,
     _search,
     _split,
     encode_quantized,
 )
+
+if TYPE_CHECKING:
+    from bitalloc.formats.integer import QuantFormat
 
 
 class IntColumnQuantizer(ColumnQuantizer):

@@ -20,8 +20,8 @@ from bitalloc.formats import (
     parse_palette,
     quantize_each,
 )
-from bitalloc.formats import integer as formats_module
-from bitalloc.formats.integer import _first_minimum
+from bitalloc.formats import int_grid as formats_module
+from bitalloc.formats.int_grid import _first_minimum
 
 
 def test_default_palette_names_and_order():

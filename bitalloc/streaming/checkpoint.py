@@ -1,0 +1,218 @@
+"""A Hugging Face checkpoint read tensor by tensor: its config, and every tensor's shard, dtype
+and shape, without loading a weight until it is asked for.
+
+Shards are safetensors files, memory-mapped by the ``safetensors`` package: reading one tensor
+touches only its own bytes, and a tensor comes back in its stored dtype (bf16 and fp16 kept as
+they are) unless a dtype is asked for. ``model.safetensors.index.json`` maps tensor names to
+shards when there are several; a single ``model.safetensors`` (or any ``*.safetensors`` files
+without an index) is read the same way. The index is checked against the shards on opening:
+a missing shard, or a tensor the index lists but its shard does not hold, is an error that says
+which.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitalloc.errors import BitallocError
+
+INDEX = "model.safetensors.index.json"
+
+#: safetensors dtype names -> torch dtypes.
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor is and what it is, read from its shard's header."""
+
+    name: str
+    shard: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes."""
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Checkpoint:
+    """A Hugging Face directory's config and safetensors tensors, read lazily (see the module
+    docstring). Use as a context manager, or call :meth:`close`, to release the open shards."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise BitallocError(f"{self.path} is not a directory; pass a Hugging Face model folder")
+        config = self.path / "config.json"
+        if not config.is_file():
+            raise BitallocError(f"{self.path} has no config.json; pass a Hugging Face model folder")
+        try:
+            self.config_dict: dict[str, Any] = json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BitallocError(f"{config} is not valid JSON ({exc}); fix or replace it") from None
+        self.tensors: dict[str, TensorInfo] = _read_headers(self.path)
+        self._stack = ExitStack()
+        self._open: dict[str, Any] = {}
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release every open shard."""
+        self._stack.close()
+        self._open.clear()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self, prefix: str = "") -> list[str]:
+        """Tensor names starting with ``prefix``, in the shards' order."""
+        return [n for n in self.tensors if n.startswith(prefix)]
+
+    @property
+    def shards(self) -> list[str]:
+        """Shard file names, each once."""
+        return list(dict.fromkeys(t.shard for t in self.tensors.values()))
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of every tensor."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def info(self, name: str) -> TensorInfo:
+        """The tensor's shard, dtype and shape; a clear error when there is no such tensor."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise BitallocError(
+                f"the checkpoint in {self.path} has no tensor {name!r}; it is not the model "
+                "its config describes, or a shard is incomplete"
+            ) from None
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``name``, in its stored dtype or ``dtype`` (a fresh tensor: the shard's
+        memory map is not kept alive by it)."""
+        info = self.info(name)
+        handle = self._handle(info.shard)
+        value = handle.get_tensor(name)
+        if dtype is not None and value.dtype != dtype:
+            return value.to(dtype)
+        return value.clone()
+
+    def state_dict(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor under ``prefix`` (``model.layers.3.``), keyed without the prefix."""
+        return {n[len(prefix) :]: self.tensor(n, dtype) for n in self.names(prefix)}
+
+    def iter_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, one at a time, shard by shard."""
+        for name in self.tensors:
+            yield name, self.tensor(name, dtype)
+
+    def _handle(self, shard: str) -> Any:
+        if shard not in self._open:
+            from safetensors import safe_open
+
+            self._open[shard] = self._stack.enter_context(
+                safe_open(str(self.path / shard), framework="pt")
+            )
+        return self._open[shard]
+
+
+def _read_headers(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor's info, from the index (checked against the shards) or the shards alone."""
+    index = path / INDEX
+    if index.is_file():
+        try:
+            weight_map: Mapping[str, str] = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BitallocError(
+                f"{index} is not a safetensors index ({type(exc).__name__}: {exc}); fix or "
+                "remove it"
+            ) from None
+        shards = list(dict.fromkeys(weight_map.values()))
+    else:
+        weight_map = {}
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+        if not shards:
+            pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+            hint = f" (found {pickled}: pickled weights are refused)" if pickled else ""
+            raise BitallocError(
+                f"{path} holds no *.safetensors weights{hint}; convert the checkpoint to "
+                "safetensors"
+            )
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise BitallocError(
+            f"{path} lacks the shard(s) {missing} that {INDEX} lists; download or copy every "
+            "shard of the checkpoint"
+        )
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for name, (dtype, shape) in _shard_header(path / shard).items():
+            if weight_map and weight_map.get(name) != shard:
+                continue  # the index places it elsewhere (or not at all): the index rules
+            tensors[name] = TensorInfo(name, shard, dtype, shape)
+    absent = [n for n in weight_map if n not in tensors]
+    if absent:
+        raise BitallocError(
+            f"{INDEX} in {path} lists {len(absent)} tensor(s) that their shards do not hold, "
+            f"e.g. {absent[0]!r} in {weight_map[absent[0]]}; the shard is damaged or from "
+            "another checkpoint"
+        )
+    return tensors
+
+
+def _shard_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name -> (dtype, shape) from a safetensors file's JSON header (the weights unread)."""
+    try:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size <= 100 << 20:
+                raise ValueError(f"header length {size}")
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError) as exc:
+        raise BitallocError(
+            f"{path} is not a safetensors file ({exc}); the shard is damaged, replace it"
+        ) from None
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise BitallocError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        out[name] = (dtype, tuple(int(s) for s in entry["shape"]))
+    return out

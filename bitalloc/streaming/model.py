@@ -1,0 +1,198 @@
+"""A causal LM that is never whole in memory: decoder layers are loaded from the checkpoint one
+at a time, in float32, run over the calibration activations and released.
+
+The model's structure is built on PyTorch's ``meta`` device from its config (no memory), which
+gives every unit's name and shape (:func:`~bitalloc.models.discover_units` works on it as on a
+loaded model). What runs:
+
+- the **shell**: the embedding, the final norm, the output head and the rotary embedding, kept
+  in the checkpoint's dtype (bf16 stays bf16: a 128k-token vocabulary is 0.8 GB per matrix at
+  3B parameters, twice that in float32); rows are turned to float32 as they are used;
+- **one decoder layer at a time** (:meth:`StreamedModel.layer`), its tensors read from the
+  memory-mapped shards and turned to float32, released (back to ``meta``) on leaving.
+
+Every computation is float32, as in the in-memory path, so a streamed measurement equals the
+in-memory one up to float summation order. Supported: Llama-family layouts (``model.embed_tokens``,
+``model.layers``, ``model.norm``, ``lm_head``, ``model.rotary_emb``: Llama, Mistral, Qwen2/3);
+another layout is refused with an error that names what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitalloc.errors import BitallocError
+from bitalloc.models import Unit, discover_units
+from bitalloc.streaming.checkpoint import Checkpoint
+
+#: Output-head rows turned to float32 at once when computing the loss (bounds its memory).
+HEAD_ROWS = 8192
+
+LayerInputs = list[tuple[tuple, dict[str, Any]]]
+
+
+class _Stop(Exception):
+    """Raised by the hook that catches the first layer's inputs."""
+
+
+class StreamedModel:
+    """A checkpoint directory as a model run layer by layer (see the module docstring)."""
+
+    def __init__(self, path: str | Path):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.checkpoint = Checkpoint(path)
+        try:
+            self.config = AutoConfig.from_pretrained(
+                self.checkpoint.path, local_files_only=True, trust_remote_code=False
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise BitallocError(f"could not read the config in {path}: {exc}") from None
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
+        self.skeleton.eval()
+        inner = getattr(self.skeleton, "model", None)
+        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+        absent = [a for a in needed if inner is None or not hasattr(inner, a)]
+        if absent or not hasattr(self.skeleton, "lm_head"):
+            raise BitallocError(
+                f"{type(self.skeleton).__name__} is not a Llama-family layout (no "
+                f"{', '.join(f'model.{a}' for a in absent) or 'lm_head'}); streaming supports "
+                "models with model.embed_tokens, model.layers, model.norm, model.rotary_emb "
+                "and lm_head; load smaller models whole instead"
+            )
+        self.units: list[Unit] = discover_units(self.skeleton)
+        self.layers: nn.ModuleList = inner.layers
+        self._shell_loaded = False
+
+    # --- the shell ------------------------------------------------------------------------
+    def _load_shell(self) -> None:
+        if self._shell_loaded:
+            return
+        inner = self.skeleton.model
+        embed_name = "model.embed_tokens.weight"
+        embed = self.checkpoint.tensor(embed_name)
+        inner.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)
+        inner.norm.to_empty(device="cpu")
+        for name, value in self.checkpoint.state_dict("model.norm.", torch.float32).items():
+            inner.norm.get_parameter(name).data.copy_(value)
+        head = "lm_head.weight"
+        if head in self.checkpoint:
+            weight = self.checkpoint.tensor(head)
+        elif getattr(self.config, "tie_word_embeddings", False):
+            weight = embed
+        else:
+            raise BitallocError(
+                f"the checkpoint in {self.checkpoint.path} has no {head} and its config does not "
+                "tie it to the embedding; a shard is missing"
+            )
+        self.skeleton.lm_head.weight = nn.Parameter(weight, requires_grad=False)
+        # The rotary embedding's frequencies are computed, not stored: build it on the CPU.
+        inner.rotary_emb = type(inner.rotary_emb)(config=self.config)
+        self._shell_loaded = True
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Float32 input embeddings of token ids (batch, seq)."""
+        self._load_shell()
+        return F.embedding(ids, self.skeleton.model.embed_tokens.weight).to(torch.float32)
+
+    def first_layer_inputs(self, windows: torch.Tensor, batch: int = 4) -> LayerInputs:
+        """(args, kwargs) of the first decoder layer's call for each batch of windows (the
+        attention mask, positions and rotary embedding every layer receives), computed by the
+        model's own forward in float32 and stopped at the first layer."""
+        self._load_shell()
+        caught: LayerInputs = []
+
+        def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            caught.append((args, dict(kwargs)))
+            raise _Stop
+
+        handle = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(windows), batch):
+                    ids = windows[start : start + batch]
+                    with contextlib.suppress(_Stop):
+                        self.skeleton.model(inputs_embeds=self.embed(ids), use_cache=False)
+        finally:
+            handle.remove()
+        return caught
+
+    def loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss per window (batch,) from the last layer's output."""
+        self._load_shell()
+        normed = self.skeleton.model.norm(hidden)[:, :-1]
+        head = self.skeleton.lm_head.weight
+        logits = torch.cat(
+            [
+                F.linear(normed, head[start : start + HEAD_ROWS].to(torch.float32))
+                for start in range(0, head.shape[0], HEAD_ROWS)
+            ],
+            dim=-1,
+        )
+        targets = ids[:, 1:]
+        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        return per_token.mean(dim=1)
+
+    # --- layers ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index`` loaded in float32 for the ``with`` block, released after."""
+        module = self.layers[index]
+        prefix = f"model.layers.{index}."
+        module.to_empty(device="cpu")
+        try:
+            state = self.checkpoint.state_dict(prefix, torch.float32)
+            missing, unexpected = module.load_state_dict(state, strict=False)
+            if missing:
+                raise BitallocError(
+                    f"the checkpoint in {self.checkpoint.path} has no {prefix}{missing[0]} "
+                    f"({len(missing)} tensor(s) of layer {index} missing); a shard is incomplete"
+                )
+            if unexpected:
+                raise BitallocError(
+                    f"the checkpoint holds {prefix}{unexpected[0]}, which the config's layer "
+                    "does not have; the config is not this checkpoint's"
+                )
+            yield module
+        finally:
+            module.to("meta")
+
+    def layer_units(self, index: int) -> list[Unit]:
+        """The units of decoder layer ``index``, in order."""
+        return [u for u in self.units if u.layer == index]
+
+    def layer_bytes(self, index: int) -> int:
+        """Stored bytes of layer ``index``'s tensors."""
+        prefix = f"model.layers.{index}."
+        return sum(self.checkpoint.info(n).nbytes for n in self.checkpoint.names(prefix))
+
+    def close(self) -> None:
+        """Release the open shards."""
+        self.checkpoint.close()
+
+
+def run_layer(layer: nn.Module, inputs: Sequence[tuple[tuple, dict[str, Any]]]) -> LayerInputs:
+    """The layer's output for each batch, as the next layer's (args, kwargs)."""
+    out: LayerInputs = []
+    for args, kwargs in inputs:
+        result = layer(*args, **kwargs)
+        hidden = result[0] if isinstance(result, tuple) else result
+        if args:
+            out.append(((hidden, *args[1:]), kwargs))
+        else:
+            out.append(((), {**kwargs, "hidden_states": hidden}))
+    return out
+
+
+def hidden_of(inputs: tuple[tuple, dict[str, Any]]) -> torch.Tensor:
+    """The hidden states of one batch's (args, kwargs)."""
+    args, kwargs = inputs
+    return args[0] if args else kwargs["hidden_states"]

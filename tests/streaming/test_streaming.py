@@ -1,0 +1,130 @@
+"""Streaming a checkpoint layer by layer: the sharded checkpoint is read tensor by tensor and
+checked against its index, a streamed forward gives the whole model's losses, the streamed
+``output`` profile equals the in-memory one, and broken checkpoints are refused clearly."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from bitalloc.errors import BitallocError
+from bitalloc.formats import parse_palette
+from bitalloc.importance import gather_importance
+from bitalloc.models import discover_units
+from bitalloc.sensitivity.output import OutputProfiler
+from bitalloc.streaming.checkpoint import INDEX, Checkpoint
+from bitalloc.streaming.model import StreamedModel, hidden_of, run_layer
+from bitalloc.streaming.profile import streamed_output_profile
+from tests.conftest import make_tiny_llama, random_windows
+
+PALETTE = parse_palette("int2-g32,int3-g32,int4-g32,int8-g32,int3-g32+gptq,fp16")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A 3-layer tiny Llama saved in bf16 over several shards (untied head)."""
+    path = tmp_path_factory.mktemp("sharded")
+    model = make_tiny_llama(layers=3, tie_word_embeddings=False)
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="60KB")
+    assert len(list(path.glob("*.safetensors"))) > 2
+    return path
+
+
+def _whole(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_checkpoint_reads_tensors_lazily_in_their_dtype(sharded):
+    with Checkpoint(sharded) as ckpt:
+        name = "model.layers.1.mlp.down_proj.weight"
+        info = ckpt.info(name)
+        assert info.dtype == torch.bfloat16 and info.shape == (64, 96)
+        assert ckpt.tensor(name).dtype == torch.bfloat16
+        assert ckpt.tensor(name, torch.float32).dtype == torch.float32
+        assert set(ckpt.state_dict("model.layers.2.")) >= {"mlp.up_proj.weight"}
+        assert ckpt.nbytes == sum(t.nbytes for t in ckpt.tensors.values())
+        with pytest.raises(BitallocError, match="no tensor 'nope'"):
+            ckpt.info("nope")
+
+
+def test_streamed_forward_gives_the_whole_models_losses(sharded):
+    ids = random_windows(seed=0, n=4, seq_len=32)
+    whole = _whole(sharded)
+    with torch.no_grad():
+        logits = whole(input_ids=ids).logits[:, :-1]
+        expected = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), ids[:, 1:], reduction="none"
+        ).mean(1)
+    streamed = StreamedModel(sharded)
+    assert [u.name for u in streamed.units] == [u.name for u in discover_units(whole)]
+    inputs = streamed.first_layer_inputs(ids, batch=2)
+    with torch.no_grad():
+        for index in range(3):
+            with streamed.layer(index) as layer:
+                inputs = run_layer(layer, inputs)
+            # Released: the layer holds no real tensors between uses.
+            assert all(p.is_meta for p in streamed.layers[index].parameters())
+        got = torch.cat(
+            [streamed.loss(hidden_of(b), ids[2 * k : 2 * k + 2]) for k, b in enumerate(inputs)]
+        )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_streamed_output_profile_equals_the_in_memory_one(sharded):
+    cal = random_windows(seed=0, n=8, seq_len=32)
+    streamed, recorded = streamed_output_profile(
+        StreamedModel(sharded), PALETTE, cal, tokens=256, progress=False
+    )
+    whole = _whole(sharded)
+    units = discover_units(whole)
+    importance = gather_importance(whole, units, cal, tokens=256, progress=False, grams=True)
+    expected = OutputProfiler(tokens=256, progress=False).profile(
+        whole, units, PALETTE, cal, importance=importance
+    )
+    assert streamed.units == expected.units and streamed.formats == expected.formats
+    assert streamed.metadata["scale_source"] == expected.metadata["scale_source"] == "calibrated"
+    assert streamed.metadata["scale"] == pytest.approx(expected.metadata["scale"], rel=1e-3)
+    assert streamed.metadata["tokens"] == expected.metadata["tokens"] == 256
+    np.testing.assert_allclose(streamed.loss, expected.loss, rtol=1e-3, atol=1e-12)
+    assert recorded.windows == importance.windows
+    for name in importance.values:
+        assert torch.equal(recorded.values[name], importance.values[name])
+    # GPTQ is scored with the Gram matrix: below rounding at the same bits, unit by unit.
+    gptq, rtn = PALETTE.index(parse_palette("int3-g32+gptq")[0]), 1
+    assert (streamed.loss[:, gptq] <= streamed.loss[:, rtn] * 1.0001).all()
+
+
+def test_missing_shards_and_absent_tensors_are_refused(sharded, tmp_path):
+    import shutil
+
+    broken = tmp_path / "missing"
+    shutil.copytree(sharded, broken)
+    shard = sorted(broken.glob("*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(BitallocError, match=f"lacks the shard.*{shard.name}"):
+        Checkpoint(broken)
+
+    lying = tmp_path / "lying"
+    shutil.copytree(sharded, lying)
+    index = json.loads((lying / INDEX).read_text())
+    index["weight_map"]["model.layers.9.mlp.up_proj.weight"] = next(
+        iter(index["weight_map"].values())
+    )
+    (lying / INDEX).write_text(json.dumps(index))
+    with pytest.raises(BitallocError, match="do not hold.*layers.9"):
+        Checkpoint(lying)
+
+    torn = tmp_path / "torn"
+    shutil.copytree(sharded, torn)
+    first = sorted(torn.glob("*.safetensors"))[0]
+    first.write_bytes(b"\xff" * 16)
+    with pytest.raises(BitallocError, match="not a safetensors file"):
+        Checkpoint(torn)
+
+    with pytest.raises(BitallocError, match="no config.json"):
+        Checkpoint(tmp_path)
