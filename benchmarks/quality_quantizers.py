@@ -30,7 +30,13 @@ from bitalloc.allocator import (
 from bitalloc.evaluate import perplexity
 from bitalloc.solvers import solve
 
-START, END = "<!-- quality-quantizers:start -->", "<!-- quality-quantizers:end -->"
+
+def markers(tokens: int) -> tuple[str, str]:
+    """The BENCHMARKS.md section of one evaluation length (each length keeps its own)."""
+    name = f"quality-quantizers-{tokens}"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
 BITS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128)
 
@@ -86,9 +92,10 @@ def main() -> int:
     began = time.perf_counter()
     rtn = run("", args, budgets)
     gptq = run("+gptq", args, budgets)
+    start_marker, end_marker = markers(args.eval_tokens)
     lines = [
-        START,
-        "## Quality with GPTQ formats (default model)",
+        start_marker,
+        f"## Quality with GPTQ formats (default model, {args.eval_tokens} evaluation tokens)",
         "",
         f"`.venv/bin/python benchmarks/quality_quantizers.py --eval-tokens {args.eval_tokens} "
         f"--budgets {args.budgets}` on {cpu_description()}, torch {torch.__version__} "
@@ -122,9 +129,9 @@ def main() -> int:
         f"{gptq['profile_s']:.0f} s; sequential apply "
         + ", ".join(f"{gptq['rows'][b]['sequential_s']:.0f} s" for b in budgets)
         + ".",
-        END,
+        end_marker,
     ]
-    write_section(args.out, START, END, "\n".join(lines))
+    write_section(args.out, start_marker, end_marker, "\n".join(lines))
     print("\n".join(lines))
     return 0
 
