@@ -128,3 +128,42 @@ def test_missing_shards_and_absent_tensors_are_refused(sharded, tmp_path):
 
     with pytest.raises(BitallocError, match="no config.json"):
         Checkpoint(tmp_path)
+
+
+def test_streamed_allocation_equals_the_in_memory_one(sharded, tmp_path):
+    from bitalloc.allocation import Allocation
+    from bitalloc.planning import build_problem, to_allocation
+    from bitalloc.solvers import solve
+    from bitalloc.streaming.allocate import allocate_streamed
+
+    cal = random_windows(seed=0, n=8, seq_len=32)
+    streamed = allocate_streamed(
+        sharded, 4.0, formats=[f.name for f in PALETTE], windows=cal, tokens=256, progress=False
+    )
+    whole = _whole(sharded)
+    units = discover_units(whole)
+    importance = gather_importance(whole, units, cal, tokens=256, progress=False, grams=True)
+    profile = OutputProfiler(tokens=256, progress=False).profile(
+        whole, units, PALETTE, cal, importance=importance
+    )
+    expected = to_allocation(
+        units, PALETTE, profile, solve(build_problem(units, PALETTE, profile, 4.0)), 4.0, model="x"
+    )
+    assert streamed.formats == expected.formats
+    assert streamed.avg_bits <= 4.0 and streamed.avg_bits == expected.avg_bits
+    # The head and embedding are outside the allocation and reported.
+    assert {"lm_head.weight", "model.embed_tokens.weight"} <= {
+        e.name for e in streamed.data.excluded
+    }
+    # The importance that weighted the clipping is recorded, so applying repeats it.
+    streamed.save(tmp_path / "a.json")
+    reloaded = Allocation.load(tmp_path / "a.json")
+    unit, name = next(
+        (n, f) for n, f in streamed.formats.items() if f.startswith("int") and "+" not in f
+    )
+    original = whole.get_submodule(unit).weight.detach().clone()
+    applied = reloaded.apply(whole, calibration=cal)
+    expected_weight = PALETTE[[f.name for f in PALETTE].index(name)].fake_quantize(
+        original, importance.values[unit]
+    )
+    assert torch.equal(applied.get_submodule(unit).weight, expected_weight)

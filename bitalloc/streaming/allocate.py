@@ -1,0 +1,87 @@
+"""An allocation of a checkpoint too large to load: the streamed ``output`` profile
+(:mod:`bitalloc.streaming.profile`), then the same problem and solvers as the in-memory path
+(they work on arrays alone).
+
+Calibration text is tokenized with the checkpoint's own tokenizer (``calibration`` text, or
+the embedded default text when None) into windows of ``seq_len`` tokens; ``windows`` given
+directly (token ids, (n, seq_len)) skip that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from bitalloc.allocation import Allocation
+from bitalloc.errors import BitallocError
+from bitalloc.formats import default_palette, parse_palette
+from bitalloc.importance import IMPORTANCE_TOKENS
+from bitalloc.planning import build_problem, to_allocation
+from bitalloc.solvers import solve
+from bitalloc.streaming.model import StreamedModel
+from bitalloc.streaming.profile import streamed_output_profile
+
+DEFAULT_SEQ_LEN = 512
+
+
+def allocate_streamed(
+    path: str | Path,
+    avg_bits: float,
+    *,
+    formats: str | Sequence[str] | None = None,
+    calibration: str | None = None,
+    windows: torch.Tensor | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    tokens: int = IMPORTANCE_TOKENS,
+    solver: str = "lagrangian",
+    ties: str | Sequence[str] | None = None,
+    progress: bool = True,
+) -> Allocation:
+    """Allocate ``avg_bits`` over the units of the checkpoint at ``path`` without loading it
+    whole: one decoder layer in float32 at a time (see the module docstring)."""
+    model = StreamedModel(path)
+    try:
+        palette = parse_palette(formats) if formats is not None else default_palette()
+        if windows is None:
+            windows = _calibration_windows(model.checkpoint.path, calibration, seq_len)
+        profile, importance = streamed_output_profile(
+            model, palette, windows, tokens=tokens, progress=progress
+        )
+        problem = build_problem(model.units, palette, profile, avg_bits, ties=ties)
+        solution = solve(problem, method=solver)
+        excluded = {
+            name: info.numel
+            for name, info in model.checkpoint.tensors.items()
+            if name.removesuffix(".weight") not in {u.name for u in model.units}
+        }
+        allocation = to_allocation(
+            model.units,
+            palette,
+            profile,
+            solution,
+            avg_bits,
+            model=str(model.checkpoint.path),
+            excluded=excluded,
+        )
+        # The importance weighted every clipping search: applying the allocation repeats it.
+        return allocation.with_importance(importance)
+    finally:
+        model.close()
+
+
+def _calibration_windows(path: Path, text: str | None, seq_len: int) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from bitalloc.data import default_text, text_prefix, tokenize, windows
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BitallocError(
+            f"{path} has no usable tokenizer ({exc}); add its tokenizer files or pass windows="
+        ) from None
+    body = default_text().calibration if text is None else text
+    ids = tokenize(tokenizer, body)
+    return windows(ids, seq_len, prefix=text_prefix(tokenizer))
