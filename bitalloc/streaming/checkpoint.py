@@ -13,8 +13,7 @@ which.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,7 @@ class TensorInfo:
 
 class Checkpoint:
     """A Hugging Face directory's config and safetensors tensors, read lazily (see the module
-    docstring). Use as a context manager, or call :meth:`close`, to release the open shards."""
+    docstring)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -81,8 +80,6 @@ class Checkpoint:
         except (OSError, json.JSONDecodeError) as exc:
             raise BitallocError(f"{config} is not valid JSON ({exc}); fix or replace it") from None
         self.tensors: dict[str, TensorInfo] = _read_headers(self.path)
-        self._stack = ExitStack()
-        self._open: dict[str, Any] = {}
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -91,9 +88,7 @@ class Checkpoint:
         self.close()
 
     def close(self) -> None:
-        """Release every open shard."""
-        self._stack.close()
-        self._open.clear()
+        """Nothing stays open between reads; kept so that a checkpoint is a context manager."""
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -123,32 +118,40 @@ class Checkpoint:
             ) from None
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The tensor ``name``, in its stored dtype or ``dtype`` (a fresh tensor: the shard's
-        memory map is not kept alive by it)."""
-        info = self.info(name)
-        handle = self._handle(info.shard)
-        value = handle.get_tensor(name)
-        if dtype is not None and value.dtype != dtype:
-            return value.to(dtype)
-        return value.clone()
+        """The tensor ``name``, in its stored dtype or ``dtype``."""
+        return self.read([name], dtype)[name]
+
+    def read(
+        self, names: Sequence[str], dtype: torch.dtype | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, each shard opened once and closed after: a shard's memory map
+        is not kept, so the pages read do not stay resident (they count in the resident set
+        for as long as the map exists)."""
+        from safetensors import safe_open
+
+        by_shard: dict[str, list[str]] = {}
+        for name in names:
+            by_shard.setdefault(self.info(name).shard, []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for shard, members in by_shard.items():
+            with safe_open(str(self.path / shard), framework="pt") as handle:
+                for name in members:
+                    value = handle.get_tensor(name)
+                    # A copy either way: the map is closed when the block ends.
+                    out[name] = (
+                        value.to(dtype) if dtype not in (None, value.dtype) else value.clone()
+                    )
+        return {name: out[name] for name in names}
 
     def state_dict(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Every tensor under ``prefix`` (``model.layers.3.``), keyed without the prefix."""
-        return {n[len(prefix) :]: self.tensor(n, dtype) for n in self.names(prefix)}
+        names = self.names(prefix)
+        return {n[len(prefix) :]: t for n, t in self.read(names, dtype).items()}
 
     def iter_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, one at a time, shard by shard."""
+        """Every tensor, one at a time."""
         for name in self.tensors:
             yield name, self.tensor(name, dtype)
-
-    def _handle(self, shard: str) -> Any:
-        if shard not in self._open:
-            from safetensors import safe_open
-
-            self._open[shard] = self._stack.enter_context(
-                safe_open(str(self.path / shard), framework="pt")
-            )
-        return self._open[shard]
 
 
 def _read_headers(path: Path) -> dict[str, TensorInfo]:

@@ -126,20 +126,25 @@ class StreamedModel:
         return caught
 
     def loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss per window (batch,) from the last layer's output."""
+        """Mean next-token loss per window (batch,) from the last layer's output.
+
+        The logits are never whole: the head is read :data:`HEAD_ROWS` rows at a time (turned
+        to float32 a block at a time) and each block's log-sum-exp is folded into a running
+        one, so the memory is tokens x :data:`HEAD_ROWS` floats whatever the vocabulary."""
         self._load_shell()
         normed = self.skeleton.model.norm(hidden)[:, :-1]
+        flat = normed.reshape(-1, normed.shape[-1])
+        targets = ids[:, 1:].reshape(-1)
         head = self.skeleton.lm_head.weight
-        logits = torch.cat(
-            [
-                F.linear(normed, head[start : start + HEAD_ROWS].to(torch.float32))
-                for start in range(0, head.shape[0], HEAD_ROWS)
-            ],
-            dim=-1,
-        )
-        targets = ids[:, 1:]
-        per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        return per_token.mean(dim=1)
+        total = torch.full((flat.shape[0],), float("-inf"))
+        picked = torch.zeros(flat.shape[0])
+        for start in range(0, head.shape[0], HEAD_ROWS):
+            logits = F.linear(flat, head[start : start + HEAD_ROWS].to(torch.float32))
+            total = torch.logaddexp(total, torch.logsumexp(logits, dim=-1))
+            inside = (targets >= start) & (targets < start + logits.shape[1])
+            rows = torch.nonzero(inside).flatten()
+            picked[rows] = logits[rows, targets[rows] - start]
+        return (total - picked).reshape(ids.shape[0], -1).mean(dim=1)
 
     # --- layers ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -147,10 +152,11 @@ class StreamedModel:
         """Decoder layer ``index`` loaded in float32 for the ``with`` block, released after."""
         module = self.layers[index]
         prefix = f"model.layers.{index}."
-        module.to_empty(device="cpu")
         try:
             state = self.checkpoint.state_dict(prefix, torch.float32)
-            missing, unexpected = module.load_state_dict(state, strict=False)
+            # assign: the tensors read become the parameters (no second float32 copy).
+            missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+            del state
             if missing:
                 raise BitallocError(
                     f"the checkpoint in {self.checkpoint.path} has no {prefix}{missing[0]} "

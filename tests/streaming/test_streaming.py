@@ -52,7 +52,11 @@ def test_checkpoint_reads_tensors_lazily_in_their_dtype(sharded):
             ckpt.info("nope")
 
 
-def test_streamed_forward_gives_the_whole_models_losses(sharded):
+def test_streamed_forward_gives_the_whole_models_losses(sharded, monkeypatch):
+    import bitalloc.streaming.model as streaming_model
+
+    # The head in blocks of 100 rows (vocabulary 256: two full blocks and a short one).
+    monkeypatch.setattr(streaming_model, "HEAD_ROWS", 100)
     ids = random_windows(seed=0, n=4, seq_len=32)
     whole = _whole(sharded)
     with torch.no_grad():
