@@ -38,6 +38,7 @@ from bitalloc.errors import BitallocError
 from bitalloc.export.command import add_export_parser
 from bitalloc.packed_cli import add_apply_parser, add_generate_parser
 from bitalloc.search.cli import add_search_parser
+from bitalloc.streaming.cli import add_streaming_parsers
 
 if TYPE_CHECKING:
     from bitalloc.allocation import Allocation
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_apply_parser(sub)
     add_generate_parser(sub)
     add_export_parser(sub)
+    add_streaming_parsers(sub)
     return parser
 
 

@@ -171,3 +171,29 @@ def test_streamed_allocation_equals_the_in_memory_one(sharded, tmp_path):
         original, importance.values[unit]
     )
     assert torch.equal(applied.get_submodule(unit).weight, expected_weight)
+
+
+def test_resource_plan_counts_one_layer_and_divides_scoring_over_workers(sharded):
+    from bitalloc.streaming.resources import Speed, plan_streamed
+
+    speed = Speed(flops=1e10, rounding=1e7)
+    one = plan_streamed(sharded, "int2-g32,int4-g32,fp16", 256, seq_len=32, speed=speed)
+    four = plan_streamed(sharded, "int2-g32,int4-g32,fp16", 256, seq_len=32, workers=4, speed=speed)
+    layer_params = sum(u.numel for u in StreamedModel(sharded).layer_units(0))
+    assert one.memory["one layer (float32)"] == 4 * layer_params
+    assert one.memory["embedding and head"] == 2 * 256 * 64 * 2  # bf16, untied
+    assert one.peak_bytes == sum(one.memory.values()) > 4 * layer_params
+    scoring = "scoring (formats x units)"
+    assert four.seconds[scoring] == pytest.approx(one.seconds[scoring] / 4)
+    assert four.seconds["forward and statistics"] == one.seconds["forward and statistics"]
+    assert "total" in one.table()
+
+
+def test_command_line_plan_and_a_clear_error_without_a_tokenizer(sharded, capsys):
+    from bitalloc.cli import main
+
+    assert main(["plan-resources", "--model", str(sharded), "--tokens", "64"]) == 0
+    assert "MiB" in capsys.readouterr().out
+    code = main(["allocate-streamed", "--model", str(sharded), "--avg-bits", "4", "--quiet"])
+    assert code == 2
+    assert "no usable tokenizer" in capsys.readouterr().err
