@@ -197,3 +197,56 @@ def test_command_line_plan_and_a_clear_error_without_a_tokenizer(sharded, capsys
     code = main(["allocate-streamed", "--model", str(sharded), "--avg-bits", "4", "--quiet"])
     assert code == 2
     assert "no usable tokenizer" in capsys.readouterr().err
+
+
+class _NoTokenizer:
+    """Stands in for a tokenizer the in-memory export requires (the tiny model has none)."""
+
+    def save_pretrained(self, directory):
+        return ()
+
+
+def test_streamed_compressed_tensors_export_equals_the_in_memory_one(sharded, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from bitalloc.export.compressed_tensors import export_compressed_tensors
+    from bitalloc.streaming.allocate import allocate_streamed
+    from bitalloc.streaming.export import export_compressed_tensors_streamed
+
+    cal = random_windows(seed=0, n=8, seq_len=32)
+    alloc = allocate_streamed(
+        sharded,
+        5.0,
+        formats="ct:int4-g32,ct:nvfp4,fp16",
+        windows=cal,
+        tokens=256,
+        progress=False,
+    )
+    assert {f for f in alloc.formats.values()} & {"ct:int4-g32", "ct:nvfp4"}
+    streamed = export_compressed_tensors_streamed(alloc, sharded, tmp_path / "streamed")
+    whole = export_compressed_tensors(
+        alloc, _whole(sharded), _NoTokenizer(), tmp_path / "whole", progress=False
+    )
+    assert streamed.unit_bytes == whole.unit_bytes
+    index = json.loads((tmp_path / "streamed" / INDEX).read_text())["weight_map"]
+    assert len(set(index.values())) == 4  # the outer tensors and one shard per layer
+    written = {}
+    for shard in set(index.values()):
+        written.update(load_file(str(tmp_path / "streamed" / shard)))
+    expected = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    assert set(written) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(written[name], value), name
+    config = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert (
+        config["quantization_config"]
+        == json.loads((tmp_path / "whole" / "config.json").read_text())["quantization_config"]
+    )
+    ids = random_windows(seed=3, n=2, seq_len=16)
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").eval()(input_ids=ids)
+        b = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").eval()(input_ids=ids)
+    torch.testing.assert_close(a.logits, b.logits)
+    with pytest.raises(BitallocError, match="exists"):
+        export_compressed_tensors_streamed(alloc, sharded, tmp_path / "streamed")

@@ -1,0 +1,161 @@
+"""A compressed-tensors checkpoint written from a checkpoint too large to load: read a layer's
+tensors, compress its units, write the layer's shard, go on.
+
+The directory is what :func:`~bitalloc.export.compressed_tensors.export_compressed_tensors`
+writes (same tensors, names, dtypes, config and quantization config), in one shard per decoder
+layer plus one for the embedding, final norm and head, with ``model.safetensors.index.json``:
+transformers and vLLM read sharded checkpoints through the index. Peak memory is one layer in
+float32 plus its compressed form. Each shard is read back and checked as the in-memory export
+checks its file; the directory is filled under a temporary name and renamed into place only
+when complete. The source's tokenizer files, when it has them, are copied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from bitalloc.errors import BitallocError
+from bitalloc.export.base import ExportReport, atomic_directory, check_export_path
+from bitalloc.export.compressed_tensors import (
+    EXPORT_DTYPE,
+    _check_written,
+    _export_formats,
+    _fused_groups,
+    _quantization_config,
+    _write_config,
+)
+from bitalloc.fileio import write_atomic
+from bitalloc.formats.ct import CTFormat
+from bitalloc.streaming.checkpoint import INDEX
+from bitalloc.streaming.model import StreamedModel
+
+#: Files of a Hugging Face tokenizer copied from the source when present.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+
+
+def export_compressed_tensors_streamed(
+    allocation,
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+) -> ExportReport:
+    """Write ``allocation`` applied to the checkpoint at ``source`` as a sharded
+    compressed-tensors checkpoint at ``out`` (see the module docstring)."""
+    formats = _export_formats(allocation)
+    if allocation.data.scale_folding is not None:
+        raise BitallocError(
+            "this allocation folded scales into the weights it measured; a streamed export "
+            "reads the checkpoint as stored: allocate without scale folding"
+        )
+    path = check_export_path(out, force=force, directory=True)
+    model = StreamedModel(source)
+    units = allocation.data.units
+    known = {u.name for u in model.units}
+    stray = [u.name for u in units if u.name not in known]
+    if stray:
+        raise BitallocError(
+            f"{stray[0]} is not a unit of the checkpoint in {source}; the allocation was made "
+            "for another model"
+        )
+    by_layer: dict[int, list] = {}
+    for unit in units:
+        by_layer.setdefault(unit.layer, []).append(unit)
+    weight_map: dict[str, str] = {}
+    report = []
+    total_bytes = 0
+    try:
+        with atomic_directory(path) as tmp:
+            shell = {
+                name: _stored(model.checkpoint.tensor(name))
+                for name in model.checkpoint.names()
+                if not name.startswith("model.layers.")
+            }
+            total_bytes += _write_shard(tmp, "model-outer.safetensors", shell, weight_map)
+            for index in range(len(model.layers)):
+                prefix = f"model.layers.{index}."
+                layer_units = by_layer.get(index, [])
+                tensors = _layer_tensors(model, prefix, layer_units, formats)
+                shard = f"model-layer-{index:05d}.safetensors"
+                total_bytes += _write_shard(tmp, shard, tensors, weight_map)
+                del tensors
+                report += [t for t in _check_written(tmp / shard, layer_units, formats) if t.unit]
+            index_json = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+            write_atomic(
+                tmp / INDEX, lambda fh: fh.write(json.dumps(index_json, indent=1).encode())
+            )
+            _write_config(model.skeleton, tmp, _quantization_config(model.skeleton, units, formats))
+            for name in TOKENIZER_FILES:
+                if (model.checkpoint.path / name).is_file():
+                    shutil.copyfile(model.checkpoint.path / name, tmp / name)
+    except OSError as exc:
+        raise BitallocError(f"cannot write {path}: {exc.strerror or exc}") from None
+    warnings = []
+    if any(len({formats[u.name] for u in m}) > 1 for m in _fused_groups(units).values()):
+        warnings.append(
+            "some fused groups mix formats; vLLM needs one scheme per fused layer (allocate "
+            "with ties qkv,gateup)"
+        )
+    return ExportReport(path, "compressed-tensors", tuple(report), total_bytes, tuple(warnings))
+
+
+def _stored(value: torch.Tensor) -> torch.Tensor:
+    """An unquantized tensor as the export keeps it."""
+    return value.to(EXPORT_DTYPE) if value.is_floating_point() else value
+
+
+def _layer_tensors(model: StreamedModel, prefix: str, units, formats) -> dict[str, torch.Tensor]:
+    """One layer's tensors as the export stores them: compressed units, the rest in
+    :data:`EXPORT_DTYPE`."""
+    names = model.checkpoint.names(prefix)
+    weights = {f"{u.name}.weight": u for u in units}
+    values = model.checkpoint.read(names, torch.float32)
+    shared = _shared_scales(units, formats, values)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in values.items():
+        unit = weights.get(name)
+        if unit is None:
+            tensors[name] = _stored(value)
+            continue
+        fmt = formats[unit.name]
+        if isinstance(fmt, CTFormat):
+            compressed = fmt.compress(value, global_scale=shared.get(unit.name))
+            tensors.update({f"{unit.name}.{k}": t.contiguous() for k, t in compressed.items()})
+        else:
+            tensors[name] = value.to(EXPORT_DTYPE)
+    return tensors
+
+
+def _shared_scales(units, formats, values) -> dict[str, torch.Tensor]:
+    """The least global scale of each fused group of ``ct:nvfp4`` units (vLLM applies one)."""
+    shared: dict[str, torch.Tensor] = {}
+    for members in _fused_groups(units).values():
+        if not all(formats[u.name] == CTFormat("nvfp4") for u in members):
+            continue
+        scales = [formats[u.name].global_scale(values[f"{u.name}.weight"]) for u in members]
+        least = torch.stack([s.reshape(()) for s in scales]).min().reshape(1)
+        shared.update({u.name: least.clone() for u in members})
+    return shared
+
+
+def _write_shard(
+    directory: Path, name: str, tensors: dict[str, torch.Tensor], weight_map: dict[str, str]
+) -> int:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(directory / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(tensors, name))
+    return (directory / name).stat().st_size
