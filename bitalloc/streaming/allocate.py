@@ -38,16 +38,25 @@ def allocate_streamed(
     solver: str = "lagrangian",
     ties: str | Sequence[str] | None = None,
     progress: bool = True,
+    workers: int = 0,
+    ray_address: str | None = None,
 ) -> Allocation:
     """Allocate ``avg_bits`` over the units of the checkpoint at ``path`` without loading it
-    whole: one decoder layer in float32 at a time (see the module docstring)."""
+    whole: one decoder layer in float32 at a time (see the module docstring); ``workers`` > 0
+    scores the units on Ray workers (see :func:`streamed_output_profile`)."""
     model = StreamedModel(path)
     try:
         palette = parse_palette(formats) if formats is not None else default_palette()
         if windows is None:
             windows = _calibration_windows(model.checkpoint.path, calibration, seq_len)
         profile, importance = streamed_output_profile(
-            model, palette, windows, tokens=tokens, progress=progress
+            model,
+            palette,
+            windows,
+            tokens=tokens,
+            progress=progress,
+            workers=workers,
+            ray_address=ray_address,
         )
         problem = build_problem(model.units, palette, profile, avg_bits, ties=ties)
         solution = solve(problem, method=solver)

@@ -25,6 +25,10 @@ def add_streaming_parsers(sub: Any) -> None:
     a.add_argument("--calibration", metavar="FILE", help="calibration text (default: built in)")
     a.add_argument("--out", metavar="FILE", help="write the allocation JSON here")
     a.add_argument("--quiet", action="store_true", help="no progress bars")
+    a.add_argument(
+        "--workers", type=int, default=0, help="Ray workers scoring units (default 0: in process)"
+    )
+    a.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     a.set_defaults(handler=allocate_streamed_command)
 
     p = sub.add_parser(
@@ -66,6 +70,8 @@ def allocate_streamed_command(args: argparse.Namespace) -> None:
         calibration=text,
         tokens=args.tokens,
         progress=not args.quiet,
+        workers=args.workers,
+        ray_address=args.ray_address,
     )
     print(alloc.layer_table())
     if args.out:

@@ -54,9 +54,28 @@ def streamed_output_profile(
     tokens: int = IMPORTANCE_TOKENS,
     calibrate: bool = True,
     progress: bool = True,
+    workers: int = 0,
+    ray_address: str | None = None,
 ) -> tuple[Profile, Importance]:
     """The ``output`` profile of every unit of ``model`` over ``palette`` and the importance
-    vectors it quantized with (see the module docstring)."""
+    vectors it quantized with (see the module docstring).
+
+    ``workers`` > 0 scores the units on that many Ray workers (a local Ray, or the cluster at
+    ``ray_address`` / ``$RAY_ADDRESS``): each reads its unit's weight from the checkpoint's
+    shards itself and receives only the Gram matrix, while this process runs the forward chain;
+    a layer's scores are collected when the next layer's are sent, so at most two layers of
+    Gram matrices are in flight. The result equals the in-process one."""
+    if workers:
+        from bitalloc.jobs import ray_session
+
+        with ray_session(ray_address, workers) as ray:
+            remote = ray.remote(num_cpus=1)(_score_from_checkpoint)
+            scorer = _RayScorer(ray, remote, str(model.checkpoint.path))
+            return _profile(model, palette, calibration, tokens, calibrate, progress, scorer)
+    return _profile(model, palette, calibration, tokens, calibrate, progress, _LocalScorer())
+
+
+def _profile(model, palette, calibration, tokens, calibrate, progress, scorer):
     start = time.perf_counter()
     if calibration.dim() != 2 or calibration.shape[0] == 0:
         raise BitallocError("streamed profiling needs calibration windows (n_windows, seq_len)")
@@ -91,12 +110,9 @@ def streamed_output_profile(
                     weight = get_linear(model.skeleton, unit.name).weight
                     cols = np.flatnonzero(allowed[i])
                     formats = [palette[j] for j in cols]
-                    gram = importance.grams[unit.name]
-                    table[i, cols] = [
-                        output_error(weight, gram, fq)
-                        for fq in fake_quantize_each(weight, formats, importance.of(unit.name))
-                    ]
+                    scorer.submit(i, cols, unit.name, weight, importance.grams[unit.name], formats)
                     vectors[unit.name] = importance.values[unit.name]
+                scorer.next_layer(table)
                 clean = run_layer(layer, clean)
                 if quantized is not None:
                     for unit in layer_units:
@@ -105,6 +121,7 @@ def streamed_output_profile(
                     quantized = run_layer(layer, quantized)
             bar.update()
         bar.close()
+        scorer.finish(table)
         base = _losses(model, clean, windows)
         table, fixed = cap_chains(table, bit_chains(palette), allowed)
         info = _scale(table, palette, reference, base, model, quantized, windows)
@@ -167,3 +184,64 @@ def _scale(
     else:
         return {**info, "scale": increase / predicted, "scale_source": "calibrated"}
     return {**info, "scale": 1.0, "scale_source": f"unscaled: {why}"}
+
+
+def score_unit(weight: torch.Tensor, gram: torch.Tensor, formats: Sequence[Format]) -> list[float]:
+    """``trace(dW G dWᵀ)`` of ``weight`` under each format (``+gptq`` with ``gram``, the
+    others weighted by its diagonal)."""
+    return [output_error(weight, gram, fq) for fq in fake_quantize_each(weight, formats, gram)]
+
+
+def _score_from_checkpoint(path: str, unit: str, names: list[str], gram: torch.Tensor):
+    """A Ray task: the unit's weight read from the shards here, then :func:`score_unit`."""
+    from bitalloc.formats import parse_format
+    from bitalloc.streaming.checkpoint import Checkpoint
+
+    torch.set_num_threads(1)
+    weight = Checkpoint(path).tensor(f"{unit}.weight", torch.float32)
+    return score_unit(weight, gram, [parse_format(n) for n in names])
+
+
+class _LocalScorer:
+    """Scores each unit at once, in this process."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[int, np.ndarray, list[float]]] = []
+
+    def submit(self, row, cols, unit, weight, gram, formats) -> None:
+        self.done.append((row, cols, score_unit(weight, gram, formats)))
+
+    def next_layer(self, table: np.ndarray) -> None:
+        self.finish(table)
+
+    def finish(self, table: np.ndarray) -> None:
+        for row, cols, values in self.done:
+            table[row, cols] = values
+        self.done = []
+
+
+class _RayScorer:
+    """Sends each unit to a Ray task; collects the layer before last when a layer is sent."""
+
+    def __init__(self, ray, remote, path: str):
+        self.ray, self.remote, self.path = ray, remote, path
+        self.layers: list[list[tuple[int, np.ndarray, object]]] = [[]]
+
+    def submit(self, row, cols, unit, weight, gram, formats) -> None:
+        names = [f.name for f in formats]
+        self.layers[-1].append((row, cols, self.remote.remote(self.path, unit, names, gram)))
+
+    def next_layer(self, table: np.ndarray) -> None:
+        if len(self.layers) > 1:
+            self._collect(self.layers.pop(0), table)
+        self.layers.append([])
+
+    def finish(self, table: np.ndarray) -> None:
+        for layer in self.layers:
+            self._collect(layer, table)
+        self.layers = [[]]
+
+    def _collect(self, layer, table: np.ndarray) -> None:
+        values = self.ray.get([future for _, _, future in layer])
+        for (row, cols, _), row_values in zip(layer, values):
+            table[row, cols] = row_values

@@ -250,3 +250,17 @@ def test_streamed_compressed_tensors_export_equals_the_in_memory_one(sharded, tm
     torch.testing.assert_close(a.logits, b.logits)
     with pytest.raises(BitallocError, match="exists"):
         export_compressed_tensors_streamed(alloc, sharded, tmp_path / "streamed")
+
+
+@pytest.mark.xdist_group("ray")
+def test_ray_workers_score_as_this_process_does(sharded):
+    pytest.importorskip("ray")
+    cal = random_windows(seed=0, n=8, seq_len=32)
+    local, _ = streamed_output_profile(
+        StreamedModel(sharded), PALETTE, cal, tokens=256, progress=False
+    )
+    remote, _ = streamed_output_profile(
+        StreamedModel(sharded), PALETTE, cal, tokens=256, progress=False, workers=2
+    )
+    np.testing.assert_allclose(remote.loss, local.loss, rtol=1e-5, atol=1e-12)
+    assert (local.loss[:, :-1] > 0).all()
