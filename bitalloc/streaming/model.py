@@ -20,6 +20,7 @@ another layout is refused with an error that names what is missing.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,7 @@ class StreamedModel:
             yield module
         finally:
             module.to("meta")
+            release_freed_memory()
 
     def layer_units(self, index: int) -> list[Unit]:
         """The units of decoder layer ``index``, in order."""
@@ -183,6 +185,17 @@ class StreamedModel:
     def close(self) -> None:
         """Release the open shards."""
         self.checkpoint.close()
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). Without it, each layer's freed float32 tensors leave the heap fragmented and
+    the resident set grows by about a third of a layer per layer."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.malloc_trim(0)
 
 
 def run_layer(layer: nn.Module, inputs: Sequence[tuple[tuple, dict[str, Any]]]) -> LayerInputs:
