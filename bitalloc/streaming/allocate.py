@@ -24,6 +24,8 @@ from bitalloc.streaming.model import StreamedModel
 from bitalloc.streaming.profile import streamed_output_profile
 
 DEFAULT_SEQ_LEN = 512
+#: Profilers that run one layer at a time.
+STREAMING_PROFILERS = ("output",)
 
 
 def allocate_streamed(
@@ -40,12 +42,26 @@ def allocate_streamed(
     progress: bool = True,
     workers: int = 0,
     ray_address: str | None = None,
+    max_memory: int | None = None,
+    profiler: str = "output",
 ) -> Allocation:
     """Allocate ``avg_bits`` over the units of the checkpoint at ``path`` without loading it
     whole: one decoder layer in float32 at a time (see the module docstring); ``workers`` > 0
-    scores the units on Ray workers (see :func:`streamed_output_profile`)."""
+    scores the units on Ray workers (see :func:`streamed_output_profile`).
+
+    ``max_memory`` (bytes) refuses, before any work, a run whose planned peak
+    (:func:`~bitalloc.streaming.resources.memory_terms`) exceeds it, naming the minimum.
+    ``profiler`` must be one that streams: ``output`` (its scores include ``+gptq``)."""
+    if profiler not in STREAMING_PROFILERS:
+        raise BitallocError(
+            f"the {profiler!r} profiler needs the whole model (a backward pass through every "
+            f"layer), which streaming does not hold; profilers that stream: "
+            f"{', '.join(STREAMING_PROFILERS)}; or load a model that fits whole"
+        )
     model = StreamedModel(path)
     try:
+        if max_memory is not None:
+            _check_memory(model, max_memory, tokens, seq_len)
         palette = parse_palette(formats) if formats is not None else default_palette()
         if windows is None:
             windows = _calibration_windows(model.checkpoint.path, calibration, seq_len)
@@ -78,6 +94,21 @@ def allocate_streamed(
         return allocation.with_importance(importance)
     finally:
         model.close()
+
+
+def _check_memory(model: StreamedModel, limit: int, tokens: int, seq_len: int) -> None:
+    from bitalloc.streaming.resources import memory_terms
+
+    terms = memory_terms(model, tokens, seq_len)
+    need = sum(terms.values())
+    if need > limit:
+        largest = max(terms, key=terms.get)
+        raise BitallocError(
+            f"streaming this model needs about {need / 2**20:.0f} MiB at its peak (largest "
+            f"term: {largest}, {terms[largest] / 2**20:.0f} MiB), more than the "
+            f"{limit / 2**20:.0f} MiB allowed; allow at least {need / 2**20:.0f} MiB, or use "
+            "fewer calibration tokens"
+        )
 
 
 def _calibration_windows(path: Path, text: str | None, seq_len: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from bitalloc.cliargs import parse_size
 from bitalloc.errors import BitallocError
 from bitalloc.importance import IMPORTANCE_TOKENS
 
@@ -29,6 +30,12 @@ def add_streaming_parsers(sub: Any) -> None:
         "--workers", type=int, default=0, help="Ray workers scoring units (default 0: in process)"
     )
     a.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    a.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="refuse to start when the planned peak exceeds SIZE (e.g. 4GiB)",
+    )
+    a.add_argument("--profiler", default="output", help="a profiler that streams (output)")
     a.set_defaults(handler=allocate_streamed_command)
 
     p = sub.add_parser(
@@ -72,6 +79,8 @@ def allocate_streamed_command(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         workers=args.workers,
         ray_address=args.ray_address,
+        max_memory=None if args.max_memory is None else int(parse_size(args.max_memory)),
+        profiler=args.profiler,
     )
     print(alloc.layer_table())
     if args.out:

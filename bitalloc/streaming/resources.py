@@ -102,6 +102,35 @@ def _timed(work) -> float:
     return time.perf_counter() - start
 
 
+def memory_terms(model: StreamedModel, tokens: int, seq_len: int = 512) -> dict[str, int]:
+    """The peak memory of streaming ``model`` over ``tokens`` calibration tokens, by term (see
+    the module docstring); the process term is this process's resident set now."""
+    checkpoint = model.checkpoint
+    config = checkpoint.config_dict
+    hidden = int(config["hidden_size"])
+    inner = int(config["intermediate_size"])
+    windows = max(1, tokens // seq_len)
+    used = windows * seq_len
+    batch_tokens = min(windows, BATCH) * seq_len
+    shell = sum(
+        checkpoint.info(n).nbytes
+        for n in ("model.embed_tokens.weight", "lm_head.weight")
+        if n in checkpoint
+    )
+    layer_stored = max(model.layer_bytes(i) for i in range(len(model.layers)))
+    shapes = [u.shape for u in model.layer_units(0)]
+    largest = max(o * i for o, i in shapes)
+    return {
+        "process (as now)": resident_bytes(),
+        "embedding and head": shell,
+        "one layer (float32)": 4 * sum(o * i for o, i in shapes),
+        "its shard pages": layer_stored,
+        "Gram statistics": (3 * hidden**2 + inner**2) * (8 + 4),
+        "activations": 4 * (2 * used * hidden + 3 * batch_tokens * inner),
+        "scoring the largest unit": 4 * UNIT_COPIES * largest,
+    }
+
+
 def plan_streamed(
     path: str | Path,
     palette: str | list[Format],
@@ -116,36 +145,20 @@ def plan_streamed(
     # The meta skeleton the run builds first (no memory): its units' shapes, and the modules
     # the run imports, loaded before this process's resident set is read.
     model = StreamedModel(path)
-    import bitalloc.streaming.allocate  # noqa: F401  (the rest of what the run imports)
+    # The rest of what the run imports (the solvers, the profile).
+    import bitalloc.planning  # noqa: F401
+    import bitalloc.solvers  # noqa: F401
+    import bitalloc.streaming.profile  # noqa: F401
 
-    checkpoint = model.checkpoint
-    config = checkpoint.config_dict
     formats = parse_palette(palette) if isinstance(palette, str) else list(palette)
+    memory = memory_terms(model, tokens, seq_len)
+    config = model.checkpoint.config_dict
     hidden = int(config["hidden_size"])
     inner = int(config["intermediate_size"])
     layers = len(model.layers)
-    windows = max(1, tokens // seq_len)
-    used = windows * seq_len
-    batch_tokens = min(windows, BATCH) * seq_len
-    shell = sum(
-        checkpoint.info(n).nbytes
-        for n in ("model.embed_tokens.weight", "lm_head.weight")
-        if n in checkpoint
-    )
-    layer_stored = max(model.layer_bytes(i) for i in range(layers))
+    used = max(1, tokens // seq_len) * seq_len
     shapes = [u.shape for u in model.layer_units(0)]
     layer_params = sum(o * i for o, i in shapes)
-    grams = (3 * hidden**2 + inner**2) * (8 + 4)
-    largest = max(o * i for o, i in shapes)
-    memory = {
-        "process (as now)": resident_bytes(),
-        "embedding and head": shell,
-        "one layer (float32)": 4 * layer_params,
-        "its shard pages": layer_stored,
-        "Gram statistics": grams,
-        "activations": 4 * (2 * used * hidden + 3 * batch_tokens * inner),
-        "scoring the largest unit": 4 * UNIT_COPIES * largest,
-    }
     speed = speed or machine_speed()
     quantized = [f for f in formats if not f.is_float]
     forward = 2 * 2 * layer_params * used  # two streams

@@ -264,3 +264,13 @@ def test_ray_workers_score_as_this_process_does(sharded):
     )
     np.testing.assert_allclose(remote.loss, local.loss, rtol=1e-5, atol=1e-12)
     assert (local.loss[:, :-1] > 0).all()
+
+
+def test_a_memory_cap_below_the_plan_and_a_profiler_that_cannot_stream_are_refused(sharded):
+    from bitalloc.streaming.allocate import allocate_streamed
+
+    cal = random_windows(seed=0, n=8, seq_len=32)
+    with pytest.raises(BitallocError, match=r"allow at least \d+ MiB"):
+        allocate_streamed(sharded, 4.0, windows=cal, tokens=256, max_memory=2**20)
+    with pytest.raises(BitallocError, match="profilers that stream: output"):
+        allocate_streamed(sharded, 4.0, windows=cal, profiler="fisher")
