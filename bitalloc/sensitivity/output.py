@@ -176,6 +176,21 @@ def output_error(weight: torch.Tensor, gram: torch.Tensor, quantized: torch.Tens
     return max(value, 0.0)
 
 
+def fitted_scale(reference: str, increase: float, predicted: float) -> tuple[float, str]:
+    """The factor that puts output errors in nats: the measured loss increase with every unit
+    at ``reference`` over the errors' sum under it, and its source (``calibrated``, or why it
+    is 1: ``unscaled: ...``)."""
+    if not math.isfinite(increase):
+        why = f"the loss with every unit at {reference} is not finite"
+    elif increase <= 0:
+        why = f"every unit at {reference} did not increase the loss ({increase:.3g} nats)"
+    elif predicted <= 0:
+        why = f"zero output error under {reference}"
+    else:
+        return increase / predicted, "calibrated"
+    return 1.0, f"unscaled: {why}"
+
+
 def reference_format(
     palette: Sequence[QuantFormat], units: Sequence[Unit] = ()
 ) -> QuantFormat | None:
@@ -349,13 +364,5 @@ class OutputProfiler(BaseProfiler):
         increase = float(np.mean(quant)) - float(np.mean(base_losses))
         predicted = float(raw[:, list(palette).index(ref)].sum())
         info["reference_loss_increase"] = finite_or_none(increase)
-        if not math.isfinite(increase):
-            why = f"the loss with every unit at {ref.name} is not finite"
-        elif increase <= 0:
-            why = f"every unit at {ref.name} did not increase the loss ({increase:.3g} nats)"
-        elif predicted <= 0:
-            why = f"zero output error under {ref.name}"
-        else:
-            scale = increase / predicted
-            return scale, {**info, "scale": scale, "scale_source": "calibrated"}
-        return 1.0, {**info, "scale": 1.0, "scale_source": f"unscaled: {why}"}
+        scale, source = fitted_scale(ref.name, increase, predicted)
+        return scale, {**info, "scale": scale, "scale_source": source}

@@ -39,7 +39,7 @@ from bitalloc.importance import (
 from bitalloc.models import get_linear
 from bitalloc.sensitivity.base import allowed_mask, spread_windows
 from bitalloc.sensitivity.monotone import bit_chains, cap_chains
-from bitalloc.sensitivity.output import output_error, reference_format
+from bitalloc.sensitivity.output import fitted_scale, output_error, reference_format
 from bitalloc.sensitivity.profile import Profile, finite_or_none
 from bitalloc.streaming.model import StreamedModel, hidden_of, run_layer
 
@@ -175,15 +175,8 @@ def _scale(
         "reference_format": reference.name,
         "reference_loss_increase": finite_or_none(increase),
     }
-    if not np.isfinite(increase):
-        why = f"the loss with every unit at {reference.name} is not finite"
-    elif increase <= 0:
-        why = f"every unit at {reference.name} did not increase the loss ({increase:.3g} nats)"
-    elif predicted <= 0:
-        why = f"zero output error under {reference.name}"
-    else:
-        return {**info, "scale": increase / predicted, "scale_source": "calibrated"}
-    return {**info, "scale": 1.0, "scale_source": f"unscaled: {why}"}
+    scale, source = fitted_scale(reference.name, increase, predicted)
+    return {**info, "scale": scale, "scale_source": source}
 
 
 def score_unit(weight: torch.Tensor, gram: torch.Tensor, formats: Sequence[Format]) -> list[float]:
