@@ -13,10 +13,11 @@ same for the trials the dead process left RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -513,9 +514,45 @@ def _tell(
     duplicate_of: int | None = None,
 ) -> bool:
     """Store a measured trial; False when another search on the study finished it first
-    (both popped the same queued trial), in which case its stored result stands."""
+    (both popped the same queued trial), in which case its stored result stands.
+
+    On SQLite, which cannot lock a row, the check and the tell run under an exclusive lock on
+    a file beside the database (:func:`tell_lock`), so that two searches never both tell one
+    trial; other storages refuse the second tell themselves."""
     import optuna
 
+    with _exclusive(tell_lock(st)):
+        if st.trials[trial.number].state.is_finished():
+            return False
+        return _store(st, trial, scores, ppl, costs, assignment, duplicate_of, optuna)
+
+
+def tell_lock(st: Any) -> Path | None:
+    """The lock file of a study on SQLite (``<database>.tell.lock``), else None."""
+    storage = getattr(st, "_storage", None)
+    storage = getattr(storage, "_backend", storage)
+    url = getattr(storage, "url", None)
+    if not isinstance(url, str) or not url.startswith("sqlite:///"):
+        return None
+    return Path(url[len("sqlite:///") :]).expanduser().with_suffix(".tell.lock")
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with path.open("a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _store(st, trial, scores, ppl, costs, assignment, duplicate_of, optuna) -> bool:
     try:
         if duplicate_of is not None:
             trial.set_user_attr("duplicate_of", duplicate_of)
