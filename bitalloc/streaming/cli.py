@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bitalloc.cliargs import parse_size
+from bitalloc.cliconfig import add_config_arguments
 from bitalloc.errors import BitallocError
 from bitalloc.importance import IMPORTANCE_TOKENS
 
@@ -22,35 +23,41 @@ def add_streaming_parsers(sub: Any) -> None:
         "than memory)",
     )
     _common(a)
-    a.add_argument("--avg-bits", type=float, required=True, help="bits per weight budget")
-    a.add_argument("--calibration", metavar="FILE", help="calibration text (default: built in)")
-    a.add_argument("--out", metavar="FILE", help="write the allocation JSON here")
-    a.add_argument("--quiet", action="store_true", help="no progress bars")
-    a.add_argument(
-        "--workers", type=int, default=0, help="Ray workers scoring units (default 0: in process)"
+    add_config_arguments(
+        a,
+        ("avg_bits", "calibration", "profiler", "workers", "ray_address", "progress"),
+        {
+            "avg_bits": {"required": True},
+            "profiler": {"help": "a profiler that streams: output (default)"},
+            "workers": {"help": "Ray workers scoring units (default 0: in this process)"},
+        },
     )
-    a.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    a.add_argument("--out", metavar="FILE", help="write the allocation JSON here")
     a.add_argument(
         "--max-memory",
         metavar="SIZE",
         help="refuse to start when the planned peak exceeds SIZE (e.g. 4GiB)",
     )
-    a.add_argument("--profiler", default="output", help="a profiler that streams (output)")
-    a.set_defaults(handler=allocate_streamed_command)
+    # The config's default profiler (fisher) needs the whole model: here it is output.
+    a.set_defaults(handler=allocate_streamed_command, profiler="output")
 
     p = sub.add_parser(
         "plan-resources",
         help="peak memory and time of allocate-streamed on a checkpoint, before running it",
     )
     _common(p)
-    p.add_argument("--workers", type=int, default=1, help="workers scoring formats (default 1)")
+    add_config_arguments(p, ("workers",), {"workers": {"help": "workers scoring formats"}})
     p.set_defaults(handler=plan_resources_command)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face directory")
-    parser.add_argument(
-        "--formats", default=DEFAULT_FORMATS, help=f"palette (default {DEFAULT_FORMATS})"
+    add_config_arguments(
+        parser,
+        ("model", "formats"),
+        {
+            "model": {"required": True, "help": "Hugging Face directory (safetensors shards)"},
+            "formats": {"help": f"palette (default {DEFAULT_FORMATS})"},
+        },
     )
     parser.add_argument(
         "--tokens",
@@ -60,24 +67,31 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _formats(value: Any) -> str:
+    if not value:
+        return DEFAULT_FORMATS
+    return value if isinstance(value, str) else ",".join(value)
+
+
 def allocate_streamed_command(args: argparse.Namespace) -> None:
     """Run :func:`~bitalloc.streaming.allocate.allocate_streamed` and print the result."""
     from bitalloc.streaming.allocate import allocate_streamed
 
     text = None
     if args.calibration:
+        files = [args.calibration] if isinstance(args.calibration, str) else args.calibration
         try:
-            text = Path(args.calibration).read_text(encoding="utf-8")
+            text = "\n".join(Path(f).read_text(encoding="utf-8") for f in files)
         except OSError as exc:
-            raise BitallocError(f"cannot read --calibration {args.calibration}: {exc}") from None
+            raise BitallocError(f"cannot read --calibration {files}: {exc}") from None
     alloc = allocate_streamed(
         args.model,
         args.avg_bits,
-        formats=args.formats,
+        formats=_formats(args.formats),
         calibration=text,
         tokens=args.tokens,
         progress=not args.quiet,
-        workers=args.workers,
+        workers=args.workers or 0,
         ray_address=args.ray_address,
         max_memory=None if args.max_memory is None else int(parse_size(args.max_memory)),
         profiler=args.profiler,
@@ -92,6 +106,5 @@ def plan_resources_command(args: argparse.Namespace) -> None:
     """Print :func:`~bitalloc.streaming.resources.plan_streamed`'s plan."""
     from bitalloc.streaming.resources import plan_streamed
 
-    if args.workers < 1:
-        raise BitallocError(f"--workers must be at least 1, got {args.workers}")
-    print(plan_streamed(args.model, args.formats, args.tokens, workers=args.workers).table())
+    workers = max(1, args.workers or 0)
+    print(plan_streamed(args.model, _formats(args.formats), args.tokens, workers=workers).table())
