@@ -57,13 +57,17 @@ class IntColumnQuantizer(ColumnQuantizer):
         sizes = [int(f.group_size) for f in self.formats]
         self.group_size = math.gcd(*sizes)
         self._fit_width = max(sizes)
-        self._sizes = torch.tensor(sizes)
         self.importance = check_importance(importance, in_features)
         n, pieces = len(self.formats), math.ceil(in_features / self.group_size)
         self.shape = (out_features, in_features)
         qmax = torch.tensor([2.0**f.bits - 1 for f in self.formats])
         self._qmax = qmax.reshape(n, 1)
-        self._row_qmax = qmax.reshape(n, 1).expand(n, out_features)
+        # Per group size, smallest first: its formats' slices and their rows' largest codes.
+        self._by_size = []
+        for size in sorted(set(sizes)):
+            members = torch.tensor([k for k, s in enumerate(sizes) if s == size])
+            row_qmax = qmax[members].reshape(-1, 1).expand(-1, out_features).reshape(-1)
+            self._by_size.append((size, members, row_qmax))
         # Parameters per piece of group_size columns (a format's group spans size / gcd
         # pieces, all holding its values), so that any column's parameters, for every format,
         # are one index: round() does the same few operations whatever the group sizes.
@@ -85,10 +89,9 @@ class IntColumnQuantizer(ColumnQuantizer):
         if start % self.group_size or not 0 <= start < in_features:
             raise BitallocError(f"column {start} does not start a group of {self.group_size}")
         stack = block.reshape(len(self.formats), self.shape[0], -1).to(torch.float32)
-        for size in sorted({int(s) for s in self._sizes.tolist()}):
+        for size, members, row_qmax in self._by_size:
             if start % size:
                 continue
-            members = torch.nonzero(self._sizes == size).flatten()
             width = min(size, in_features - start)
             if stack.shape[-1] < width:
                 raise BitallocError(
@@ -100,7 +103,7 @@ class IntColumnQuantizer(ColumnQuantizer):
             # Every member's rows in one search, each row with its own code range: the same
             # arithmetic, row for row, as a search per format, in a fraction of the operations.
             (groups,) = _split(part.reshape(-1, width), width, weights)
-            _, scale, zero = _search(groups, 0, row_qmax=self._row_qmax[members].reshape(-1))
+            _, scale, zero = _search(groups, 0, row_qmax=row_qmax)
             first, last = start // self.group_size, math.ceil((start + width) / self.group_size)
             shape = (len(members), self.shape[0], 1)
             self._scales[members, :, first:last] = scale.reshape(shape).to(torch.float32)

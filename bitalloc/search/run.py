@@ -521,7 +521,10 @@ def _tell(
     trial; other storages refuse the second tell themselves."""
     import optuna
 
-    with _exclusive(tell_lock(st)):
+    lock = tell_lock(st)
+    if lock is None:
+        return _store(st, trial, scores, ppl, costs, assignment, duplicate_of, optuna)
+    with _exclusive(lock):
         if st.trials[trial.number].state.is_finished():
             return False
         return _store(st, trial, scores, ppl, costs, assignment, duplicate_of, optuna)
@@ -538,10 +541,7 @@ def tell_lock(st: Any) -> Path | None:
 
 
 @contextlib.contextmanager
-def _exclusive(path: Path | None) -> Iterator[None]:
-    if path is None:
-        yield
-        return
+def _exclusive(path: Path) -> Iterator[None]:
     import fcntl
 
     with path.open("a+b") as handle:
