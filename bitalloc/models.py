@@ -155,17 +155,25 @@ def _has_gguf_magic(path: Path) -> bool:
         return fh.read(4) == b"GGUF"
 
 
-def _load_directory(path: Path, tokenizer: object | None) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not (path / "config.json").is_file():
-        raise BitallocError(f"{path} has no config.json; pass a Hugging Face model directory")
-    if not list(path.glob("*.safetensors")):
+def safetensors_files(path: Path) -> list[str]:
+    """The names of the ``*.safetensors`` files in the directory ``path``, sorted; a clear
+    error when there are none (naming pickled weights, which are refused, when there are)."""
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    if not found:
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found {pickled}: pickled weights are refused)" if pickled else ""
         raise BitallocError(
             f"{path} holds no *.safetensors weights{hint}; convert the checkpoint to safetensors"
         )
+    return found
+
+
+def _load_directory(path: Path, tokenizer: object | None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise BitallocError(f"{path} has no config.json; pass a Hugging Face model directory")
+    safetensors_files(path)
     try:
         module = AutoModelForCausalLM.from_pretrained(
             path,

@@ -18,7 +18,7 @@ are quantized exactly as measured.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -132,14 +132,16 @@ def apply_sequential_(
     model.eval()
     try:
         with torch.inference_mode():
-            inputs = _first_block_inputs(model, blocks[0], windows)
+            inputs = first_block_inputs(
+                blocks[0], lambda ids: model(input_ids=ids, use_cache=False), windows
+            )
             for index, block in enumerate(
                 tqdm(blocks, desc="sequential", unit="block", disable=not progress)
             ):
                 names = by_block[index]
                 _quantize_block(model, block, names, resolved, inputs, recorded, units)
                 if index + 1 < len(blocks):
-                    inputs = [_run_block(block, args, kwargs) for args, kwargs in inputs]
+                    inputs = [run_block(block, args, kwargs) for args, kwargs in inputs]
         with torch.no_grad():
             for name in outside:
                 linear = get_linear(model, name)
@@ -158,10 +160,11 @@ def _block_of(name: str, prefix: str, count: int) -> int | None:
     return int(part) if part.isdigit() and int(part) < count else None
 
 
-def _first_block_inputs(
-    model: nn.Module, block: nn.Module, windows: torch.Tensor
+def first_block_inputs(
+    block: nn.Module, forward: Callable[[torch.Tensor], object], windows: torch.Tensor
 ) -> list[tuple[tuple, dict[str, Any]]]:
-    """(args, kwargs) of the first block's call for each batch of windows."""
+    """(args, kwargs) of ``block``'s call for each batch of :data:`BATCH` windows, caught by a
+    hook that stops ``forward(ids)`` (the model's own forward on one batch) at that block."""
     caught: list[tuple[tuple, dict[str, Any]]] = []
 
     def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -172,7 +175,7 @@ def _first_block_inputs(
     try:
         for start in range(0, len(windows), BATCH):
             with contextlib.suppress(_Stop):
-                model(input_ids=windows[start : start + BATCH], use_cache=False)
+                forward(windows[start : start + BATCH])
     finally:
         handle.remove()
     if len(caught) * BATCH < len(windows):
@@ -180,7 +183,7 @@ def _first_block_inputs(
     return caught
 
 
-def _run_block(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+def run_block(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
     """The block's output as the next block's (args, kwargs)."""
     out = block(*args, **kwargs)
     hidden = out[0] if isinstance(out, tuple) else out

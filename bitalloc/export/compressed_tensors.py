@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,25 +54,12 @@ from bitalloc.export.base import (
 )
 from bitalloc.formats import Format, parse_format
 from bitalloc.formats.ct import SCALE_DTYPE, CTFormat
+from bitalloc.streaming.checkpoint import SAFETENSORS_DTYPES
 
 #: The weights file of the export.
 WEIGHTS_FILE = "model.safetensors"
 #: Dtype of every tensor the export keeps unquantized.
 EXPORT_DTYPE = SCALE_DTYPE
-#: safetensors' names of the dtypes an export holds.
-_SAFETENSORS_DTYPES = {
-    "BF16": torch.bfloat16,
-    "F16": torch.float16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 def export_compressed_tensors(
@@ -101,8 +89,8 @@ def export_compressed_tensors(
     folded, _ = weights_to_export(allocation, model)  # ct formats take no importance
     units = allocation.data.units
     warnings = _mixed_group_warnings(units, formats)
-    shared, shared_warning = _shared_global_scales(folded, units, formats)
-    warnings += shared_warning
+    shared, groups = _shared_global_scales(lambda unit: _weight(folded, unit), units, formats)
+    warnings += _shared_scale_warnings(groups)
     tensors = _tensors(folded, units, formats, shared, progress)
     config = _quantization_config(folded, units, formats)
     try:
@@ -165,22 +153,30 @@ def _mixed_group_warnings(units, formats) -> list[str]:
     ]
 
 
-def _shared_global_scales(model: nn.Module, units, formats) -> tuple[dict[str, torch.Tensor], list]:
+def _shared_global_scales(
+    weight_of: Callable[[str], torch.Tensor], units, formats
+) -> tuple[dict[str, torch.Tensor], int]:
     """Unit -> the global scale it shares with the other ``ct:nvfp4`` units of its fused group
-    (the least of theirs), and a warning naming how many groups share one."""
+    (the least of theirs), and how many groups had differing scales; ``weight_of`` gives a
+    unit's weight by name."""
     shared: dict[str, torch.Tensor] = {}
     groups = 0
     for members in _fused_groups(units).values():
         if not all(formats[u.name] == CTFormat("nvfp4") for u in members):
             continue
-        scales = [formats[u.name].global_scale(_weight(model, u.name)) for u in members]
+        scales = [formats[u.name].global_scale(weight_of(u.name)) for u in members]
         least = torch.stack([s.reshape(()) for s in scales]).min().reshape(1)
         if any(not torch.equal(s, least) for s in scales):
             groups += 1
         shared.update({u.name: least.clone() for u in members})  # safetensors: no aliases
+    return shared, groups
+
+
+def _shared_scale_warnings(groups: int) -> list[str]:
+    """The warning for ``groups`` fused groups whose nvfp4 scales were made one (none for 0)."""
     if not groups:
-        return shared, []
-    return shared, [
+        return []
+    return [
         f"{groups} fused groups of ct:nvfp4 units share one global scale each, as vLLM "
         "requires; their stored weights differ slightly from the allocation's per-tensor "
         "quantization"
@@ -278,7 +274,7 @@ def _check_written(path: Path, units, formats) -> tuple[ExportedTensor, ...]:
     with safe_open(str(path), framework="pt") as handle:
         for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
             piece = handle.get_slice(name)
-            stored[name] = (_SAFETENSORS_DTYPES.get(piece.get_dtype()), tuple(piece.get_shape()))
+            stored[name] = (SAFETENSORS_DTYPES.get(piece.get_dtype()), tuple(piece.get_shape()))
     report = []
     owned: set[str] = set()
     for u in units:

@@ -22,6 +22,7 @@ from bitalloc.planning import build_problem, to_allocation
 from bitalloc.solvers import solve
 from bitalloc.streaming.model import StreamedModel
 from bitalloc.streaming.profile import streamed_output_profile
+from bitalloc.streaming.resources import memory_terms
 
 DEFAULT_SEQ_LEN = 512
 #: Profilers that run one layer at a time.
@@ -59,46 +60,40 @@ def allocate_streamed(
             f"{', '.join(STREAMING_PROFILERS)}; or load a model that fits whole"
         )
     model = StreamedModel(path)
-    try:
-        if max_memory is not None:
-            _check_memory(model, max_memory, tokens, seq_len)
-        palette = parse_palette(formats) if formats is not None else default_palette()
-        if windows is None:
-            windows = _calibration_windows(model.checkpoint.path, calibration, seq_len)
-        profile, importance = streamed_output_profile(
-            model,
-            palette,
-            windows,
-            tokens=tokens,
-            progress=progress,
-            workers=workers,
-            ray_address=ray_address,
-        )
-        problem = build_problem(model.units, palette, profile, avg_bits, ties=ties)
-        solution = solve(problem, method=solver)
-        excluded = {
-            name: info.numel
-            for name, info in model.checkpoint.tensors.items()
-            if name.removesuffix(".weight") not in {u.name for u in model.units}
-        }
-        allocation = to_allocation(
-            model.units,
-            palette,
-            profile,
-            solution,
-            avg_bits,
-            model=str(model.checkpoint.path),
-            excluded=excluded,
-        )
-        # The importance weighted every clipping search: applying the allocation repeats it.
-        return allocation.with_importance(importance)
-    finally:
-        model.close()
+    if max_memory is not None:
+        _check_memory(model, max_memory, tokens, seq_len)
+    palette = parse_palette(formats) if formats is not None else default_palette()
+    if windows is None:
+        windows = _calibration_windows(model.checkpoint.path, calibration, seq_len)
+    profile, importance = streamed_output_profile(
+        model,
+        palette,
+        windows,
+        tokens=tokens,
+        progress=progress,
+        workers=workers,
+        ray_address=ray_address,
+    )
+    problem = build_problem(model.units, palette, profile, avg_bits, ties=ties)
+    solution = solve(problem, method=solver)
+    chosen = {f"{u.name}.weight" for u in model.units}
+    excluded = {
+        name: info.numel for name, info in model.checkpoint.tensors.items() if name not in chosen
+    }
+    allocation = to_allocation(
+        model.units,
+        palette,
+        profile,
+        solution,
+        avg_bits,
+        model=str(model.checkpoint.path),
+        excluded=excluded,
+    )
+    # The importance weighted every clipping search: applying the allocation repeats it.
+    return allocation.with_importance(importance)
 
 
 def _check_memory(model: StreamedModel, limit: int, tokens: int, seq_len: int) -> None:
-    from bitalloc.streaming.resources import memory_terms
-
     terms = memory_terms(model, tokens, seq_len)
     need = sum(terms.values())
     if need > limit:

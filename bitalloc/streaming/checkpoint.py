@@ -13,7 +13,7 @@ which.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from bitalloc.errors import BitallocError
+from bitalloc.models import safetensors_files
 
 INDEX = "model.safetensors.index.json"
 
 #: safetensors dtype names -> torch dtypes.
-_DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -81,26 +82,12 @@ class Checkpoint:
             raise BitallocError(f"{config} is not valid JSON ({exc}); fix or replace it") from None
         self.tensors: dict[str, TensorInfo] = _read_headers(self.path)
 
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Nothing stays open between reads; kept so that a checkpoint is a context manager."""
-
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
     def names(self, prefix: str = "") -> list[str]:
         """Tensor names starting with ``prefix``, in the shards' order."""
         return [n for n in self.tensors if n.startswith(prefix)]
-
-    @property
-    def shards(self) -> list[str]:
-        """Shard file names, each once."""
-        return list(dict.fromkeys(t.shard for t in self.tensors.values()))
 
     @property
     def nbytes(self) -> int:
@@ -148,11 +135,6 @@ class Checkpoint:
         names = self.names(prefix)
         return {n[len(prefix) :]: t for n, t in self.read(names, dtype).items()}
 
-    def iter_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, one at a time."""
-        for name in self.tensors:
-            yield name, self.tensor(name, dtype)
-
 
 def _read_headers(path: Path) -> dict[str, TensorInfo]:
     """Every tensor's info, from the index (checked against the shards) or the shards alone."""
@@ -168,14 +150,7 @@ def _read_headers(path: Path) -> dict[str, TensorInfo]:
         shards = list(dict.fromkeys(weight_map.values()))
     else:
         weight_map = {}
-        shards = sorted(p.name for p in path.glob("*.safetensors"))
-        if not shards:
-            pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-            hint = f" (found {pickled}: pickled weights are refused)" if pickled else ""
-            raise BitallocError(
-                f"{path} holds no *.safetensors weights{hint}; convert the checkpoint to "
-                "safetensors"
-            )
+        shards = safetensors_files(path)
     missing = [s for s in shards if not (path / s).is_file()]
     if missing:
         raise BitallocError(
@@ -214,7 +189,7 @@ def _shard_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = _DTYPES.get(entry.get("dtype"))
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
         if dtype is None:
             raise BitallocError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
         out[name] = (dtype, tuple(int(s) for s in entry["shape"]))

@@ -25,8 +25,10 @@ from bitalloc.export.compressed_tensors import (
     EXPORT_DTYPE,
     _check_written,
     _export_formats,
-    _fused_groups,
+    _mixed_group_warnings,
     _quantization_config,
+    _shared_global_scales,
+    _shared_scale_warnings,
     _write_config,
 )
 from bitalloc.fileio import write_atomic
@@ -75,6 +77,7 @@ def export_compressed_tensors_streamed(
     for unit in units:
         by_layer.setdefault(unit.layer, []).append(unit)
     weight_map: dict[str, str] = {}
+    shared_groups: list[int] = []
     report = []
     total_bytes = 0
     try:
@@ -88,7 +91,7 @@ def export_compressed_tensors_streamed(
             for index in range(len(model.layers)):
                 prefix = f"model.layers.{index}."
                 layer_units = by_layer.get(index, [])
-                tensors = _layer_tensors(model, prefix, layer_units, formats)
+                tensors = _layer_tensors(model, prefix, layer_units, formats, shared_groups)
                 shard = f"model-layer-{index:05d}.safetensors"
                 total_bytes += _write_shard(tmp, shard, tensors, weight_map)
                 del tensors
@@ -103,12 +106,7 @@ def export_compressed_tensors_streamed(
                     shutil.copyfile(model.checkpoint.path / name, tmp / name)
     except OSError as exc:
         raise BitallocError(f"cannot write {path}: {exc.strerror or exc}") from None
-    warnings = []
-    if any(len({formats[u.name] for u in m}) > 1 for m in _fused_groups(units).values()):
-        warnings.append(
-            "some fused groups mix formats; vLLM needs one scheme per fused layer (allocate "
-            "with ties qkv,gateup)"
-        )
+    warnings = _mixed_group_warnings(units, formats) + _shared_scale_warnings(sum(shared_groups))
     return ExportReport(path, "compressed-tensors", tuple(report), total_bytes, tuple(warnings))
 
 
@@ -117,13 +115,17 @@ def _stored(value: torch.Tensor) -> torch.Tensor:
     return value.to(EXPORT_DTYPE) if value.is_floating_point() else value
 
 
-def _layer_tensors(model: StreamedModel, prefix: str, units, formats) -> dict[str, torch.Tensor]:
+def _layer_tensors(
+    model: StreamedModel, prefix: str, units, formats, shared_groups: list[int]
+) -> dict[str, torch.Tensor]:
     """One layer's tensors as the export stores them: compressed units, the rest in
-    :data:`EXPORT_DTYPE`."""
+    :data:`EXPORT_DTYPE`; the count of its fused groups whose nvfp4 scales were made one is
+    appended to ``shared_groups``."""
     names = model.checkpoint.names(prefix)
     weights = {f"{u.name}.weight": u for u in units}
     values = model.checkpoint.read(names, torch.float32)
-    shared = _shared_scales(units, formats, values)
+    shared, groups = _shared_global_scales(lambda u: values[f"{u}.weight"], units, formats)
+    shared_groups.append(groups)
     tensors: dict[str, torch.Tensor] = {}
     for name, value in values.items():
         unit = weights.get(name)
@@ -137,18 +139,6 @@ def _layer_tensors(model: StreamedModel, prefix: str, units, formats) -> dict[st
         else:
             tensors[name] = value.to(EXPORT_DTYPE)
     return tensors
-
-
-def _shared_scales(units, formats, values) -> dict[str, torch.Tensor]:
-    """The least global scale of each fused group of ``ct:nvfp4`` units (vLLM applies one)."""
-    shared: dict[str, torch.Tensor] = {}
-    for members in _fused_groups(units).values():
-        if not all(formats[u.name] == CTFormat("nvfp4") for u in members):
-            continue
-        scales = [formats[u.name].global_scale(values[f"{u.name}.weight"]) for u in members]
-        least = torch.stack([s.reshape(()) for s in scales]).min().reshape(1)
-        shared.update({u.name: least.clone() for u in members})
-    return shared
 
 
 def _write_shard(

@@ -31,16 +31,13 @@ from torch import nn
 
 from bitalloc.errors import BitallocError
 from bitalloc.models import Unit, discover_units
+from bitalloc.sequential import first_block_inputs, run_block
 from bitalloc.streaming.checkpoint import Checkpoint
 
 #: Output-head rows turned to float32 at once when computing the loss (bounds its memory).
 HEAD_ROWS = 8192
 
 LayerInputs = list[tuple[tuple, dict[str, Any]]]
-
-
-class _Stop(Exception):
-    """Raised by the hook that catches the first layer's inputs."""
 
 
 class StreamedModel:
@@ -104,27 +101,17 @@ class StreamedModel:
         self._load_shell()
         return F.embedding(ids, self.skeleton.model.embed_tokens.weight).to(torch.float32)
 
-    def first_layer_inputs(self, windows: torch.Tensor, batch: int = 4) -> LayerInputs:
+    def first_layer_inputs(self, windows: torch.Tensor) -> LayerInputs:
         """(args, kwargs) of the first decoder layer's call for each batch of windows (the
         attention mask, positions and rotary embedding every layer receives), computed by the
         model's own forward in float32 and stopped at the first layer."""
         self._load_shell()
-        caught: LayerInputs = []
 
-        def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            caught.append((args, dict(kwargs)))
-            raise _Stop
+        def forward(ids: torch.Tensor) -> object:
+            return self.skeleton.model(inputs_embeds=self.embed(ids), use_cache=False)
 
-        handle = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            with torch.inference_mode():
-                for start in range(0, len(windows), batch):
-                    ids = windows[start : start + batch]
-                    with contextlib.suppress(_Stop):
-                        self.skeleton.model(inputs_embeds=self.embed(ids), use_cache=False)
-        finally:
-            handle.remove()
-        return caught
+        with torch.inference_mode():
+            return first_block_inputs(self.layers[0], forward, windows)
 
     def loss(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss per window (batch,) from the last layer's output.
@@ -182,10 +169,6 @@ class StreamedModel:
         prefix = f"model.layers.{index}."
         return sum(self.checkpoint.info(n).nbytes for n in self.checkpoint.names(prefix))
 
-    def close(self) -> None:
-        """Release the open shards."""
-        self.checkpoint.close()
-
 
 def release_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; nothing
@@ -200,15 +183,7 @@ def release_freed_memory() -> None:
 
 def run_layer(layer: nn.Module, inputs: Sequence[tuple[tuple, dict[str, Any]]]) -> LayerInputs:
     """The layer's output for each batch, as the next layer's (args, kwargs)."""
-    out: LayerInputs = []
-    for args, kwargs in inputs:
-        result = layer(*args, **kwargs)
-        hidden = result[0] if isinstance(result, tuple) else result
-        if args:
-            out.append(((hidden, *args[1:]), kwargs))
-        else:
-            out.append(((), {**kwargs, "hidden_states": hidden}))
-    return out
+    return [run_block(layer, args, kwargs) for args, kwargs in inputs]
 
 
 def hidden_of(inputs: tuple[tuple, dict[str, Any]]) -> torch.Tensor:

@@ -41,9 +41,8 @@ from bitalloc.sensitivity.base import allowed_mask, spread_windows
 from bitalloc.sensitivity.monotone import bit_chains, cap_chains
 from bitalloc.sensitivity.output import fitted_scale, output_error, reference_format
 from bitalloc.sensitivity.profile import Profile, finite_or_none
+from bitalloc.sequential import BATCH
 from bitalloc.streaming.model import StreamedModel, hidden_of, run_layer
-
-BATCH = 4
 
 
 def streamed_output_profile(
@@ -86,7 +85,7 @@ def _profile(model, palette, calibration, tokens, calibrate, progress, scorer):
     allowed = allowed_mask(units, palette)
     table = np.zeros((len(units), len(palette)))
     reference = reference_format(palette, units) if calibrate else None
-    clean = model.first_layer_inputs(windows, BATCH)
+    clean = model.first_layer_inputs(windows)
     quantized = clean if reference is not None else None
     vectors: dict[str, torch.Tensor] = {}
     count = 0

@@ -31,12 +31,11 @@ from pathlib import Path
 import torch
 
 from bitalloc.formats import Format, parse_palette
+from bitalloc.sequential import BATCH
 from bitalloc.streaming.model import StreamedModel
 
 #: float32 copies of the largest unit alive while it is scored.
 UNIT_COPIES = 5
-#: Windows per forward pass (as the streamed profile runs them).
-BATCH = 4
 
 
 @dataclass(frozen=True)

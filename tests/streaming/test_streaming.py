@@ -40,16 +40,16 @@ def _whole(path):
 
 
 def test_checkpoint_reads_tensors_lazily_in_their_dtype(sharded):
-    with Checkpoint(sharded) as ckpt:
-        name = "model.layers.1.mlp.down_proj.weight"
-        info = ckpt.info(name)
-        assert info.dtype == torch.bfloat16 and info.shape == (64, 96)
-        assert ckpt.tensor(name).dtype == torch.bfloat16
-        assert ckpt.tensor(name, torch.float32).dtype == torch.float32
-        assert set(ckpt.state_dict("model.layers.2.")) >= {"mlp.up_proj.weight"}
-        assert ckpt.nbytes == sum(t.nbytes for t in ckpt.tensors.values())
-        with pytest.raises(BitallocError, match="no tensor 'nope'"):
-            ckpt.info("nope")
+    ckpt = Checkpoint(sharded)
+    name = "model.layers.1.mlp.down_proj.weight"
+    info = ckpt.info(name)
+    assert info.dtype == torch.bfloat16 and info.shape == (64, 96)
+    assert ckpt.tensor(name).dtype == torch.bfloat16
+    assert ckpt.tensor(name, torch.float32).dtype == torch.float32
+    assert set(ckpt.state_dict("model.layers.2.")) >= {"mlp.up_proj.weight"}
+    assert ckpt.nbytes == sum(t.nbytes for t in ckpt.tensors.values())
+    with pytest.raises(BitallocError, match="no tensor 'nope'"):
+        ckpt.info("nope")
 
 
 def test_streamed_forward_gives_the_whole_models_losses(sharded, monkeypatch):
@@ -57,7 +57,7 @@ def test_streamed_forward_gives_the_whole_models_losses(sharded, monkeypatch):
 
     # The head in blocks of 100 rows (vocabulary 256: two full blocks and a short one).
     monkeypatch.setattr(streaming_model, "HEAD_ROWS", 100)
-    ids = random_windows(seed=0, n=4, seq_len=32)
+    ids = random_windows(seed=0, n=8, seq_len=32)  # two batches of four
     whole = _whole(sharded)
     with torch.no_grad():
         logits = whole(input_ids=ids).logits[:, :-1]
@@ -66,7 +66,7 @@ def test_streamed_forward_gives_the_whole_models_losses(sharded, monkeypatch):
         ).mean(1)
     streamed = StreamedModel(sharded)
     assert [u.name for u in streamed.units] == [u.name for u in discover_units(whole)]
-    inputs = streamed.first_layer_inputs(ids, batch=2)
+    inputs = streamed.first_layer_inputs(ids)
     with torch.no_grad():
         for index in range(3):
             with streamed.layer(index) as layer:
@@ -74,7 +74,7 @@ def test_streamed_forward_gives_the_whole_models_losses(sharded, monkeypatch):
             # Released: the layer holds no real tensors between uses.
             assert all(p.is_meta for p in streamed.layers[index].parameters())
         got = torch.cat(
-            [streamed.loss(hidden_of(b), ids[2 * k : 2 * k + 2]) for k, b in enumerate(inputs)]
+            [streamed.loss(hidden_of(b), ids[4 * k : 4 * k + 4]) for k, b in enumerate(inputs)]
         )
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -229,6 +229,7 @@ def test_streamed_compressed_tensors_export_equals_the_in_memory_one(sharded, tm
         alloc, _whole(sharded), _NoTokenizer(), tmp_path / "whole", progress=False
     )
     assert streamed.unit_bytes == whole.unit_bytes
+    assert streamed.warnings == whole.warnings
     index = json.loads((tmp_path / "streamed" / INDEX).read_text())["weight_map"]
     assert len(set(index.values())) == 4  # the outer tensors and one shard per layer
     written = {}
