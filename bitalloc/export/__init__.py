@@ -42,6 +42,7 @@ def export_allocation(
     format: str | None = None,
     force: bool = False,
     progress: bool = True,
+    stream: bool = False,
 ) -> ExportReport:
     """Export ``allocation`` (an :class:`~bitalloc.allocation.Allocation` or its JSON file)
     applied to its model as a file an engine loads, and return what was written.
@@ -50,6 +51,10 @@ def export_allocation(
     ``.gguf`` file or Hugging Face directory). A GGUF export takes its metadata and tokenizer
     from a GGUF source, or converts them from a Hugging Face Llama model; a
     compressed-tensors export writes a Hugging Face directory.
+
+    ``stream`` reads the model (a Hugging Face directory of safetensors shards) one tensor or
+    layer at a time instead of loading it whole (:mod:`bitalloc.streaming`): for models larger
+    than memory; the files written are the same.
     """
     from bitalloc.allocation import Allocation
     from bitalloc.models import load_model
@@ -58,6 +63,8 @@ def export_allocation(
         allocation = Allocation.load(allocation)
     kind = export_format(out, format)
     source = str(model) if model is not None else allocation.data.model
+    if stream:
+        return _export_streamed(allocation, source, out, kind, force=force, progress=progress)
     if kind == "gguf":
         from bitalloc.export.gguf import export_gguf, gguf_source
 
@@ -80,6 +87,21 @@ def export_allocation(
             allocation, loaded.model, loaded.tokenizer, out, force=force, progress=progress
         )
     return report
+
+
+def _export_streamed(allocation, source: str, out, kind: str, *, force: bool, progress: bool):
+    if not Path(source).is_dir():
+        raise BitallocError(
+            f"a streamed export reads a Hugging Face directory of safetensors shards; {source} "
+            "is not one (a .gguf model is memory-mapped and exports without --stream)"
+        )
+    if kind == "gguf":
+        from bitalloc.streaming.export_gguf import export_gguf_streamed
+
+        return export_gguf_streamed(allocation, source, out, force=force, progress=progress)
+    from bitalloc.streaming.export import export_compressed_tensors_streamed
+
+    return export_compressed_tensors_streamed(allocation, source, out, force=force)
 
 
 __all__ = ["EXPORT_FORMATS", "ExportReport", "ExportedTensor", "export_allocation", "export_format"]

@@ -35,6 +35,12 @@ def add_export_parser(sub: Any) -> None:
         {"model": {"help": "the model the allocation was made for (default: the one it records)"}},
     )
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
+    e.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the model one layer at a time, never whole (models larger than memory; "
+        "--model must be a Hugging Face directory of safetensors shards)",
+    )
     add_config_arguments(e, ("progress",))
     e.set_defaults(handler=export_command)
 
@@ -55,6 +61,7 @@ def export_command(args: argparse.Namespace) -> None:
         format=args.format,
         force=args.force,
         progress=not args.quiet,
+        stream=args.stream,
     )
     seconds = time.perf_counter() - start
     predicted = alloc.data.total_bits / 8

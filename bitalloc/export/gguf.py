@@ -337,23 +337,30 @@ def _encode(planned: PlannedTensor, importance) -> tuple[np.ndarray, gguf.GGMLQu
     return raw.reshape(int(np.prod(planned.shape[:-1])), -1), qtype
 
 
-def _write(reader, plan, out: Path, allocation, importance, formats, progress: bool) -> str:
-    arch = _field(reader, "general.architecture")
+def new_writer(path: str, reader, allocation, formats: dict[str, GGUFFormat]) -> gguf.GGUFWriter:
+    """A GGUF writer on ``path`` holding the metadata of ``reader`` (a GGUF file's or a
+    :class:`~bitalloc.export.gguf_convert.ConvertedSource`), its alignment, the file type of
+    ``formats`` and the allocation's average bits; no tensor yet."""
+    writer = gguf.GGUFWriter(path, _field(reader, "general.architecture"), use_temp_file=False)
     alignment = reader.fields.get("general.alignment")
+    if alignment is not None:
+        writer.add_custom_alignment(int(alignment.contents()))
+    for field in reader.fields.values():
+        if field.name.startswith(_OWN_KEYS) or field.name == "general.architecture":
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    writer.add_file_type(_file_type(formats))
+    writer.add_float32(ALLOCATION_KEY, float(allocation.avg_bits))
+    return writer
+
+
+def _write(reader, plan, out: Path, allocation, importance, formats, progress: bool) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, arch, use_temp_file=False)
-        if alignment is not None:
-            writer.add_custom_alignment(int(alignment.contents()))
-        for field in reader.fields.values():
-            if field.name.startswith(_OWN_KEYS) or field.name == "general.architecture":
-                continue
-            sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
-        writer.add_file_type(_file_type(formats))
-        writer.add_float32(ALLOCATION_KEY, float(allocation.avg_bits))
+        writer = new_writer(tmp, reader, allocation, formats)
         for planned in progress_iter(plan, "writing GGUF", progress):
             data, qtype = _encode(planned, importance)
             writer.add_tensor(planned.name, data, raw_dtype=qtype)

@@ -90,7 +90,13 @@ class ConvertedSource:
 def convert_llama(model: nn.Module, tokenizer: object) -> ConvertedSource:
     """The GGUF description of a Hugging Face Llama ``model`` with its ``tokenizer``; a
     :class:`BitallocError` naming what cannot be converted otherwise."""
-    config = getattr(model, "config", None)
+    source = llama_metadata(getattr(model, "config", None), tokenizer)
+    return ConvertedSource(source.fields, _tensors(model), source.notes)
+
+
+def llama_metadata(config: object, tokenizer: object) -> ConvertedSource:
+    """The GGUF metadata (no tensors) of a Hugging Face Llama with ``config`` and
+    ``tokenizer``; a :class:`BitallocError` naming what cannot be converted otherwise."""
     kind = getattr(config, "model_type", None)
     if kind != "llama":
         raise BitallocError(
@@ -111,7 +117,7 @@ def convert_llama(model: nn.Module, tokenizer: object) -> ConvertedSource:
         )
     fields = _hyper_parameters(config) | _tokenizer_fields(tokenizer, config.vocab_size)
     notes = (PRE_TOKENIZER_NOTE,) if fields["tokenizer.ggml.pre"].value == "default" else ()
-    return ConvertedSource(fields, _tensors(model), notes)
+    return ConvertedSource(fields, [], notes)
 
 
 def _field(name: str, value: object, *types: gguf.GGUFValueType) -> tuple[str, SourceField]:

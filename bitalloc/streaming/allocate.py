@@ -20,7 +20,7 @@ from bitalloc.formats import default_palette, parse_palette
 from bitalloc.importance import IMPORTANCE_TOKENS
 from bitalloc.planning import build_problem, to_allocation
 from bitalloc.solvers import solve
-from bitalloc.streaming.model import StreamedModel
+from bitalloc.streaming.model import StreamedModel, checkpoint_tokenizer
 from bitalloc.streaming.profile import streamed_output_profile
 from bitalloc.streaming.resources import memory_terms
 
@@ -107,16 +107,9 @@ def _check_memory(model: StreamedModel, limit: int, tokens: int, seq_len: int) -
 
 
 def _calibration_windows(path: Path, text: str | None, seq_len: int) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
     from bitalloc.data import default_text, text_prefix, tokenize, windows
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise BitallocError(
-            f"{path} has no usable tokenizer ({exc}); add its tokenizer files or pass windows="
-        ) from None
+    tokenizer = checkpoint_tokenizer(path, "or pass windows=")
     body = default_text().calibration if text is None else text
     ids = tokenize(tokenizer, body)
     return windows(ids, seq_len, prefix=text_prefix(tokenizer))

@@ -58,21 +58,9 @@ def export_compressed_tensors_streamed(
     """Write ``allocation`` applied to the checkpoint at ``source`` as a sharded
     compressed-tensors checkpoint at ``out`` (see the module docstring)."""
     formats = _export_formats(allocation)
-    if allocation.data.scale_folding is not None:
-        raise BitallocError(
-            "this allocation folded scales into the weights it measured; a streamed export "
-            "reads the checkpoint as stored: allocate without scale folding"
-        )
     path = check_export_path(out, force=force, directory=True)
-    model = StreamedModel(source)
+    model = streamable(allocation, source)
     units = allocation.data.units
-    known = {u.name for u in model.units}
-    stray = [u.name for u in units if u.name not in known]
-    if stray:
-        raise BitallocError(
-            f"{stray[0]} is not a unit of the checkpoint in {source}; the allocation was made "
-            "for another model"
-        )
     by_layer: dict[int, list] = {}
     for unit in units:
         by_layer.setdefault(unit.layer, []).append(unit)
@@ -108,6 +96,26 @@ def export_compressed_tensors_streamed(
         raise BitallocError(f"cannot write {path}: {exc.strerror or exc}") from None
     warnings = _mixed_group_warnings(units, formats) + _shared_scale_warnings(sum(shared_groups))
     return ExportReport(path, "compressed-tensors", tuple(report), total_bytes, tuple(warnings))
+
+
+def streamable(allocation, source: str | os.PathLike[str]) -> StreamedModel:
+    """The checkpoint at ``source`` as a :class:`StreamedModel`, checked to be the model
+    ``allocation`` was made for (every unit is one of its units, of the same shape), and the
+    allocation checked to need nothing but the stored weights (no scale folding)."""
+    if allocation.data.scale_folding is not None:
+        raise BitallocError(
+            "this allocation folded scales into the weights it measured; a streamed export "
+            "reads the checkpoint as stored: allocate without scale folding"
+        )
+    model = StreamedModel(source)
+    known = {u.name: tuple(u.shape) for u in model.units}
+    for unit in allocation.data.units:
+        if known.get(unit.name) != tuple(unit.shape):
+            raise BitallocError(
+                f"{unit.name} {tuple(unit.shape)} is not a unit of the checkpoint in {source}; "
+                "the allocation was made for another model"
+            )
+    return model
 
 
 def _stored(value: torch.Tensor) -> torch.Tensor:

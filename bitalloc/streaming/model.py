@@ -170,6 +170,19 @@ class StreamedModel:
         return sum(self.checkpoint.info(n).nbytes for n in self.checkpoint.names(prefix))
 
 
+def checkpoint_tokenizer(path: Path, alternative: str = "") -> Any:
+    """The tokenizer saved with the checkpoint at ``path``; a :class:`BitallocError` that says
+    to add its files (or ``alternative``) when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise BitallocError(
+            f"{path} has no usable tokenizer ({exc}); add its tokenizer files {alternative}"
+        ) from None
+
+
 def release_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; nothing
     elsewhere). Without it, each layer's freed float32 tensors leave the heap fragmented and

@@ -16,7 +16,7 @@ from bitalloc.export.gguf import convention_type, export_gguf, llama_permute
 from bitalloc.formats import GGUFFormat
 from bitalloc.models import load_model
 from tests.allocations import cycling_allocation
-from tests.export.tiny_gguf import write_tiny_gguf
+from tests.export.tiny_gguf import bpe_tokenizer, write_tiny_gguf
 
 MIX = ["gguf:Q4_K", "gguf:IQ4_NL", "gguf:Q2_K", "gguf:Q8_0", "gguf:F16", "gguf:IQ3_S"]
 
@@ -209,36 +209,13 @@ def test_an_imatrix_file_replaces_the_gathered_importance(tiny_gguf, tmp_path, c
         assert torch.equal(read.of(unit.name), prep.importance.of(unit.name))
 
 
-def _bpe_tokenizer():
-    """A byte-level BPE tokenizer with a few merges and a start token, as real ones have."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.export.tiny_gguf import _MERGES, _byte_tokens
-
-    tokens = _byte_tokens() + [m.replace(" ", "") for m in _MERGES] + ["<bos>", "<eos>"]
-    tok = Tokenizer(
-        models.BPE(
-            vocab={t: i for i, t in enumerate(tokens)},
-            merges=[tuple(m.split(" ")) for m in _MERGES],
-        )
-    )
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    bos = tokens.index("<bos>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A", special_tokens=[("<bos>", bos)]
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
-
-
 def test_a_hugging_face_llama_is_converted_and_reads_back(tmp_path):
     from transformers import AutoTokenizer
 
     from tests.conftest import make_tiny_llama
     from tests.families import VOCAB, qwen2
 
-    model, tokenizer = make_tiny_llama(vocab=VOCAB), _bpe_tokenizer()
+    model, tokenizer = make_tiny_llama(vocab=VOCAB), bpe_tokenizer()
     alloc = cycling_allocation(model, ["gguf:Q4_0", "gguf:IQ4_NL", "gguf:Q8_0"])
     out = tmp_path / "m.gguf"
     report = export_gguf(alloc, model, None, out, tokenizer=tokenizer, progress=False)

@@ -105,3 +105,24 @@ def write_tiny_gguf(
 
 
 __all__ = ["VOCAB", "llama_permute", "write_tiny_gguf"]
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer with a few merges and a start token, as real ones have."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = _byte_tokens() + [m.replace(" ", "") for m in _MERGES] + ["<bos>", "<eos>"]
+    tok = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=[tuple(m.split(" ")) for m in _MERGES],
+        )
+    )
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    bos = tokens.index("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", bos)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
