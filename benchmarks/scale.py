@@ -1,14 +1,25 @@
-"""Peak memory and time of a streamed allocation against model size.
+"""Peak memory and time of a streamed allocation and GGUF export against model size.
 
-For each size, a random bf16 Llama checkpoint (one shard per layer, written by
-:func:`bitalloc.streaming.synthetic.write_random_llama` under ``--workdir``, deleted after) is
-allocated end to end with :func:`bitalloc.streaming.allocate.allocate_streamed` in a child
-process run under ``/usr/bin/time -v``: its peak resident set (file-backed pages of the shards
-included) is what is reported, beside the checkpoint's bf16 size. Calibration is random token
-windows (the synthetic checkpoints have no tokenizer); the palette is small, so that the time
-is mostly the per-layer work every palette pays.
+For each size, a random bf16 Llama checkpoint (one shard per layer, the default model's
+tokenizer beside it, written by :func:`bitalloc.streaming.synthetic.write_random_llama` under
+``--workdir``) is allocated end to end in a child process run under ``/usr/bin/time -v``:
 
-    .venv/bin/python benchmarks/scale.py [--sizes 135m,0.5b,1b] [--tokens 1024]
+1. plan: :func:`~bitalloc.streaming.resources.plan_streamed` (what ``bitalloc plan-resources``
+   prints), before any work;
+2. allocate: the streamed ``output`` profile over ``--tokens`` tokens of the default
+   calibration text and the Lagrangian solve (:func:`allocate_streamed`);
+3. export: the GGUF file (:func:`export_gguf_streamed`), read back and checked.
+
+Each stage's peak resident set is read from ``VmHWM`` after the stage (reset before it through
+``/proc/self/clear_refs``); the whole child's peak comes from ``/usr/bin/time -v``. Both count
+the file-backed pages of the shards. Where llama.cpp's tools are built
+(``bitalloc.export.llamacpp``), the exported file is loaded and decoded by ``llama-bench``.
+
+``--workers 2`` scores the units on a local Ray cluster of two workers; with
+``--allocations DIR`` each run's allocation is saved there and compared with the other worker
+count's, when present (the Ray twin of a run must choose the same formats).
+
+    .venv/bin/python benchmarks/scale.py [--sizes 135m,0.5b,1b,3b] [--tokens 1024]
 """
 
 from __future__ import annotations
@@ -26,35 +37,73 @@ from pathlib import Path
 from _report import cpu_description, write_section
 
 START, END = "<!-- scale:start -->", "<!-- scale:end -->"
-PALETTE = "int2-g128,int3-g128,int4-g128,int8-g128,fp16"
-#: name -> (hidden, layers, intermediate, heads, kv heads, vocab)
+PALETTE = "gguf:Q3_K,gguf:Q4_K,gguf:Q6_K,fp16"
+AVG_BITS = 4.25
+#: name -> (hidden, layers, intermediate, heads, kv heads); rows are whole 256-blocks, as
+#: K-quants need. The vocabulary is the default model's tokenizer's (49,152).
 SIZES = {
-    "135m": (576, 30, 1536, 9, 3, 49152),
-    "0.5b": (1024, 32, 4096, 16, 4, 32000),
-    "1b": (2048, 22, 5632, 32, 8, 32000),
-    "3b": (3072, 28, 8192, 24, 8, 32000),
+    "135m": (512, 30, 1536, 8, 2),
+    "0.5b": (1024, 32, 4096, 16, 4),
+    "1b": (2048, 22, 5632, 32, 8),
+    "3b": (3072, 28, 8192, 24, 8),
 }
 
 CHILD = """
 import json, sys, time, torch
+from pathlib import Path
 from bitalloc.streaming.allocate import allocate_streamed
+from bitalloc.streaming.export_gguf import export_gguf_streamed
 from bitalloc.streaming.resources import plan_streamed
-path, tokens, palette = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-plan = plan_streamed(path, palette, tokens)
-torch.manual_seed(0)
-windows = torch.randint(0, 32000, (max(1, tokens // 512), 512))
+
+def peak_mib():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+def reset_peak():
+    Path("/proc/self/clear_refs").write_text("5")
+
+path, tokens, palette, workers = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+out, saved = Path(sys.argv[5]), sys.argv[6]
+result = {}
 start = time.perf_counter()
-alloc = allocate_streamed(path, 3.25, formats=palette, windows=windows, tokens=tokens,
-                          progress=False)
-total = time.perf_counter() - start
-print("RESULT " + json.dumps({"seconds": total, "avg_bits": alloc.avg_bits,
-      "estimated_mib": plan.peak_bytes / 2**20, "estimated_s": plan.total_seconds}))
+plan = plan_streamed(path, palette, tokens, workers=max(1, workers))
+result["plan"] = {"memory": plan.memory, "seconds": plan.seconds, "peak": plan.peak_bytes,
+                  "time": time.perf_counter() - start}
+reset_peak()
+start = time.perf_counter()
+alloc = allocate_streamed(path, float(sys.argv[7]), formats=palette, tokens=tokens, progress=False,
+                          workers=workers)
+result["allocate"] = {"seconds": time.perf_counter() - start, "peak_mib": peak_mib(),
+                      "avg_bits": alloc.avg_bits}
+if saved:
+    alloc.save(saved)
+reset_peak()
+start = time.perf_counter()
+report = export_gguf_streamed(alloc, path, out, progress=False, force=True)
+result["export"] = {"seconds": time.perf_counter() - start, "peak_mib": peak_mib(),
+                    "bytes": report.file_bytes, "unit_bytes": report.unit_bytes,
+                    "predicted_unit_bytes": alloc.data.total_bits / 8}
+print("RESULT " + json.dumps(result))
 """
 
 
-def measure(path: Path, tokens: int) -> dict:
-    """Run the child under /usr/bin/time -v; its result and peak resident set (MiB)."""
-    command = ["/usr/bin/time", "-v", sys.executable, "-c", CHILD, str(path), str(tokens), PALETTE]
+def measure(path: Path, tokens: int, workers: int, out: Path, saved: str) -> dict:
+    """Run the child under /usr/bin/time -v; its result and whole peak resident set (MiB)."""
+    command = [
+        "/usr/bin/time",
+        "-v",
+        sys.executable,
+        "-c",
+        CHILD,
+        str(path),
+        str(tokens),
+        PALETTE,
+        str(workers),
+        str(out),
+        saved,
+        str(AVG_BITS),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"child failed:\n{done.stderr[-3000:]}")
@@ -64,69 +113,131 @@ def measure(path: Path, tokens: int) -> dict:
     return result
 
 
+def checkpoint(name: str, workdir: Path, tokenizer) -> tuple[Path, dict, float]:
+    """The size's random checkpoint under ``workdir`` (written unless already there), its
+    config and the seconds writing it took."""
+    from bitalloc.streaming.synthetic import llama_config, write_random_llama
+
+    hidden, layers, inter, heads, kv = SIZES[name]
+    config = llama_config(hidden, layers, inter, heads=heads, kv_heads=kv, vocab=len(tokenizer))
+    directory = workdir / f"bitalloc-scale-{name}"
+    done = directory / "config.json"
+    if done.is_file() and json.loads(done.read_text()) == config:
+        return directory, config, 0.0
+    shutil.rmtree(directory, ignore_errors=True)
+    start = time.perf_counter()
+    write_random_llama(directory, config, tokenizer=tokenizer)
+    return directory, config, time.perf_counter() - start
+
+
+def llama_cpp_decode(path: Path) -> float | None:
+    """Tokens per second llama.cpp decodes the exported file at, None where it is not built."""
+    from bitalloc.export.llamacpp import find_llama_cpp
+
+    tools = find_llama_cpp()
+    return None if tools is None else tools.decode_speed(path, tokens=8)
+
+
+def compare(saved: Path, name: str, workers: int) -> str:
+    """Whether this run's allocation equals the other worker count's (when one is saved)."""
+    from bitalloc.allocation import Allocation
+
+    mine = Allocation.load(saved / f"{name}-workers{workers}.json")
+    others = sorted(
+        p for p in saved.glob(f"{name}-workers*.json") if p.name != f"{name}-workers{workers}.json"
+    )
+    if not others:
+        return ""
+    other = Allocation.load(others[0])
+    same = mine.formats == other.formats
+    return f"{'same' if same else 'DIFFERENT'} formats as {others[0].stem}"
+
+
 def main() -> int:
-    from bitalloc.streaming.synthetic import llama_config, parameter_count, write_random_llama
+    from bitalloc.models import default_gguf_path, load_model
+    from bitalloc.streaming.synthetic import parameter_count
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="135m,0.5b,1b")
+    parser.add_argument("--sizes", default="135m,0.5b,1b,3b")
     parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
+    parser.add_argument("--allocations", default=None, help="save and compare allocations here")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints for reuse")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     args = parser.parse_args()
+    tokenizer = load_model(str(default_gguf_path())).tokenizer
+    saved = Path(args.allocations) if args.allocations else None
+    if saved:
+        saved.mkdir(parents=True, exist_ok=True)
     rows = []
     began = time.perf_counter()
     for name in args.sizes.split(","):
-        hidden, layers, inter, heads, kv, vocab = SIZES[name]
-        config = llama_config(hidden, layers, inter, heads=heads, kv_heads=kv, vocab=vocab)
-        directory = Path(tempfile.mkdtemp(prefix=f"bitalloc-scale-{name}-", dir=args.workdir))
+        directory, config, written = checkpoint(name, Path(args.workdir), tokenizer)
+        gguf_out = Path(args.workdir) / f"bitalloc-scale-{name}.gguf"
         try:
-            start = time.perf_counter()
-            write_random_llama(directory, config)
-            written = time.perf_counter() - start
-            size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
-            result = measure(directory, args.tokens)
+            target = str(saved / f"{name}-workers{args.workers}.json") if saved else ""
+            result = measure(directory, args.tokens, args.workers, gguf_out, target)
+            result["decode"] = llama_cpp_decode(gguf_out)
+            result["twin"] = compare(saved, name, args.workers) if saved else ""
         finally:
-            shutil.rmtree(directory, ignore_errors=True)
-        layer = max(0, (parameter_count(config) - 2 * vocab * hidden - hidden) // layers)
+            gguf_out.unlink(missing_ok=True)
+            if not args.keep:
+                shutil.rmtree(directory, ignore_errors=True)
         row = {
             "name": name,
             "params": parameter_count(config),
-            "layers": layers,
-            "bf16_mib": size / 2**20,
-            "layer_fp32_mib": layer * 4 / 2**20,
+            "layers": config["num_hidden_layers"],
+            "bf16_mib": parameter_count(config) * 2 / 2**20,
             "written_s": written,
             **result,
         }
         rows.append(row)
-        print(row, flush=True)
+        print(json.dumps(row), flush=True)
+    write_section(args.out, START, END, table(rows, args, time.perf_counter() - began))
+    return 0
+
+
+def table(rows: list[dict], args, seconds: float) -> str:
+    """The BENCHMARKS.md section."""
+    ray = f", units scored on {args.workers} local Ray workers" if args.workers else ""
     lines = [
         START,
-        "## Streamed allocation: peak memory against model size",
+        "## Streamed allocation and export: peak memory and time against model size",
         "",
-        f"`.venv/bin/python benchmarks/scale.py --sizes {args.sizes} --tokens {args.tokens}` on "
-        f"{cpu_description()}, {(time.perf_counter() - began) / 60:.0f} min. Random bf16 Llama "
-        "checkpoints (one shard per layer), allocated at 3.25 bits by `allocate_streamed` "
-        f"(streamed `output` profile over {args.tokens} calibration tokens, palette "
-        f"`{PALETTE}`, Lagrangian solve) in a child process; peak = its maximum resident set "
-        "from `/usr/bin/time -v`, file-backed pages of the shards included; estimated: "
-        "`bitalloc plan-resources` (`plan_streamed`) in the same child before the run. The "
-        "machine was shared with other benchmarks and CI, so times are high and noisy.",
+        f"`.venv/bin/python benchmarks/scale.py --sizes {args.sizes} --tokens {args.tokens}"
+        f"{f' --workers {args.workers}' if args.workers else ''}` on {cpu_description()}, "
+        f"{seconds / 60:.0f} min. Random bf16 Llama checkpoints (one shard per layer, vocabulary "
+        f"49,152 with the default model's tokenizer), allocated at {AVG_BITS} bits over "
+        f"`{PALETTE}` (streamed `output` profile over {args.tokens} tokens of the default "
+        f"calibration text, Lagrangian solve{ray}) and exported as GGUF, in a child process. "
+        "Peak: resident set, file-backed shard pages included (whole child: `/usr/bin/time -v`; "
+        "per stage: `VmHWM`, reset before the stage). Estimated: `bitalloc plan-resources` "
+        "(`plan_streamed`) in the same child before the run; its export time assumes every "
+        "unit at the palette's mean rounding cost.",
         "",
-        "| model | parameters | layers | checkpoint (bf16) | one layer (fp32) | peak resident "
-        "| estimated peak | peak / checkpoint | time | estimated time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | parameters | layers | checkpoint (bf16) | peak (whole run) | estimated peak "
+        "| allocate: time / estimated | allocate peak | export: time / estimated | export peak "
+        "| llama.cpp decode |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        plan = r["plan"]["seconds"]
+        allocate_est = plan["forward and statistics"] + plan["scoring (formats x units)"]
+        decode = "not built" if r["decode"] is None else f"{r['decode']:.1f} tok/s"
         lines.append(
             f"| {r['name']} | {r['params'] / 1e9:.2f} B | {r['layers']} | {r['bf16_mib']:.0f} MiB "
-            f"| {r['layer_fp32_mib']:.0f} MiB | {r['peak_mib']:.0f} MiB "
-            f"| {r['estimated_mib']:.0f} MiB | {r['peak_mib'] / r['bf16_mib']:.2f} "
-            f"| {r['seconds']:.0f} s | {r['estimated_s']:.0f} s |"
+            f"| {r['peak_mib']:.0f} MiB | {r['plan']['peak'] / 2**20:.0f} MiB "
+            f"| {r['allocate']['seconds']:.0f} s / {allocate_est:.0f} s "
+            f"| {r['allocate']['peak_mib']:.0f} MiB "
+            f"| {r['export']['seconds']:.0f} s / {plan['export (mean format)']:.0f} s "
+            f"| {r['export']['peak_mib']:.0f} MiB | {decode} |"
         )
+    twins = [f"{r['name']}: {r['twin']}" for r in rows if r.get("twin")]
+    if twins:
+        lines += ["", "Ray twin: " + "; ".join(twins) + "."]
     lines.append(END)
-    write_section(args.out, START, END, "\n".join(lines))
-    print("\n".join(lines))
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

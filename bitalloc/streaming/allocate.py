@@ -9,6 +9,7 @@ directly (token ids, (n, seq_len)) skip that.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +21,9 @@ from bitalloc.formats import default_palette, parse_palette
 from bitalloc.importance import IMPORTANCE_TOKENS
 from bitalloc.planning import build_problem, to_allocation
 from bitalloc.solvers import solve
-from bitalloc.streaming.model import StreamedModel, checkpoint_tokenizer
+from bitalloc.streaming.model import StreamedModel, checkpoint_tokenizer, release_freed_memory
 from bitalloc.streaming.profile import streamed_output_profile
-from bitalloc.streaming.resources import memory_terms
+from bitalloc.streaming.resources import available_bytes, memory_terms
 
 DEFAULT_SEQ_LEN = 512
 #: Profilers that run one layer at a time.
@@ -53,13 +54,9 @@ def allocate_streamed(
     ``max_memory`` (bytes) refuses, before any work, a run whose planned peak
     (:func:`~bitalloc.streaming.resources.memory_terms`) exceeds it, naming the minimum.
     ``profiler`` must be one that streams: ``output`` (its scores include ``+gptq``)."""
-    if profiler not in STREAMING_PROFILERS:
-        raise BitallocError(
-            f"the {profiler!r} profiler needs the whole model (a backward pass through every "
-            f"layer), which streaming does not hold; profilers that stream: "
-            f"{', '.join(STREAMING_PROFILERS)}; or load a model that fits whole"
-        )
     model = StreamedModel(path)
+    if profiler not in STREAMING_PROFILERS:
+        raise BitallocError(_whole_model_message(profiler, model))
     if max_memory is not None:
         _check_memory(model, max_memory, tokens, seq_len)
     palette = parse_palette(formats) if formats is not None else default_palette()
@@ -89,8 +86,34 @@ def allocate_streamed(
         model=str(model.checkpoint.path),
         excluded=excluded,
     )
+    # The model's shell and its modules form reference cycles: freed now, and the heap's
+    # pages handed back, so that what runs next (an export) starts from a small process.
+    del model, profile
+    gc.collect()
+    release_freed_memory()
     # The importance weighted every clipping search: applying the allocation repeats it.
     return allocation.with_importance(importance)
+
+
+def _whole_model_message(profiler: str, model: StreamedModel) -> str:
+    """Why ``profiler`` cannot run here, and what can: the streaming profilers always; the
+    whole-model ones (``allocate``) only when the model fits this machine's memory in
+    float32, with its gradients for a backward pass."""
+    whole = 2 * 4 * sum(info.numel for info in model.checkpoint.tensors.values())
+    free = available_bytes()
+    fits = (
+        f"it fits whole here ({whole / 2**30:.1f} GiB in float32 with gradients, "
+        f"{free / 2**30:.1f} GiB available): run `bitalloc allocate --profiler {profiler}`"
+        if whole < free
+        else f"this model needs about {whole / 2**30:.1f} GiB whole (float32 with gradients) "
+        f"and {free / 2**30:.1f} GiB are available, so only the streaming profilers run it "
+        "on this machine"
+    )
+    return (
+        f"the {profiler!r} profiler needs a backward pass through the whole model, which "
+        f"streaming does not hold; profilers that stream: {', '.join(STREAMING_PROFILERS)}; "
+        f"{fits}"
+    )
 
 
 def _check_memory(model: StreamedModel, limit: int, tokens: int, seq_len: int) -> None:

@@ -25,26 +25,31 @@ small inputs). A cluster of ``workers`` divides the per-layer scoring, not the f
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bitalloc.formats import Format, parse_palette
+from bitalloc.formats import Format, GGUFFormat, GPTQFormat, fake_quantize_each, parse_palette
+from bitalloc.sensitivity.base import allowed_mask
 from bitalloc.sequential import BATCH
 from bitalloc.streaming.model import StreamedModel
 
 #: float32 copies of the largest unit alive while it is scored.
 UNIT_COPIES = 5
+#: Columns of the weights the rounding speeds are measured on.
+SPEED_COLUMNS = 1024
 
 
 @dataclass(frozen=True)
 class Speed:
-    """This machine's measured speeds: matrix products (FLOP/s) and rounding (weights x
-    formats per second)."""
+    """This machine's measured speeds: matrix products (FLOP/s) and each format's rounding
+    (weights per second on a weight of :data:`SPEED_COLUMNS` columns, as the profile rounds:
+    weighted by a Gram matrix's diagonal, ``+gptq`` with the Gram matrix itself)."""
 
     flops: float
-    rounding: float
+    rounding: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -85,14 +90,32 @@ def resident_bytes() -> int:
     return 0
 
 
-def machine_speed() -> Speed:
-    """Time a 1024 x 1024 float32 matrix product and one 4-bit format's rounding of a
-    1024 x 1024 weight on this machine (best of three each)."""
+def available_bytes() -> int:
+    """Memory this machine can give a new allocation now (``MemAvailable`` of
+    ``/proc/meminfo``, bytes)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def machine_speed(formats: Sequence[Format] = ()) -> Speed:
+    """Time a 1024 x 1024 float32 matrix product and each quantized format's rounding of a
+    512 x :data:`SPEED_COLUMNS` weight on this machine (best of three each)."""
     a = torch.randn(1024, 1024)
     best = min(_timed(lambda: a @ a) for _ in range(3))
-    fmt = parse_palette("int4-g128")[0]
-    rounding = min(_timed(lambda: fmt.fake_quantize(a)) for _ in range(3))
-    return Speed(flops=2 * 1024**3 / best, rounding=1024 * 1024 / rounding)
+    weight = torch.randn(512, SPEED_COLUMNS) * 0.02
+    x = torch.randn(4 * SPEED_COLUMNS, SPEED_COLUMNS)
+    gram = x.T @ x / len(x)
+    rounding = {}
+    for fmt in formats:
+        if fmt.is_float or fmt.name in rounding:
+            continue
+        seconds = min(
+            _timed(lambda f=fmt: list(fake_quantize_each(weight, [f], gram))) for _ in range(3)
+        )
+        rounding[fmt.name] = weight.numel() / seconds
+    return Speed(flops=2 * 1024**3 / best, rounding=rounding)
 
 
 def _timed(work) -> float:
@@ -158,18 +181,53 @@ def plan_streamed(
     used = max(1, tokens // seq_len) * seq_len
     shapes = [u.shape for u in model.layer_units(0)]
     layer_params = sum(o * i for o, i in shapes)
-    speed = speed or machine_speed()
     quantized = [f for f in formats if not f.is_float]
+    speed = speed or machine_speed(quantized + _shell_formats(quantized))
+    allowed = allowed_mask(model.layer_units(0), formats)
     forward = 2 * 2 * layer_params * used  # two streams
     gram_flops = 2 * used * (3 * hidden**2 + inner**2)
-    error_flops = sum(2 * o * i * i for o, i in shapes) * len(quantized)
-
-    rounding = layer_params * len(quantized) / speed.rounding
-    per_layer_forward = (forward + gram_flops) / speed.flops
-    per_layer_scoring = (error_flops / speed.flops + rounding) / max(1, workers)
+    scoring = 0.0
+    for unit, row in zip(model.layer_units(0), allowed):
+        (out, width), weights = unit.shape, unit.numel
+        for fmt, ok in zip(formats, row):
+            if not ok or fmt.is_float:
+                continue
+            # GPTQ's column sweep costs in^2 per row: its per-weight rate scales with width.
+            slowdown = width / SPEED_COLUMNS if isinstance(fmt, GPTQFormat) else 1.0
+            scoring += 2 * out * width * width / speed.flops
+            scoring += weights * slowdown / speed.rounding[fmt.name]
     head_flops = 2 * 2 * used * hidden * int(config["vocab_size"])
     seconds = {
-        "forward and statistics": layers * per_layer_forward + head_flops / speed.flops,
-        "scoring (formats x units)": layers * per_layer_scoring,
+        "forward and statistics": layers * (forward + gram_flops) / speed.flops
+        + head_flops / speed.flops,
+        "scoring (formats x units)": layers * scoring / max(1, workers),
+        "export (mean format)": _export_seconds(model, quantized, speed),
     }
     return ResourcePlan(memory, seconds, workers)
+
+
+def _export_seconds(model: StreamedModel, quantized: Sequence[Format], speed: Speed) -> float:
+    """Every unit rounded once at the palette's mean rounding time per weight (the formats are
+    not chosen yet), plus the embedding and head at the GGUF convention's rates (Q8_0 / Q6_K)
+    when the palette is llama.cpp's."""
+    if not quantized:
+        return 0.0
+    per_weight = sum(1 / speed.rounding[f.name] for f in quantized) / len(quantized)
+    seconds = sum(u.numel for u in model.units) * per_weight
+    shell = _shell_formats(quantized)
+    if shell:
+        q8, q6 = (speed.rounding[f.name] for f in shell)
+        head = "lm_head.weight" in model.checkpoint
+        embedding = model.checkpoint.info("model.embed_tokens.weight").numel
+        seconds += embedding / (q8 if head else q6)
+        if head:
+            seconds += model.checkpoint.info("lm_head.weight").numel / q6
+    return seconds
+
+
+def _shell_formats(quantized: Sequence[Format]) -> list[Format]:
+    """Q8_0 and Q6_K (the GGUF convention's embedding and head types) for a llama.cpp palette,
+    else nothing."""
+    if quantized and all(isinstance(f, GGUFFormat) for f in quantized):
+        return [GGUFFormat("Q8_0"), GGUFFormat("Q6_K")]
+    return []

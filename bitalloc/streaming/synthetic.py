@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from bitalloc.errors import BitallocError
 from bitalloc.fileio import write_atomic
 from bitalloc.streaming.checkpoint import INDEX
 
@@ -46,9 +48,18 @@ def parameter_count(config: dict) -> int:
     return config["num_hidden_layers"] * layer + 2 * v * h + h
 
 
-def write_random_llama(path: str | Path, config: dict, seed: int = 0) -> Path:
+def write_random_llama(
+    path: str | Path, config: dict, seed: int = 0, *, tokenizer: Any = None
+) -> Path:
     """Write a random bf16 Llama checkpoint with ``config`` to the directory ``path``: one
-    shard for the embedding and head, one per decoder layer, and the index."""
+    shard for the embedding and head, one per decoder layer, and the index; with
+    ``tokenizer`` (whose vocabulary must fit the config's), its files too, so that the
+    checkpoint tokenizes calibration text and converts to GGUF like a real one."""
+    if tokenizer is not None and len(tokenizer) > config["vocab_size"]:
+        raise BitallocError(
+            f"the tokenizer has {len(tokenizer)} tokens, more than the config's vocabulary of "
+            f"{config['vocab_size']}; give the config a vocabulary of at least that"
+        )
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -93,5 +104,8 @@ def write_random_llama(path: str | Path, config: dict, seed: int = 0) -> Path:
     total = sum((path / s).stat().st_size for s in set(weight_map.values()))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     write_atomic(path / INDEX, lambda fh: fh.write(json.dumps(index, indent=1).encode()))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    # Last: a directory with a config is complete.
     write_atomic(path / "config.json", lambda fh: fh.write(json.dumps(config).encode()))
     return path

@@ -176,7 +176,7 @@ def test_streamed_allocation_equals_the_in_memory_one(sharded, tmp_path):
 def test_resource_plan_counts_one_layer_and_divides_scoring_over_workers(sharded):
     from bitalloc.streaming.resources import Speed, plan_streamed
 
-    speed = Speed(flops=1e10, rounding=1e7)
+    speed = Speed(flops=1e10, rounding={"int2-g32": 1e7, "int4-g32": 2e7})
     one = plan_streamed(sharded, "int2-g32,int4-g32,fp16", 256, seq_len=32, speed=speed)
     four = plan_streamed(sharded, "int2-g32,int4-g32,fp16", 256, seq_len=32, workers=4, speed=speed)
     layer_params = sum(u.numel for u in StreamedModel(sharded).layer_units(0))
@@ -267,11 +267,40 @@ def test_ray_workers_score_as_this_process_does(sharded):
     assert (local.loss[:, :-1] > 0).all()
 
 
-def test_a_memory_cap_below_the_plan_and_a_profiler_that_cannot_stream_are_refused(sharded):
+def test_a_memory_cap_below_the_plan_and_a_profiler_that_cannot_stream_are_refused(
+    sharded, monkeypatch
+):
+    import bitalloc.streaming.allocate as streamed_allocate
     from bitalloc.streaming.allocate import allocate_streamed
 
     cal = random_windows(seed=0, n=8, seq_len=32)
     with pytest.raises(BitallocError, match=r"allow at least \d+ MiB"):
         allocate_streamed(sharded, 4.0, windows=cal, tokens=256, max_memory=2**20)
-    with pytest.raises(BitallocError, match="profilers that stream: output"):
+    with pytest.raises(BitallocError, match="profilers that stream: output.*fits whole here"):
         allocate_streamed(sharded, 4.0, windows=cal, profiler="fisher")
+    monkeypatch.setattr(streamed_allocate, "available_bytes", lambda: 1024)
+    with pytest.raises(BitallocError, match="only the streaming profilers run it"):
+        allocate_streamed(sharded, 4.0, windows=cal, profiler="hessian")
+
+
+def test_a_random_checkpoint_is_written_shard_by_shard_with_a_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bitalloc.streaming.synthetic import llama_config, parameter_count, write_random_llama
+    from tests.export.tiny_gguf import bpe_tokenizer
+    from tests.families import VOCAB
+
+    tokenizer = bpe_tokenizer()
+    config = llama_config(64, 2, 128, heads=4, kv_heads=2, vocab=VOCAB)
+    path = write_random_llama(tmp_path / "random", config, tokenizer=tokenizer)
+    index = json.loads((path / INDEX).read_text())["weight_map"]
+    assert len(set(index.values())) == 3  # the outer tensors and one shard per layer
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert sum(p.numel() for p in model.parameters()) == parameter_count(config)
+    assert model.model.layers[1].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert (
+        AutoTokenizer.from_pretrained(path)("hello")["input_ids"] == tokenizer("hello")["input_ids"]
+    )
+    small = llama_config(64, 2, 128, heads=4, kv_heads=2, vocab=16)
+    with pytest.raises(BitallocError, match="vocabulary of at least"):
+        write_random_llama(tmp_path / "small", small, tokenizer=tokenizer)
