@@ -164,6 +164,12 @@ def main() -> int:
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--allocations", default=None, help="save and compare allocations here")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints for reuse")
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help="JSON file of earlier rows: this run's rows replace those of the same size and "
+        "worker count, and the table shows them all",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     args = parser.parse_args()
     tokenizer = load_model(str(default_gguf_path())).tokenizer
@@ -192,41 +198,61 @@ def main() -> int:
             "written_s": written,
             **result,
         }
+        row["workers"] = args.workers
         rows.append(row)
         print(json.dumps(row), flush=True)
+    if args.rows:
+        rows = merged(Path(args.rows), rows)
     write_section(args.out, START, END, table(rows, args, time.perf_counter() - began))
     return 0
 
 
+def merged(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows saved at ``path`` with ``rows`` in place of those of the same size and worker
+    count, in size order; saved back."""
+    from bitalloc.fileio import write_atomic
+
+    kept = json.loads(path.read_text()) if path.is_file() else []
+    new = {(r["name"], r["workers"]) for r in rows}
+    order = list(SIZES)
+    every = [r for r in kept if (r["name"], r["workers"]) not in new] + rows
+    every.sort(key=lambda r: (order.index(r["name"]), r["workers"]))
+    write_atomic(path, lambda fh: fh.write(json.dumps(every, indent=1).encode()))
+    return every
+
+
 def table(rows: list[dict], args, seconds: float) -> str:
     """The BENCHMARKS.md section."""
-    ray = f", units scored on {args.workers} local Ray workers" if args.workers else ""
     lines = [
         START,
         "## Streamed allocation and export: peak memory and time against model size",
         "",
-        f"`.venv/bin/python benchmarks/scale.py --sizes {args.sizes} --tokens {args.tokens}"
-        f"{f' --workers {args.workers}' if args.workers else ''}` on {cpu_description()}, "
-        f"{seconds / 60:.0f} min. Random bf16 Llama checkpoints (one shard per layer, vocabulary "
+        f"`.venv/bin/python benchmarks/scale.py --sizes SIZES --tokens {args.tokens} "
+        "[--workers 2]` on "
+        f"{cpu_description()} (the last run: {seconds / 60:.0f} min). Random bf16 Llama "
+        "checkpoints (one shard per layer, vocabulary "
         f"49,152 with the default model's tokenizer), allocated at {AVG_BITS} bits over "
         f"`{PALETTE}` (streamed `output` profile over {args.tokens} tokens of the default "
-        f"calibration text, Lagrangian solve{ray}) and exported as GGUF, in a child process. "
+        "calibration text, Lagrangian solve; workers: units scored on that many local Ray "
+        "workers, 0: in the process) and exported as GGUF, in a child process. "
         "Peak: resident set, file-backed shard pages included (whole child: `/usr/bin/time -v`; "
         "per stage: `VmHWM`, reset before the stage). Estimated: `bitalloc plan-resources` "
         "(`plan_streamed`) in the same child before the run; its export time assumes every "
         "unit at the palette's mean rounding cost.",
         "",
-        "| model | parameters | layers | checkpoint (bf16) | peak (whole run) | estimated peak "
+        "| model | parameters | layers | workers | checkpoint (bf16) | peak (whole run) "
+        "| estimated peak "
         "| allocate: time / estimated | allocate peak | export: time / estimated | export peak "
         "| llama.cpp decode |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         plan = r["plan"]["seconds"]
         allocate_est = plan["forward and statistics"] + plan["scoring (formats x units)"]
         decode = "not built" if r["decode"] is None else f"{r['decode']:.1f} tok/s"
         lines.append(
-            f"| {r['name']} | {r['params'] / 1e9:.2f} B | {r['layers']} | {r['bf16_mib']:.0f} MiB "
+            f"| {r['name']} | {r['params'] / 1e9:.2f} B | {r['layers']} | {r['workers']} "
+            f"| {r['bf16_mib']:.0f} MiB "
             f"| {r['peak_mib']:.0f} MiB | {r['plan']['peak'] / 2**20:.0f} MiB "
             f"| {r['allocate']['seconds']:.0f} s / {allocate_est:.0f} s "
             f"| {r['allocate']['peak_mib']:.0f} MiB "

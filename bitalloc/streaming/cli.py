@@ -43,7 +43,8 @@ def add_streaming_parsers(sub: Any) -> None:
 
     p = sub.add_parser(
         "plan-resources",
-        help="peak memory and time of allocate-streamed on a checkpoint, before running it",
+        help="peak memory and time of allocate-streamed on a checkpoint, before running it "
+        "(--model may be a config.json alone: a model not at hand)",
     )
     _common(p)
     add_config_arguments(p, ("workers",), {"workers": {"help": "workers scoring formats"}})

@@ -44,7 +44,7 @@ class StreamedModel:
     """A checkpoint directory as a model run layer by layer (see the module docstring)."""
 
     def __init__(self, path: str | Path):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         self.checkpoint = Checkpoint(path)
         try:
@@ -53,21 +53,9 @@ class StreamedModel:
             )
         except (OSError, ValueError, KeyError) as exc:
             raise BitallocError(f"could not read the config in {path}: {exc}") from None
-        with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32)
-        self.skeleton.eval()
-        inner = getattr(self.skeleton, "model", None)
-        needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-        absent = [a for a in needed if inner is None or not hasattr(inner, a)]
-        if absent or not hasattr(self.skeleton, "lm_head"):
-            raise BitallocError(
-                f"{type(self.skeleton).__name__} is not a Llama-family layout (no "
-                f"{', '.join(f'model.{a}' for a in absent) or 'lm_head'}); streaming supports "
-                "models with model.embed_tokens, model.layers, model.norm, model.rotary_emb "
-                "and lm_head; load smaller models whole instead"
-            )
+        self.skeleton = meta_skeleton(self.config)
         self.units: list[Unit] = discover_units(self.skeleton)
-        self.layers: nn.ModuleList = inner.layers
+        self.layers: nn.ModuleList = self.skeleton.model.layers
         self._shell_loaded = False
 
     # --- the shell ------------------------------------------------------------------------
@@ -168,6 +156,27 @@ class StreamedModel:
         """Stored bytes of layer ``index``'s tensors."""
         prefix = f"model.layers.{index}."
         return sum(self.checkpoint.info(n).nbytes for n in self.checkpoint.names(prefix))
+
+
+def meta_skeleton(config: Any) -> nn.Module:
+    """The causal LM of a transformers ``config`` built on the ``meta`` device (no memory),
+    checked to be a Llama-family layout (see the module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    skeleton.eval()
+    inner = getattr(skeleton, "model", None)
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    absent = [a for a in needed if inner is None or not hasattr(inner, a)]
+    if absent or not hasattr(skeleton, "lm_head"):
+        raise BitallocError(
+            f"{type(skeleton).__name__} is not a Llama-family layout (no "
+            f"{', '.join(f'model.{a}' for a in absent) or 'lm_head'}); streaming supports "
+            "models with model.embed_tokens, model.layers, model.norm, model.rotary_emb "
+            "and lm_head; load smaller models whole instead"
+        )
+    return skeleton
 
 
 def checkpoint_tokenizer(path: Path, alternative: str = "") -> Any:

@@ -24,17 +24,21 @@ small inputs). A cluster of ``workers`` divides the per-layer scoring, not the f
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from bitalloc.errors import BitallocError
 from bitalloc.formats import Format, GGUFFormat, GPTQFormat, fake_quantize_each, parse_palette
+from bitalloc.models import Unit, discover_units
 from bitalloc.sensitivity.base import allowed_mask
 from bitalloc.sequential import BATCH
-from bitalloc.streaming.model import StreamedModel
+from bitalloc.streaming.model import StreamedModel, meta_skeleton
 
 #: float32 copies of the largest unit alive while it is scored.
 UNIT_COPIES = 5
@@ -124,29 +128,92 @@ def _timed(work) -> float:
     return time.perf_counter() - start
 
 
-def memory_terms(model: StreamedModel, tokens: int, seq_len: int = 512) -> dict[str, int]:
-    """The peak memory of streaming ``model`` over ``tokens`` calibration tokens, by term (see
-    the module docstring); the process term is this process's resident set now."""
-    checkpoint = model.checkpoint
-    config = checkpoint.config_dict
-    hidden = int(config["hidden_size"])
-    inner = int(config["intermediate_size"])
+@dataclass(frozen=True)
+class ModelShape:
+    """What a plan needs of a model, from its checkpoint or from its config alone: the config,
+    the units of one decoder layer, the number of layers, and stored sizes."""
+
+    config: dict[str, Any]
+    layer_units: tuple[Unit, ...]
+    layers: int
+    #: Elements of the token embedding, and of the output head (0 when tied to it).
+    embedding: int
+    head: int
+    #: Stored bytes of the embedding and head, and of the largest decoder layer.
+    shell_bytes: int
+    layer_bytes: int
+
+    @property
+    def unit_numel(self) -> int:
+        """Weights of every unit (every layer alike)."""
+        return self.layers * sum(u.numel for u in self.layer_units)
+
+    @classmethod
+    def of_checkpoint(cls, model: StreamedModel) -> ModelShape:
+        """The shape of a checkpoint, its stored sizes read from its shards' headers."""
+        ckpt = model.checkpoint
+        head = "lm_head.weight"
+        return cls(
+            config=ckpt.config_dict,
+            layer_units=tuple(model.layer_units(0)),
+            layers=len(model.layers),
+            embedding=ckpt.info("model.embed_tokens.weight").numel,
+            head=ckpt.info(head).numel if head in ckpt else 0,
+            shell_bytes=sum(
+                ckpt.info(n).nbytes for n in ("model.embed_tokens.weight", head) if n in ckpt
+            ),
+            layer_bytes=max(model.layer_bytes(i) for i in range(len(model.layers))),
+        )
+
+    @classmethod
+    def of_config(cls, path: str | Path) -> ModelShape:
+        """The shape of the model a ``config.json`` describes (nothing else needed), stored in
+        the config's ``dtype`` / ``torch_dtype`` (bf16 when it names none)."""
+        from transformers import AutoConfig
+
+        try:
+            values = json.loads(Path(path).read_text())
+            config = AutoConfig.for_model(**values)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BitallocError(
+                f"cannot read a model config from {path} ({exc}); pass a config.json with a "
+                "model_type"
+            ) from None
+        skeleton = meta_skeleton(config)
+        units = discover_units(skeleton)
+        named = values.get("dtype") or values.get("torch_dtype") or "bfloat16"
+        stored = getattr(torch, str(named), torch.bfloat16)
+        size = torch.empty((), dtype=stored).element_size()
+        params = dict(skeleton.named_parameters())
+        embedding = params["model.embed_tokens.weight"].numel()
+        head = params["lm_head.weight"].numel() if "lm_head.weight" in params else 0
+        layer = sum(p.numel() for n, p in params.items() if n.startswith("model.layers.0."))
+        return cls(
+            config=values,
+            layer_units=tuple(u for u in units if u.layer == 0),
+            layers=len(skeleton.model.layers),
+            embedding=embedding,
+            head=head,
+            shell_bytes=size * (embedding + head),
+            layer_bytes=size * layer,
+        )
+
+
+def memory_terms(shape: ModelShape, tokens: int, seq_len: int = 512) -> dict[str, int]:
+    """The peak memory of streaming a model of ``shape`` over ``tokens`` calibration tokens, by
+    term (see the module docstring); the process term is this process's resident set now."""
+    hidden = int(shape.config["hidden_size"])
+    inner = int(shape.config["intermediate_size"])
     windows = max(1, tokens // seq_len)
     used = windows * seq_len
     batch_tokens = min(windows, BATCH) * seq_len
-    shell = sum(
-        checkpoint.info(n).nbytes
-        for n in ("model.embed_tokens.weight", "lm_head.weight")
-        if n in checkpoint
-    )
-    layer_stored = max(model.layer_bytes(i) for i in range(len(model.layers)))
-    shapes = [u.shape for u in model.layer_units(0)]
+    shapes = [u.shape for u in shape.layer_units]
     largest = max(o * i for o, i in shapes)
     return {
         "process (as now)": resident_bytes(),
-        "embedding and head": shell,
+        "embedding and head": shape.shell_bytes,
         "one layer (float32)": 4 * sum(o * i for o, i in shapes),
-        "its shard pages": layer_stored,
+        "its shard pages": shape.layer_bytes,
         "Gram statistics": (3 * hidden**2 + inner**2) * (8 + 4),
         "activations": 4 * (2 * used * hidden + 3 * batch_tokens * inner),
         "scoring the largest unit": 4 * UNIT_COPIES * largest,
@@ -163,31 +230,34 @@ def plan_streamed(
     speed: Speed | None = None,
 ) -> ResourcePlan:
     """The :class:`ResourcePlan` of ``allocate_streamed`` on the checkpoint at ``path`` (see the
-    module docstring)."""
+    module docstring), or, for a ``config.json`` file, on the model it describes (a model not
+    at hand: what it would need here)."""
     # The meta skeleton the run builds first (no memory): its units' shapes, and the modules
     # the run imports, loaded before this process's resident set is read.
-    model = StreamedModel(path)
+    if Path(path).is_file():
+        shape = ModelShape.of_config(path)
+    else:
+        shape = ModelShape.of_checkpoint(StreamedModel(path))
     # The rest of what the run imports (the solvers, the profile).
     import bitalloc.planning  # noqa: F401
     import bitalloc.solvers  # noqa: F401
     import bitalloc.streaming.profile  # noqa: F401
 
     formats = parse_palette(palette) if isinstance(palette, str) else list(palette)
-    memory = memory_terms(model, tokens, seq_len)
-    config = model.checkpoint.config_dict
+    memory = memory_terms(shape, tokens, seq_len)
+    config = shape.config
     hidden = int(config["hidden_size"])
     inner = int(config["intermediate_size"])
-    layers = len(model.layers)
+    layers = shape.layers
     used = max(1, tokens // seq_len) * seq_len
-    shapes = [u.shape for u in model.layer_units(0)]
-    layer_params = sum(o * i for o, i in shapes)
+    layer_params = sum(u.numel for u in shape.layer_units)
     quantized = [f for f in formats if not f.is_float]
     speed = speed or machine_speed(quantized + _shell_formats(quantized))
-    allowed = allowed_mask(model.layer_units(0), formats)
+    allowed = allowed_mask(list(shape.layer_units), formats)
     forward = 2 * 2 * layer_params * used  # two streams
     gram_flops = 2 * used * (3 * hidden**2 + inner**2)
     scoring = 0.0
-    for unit, row in zip(model.layer_units(0), allowed):
+    for unit, row in zip(shape.layer_units, allowed):
         (out, width), weights = unit.shape, unit.numel
         for fmt, ok in zip(formats, row):
             if not ok or fmt.is_float:
@@ -201,27 +271,23 @@ def plan_streamed(
         "forward and statistics": layers * (forward + gram_flops) / speed.flops
         + head_flops / speed.flops,
         "scoring (formats x units)": layers * scoring / max(1, workers),
-        "export (mean format)": _export_seconds(model, quantized, speed),
+        "export (mean format)": _export_seconds(shape, quantized, speed),
     }
     return ResourcePlan(memory, seconds, workers)
 
 
-def _export_seconds(model: StreamedModel, quantized: Sequence[Format], speed: Speed) -> float:
+def _export_seconds(shape: ModelShape, quantized: Sequence[Format], speed: Speed) -> float:
     """Every unit rounded once at the palette's mean rounding time per weight (the formats are
     not chosen yet), plus the embedding and head at the GGUF convention's rates (Q8_0 / Q6_K)
     when the palette is llama.cpp's."""
     if not quantized:
         return 0.0
     per_weight = sum(1 / speed.rounding[f.name] for f in quantized) / len(quantized)
-    seconds = sum(u.numel for u in model.units) * per_weight
+    seconds = shape.unit_numel * per_weight
     shell = _shell_formats(quantized)
     if shell:
         q8, q6 = (speed.rounding[f.name] for f in shell)
-        head = "lm_head.weight" in model.checkpoint
-        embedding = model.checkpoint.info("model.embed_tokens.weight").numel
-        seconds += embedding / (q8 if head else q6)
-        if head:
-            seconds += model.checkpoint.info("lm_head.weight").numel / q6
+        seconds += shape.embedding / (q8 if shape.head else q6) + shape.head / q6
     return seconds
 
 

@@ -187,6 +187,15 @@ def test_resource_plan_counts_one_layer_and_divides_scoring_over_workers(sharded
     assert four.seconds[scoring] == pytest.approx(one.seconds[scoring] / 4)
     assert four.seconds["forward and statistics"] == one.seconds["forward and statistics"]
     assert "total" in one.table()
+    # A config alone plans the same (a model not at hand).
+    alone = plan_streamed(
+        sharded / "config.json", "int2-g32,int4-g32,fp16", 256, seq_len=32, speed=speed
+    )
+    for term in ("embedding and head", "one layer (float32)", "its shard pages", "Gram statistics"):
+        assert alone.memory[term] == one.memory[term], term
+    assert alone.seconds == pytest.approx(one.seconds)
+    with pytest.raises(BitallocError, match="cannot read a model config"):
+        plan_streamed(sharded / INDEX, "int4-g32", 256, speed=speed)
 
 
 def test_command_line_plan_and_a_clear_error_without_a_tokenizer(sharded, capsys):
