@@ -50,6 +50,8 @@ class TensorInfo:
     shard: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    #: Bytes on disk when they are not ``numel`` x the dtype's size (a GGUF quantized type).
+    stored_bytes: int | None = None
 
     @property
     def numel(self) -> int:
@@ -62,6 +64,8 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         """Stored bytes."""
+        if self.stored_bytes is not None:
+            return self.stored_bytes
         return self.numel * torch.empty((), dtype=self.dtype).element_size()
 
 
@@ -81,6 +85,28 @@ class Checkpoint:
         except (OSError, json.JSONDecodeError) as exc:
             raise BitallocError(f"{config} is not valid JSON ({exc}); fix or replace it") from None
         self.tensors: dict[str, TensorInfo] = _read_headers(self.path)
+
+    def hf_config(self) -> Any:
+        """The transformers config of the model."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise BitallocError(f"could not read the config in {self.path}: {exc}") from None
+
+    def tokenizer(self, alternative: str = "") -> Any:
+        """The tokenizer saved with the checkpoint; a :class:`BitallocError` that says to add
+        its files (or ``alternative``) when there is none."""
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise BitallocError(
+                f"{self.path} has no usable tokenizer ({exc}); add its tokenizer files "
+                f"{alternative}"
+            ) from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -194,3 +220,13 @@ def _shard_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
             raise BitallocError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
         out[name] = (dtype, tuple(int(s) for s in entry["shape"]))
     return out
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """A Hugging Face directory (:class:`Checkpoint`) or a GGUF file
+    (:class:`~bitalloc.streaming.gguf_checkpoint.GGUFCheckpoint`), by what ``path`` is."""
+    if Path(path).is_file():
+        from bitalloc.streaming.gguf_checkpoint import GGUFCheckpoint
+
+        return GGUFCheckpoint(path)
+    return Checkpoint(path)

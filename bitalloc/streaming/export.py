@@ -89,6 +89,8 @@ def export_compressed_tensors_streamed(
                 tmp / INDEX, lambda fh: fh.write(json.dumps(index_json, indent=1).encode())
             )
             _write_config(model.skeleton, tmp, _quantization_config(model.skeleton, units, formats))
+            if model.checkpoint.path.is_file():  # a GGUF source: its tokenizer, converted
+                model.checkpoint.tokenizer().save_pretrained(tmp)
             for name in TOKENIZER_FILES:
                 if (model.checkpoint.path / name).is_file():
                     shutil.copyfile(model.checkpoint.path / name, tmp / name)

@@ -1,6 +1,10 @@
 """A GGUF file written from a checkpoint too large to load: read a tensor, quantize it, write
 it, go on.
 
+From a GGUF source, the file keeps the source's metadata and tensor order, copies the bytes of
+every tensor that keeps its type, and warns when the allocated weights were already quantized,
+as :func:`~bitalloc.export.gguf.export_gguf` does.
+
 The file is the one :func:`~bitalloc.export.gguf.export_gguf` writes from the same Hugging Face
 Llama loaded whole (same metadata converted from the config and tokenizer, same tensors in the
 same order, same bytes): the tensor infos are known before any weight is read (every type and
@@ -25,12 +29,14 @@ import torch
 from bitalloc.errors import BitallocError
 from bitalloc.export.base import ExportReport, check_export_path, progress_iter
 from bitalloc.export.gguf import (
+    SUPPORTED_ARCHITECTURES,
     PlannedTensor,
     _check_written,
     _encode,
     _gguf_formats,
     _hf_names,
     _planned_bytes,
+    _requantize_warnings,
     convention_type,
     llama_permute,
     new_writer,
@@ -38,7 +44,8 @@ from bitalloc.export.gguf import (
 from bitalloc.export.gguf_convert import llama_metadata
 from bitalloc.fileio import _fsync_directory
 from bitalloc.streaming.export import streamable
-from bitalloc.streaming.model import HEAD_ROWS, StreamedModel, checkpoint_tokenizer
+from bitalloc.streaming.gguf_checkpoint import GGUFCheckpoint
+from bitalloc.streaming.model import HEAD_ROWS, StreamedModel
 
 
 def export_gguf_streamed(
@@ -59,10 +66,16 @@ def export_gguf_streamed(
     out = check_export_path(out, force=force, directory=False)
     formats = _gguf_formats(allocation)
     model = streamable(allocation, source)
-    metadata = llama_metadata(
-        model.config, checkpoint_tokenizer(model.checkpoint.path, "(a GGUF file carries it)")
-    )
-    plan = _plan(model, allocation, formats)
+    if isinstance(model.checkpoint, GGUFCheckpoint):
+        metadata = model.checkpoint.reader
+        plan = _plan_from_gguf(model, allocation, formats)
+        warnings = tuple(_requantize_warnings(metadata, [p for p, _ in plan]))
+    else:
+        metadata = llama_metadata(
+            model.config, model.checkpoint.tokenizer("(a GGUF file carries it)")
+        )
+        plan = _plan(model, allocation, formats)
+        warnings = metadata.notes
     importance = allocation.importance()
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -93,7 +106,7 @@ def export_gguf_streamed(
         if isinstance(exc, OSError):
             raise BitallocError(f"cannot write {out}: {exc.strerror or exc}") from None
         raise
-    return ExportReport(out, "gguf", tensors, out.stat().st_size, metadata.notes)
+    return ExportReport(out, "gguf", tensors, out.stat().st_size, warnings)
 
 
 def _plan(model: StreamedModel, allocation, formats) -> list[tuple[PlannedTensor, str]]:
@@ -117,15 +130,43 @@ def _plan(model: StreamedModel, allocation, formats) -> list[tuple[PlannedTensor
     return plan
 
 
+def _plan_from_gguf(model: StreamedModel, allocation, formats) -> list[tuple[PlannedTensor, str]]:
+    """The source file's tensors in its order: units in their allocated types; the rest in
+    llama.cpp's convention (:func:`convention_type`), their bytes copied where the source
+    already stores that type (the model's values are those bytes, dequantized) or they are
+    tensors the model computes itself (rope factors); the checkpoint tensor each is made
+    from ("" for a copy)."""
+    checkpoint: GGUFCheckpoint = model.checkpoint
+    param_of = {info.shard: name for name, info in checkpoint.tensors.items()}
+    unit_of = {f"{u.name}.weight": u.name for u in allocation.data.units}
+    has_output = any(t.name == "output.weight" for t in checkpoint.reader.tensors)
+    plan = []
+    for tensor in checkpoint.reader.tensors:
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        stored = tensor.tensor_type.name
+        param = param_of.get(tensor.name)
+        unit = unit_of.get(param or "")
+        if unit is not None:
+            plan.append((PlannedTensor(tensor.name, formats[unit].type, shape, unit, None), param))
+            continue
+        wanted = convention_type(tensor.name, shape, has_output) if param else stored
+        source = "" if wanted == stored else param
+        plan.append((PlannedTensor(tensor.name, wanted, shape, None, None), source))
+    return plan
+
+
 def _encoded(model: StreamedModel, planned: PlannedTensor, param: str, importance) -> np.ndarray:
-    """The bytes of one tensor as the file stores them."""
+    """The bytes of one tensor as the file stores them (``param`` "": the source's bytes)."""
+    if not param:
+        return model.checkpoint.raw_bytes(planned.name)
     value = model.checkpoint.tensor(param)
     kind = planned.name.split(".")[-2]
     heads = {
         "attn_q": model.config.num_attention_heads,
         "attn_k": model.config.num_key_value_heads,
     }
-    if kind in heads:  # the whole matrix: the permutation moves rows between blocks
+    permuted = SUPPORTED_ARCHITECTURES[getattr(model.checkpoint, "arch", "llama")]
+    if permuted and kind in heads:  # the whole matrix: the permutation moves rows between blocks
         value = llama_permute(value.to(torch.float32), heads[kind])
     rows = value.shape[0] if value.dim() > 1 else 1
     parts = []

@@ -32,7 +32,7 @@ from torch import nn
 from bitalloc.errors import BitallocError
 from bitalloc.models import Unit, discover_units
 from bitalloc.sequential import first_block_inputs, run_block
-from bitalloc.streaming.checkpoint import Checkpoint
+from bitalloc.streaming.checkpoint import open_checkpoint
 
 #: Output-head rows turned to float32 at once when computing the loss (bounds its memory).
 HEAD_ROWS = 8192
@@ -41,18 +41,12 @@ LayerInputs = list[tuple[tuple, dict[str, Any]]]
 
 
 class StreamedModel:
-    """A checkpoint directory as a model run layer by layer (see the module docstring)."""
+    """A checkpoint (a Hugging Face directory of safetensors shards, or a GGUF file) as a model
+    run layer by layer (see the module docstring)."""
 
     def __init__(self, path: str | Path):
-        from transformers import AutoConfig
-
-        self.checkpoint = Checkpoint(path)
-        try:
-            self.config = AutoConfig.from_pretrained(
-                self.checkpoint.path, local_files_only=True, trust_remote_code=False
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise BitallocError(f"could not read the config in {path}: {exc}") from None
+        self.checkpoint = open_checkpoint(path)
+        self.config = self.checkpoint.hf_config()
         self.skeleton = meta_skeleton(self.config)
         self.units: list[Unit] = discover_units(self.skeleton)
         self.layers: nn.ModuleList = self.skeleton.model.layers
@@ -177,19 +171,6 @@ def meta_skeleton(config: Any) -> nn.Module:
             "and lm_head; load smaller models whole instead"
         )
     return skeleton
-
-
-def checkpoint_tokenizer(path: Path, alternative: str = "") -> Any:
-    """The tokenizer saved with the checkpoint at ``path``; a :class:`BitallocError` that says
-    to add its files (or ``alternative``) when there is none."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise BitallocError(
-            f"{path} has no usable tokenizer ({exc}); add its tokenizer files {alternative}"
-        ) from None
 
 
 def release_freed_memory() -> None:

@@ -187,10 +187,10 @@ def score_unit(weight: torch.Tensor, gram: torch.Tensor, formats: Sequence[Forma
 def _score_from_checkpoint(path: str, unit: str, names: list[str], gram: torch.Tensor):
     """A Ray task: the unit's weight read from the shards here, then :func:`score_unit`."""
     from bitalloc.formats import parse_format
-    from bitalloc.streaming.checkpoint import Checkpoint
+    from bitalloc.streaming.checkpoint import open_checkpoint
 
     torch.set_num_threads(1)
-    weight = Checkpoint(path).tensor(f"{unit}.weight", torch.float32)
+    weight = open_checkpoint(path).tensor(f"{unit}.weight", torch.float32)
     return score_unit(weight, gram, [parse_format(n) for n in names])
 
 
