@@ -43,6 +43,8 @@ def export_allocation(
     force: bool = False,
     progress: bool = True,
     stream: bool = False,
+    workers: int = 0,
+    ray_address: str | None = None,
 ) -> ExportReport:
     """Export ``allocation`` (an :class:`~bitalloc.allocation.Allocation` or its JSON file)
     applied to its model as a file an engine loads, and return what was written.
@@ -52,9 +54,11 @@ def export_allocation(
     from a GGUF source, or converts them from a Hugging Face Llama model; a
     compressed-tensors export writes a Hugging Face directory.
 
-    ``stream`` reads the model (a Hugging Face directory of safetensors shards) one tensor or
-    layer at a time instead of loading it whole (:mod:`bitalloc.streaming`): for models larger
-    than memory; the files written are the same.
+    ``stream`` reads the model (a Hugging Face directory of safetensors shards, or a GGUF
+    file) one tensor or layer at a time instead of loading it whole
+    (:mod:`bitalloc.streaming`): for models larger than memory; the files written are the
+    same. A streamed GGUF export quantizes on ``workers`` Ray workers when > 0 (a local Ray,
+    or the cluster at ``ray_address``).
     """
     from bitalloc.allocation import Allocation
     from bitalloc.models import load_model
@@ -64,7 +68,16 @@ def export_allocation(
     kind = export_format(out, format)
     source = str(model) if model is not None else allocation.data.model
     if stream:
-        return _export_streamed(allocation, source, out, kind, force=force, progress=progress)
+        return _export_streamed(
+            allocation,
+            source,
+            out,
+            kind,
+            force=force,
+            progress=progress,
+            workers=workers,
+            ray_address=ray_address,
+        )
     if kind == "gguf":
         from bitalloc.export.gguf import export_gguf, gguf_source
 
@@ -89,16 +102,34 @@ def export_allocation(
     return report
 
 
-def _export_streamed(allocation, source: str, out, kind: str, *, force: bool, progress: bool):
-    if not Path(source).is_dir():
+def _export_streamed(
+    allocation,
+    source: str,
+    out,
+    kind: str,
+    *,
+    force: bool,
+    progress: bool,
+    workers: int,
+    ray_address: str | None,
+):
+    if not (Path(source).is_dir() or Path(source).is_file()):
         raise BitallocError(
-            f"a streamed export reads a Hugging Face directory of safetensors shards; {source} "
-            "is not one (a .gguf model is memory-mapped and exports without --stream)"
+            f"a streamed export reads a Hugging Face directory of safetensors shards or a .gguf "
+            f"file; {source} is neither: pass --model"
         )
     if kind == "gguf":
         from bitalloc.streaming.export_gguf import export_gguf_streamed
 
-        return export_gguf_streamed(allocation, source, out, force=force, progress=progress)
+        return export_gguf_streamed(
+            allocation,
+            source,
+            out,
+            force=force,
+            progress=progress,
+            workers=workers,
+            ray_address=ray_address,
+        )
     from bitalloc.streaming.export import export_compressed_tensors_streamed
 
     return export_compressed_tensors_streamed(allocation, source, out, force=force)

@@ -20,7 +20,7 @@ import copy
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,10 +146,12 @@ def importance_of(importance: Importance | None, unit: str) -> torch.Tensor | No
     return None if importance is None else importance.vector(unit)
 
 
-def progress_iter(items: list, description: str, progress: bool) -> Iterator:
-    """``items`` with a tqdm bar when ``progress``."""
+def progress_iter(
+    items: Iterable, description: str, progress: bool, total: int | None = None
+) -> Iterator:
+    """``items`` with a tqdm bar when ``progress`` (``total``: their count, for an iterator)."""
     if not progress:
         return iter(items)
     from tqdm.auto import tqdm
 
-    return iter(tqdm(items, desc=description, unit="tensor", leave=False))
+    return iter(tqdm(items, desc=description, unit="tensor", leave=False, total=total))

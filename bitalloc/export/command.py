@@ -39,9 +39,13 @@ def add_export_parser(sub: Any) -> None:
         "--stream",
         action="store_true",
         help="read the model one layer at a time, never whole (models larger than memory; "
-        "--model must be a Hugging Face directory of safetensors shards)",
+        "--model: a Hugging Face directory of safetensors shards or a .gguf file)",
     )
-    add_config_arguments(e, ("progress",))
+    add_config_arguments(
+        e,
+        ("workers", "ray_address", "progress"),
+        {"workers": {"help": "with --stream and a .gguf output: Ray workers quantizing tensors"}},
+    )
     e.set_defaults(handler=export_command)
 
 
@@ -62,6 +66,8 @@ def export_command(args: argparse.Namespace) -> None:
         force=args.force,
         progress=not args.quiet,
         stream=args.stream,
+        workers=args.workers or 0,
+        ray_address=args.ray_address,
     )
     seconds = time.perf_counter() - start
     predicted = alloc.data.total_bits / 8

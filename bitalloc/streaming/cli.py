@@ -56,7 +56,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
         parser,
         ("model", "formats"),
         {
-            "model": {"required": True, "help": "Hugging Face directory (safetensors shards)"},
+            "model": {
+                "required": True,
+                "help": "Hugging Face directory (safetensors shards) or a .gguf file",
+            },
             "formats": {"help": f"palette (default {DEFAULT_FORMATS})"},
         },
     )

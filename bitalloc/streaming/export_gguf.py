@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.export.base import ExportReport, check_export_path, progress_iter
+from bitalloc.export.base import ExportReport, check_export_path, importance_of, progress_iter
 from bitalloc.export.gguf import (
     SUPPORTED_ARCHITECTURES,
     PlannedTensor,
@@ -43,6 +46,8 @@ from bitalloc.export.gguf import (
 )
 from bitalloc.export.gguf_convert import llama_metadata
 from bitalloc.fileio import _fsync_directory
+from bitalloc.importance import Importance
+from bitalloc.streaming.checkpoint import open_checkpoint
 from bitalloc.streaming.export import streamable
 from bitalloc.streaming.gguf_checkpoint import GGUFCheckpoint
 from bitalloc.streaming.model import HEAD_ROWS, StreamedModel
@@ -55,9 +60,13 @@ def export_gguf_streamed(
     *,
     force: bool = False,
     progress: bool = True,
+    workers: int = 0,
+    ray_address: str | None = None,
 ) -> ExportReport:
-    """Write ``allocation`` applied to the Hugging Face Llama checkpoint at ``source`` as a
-    GGUF file at ``out`` (see the module docstring).
+    """Write ``allocation`` applied to the Hugging Face Llama checkpoint (or GGUF file) at
+    ``source`` as a GGUF file at ``out`` (see the module docstring). ``workers`` > 0 quantizes
+    the tensors on that many Ray workers (a local Ray, or the cluster at ``ray_address``),
+    each reading its tensors from the checkpoint; the file is the same.
 
     Raises :class:`BitallocError`, with nothing written, when ``out`` exists and ``force`` is
     false, when a unit's format is not a ``gguf:`` type, when the allocation was made for
@@ -93,8 +102,12 @@ def export_gguf_streamed(
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for planned, param in progress_iter(plan, "writing GGUF", progress):
-            writer.write_tensor_data(_encoded(model, planned, param, importance))
+        encoded = _encoded_in_order(model, plan, importance, workers, ray_address)
+        try:
+            for data in progress_iter(encoded, "writing GGUF", progress, total=len(plan)):
+                writer.write_tensor_data(data)
+        finally:
+            encoded.close()  # a Ray started for the export is shut down now, not at exit
         writer.close()
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -155,27 +168,67 @@ def _plan_from_gguf(model: StreamedModel, allocation, formats) -> list[tuple[Pla
     return plan
 
 
-def _encoded(model: StreamedModel, planned: PlannedTensor, param: str, importance) -> np.ndarray:
-    """The bytes of one tensor as the file stores them (``param`` "": the source's bytes)."""
-    if not param:
-        return model.checkpoint.raw_bytes(planned.name)
-    value = model.checkpoint.tensor(param)
-    kind = planned.name.split(".")[-2]
-    heads = {
-        "attn_q": model.config.num_attention_heads,
-        "attn_k": model.config.num_key_value_heads,
-    }
-    permuted = SUPPORTED_ARCHITECTURES[getattr(model.checkpoint, "arch", "llama")]
-    if permuted and kind in heads:  # the whole matrix: the permutation moves rows between blocks
-        value = llama_permute(value.to(torch.float32), heads[kind])
-    rows = value.shape[0] if value.dim() > 1 else 1
-    parts = []
-    for start in range(0, rows, HEAD_ROWS):
-        block = value[start : start + HEAD_ROWS] if value.dim() > 1 else value
-        block = block.to(torch.float32)
-        data, _ = _encode(
-            PlannedTensor(planned.name, planned.type, tuple(block.shape), planned.unit, block),
-            importance,
-        )
-        parts.append(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+class TensorEncoder:
+    """Reads tensors of one checkpoint and encodes them as the file stores them: in this
+    process, or as a Ray actor that opens the checkpoint itself (a worker reads only the
+    tensors it is sent)."""
+
+    def __init__(self, checkpoint: Any):
+        self.checkpoint = open_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+        config = self.checkpoint.hf_config()
+        self.heads = {
+            "attn_q": config.num_attention_heads,
+            "attn_k": config.num_key_value_heads,
+        }
+        self.permuted = SUPPORTED_ARCHITECTURES[getattr(self.checkpoint, "arch", "llama")]
+
+    def encode(self, planned: PlannedTensor, param: str, vector: torch.Tensor | None) -> np.ndarray:
+        """The bytes of one tensor (``param`` "": the source's bytes, copied), quantized with
+        the unit's importance ``vector`` as imatrix."""
+        if not param:
+            return self.checkpoint.raw_bytes(planned.name)
+        value = self.checkpoint.tensor(param)
+        kind = planned.name.split(".")[-2]
+        if self.permuted and kind in self.heads:  # the whole matrix: rows move between blocks
+            value = llama_permute(value.to(torch.float32), self.heads[kind])
+        importance = None if vector is None else Importance({planned.unit: vector}, 0)
+        rows = value.shape[0] if value.dim() > 1 else 1
+        parts = []
+        for start in range(0, rows, HEAD_ROWS):
+            block = value[start : start + HEAD_ROWS] if value.dim() > 1 else value
+            block = block.to(torch.float32)
+            data, _ = _encode(
+                PlannedTensor(planned.name, planned.type, tuple(block.shape), planned.unit, block),
+                importance,
+            )
+            parts.append(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _encoded_in_order(
+    model: StreamedModel, plan, importance, workers: int, ray_address: str | None
+) -> Iterator[np.ndarray]:
+    """Each planned tensor's bytes, in the plan's order: encoded here, or on ``workers`` Ray
+    actors with at most two tensors per worker in flight."""
+
+    def vector(planned: PlannedTensor) -> torch.Tensor | None:
+        return importance_of(importance, planned.unit) if planned.unit else None
+
+    if not workers:
+        encoder = TensorEncoder(model.checkpoint)
+        for planned, param in plan:
+            yield encoder.encode(planned, param, vector(planned))
+        return
+    from bitalloc.jobs import ray_session
+
+    with ray_session(ray_address, workers) as ray:
+        actor = ray.remote(num_cpus=1)(TensorEncoder)
+        path = str(model.checkpoint.path)
+        encoders = [actor.remote(path) for _ in range(workers)]
+        pending: deque = deque()
+        for k, (planned, param) in enumerate(plan):
+            pending.append(encoders[k % workers].encode.remote(planned, param, vector(planned)))
+            if len(pending) >= 2 * workers:
+                yield ray.get(pending.popleft())
+        while pending:
+            yield ray.get(pending.popleft())

@@ -66,8 +66,7 @@ class GGUFCheckpoint(Checkpoint):
             return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except Exception as exc:  # noqa: BLE001 - the GGUF parser raises many types
             raise BitallocError(
-                f"{self.path} has no usable tokenizer ({type(exc).__name__}: {exc}) "
-                f"{alternative}"
+                f"{self.path} has no usable tokenizer ({type(exc).__name__}: {exc}) {alternative}"
             ) from None
 
     def _tensor_infos(self, config: Any) -> dict[str, TensorInfo]:

@@ -109,3 +109,14 @@ def test_export_stream_on_the_command_line_and_bad_inputs(checkpoint, allocation
         "m.gguf",
         "smaller",
     ]
+
+
+@pytest.mark.xdist_group("ray")
+def test_ray_workers_quantize_the_same_file(checkpoint, allocation, tmp_path):
+    pytest.importorskip("ray")
+    here = export_gguf_streamed(allocation, checkpoint, tmp_path / "here.gguf", progress=False)
+    there = export_gguf_streamed(
+        allocation, checkpoint, tmp_path / "ray.gguf", progress=False, workers=2
+    )
+    assert there.tensors == here.tensors
+    assert (tmp_path / "ray.gguf").read_bytes() == (tmp_path / "here.gguf").read_bytes()
