@@ -23,7 +23,7 @@ from bitalloc.planning import build_problem, to_allocation
 from bitalloc.solvers import solve
 from bitalloc.streaming.model import StreamedModel, release_freed_memory
 from bitalloc.streaming.profile import streamed_output_profile
-from bitalloc.streaming.resources import ModelShape, available_bytes, memory_terms
+from bitalloc.streaming.resources import ModelShape, available_bytes, memory_terms, peak_of
 
 DEFAULT_SEQ_LEN = 512
 #: Profilers that run one layer at a time.
@@ -118,7 +118,7 @@ def _whole_model_message(profiler: str, model: StreamedModel) -> str:
 
 def _check_memory(model: StreamedModel, limit: int, tokens: int, seq_len: int) -> None:
     terms = memory_terms(ModelShape.of_checkpoint(model), tokens, seq_len)
-    need = sum(terms.values())
+    need = peak_of(terms)
     if need > limit:
         largest = max(terms, key=terms.get)
         raise BitallocError(

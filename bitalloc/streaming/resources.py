@@ -24,6 +24,7 @@ small inputs). A cluster of ``workers`` divides the per-layer scoring, not the f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -37,13 +38,24 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import Format, GGUFFormat, GPTQFormat, fake_quantize_each, parse_palette
 from bitalloc.models import Unit, discover_units
 from bitalloc.sensitivity.base import allowed_mask
+from bitalloc.sensitivity.output import reference_format
 from bitalloc.sequential import BATCH
-from bitalloc.streaming.model import StreamedModel, meta_skeleton
+from bitalloc.streaming.model import HEAD_ROWS, StreamedModel, meta_skeleton
 
 #: float32 copies of the largest unit alive while it is scored.
 UNIT_COPIES = 5
 #: Columns of the weights the rounding speeds are measured on.
 SPEED_COLUMNS = 1024
+#: Memory terms live only while a decoder layer is processed, and only while the final loss is
+#: computed (after the last layer); the others are live throughout.
+LAYER_TERMS = ("one layer (float32)", "its shard pages", "Gram statistics", "layer temporaries")
+LOSS_TERMS = ("the loss (head blocks)",)
+#: float32 copies of a block of logits alive in the blockwise loss (the block, its exponent,
+#: the log-sum-exp's temporaries).
+LOGIT_COPIES = 6
+#: Seconds per vocabulary entry that reading a written GGUF back takes (gguf-py parses each
+#: token string of the metadata; measured here at about 10,000 a second).
+READ_BACK_PER_TOKEN = 1e-4
 
 
 @dataclass(frozen=True)
@@ -67,8 +79,9 @@ class ResourcePlan:
 
     @property
     def peak_bytes(self) -> int:
-        """The sum of the memory terms live together at the peak."""
-        return sum(self.memory.values())
+        """The terms live throughout, plus the larger of the two phases (see
+        :func:`peak_of`)."""
+        return peak_of(self.memory)
 
     @property
     def total_seconds(self) -> float:
@@ -77,12 +90,14 @@ class ResourcePlan:
 
     def table(self) -> str:
         """The plan as text, one term per line."""
-        lines = ["memory (peak, the terms live together):"]
-        lines += [f"  {k:<28} {v / 2**20:10.0f} MiB" for k, v in self.memory.items()]
-        lines.append(f"  {'total':<28} {self.peak_bytes / 2**20:10.0f} MiB")
+        lines = ["memory (peak: the common terms and the larger phase):"]
+        for k, v in self.memory.items():
+            phase = " [layer]" if k in LAYER_TERMS else " [loss]" if k in LOSS_TERMS else ""
+            lines.append(f"  {k + phase:<36} {v / 2**20:10.0f} MiB")
+        lines.append(f"  {'peak':<36} {self.peak_bytes / 2**20:10.0f} MiB")
         lines.append(f"time ({self.workers} worker(s) scoring):")
-        lines += [f"  {k:<28} {v:10.0f} s" for k, v in self.seconds.items()]
-        lines.append(f"  {'total':<28} {self.total_seconds:10.0f} s")
+        lines += [f"  {k:<36} {v:10.0f} s" for k, v in self.seconds.items()]
+        lines.append(f"  {'total':<36} {self.total_seconds:10.0f} s")
         return "\n".join(lines)
 
 
@@ -105,10 +120,10 @@ def available_bytes() -> int:
 
 def machine_speed(formats: Sequence[Format] = ()) -> Speed:
     """Time a 1024 x 1024 float32 matrix product and each quantized format's rounding of a
-    512 x :data:`SPEED_COLUMNS` weight on this machine (best of three each)."""
+    1024 x :data:`SPEED_COLUMNS` weight on this machine (best of three each)."""
     a = torch.randn(1024, 1024)
     best = min(_timed(lambda: a @ a) for _ in range(3))
-    weight = torch.randn(512, SPEED_COLUMNS) * 0.02
+    weight = torch.randn(1024, SPEED_COLUMNS) * 0.02
     x = torch.randn(4 * SPEED_COLUMNS, SPEED_COLUMNS)
     gram = x.T @ x / len(x)
     rounding = {}
@@ -209,15 +224,27 @@ def memory_terms(shape: ModelShape, tokens: int, seq_len: int = 512) -> dict[str
     batch_tokens = min(windows, BATCH) * seq_len
     shapes = [u.shape for u in shape.layer_units]
     largest = max(o * i for o, i in shapes)
+    forward = 4 * batch_tokens * (3 * inner + 6 * hidden)
     return {
         "process (as now)": resident_bytes(),
         "embedding and head": shape.shell_bytes,
+        "activations (two streams)": 4 * 2 * used * hidden,
         "one layer (float32)": 4 * sum(o * i for o, i in shapes),
         "its shard pages": shape.layer_bytes,
         "Gram statistics": (3 * hidden**2 + inner**2) * (8 + 4),
-        "activations": 4 * (2 * used * hidden + 3 * batch_tokens * inner),
-        "scoring the largest unit": 4 * UNIT_COPIES * largest,
+        # A forward pass and the scoring of a unit do not overlap.
+        "layer temporaries": max(forward, 4 * UNIT_COPIES * largest),
+        "the loss (head blocks)": 4 * (LOGIT_COPIES * batch_tokens + hidden) * HEAD_ROWS,
     }
+
+
+def peak_of(terms: Mapping[str, int]) -> int:
+    """The peak of :func:`memory_terms`: the terms live throughout, plus the larger of the
+    layer phase (:data:`LAYER_TERMS`) and the loss phase (:data:`LOSS_TERMS`)."""
+    common = sum(v for k, v in terms.items() if k not in LAYER_TERMS + LOSS_TERMS)
+    layer = sum(v for k, v in terms.items() if k in LAYER_TERMS)
+    loss = sum(v for k, v in terms.items() if k in LOSS_TERMS)
+    return common + max(layer, loss)
 
 
 def plan_streamed(
@@ -234,10 +261,12 @@ def plan_streamed(
     at hand: what it would need here)."""
     # The meta skeleton the run builds first (no memory): its units' shapes, and the modules
     # the run imports, loaded before this process's resident set is read.
-    if Path(path).is_file():
+    if Path(path).suffix == ".json":
         shape = ModelShape.of_config(path)
     else:
-        shape = ModelShape.of_checkpoint(StreamedModel(path))
+        model = StreamedModel(path)
+        shape = ModelShape.of_checkpoint(model)
+        _tokenize_default_text(model, seq_len)
     # The rest of what the run imports (the solvers, the profile).
     import bitalloc.planning  # noqa: F401
     import bitalloc.solvers  # noqa: F401
@@ -266,14 +295,28 @@ def plan_streamed(
             slowdown = width / SPEED_COLUMNS if isinstance(fmt, GPTQFormat) else 1.0
             scoring += 2 * out * width * width / speed.flops
             scoring += weights * slowdown / speed.rounding[fmt.name]
+    # The second stream runs each layer with every unit rounded to the reference format.
+    reference = reference_format(formats, list(shape.layer_units))
+    rate = speed.rounding[reference.name] if reference is not None else float("inf")
+    reference_rounding = layer_params / rate
     head_flops = 2 * 2 * used * hidden * int(config["vocab_size"])
     seconds = {
         "forward and statistics": layers * (forward + gram_flops) / speed.flops
+        + layers * reference_rounding
         + head_flops / speed.flops,
         "scoring (formats x units)": layers * scoring / max(1, workers),
         "export (mean format)": _export_seconds(shape, quantized, speed),
     }
     return ResourcePlan(memory, seconds, workers)
+
+
+def _tokenize_default_text(model: StreamedModel, seq_len: int) -> None:
+    """Load the checkpoint's tokenizer and tokenize the default calibration text, as the run
+    does first, so that the process term counts them (nothing when it has no tokenizer)."""
+    from bitalloc.streaming.allocate import _calibration_windows
+
+    with contextlib.suppress(BitallocError):
+        _calibration_windows(model.checkpoint, None, seq_len)
 
 
 def _export_seconds(shape: ModelShape, quantized: Sequence[Format], speed: Speed) -> float:
@@ -284,6 +327,8 @@ def _export_seconds(shape: ModelShape, quantized: Sequence[Format], speed: Speed
         return 0.0
     per_weight = sum(1 / speed.rounding[f.name] for f in quantized) / len(quantized)
     seconds = shape.unit_numel * per_weight
+    if all(isinstance(f, GGUFFormat) for f in quantized):
+        seconds += READ_BACK_PER_TOKEN * int(shape.config["vocab_size"])
     shell = _shell_formats(quantized)
     if shell:
         q8, q6 = (speed.rounding[f.name] for f in shell)
