@@ -63,10 +63,10 @@ PRESETS = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ
 
 def unit_bits(path: Path, model, units) -> float:
     """Bits per weight of the decoder's weight matrices (the allocated units) in a GGUF file."""
-    from bitalloc.export.gguf import _hf_names
+    from bitalloc.export.gguf import gguf_param_names
 
     reader = gguf.GGUFReader(path)
-    to_param = _hf_names(model, "llama", 1 + max(u.layer for u in units))
+    to_param = gguf_param_names(model, "llama", 1 + max(u.layer for u in units))
     numel = {f"{u.name}.weight": u.numel for u in units}
     bits = [
         (int(t.n_bytes) * 8, numel[to_param[t.name]])

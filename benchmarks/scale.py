@@ -67,7 +67,7 @@ path, tokens, palette, workers = sys.argv[1], int(sys.argv[2]), sys.argv[3], int
 out, saved = Path(sys.argv[5]), sys.argv[6]
 result = {}
 start = time.perf_counter()
-plan = plan_streamed(path, palette, tokens, workers=max(1, workers))
+plan = plan_streamed(path, palette, tokens, workers=max(1, workers), avg_bits=float(sys.argv[7]))
 result["plan"] = {"memory": plan.memory, "seconds": plan.seconds, "peak": plan.peak_bytes,
                   "time": time.perf_counter() - start}
 reset_peak()
@@ -111,6 +111,30 @@ def measure(path: Path, tokens: int, workers: int, out: Path, saved: str) -> dic
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
     result["peak_mib"] = int(peak.group(1)) / 1024 if peak else float("nan")
     return result
+
+
+PLAN_CHILD = """
+import json, sys
+from bitalloc.streaming.resources import plan_streamed
+path, tokens, palette = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+workers, bits = int(sys.argv[4]), float(sys.argv[5])
+plan = plan_streamed(path, palette, tokens, workers=max(1, workers), avg_bits=bits)
+print("RESULT " + json.dumps({"memory": plan.memory, "seconds": plan.seconds,
+                              "peak": plan.peak_bytes}))
+"""
+
+
+def replan(row: dict, workdir: Path, tokens: int) -> dict:
+    """The row's plan made again (in a fresh child, as the run makes it) on its kept
+    checkpoint: the estimates of the current model beside the measurements already made."""
+    directory = workdir / f"bitalloc-scale-{row['name']}"
+    command = [sys.executable, "-c", PLAN_CHILD, str(directory), str(tokens), PALETTE]
+    command += [str(row["workers"]), str(AVG_BITS)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"plan child failed:\n{done.stderr[-3000:]}")
+    plan = json.loads(done.stdout.split("RESULT ", 1)[1])
+    return {**row, "plan": {**row["plan"], **plan}}
 
 
 def checkpoint(name: str, workdir: Path, tokenizer) -> tuple[Path, dict, float]:
@@ -170,8 +194,22 @@ def main() -> int:
         help="JSON file of earlier rows: this run's rows replace those of the same size and "
         "worker count, and the table shows them all",
     )
+    parser.add_argument(
+        "--replan",
+        action="store_true",
+        help="measure nothing: make the plans of the --rows again on their kept checkpoints",
+    )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "BENCHMARKS.md"))
     args = parser.parse_args()
+    if args.replan:
+        began = time.perf_counter()
+        rows = [
+            replan(r, Path(args.workdir), args.tokens)
+            for r in json.loads(Path(args.rows).read_text())
+        ]
+        rows = merged(Path(args.rows), rows)
+        write_section(args.out, START, END, table(rows, args, time.perf_counter() - began))
+        return 0
     tokenizer = load_model(str(default_gguf_path())).tokenizer
     saved = Path(args.allocations) if args.allocations else None
     if saved:
@@ -235,12 +273,13 @@ def table(rows: list[dict], args, seconds: float) -> str:
         f"`{PALETTE}` (streamed `output` profile over {args.tokens} tokens of the default "
         "calibration text, Lagrangian solve; workers: units scored on that many local Ray "
         "workers, 0: in the process) and exported as GGUF, in a child process. "
-        "Peak: resident set, file-backed shard pages included (whole child: `/usr/bin/time -v`; "
-        "per stage: `VmHWM`, reset before the stage). Estimated: `bitalloc plan-resources` "
-        "(`plan_streamed`) in the same child before the run; its export time assumes every "
-        "unit at the palette's mean rounding cost.",
+        "Peak: the resident set's high-water mark (`VmHWM`, file-backed shard pages included), "
+        "reset through `/proc/self/clear_refs` before each stage; the whole run's is the larger "
+        "stage's (`/usr/bin/time -v` reads the same mark, so after the reset it sees the "
+        "export alone). Estimated: `bitalloc plan-resources --avg-bits` (`plan_streamed`) in "
+        "a fresh child; its export time is the mix of the two formats bracketing the budget.",
         "",
-        "| model | parameters | layers | workers | checkpoint (bf16) | peak (whole run) "
+        "| model | parameters | layers | workers | checkpoint (bf16) | peak (larger stage) "
         "| estimated peak "
         "| allocate: time / estimated | allocate peak | export: time / estimated | export peak "
         "| llama.cpp decode |",
@@ -250,13 +289,14 @@ def table(rows: list[dict], args, seconds: float) -> str:
         plan = r["plan"]["seconds"]
         allocate_est = plan["forward and statistics"] + plan["scoring (formats x units)"]
         decode = "not built" if r["decode"] is None else f"{r['decode']:.1f} tok/s"
+        whole = max(r["peak_mib"], r["allocate"]["peak_mib"], r["export"]["peak_mib"])
         lines.append(
             f"| {r['name']} | {r['params'] / 1e9:.2f} B | {r['layers']} | {r['workers']} "
             f"| {r['bf16_mib']:.0f} MiB "
-            f"| {r['peak_mib']:.0f} MiB | {r['plan']['peak'] / 2**20:.0f} MiB "
+            f"| {whole:.0f} MiB | {r['plan']['peak'] / 2**20:.0f} MiB "
             f"| {r['allocate']['seconds']:.0f} s / {allocate_est:.0f} s "
             f"| {r['allocate']['peak_mib']:.0f} MiB "
-            f"| {r['export']['seconds']:.0f} s / {plan['export (mean format)']:.0f} s "
+            f"| {r['export']['seconds']:.0f} s / {plan['export']:.0f} s "
             f"| {r['export']['peak_mib']:.0f} MiB | {decode} |"
         )
     twins = [f"{r['name']}: {r['twin']}" for r in rows if r.get("twin")]

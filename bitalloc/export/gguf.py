@@ -111,15 +111,15 @@ def export_gguf(
     file does not read back as planned.
     """
     out = check_export_path(out, force=force, directory=False)
-    formats = _gguf_formats(allocation)
+    formats = gguf_formats(allocation)
     reader = _open(source, model, tokenizer)
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     folded, importance = weights_to_export(allocation, model)
     plan = _plan(reader, arch, folded, allocation, formats)
-    warnings = (*_requantize_warnings(reader, plan), *getattr(reader, "notes", ()))
+    warnings = (*requantize_warnings(reader, plan), *getattr(reader, "notes", ()))
     tmp = _write(reader, plan, out, allocation, importance, formats, progress)
     try:
-        tensors = _check_written(tmp, plan, formats)
+        tensors = check_written(tmp, plan, formats)
         os.replace(tmp, out)
         _fsync_directory(out.parent)
     except BaseException:
@@ -139,7 +139,7 @@ def gguf_source(model: str | os.PathLike[str]) -> Path | None:
             f"the model {model} is neither a .gguf file nor a Hugging Face directory; pass "
             "--model with the model the allocation was made for"
         )
-    arch = _field(_read_source(path), "general.architecture")
+    arch = gguf_field(read_gguf(path), "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise BitallocError(
             f"cannot export GGUF from {path}: architecture {arch!r} is not supported; "
@@ -155,8 +155,8 @@ def _open(source, model: nn.Module, tokenizer: object | None):
 
         return convert_llama(model, tokenizer)
     source = Path(source)
-    reader = _read_source(source)
-    arch = _field(reader, "general.architecture")
+    reader = read_gguf(source)
+    arch = gguf_field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise BitallocError(
             f"cannot export GGUF from {source}: architecture {arch!r} is not supported; "
@@ -174,8 +174,8 @@ def gguf_overhead(
     type when the model has no parameter for it); ``source`` None: the conversion of the
     Hugging Face ``model`` with ``tokenizer``."""
     reader = _open(source, model, tokenizer)
-    arch = _field(reader, "general.architecture")
-    to_param = _hf_names(model, arch, int(_field(reader, f"{arch}.block_count")))
+    arch = gguf_field(reader, "general.architecture")
+    to_param = gguf_param_names(model, arch, int(gguf_field(reader, f"{arch}.block_count")))
     unit_params = {f"{u.name}.weight" for u in units}
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     alignment = reader.fields.get("general.alignment")
@@ -190,17 +190,17 @@ def gguf_overhead(
             total += int(tensor.n_bytes)
             continue
         kind = convention_type(tensor.name, shape, has_output)
-        total += _planned_bytes(PlannedTensor(tensor.name, kind, shape, None, None), {})
+        total += planned_bytes(PlannedTensor(tensor.name, kind, shape, None, None), {})
     return total
 
 
 def source_tensor_types(source: Path, model: nn.Module, units) -> dict[str, str]:
     """Unit -> the quantized llama.cpp type ``source`` stores it in (float types left out)."""
-    reader = _read_source(source)
-    arch = _field(reader, "general.architecture")
+    reader = read_gguf(source)
+    arch = gguf_field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         return {}
-    to_param = _hf_names(model, arch, int(_field(reader, f"{arch}.block_count")))
+    to_param = gguf_param_names(model, arch, int(gguf_field(reader, f"{arch}.block_count")))
     unit_of = {f"{u.name}.weight": u.name for u in units}
     found = {}
     for tensor in reader.tensors:
@@ -211,7 +211,8 @@ def source_tensor_types(source: Path, model: nn.Module, units) -> dict[str, str]
     return found
 
 
-def _read_source(source: Path) -> gguf.GGUFReader:
+def read_gguf(source: Path) -> gguf.GGUFReader:
+    """The reader of the GGUF file ``source``; a clear error when it is missing or unreadable."""
     if not source.is_file():
         raise BitallocError(f"GGUF source {source} does not exist; pass the model's .gguf file")
     try:
@@ -223,14 +224,16 @@ def _read_source(source: Path) -> gguf.GGUFReader:
         ) from None
 
 
-def _field(reader: gguf.GGUFReader, key: str):
+def gguf_field(reader: gguf.GGUFReader, key: str):
+    """The value of metadata ``key``; a clear error when the file has none."""
     field = reader.fields.get(key)
     if field is None:
         raise BitallocError(f"GGUF source has no {key!r} key; it is not a model file")
     return field.contents()
 
 
-def _gguf_formats(allocation) -> dict[str, GGUFFormat]:
+def gguf_formats(allocation) -> dict[str, GGUFFormat]:
+    """Unit -> its ``gguf:`` format; a clear error for a unit whose format is not one."""
     formats = {}
     for unit, name in allocation.formats.items():
         fmt = parse_format(name)
@@ -243,7 +246,7 @@ def _gguf_formats(allocation) -> dict[str, GGUFFormat]:
     return formats
 
 
-def _hf_names(model: nn.Module, arch: str, n_blocks: int) -> dict[str, str]:
+def gguf_param_names(model: nn.Module, arch: str, n_blocks: int) -> dict[str, str]:
     """GGUF tensor name -> the model's parameter name, through the gguf package's map."""
     arch_id = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}[arch]
     tensor_map = gguf.get_tensor_name_map(arch_id, n_blocks)
@@ -256,13 +259,13 @@ def _hf_names(model: nn.Module, arch: str, n_blocks: int) -> dict[str, str]:
 
 
 def _plan(reader, arch, model, allocation, formats) -> list[PlannedTensor]:
-    n_blocks = int(_field(reader, f"{arch}.block_count"))
-    to_param = _hf_names(model, arch, n_blocks)
+    n_blocks = int(gguf_field(reader, f"{arch}.block_count"))
+    to_param = gguf_param_names(model, arch, n_blocks)
     params = dict(model.named_parameters())
     unit_of = {f"{u.name}.weight": u.name for u in allocation.data.units}
     heads = {
-        "attn_q": int(_field(reader, f"{arch}.attention.head_count")),
-        "attn_k": int(_field(reader, f"{arch}.attention.head_count_kv")),
+        "attn_q": int(gguf_field(reader, f"{arch}.attention.head_count")),
+        "attn_k": int(gguf_field(reader, f"{arch}.attention.head_count_kv")),
     }
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     plan, seen = [], set()
@@ -321,7 +324,11 @@ def _dequantize(data: bytes, type_name: str, shape: tuple[int, ...]) -> torch.Te
     return GGUFFormat(type_name).dequantize_bytes(data, shape)
 
 
-def _encode(planned: PlannedTensor, importance) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def encode_tensor(
+    planned: PlannedTensor, importance
+) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A planned tensor's bytes (its copy, or its value quantized with the unit's importance as
+    imatrix) shaped as the writer takes them, and its llama.cpp type."""
     qtype = gguf.GGMLQuantizationType[planned.type]
     if planned.copy is not None:
         raw = np.frombuffer(planned.copy, dtype=np.uint8)
@@ -341,7 +348,7 @@ def new_writer(path: str, reader, allocation, formats: dict[str, GGUFFormat]) ->
     """A GGUF writer on ``path`` holding the metadata of ``reader`` (a GGUF file's or a
     :class:`~bitalloc.export.gguf_convert.ConvertedSource`), its alignment, the file type of
     ``formats`` and the allocation's average bits; no tensor yet."""
-    writer = gguf.GGUFWriter(path, _field(reader, "general.architecture"), use_temp_file=False)
+    writer = gguf.GGUFWriter(path, gguf_field(reader, "general.architecture"), use_temp_file=False)
     alignment = reader.fields.get("general.alignment")
     if alignment is not None:
         writer.add_custom_alignment(int(alignment.contents()))
@@ -362,7 +369,7 @@ def _write(reader, plan, out: Path, allocation, importance, formats, progress: b
     try:
         writer = new_writer(tmp, reader, allocation, formats)
         for planned in progress_iter(plan, "writing GGUF", progress):
-            data, qtype = _encode(planned, importance)
+            data, qtype = encode_tensor(planned, importance)
             writer.add_tensor(planned.name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -389,7 +396,7 @@ def _file_type(formats: dict[str, GGUFFormat]) -> int:
     return int(getattr(gguf.LlamaFileType, name, gguf.LlamaFileType.GUESSED))
 
 
-def _check_written(path: str, plan, formats) -> tuple[ExportedTensor, ...]:
+def check_written(path: str, plan, formats) -> tuple[ExportedTensor, ...]:
     """Read the written file back; every tensor's type, shape and bytes must be the plan's."""
     reader = gguf.GGUFReader(path)
     found = {t.name: t for t in reader.tensors}
@@ -399,7 +406,7 @@ def _check_written(path: str, plan, formats) -> tuple[ExportedTensor, ...]:
     for planned in plan:
         tensor = found.get(planned.name)
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist())) if tensor else None
-        expected = _planned_bytes(planned, formats)
+        expected = planned_bytes(planned, formats)
         if (
             tensor is None
             or tensor.tensor_type.name != planned.type
@@ -419,7 +426,8 @@ def _check_written(path: str, plan, formats) -> tuple[ExportedTensor, ...]:
     return tuple(report)
 
 
-def _planned_bytes(planned: PlannedTensor, formats) -> int:
+def planned_bytes(planned: PlannedTensor, formats) -> int:
+    """The bytes a planned tensor takes in the file."""
     if planned.unit is not None:
         return formats[planned.unit].storage_bits(planned.shape) // 8
     qtype = libgguf.GGMLQuantizationType[planned.type]
@@ -427,7 +435,7 @@ def _planned_bytes(planned: PlannedTensor, formats) -> int:
     return rows * libgguf.row_size(qtype, planned.shape[-1])
 
 
-def _requantize_warnings(reader, plan) -> list[str]:
+def requantize_warnings(reader, plan) -> list[str]:
     """A warning when the source's units were already quantized: their types in the
     allocation quantize a quantized model's weights again, which compounds the errors."""
     source = {t.name: t.tensor_type.name for t in reader.tensors}

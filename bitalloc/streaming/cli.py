@@ -47,7 +47,14 @@ def add_streaming_parsers(sub: Any) -> None:
         "(--model may be a config.json alone: a model not at hand)",
     )
     _common(p)
-    add_config_arguments(p, ("workers",), {"workers": {"help": "workers scoring formats"}})
+    add_config_arguments(
+        p,
+        ("avg_bits", "workers"),
+        {
+            "avg_bits": {"help": "the budget, when known: the export's time is that mix's"},
+            "workers": {"help": "workers scoring formats"},
+        },
+    )
     p.set_defaults(handler=plan_resources_command)
 
 
@@ -111,4 +118,7 @@ def plan_resources_command(args: argparse.Namespace) -> None:
     from bitalloc.streaming.resources import plan_streamed
 
     workers = max(1, args.workers or 0)
-    print(plan_streamed(args.model, _formats(args.formats), args.tokens, workers=workers).table())
+    plan = plan_streamed(
+        args.model, _formats(args.formats), args.tokens, workers=workers, avg_bits=args.avg_bits
+    )
+    print(plan.table())

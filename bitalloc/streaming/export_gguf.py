@@ -1,10 +1,6 @@
 """A GGUF file written from a checkpoint too large to load: read a tensor, quantize it, write
 it, go on.
 
-From a GGUF source, the file keeps the source's metadata and tensor order, copies the bytes of
-every tensor that keeps its type, and warns when the allocated weights were already quantized,
-as :func:`~bitalloc.export.gguf.export_gguf` does.
-
 The file is the one :func:`~bitalloc.export.gguf.export_gguf` writes from the same Hugging Face
 Llama loaded whole (same metadata converted from the config and tokenizer, same tensors in the
 same order, same bytes): the tensor infos are known before any weight is read (every type and
@@ -14,6 +10,10 @@ quantized bytes; the embedding and the output head are read :data:`HEAD_ROWS` ro
 (llama.cpp's quantizers work row by row, so the bytes do not depend on the split). The file is
 written under a temporary name, read back (every tensor's type, shape and bytes must be the
 plan's) and only then renamed into place.
+
+From a GGUF source, the file keeps the source's metadata and tensor order, copies the bytes of
+every tensor that keeps its type, and warns when the allocated weights were already quantized,
+as :func:`~bitalloc.export.gguf.export_gguf` does.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ from bitalloc.export.base import ExportReport, check_export_path, importance_of,
 from bitalloc.export.gguf import (
     SUPPORTED_ARCHITECTURES,
     PlannedTensor,
-    _check_written,
-    _encode,
-    _gguf_formats,
-    _hf_names,
-    _planned_bytes,
-    _requantize_warnings,
+    check_written,
     convention_type,
+    encode_tensor,
+    gguf_formats,
+    gguf_param_names,
     llama_permute,
     new_writer,
+    planned_bytes,
+    requantize_warnings,
 )
 from bitalloc.export.gguf_convert import llama_metadata
 from bitalloc.fileio import _fsync_directory
@@ -73,12 +73,12 @@ def export_gguf_streamed(
     another model, when the checkpoint has no tokenizer or is not a Llama that converts, or
     when the written file does not read back as planned."""
     out = check_export_path(out, force=force, directory=False)
-    formats = _gguf_formats(allocation)
+    formats = gguf_formats(allocation)
     model = streamable(allocation, source)
     if isinstance(model.checkpoint, GGUFCheckpoint):
         metadata = model.checkpoint.reader
         plan = _plan_from_gguf(model, allocation, formats)
-        warnings = tuple(_requantize_warnings(metadata, [p for p, _ in plan]))
+        warnings = tuple(requantize_warnings(metadata, [p for p, _ in plan]))
     else:
         metadata = llama_metadata(
             model.config, model.checkpoint.tokenizer("(a GGUF file carries it)")
@@ -96,7 +96,7 @@ def export_gguf_streamed(
                 planned.name,
                 planned.shape,
                 np.dtype(np.float32),
-                _planned_bytes(planned, formats),
+                planned_bytes(planned, formats),
                 raw_dtype=gguf.GGMLQuantizationType[planned.type],
             )
         writer.write_header_to_file()
@@ -111,7 +111,7 @@ def export_gguf_streamed(
         writer.close()
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        tensors = _check_written(tmp, [p for p, _ in plan], formats)
+        tensors = check_written(tmp, [p for p, _ in plan], formats)
         os.replace(tmp, out)
         _fsync_directory(out.parent)
     except BaseException as exc:
@@ -125,7 +125,8 @@ def export_gguf_streamed(
 def _plan(model: StreamedModel, allocation, formats) -> list[tuple[PlannedTensor, str]]:
     """Every tensor of the file (in the skeleton's parameter order: embedding, layers, final
     norm, head) with its type and shape, beside the checkpoint tensor it is made from."""
-    to_gguf = {p: g for g, p in _hf_names(model.skeleton, "llama", len(model.layers)).items()}
+    names = gguf_param_names(model.skeleton, "llama", len(model.layers))
+    to_gguf = {p: g for g, p in names.items()}
     unit_of = {f"{u.name}.weight": u.name for u in allocation.data.units}
     params = dict(model.skeleton.named_parameters())  # tied parameters are listed once
     unnamed = [p for p in params if p not in to_gguf]
@@ -197,7 +198,7 @@ class TensorEncoder:
         for start in range(0, rows, HEAD_ROWS):
             block = value[start : start + HEAD_ROWS] if value.dim() > 1 else value
             block = block.to(torch.float32)
-            data, _ = _encode(
+            data, _ = encode_tensor(
                 PlannedTensor(planned.name, planned.type, tuple(block.shape), planned.unit, block),
                 importance,
             )

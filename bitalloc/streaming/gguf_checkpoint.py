@@ -31,11 +31,11 @@ class GGUFCheckpoint(Checkpoint):
     """A GGUF model file as a checkpoint (see the module docstring)."""
 
     def __init__(self, path: str | Path):
-        from bitalloc.export.gguf import SUPPORTED_ARCHITECTURES, _field, _read_source
+        from bitalloc.export.gguf import SUPPORTED_ARCHITECTURES, gguf_field, read_gguf
 
         self.path = Path(path)
-        self.reader = _read_source(self.path)
-        self.arch = str(_field(self.reader, "general.architecture"))
+        self.reader = read_gguf(self.path)
+        self.arch = str(gguf_field(self.reader, "general.architecture"))
         if self.arch not in SUPPORTED_ARCHITECTURES:
             raise BitallocError(
                 f"cannot stream {self.path}: GGUF architecture {self.arch!r} is not supported; "
@@ -70,11 +70,11 @@ class GGUFCheckpoint(Checkpoint):
             ) from None
 
     def _tensor_infos(self, config: Any) -> dict[str, TensorInfo]:
-        from bitalloc.export.gguf import _hf_names
+        from bitalloc.export.gguf import gguf_param_names
         from bitalloc.streaming.model import meta_skeleton
 
         skeleton = meta_skeleton(config)
-        to_param = _hf_names(skeleton, self.arch, config.num_hidden_layers)
+        to_param = gguf_param_names(skeleton, self.arch, config.num_hidden_layers)
         self._source: dict[str, Any] = {}
         infos = {}
         for tensor in self.reader.tensors:

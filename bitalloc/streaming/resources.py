@@ -255,6 +255,7 @@ def plan_streamed(
     seq_len: int = 512,
     workers: int = 1,
     speed: Speed | None = None,
+    avg_bits: float | None = None,
 ) -> ResourcePlan:
     """The :class:`ResourcePlan` of ``allocate_streamed`` on the checkpoint at ``path`` (see the
     module docstring), or, for a ``config.json`` file, on the model it describes (a model not
@@ -305,7 +306,7 @@ def plan_streamed(
         + layers * reference_rounding
         + head_flops / speed.flops,
         "scoring (formats x units)": layers * scoring / max(1, workers),
-        "export (mean format)": _export_seconds(shape, quantized, speed),
+        "export": _export_seconds(shape, formats, speed, avg_bits),
     }
     return ResourcePlan(memory, seconds, workers)
 
@@ -319,21 +320,46 @@ def _tokenize_default_text(model: StreamedModel, seq_len: int) -> None:
         _calibration_windows(model.checkpoint, None, seq_len)
 
 
-def _export_seconds(shape: ModelShape, quantized: Sequence[Format], speed: Speed) -> float:
-    """Every unit rounded once at the palette's mean rounding time per weight (the formats are
-    not chosen yet), plus the embedding and head at the GGUF convention's rates (Q8_0 / Q6_K)
-    when the palette is llama.cpp's."""
+def _export_seconds(
+    shape: ModelShape, formats: Sequence[Format], speed: Speed, avg_bits: float | None
+) -> float:
+    """Every unit rounded once, plus the embedding and head at the GGUF convention's rates
+    (Q8_0 / Q6_K) and the file's read-back when the palette is llama.cpp's.
+
+    The formats are not chosen yet: with ``avg_bits``, a unit's time per weight is that of
+    the two formats whose bits bracket the budget, mixed in the proportion that meets it (the
+    solver's choice is near that mix); without it, the palette's mean."""
+    quantized = [f for f in formats if not f.is_float]
     if not quantized:
         return 0.0
     per_weight = sum(1 / speed.rounding[f.name] for f in quantized) / len(quantized)
+    if avg_bits is not None:
+        per_weight = _bracketing_time(shape, formats, speed, avg_bits)
     seconds = shape.unit_numel * per_weight
-    if all(isinstance(f, GGUFFormat) for f in quantized):
-        seconds += READ_BACK_PER_TOKEN * int(shape.config["vocab_size"])
     shell = _shell_formats(quantized)
     if shell:
         q8, q6 = (speed.rounding[f.name] for f in shell)
         seconds += shape.embedding / (q8 if shape.head else q6) + shape.head / q6
+        seconds += READ_BACK_PER_TOKEN * int(shape.config["vocab_size"])
     return seconds
+
+
+def _bracketing_time(
+    shape: ModelShape, formats: Sequence[Format], speed: Speed, avg_bits: float
+) -> float:
+    """Seconds per weight of the mix of the two formats (by bits per weight of the largest
+    unit) that bracket ``avg_bits``; a float format rounds nothing."""
+    unit = max(shape.layer_units, key=lambda u: u.numel)
+    usable = sorted((f.bits_per_weight(unit.shape), f) for f in formats if f.allows(unit.shape))
+
+    def cost(fmt: Format) -> float:
+        return 0.0 if fmt.is_float else 1 / speed.rounding[fmt.name]
+
+    below = [(b, f) for b, f in usable if b <= avg_bits] or usable[:1]
+    above = [(b, f) for b, f in usable if b >= avg_bits] or usable[-1:]
+    (b_lo, lo), (b_hi, hi) = below[-1], above[0]
+    share = 0.0 if b_hi == b_lo else (avg_bits - b_lo) / (b_hi - b_lo)
+    return (1 - share) * cost(lo) + share * cost(hi)
 
 
 def _shell_formats(quantized: Sequence[Format]) -> list[Format]:

@@ -194,6 +194,15 @@ def test_resource_plan_counts_one_layer_and_divides_scoring_over_workers(sharded
     assert four.seconds[scoring] == pytest.approx(one.seconds[scoring] / 4)
     assert four.seconds["forward and statistics"] == one.seconds["forward and statistics"]
     assert "total" in one.table()
+    # The export at a budget: int2 and int4 (3 and 5 bits per weight at g32, scale and zero
+    # counted) mixed to meet 4 bits, half each; at 5 bits, int4 alone; without a budget, the
+    # palette's mean.
+    units = sum(u.numel for u in StreamedModel(sharded).units)
+    for bits, per_weight in ((4.0, (1e-7 + 0.5e-7) / 2), (5.0, 0.5e-7), (None, 0.75e-7)):
+        plan = plan_streamed(
+            sharded, "int2-g32,int4-g32,fp16", 256, seq_len=32, speed=speed, avg_bits=bits
+        )
+        assert plan.seconds["export"] == pytest.approx(units * per_weight), bits
     # A config alone plans the same (a model not at hand).
     alone = plan_streamed(
         sharded / "config.json", "int2-g32,int4-g32,fp16", 256, seq_len=32, speed=speed
