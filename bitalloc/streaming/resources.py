@@ -1,25 +1,27 @@
 """What a streamed allocation will need, before any of it runs: peak memory from the model's
 config and the run's settings, and time from this machine's measured speed.
 
-Memory of the streamed ``output`` profile (:mod:`bitalloc.streaming.profile`), the terms that
-are live together at the peak:
+Memory of the streamed ``output`` profile (:mod:`bitalloc.streaming.profile`): the terms live
+throughout, plus the larger of two phases (:func:`peak_of`):
 
-- this process as it is now (Python, torch, transformers loaded: :func:`resident_bytes`);
-- the shell: embedding and output head in the checkpoint's dtype;
-- one decoder layer: its float32 parameters, and the shard pages read for it (its stored
-  bytes), mapped while the layer is read;
-- the layer's Gram statistics: per distinct input, a float64 sum and a float32 mean of
-  ``in x in`` (the attention input, the attention output, the MLP input, the MLP's inner
-  width);
-- activations: two streams (clean, reference-quantized) of ``tokens x hidden`` float32, and
-  one batch's inner MLP activations;
-- scoring the largest unit: its float32 copies (the weight, the quantized weight, the error,
-  the error times the Gram matrix, the search's copy), about five.
+- throughout: this process as it is now (Python, torch, transformers, the tokenizer and the
+  calibration text: :func:`resident_bytes`); the embedding and output head in the checkpoint's
+  dtype; the two activation streams (clean, reference-quantized), ``tokens x hidden`` float32;
+- while a layer is processed: its float32 parameters and the shard pages read for it (its
+  stored bytes); its Gram statistics, per distinct input (the attention input, the attention
+  output, the MLP input, the MLP's inner width) a float32 batch sum, a float64 running sum and
+  a float32 mean of ``in x in``; and the larger of a forward pass's temporaries and the copies
+  made while the largest unit is scored (the weight, the quantized weight, the error, the
+  error times the Gram matrix, the search's copy: about five);
+- while the final loss is computed: the blocks of logits (:data:`HEAD_ROWS` rows of the head at
+  a time, in float32, and their temporaries).
 
 Time: the per-layer arithmetic (forward passes, Gram products, the error products of every
 format, the rounding search per format and weight) divided by this machine's measured speed
 of each kind (:func:`machine_speed`: a matrix product and one format's rounding, timed here on
 small inputs). A cluster of ``workers`` divides the per-layer scoring, not the forward chain.
+The export's time is every unit's rounding (see :func:`_export_seconds`) and, for GGUF, the
+embedding and head in llama.cpp's convention and the file's read-back.
 """
 
 from __future__ import annotations
@@ -231,7 +233,7 @@ def memory_terms(shape: ModelShape, tokens: int, seq_len: int = 512) -> dict[str
         "activations (two streams)": 4 * 2 * used * hidden,
         "one layer (float32)": 4 * sum(o * i for o, i in shapes),
         "its shard pages": shape.layer_bytes,
-        "Gram statistics": (3 * hidden**2 + inner**2) * (8 + 4),
+        "Gram statistics": (3 * hidden**2 + inner**2) * (4 + 8 + 4),
         # A forward pass and the scoring of a unit do not overlap.
         "layer temporaries": max(forward, 4 * UNIT_COPIES * largest),
         "the loss (head blocks)": 4 * (LOGIT_COPIES * batch_tokens + hidden) * HEAD_ROWS,
