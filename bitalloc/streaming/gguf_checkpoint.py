@@ -51,23 +51,19 @@ class GGUFCheckpoint(Checkpoint):
         """The transformers config transformers reads from the file's metadata."""
         from transformers import AutoConfig
 
-        try:
-            return AutoConfig.from_pretrained(self.path.parent, gguf_file=self.path.name)
-        except Exception as exc:  # noqa: BLE001 - the GGUF parser raises many types
-            raise BitallocError(
-                f"could not read a model config from {self.path} ({type(exc).__name__}: {exc})"
-            ) from None
+        return self._from_metadata(AutoConfig, "has no usable model config")
 
     def tokenizer(self, alternative: str = "") -> Any:
         """The tokenizer the file carries."""
         from transformers import AutoTokenizer
 
+        return self._from_metadata(AutoTokenizer, f"has no usable tokenizer {alternative}")
+
+    def _from_metadata(self, loader: Any, missing: str) -> Any:
         try:
-            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            return loader.from_pretrained(self.path.parent, gguf_file=self.path.name)
         except Exception as exc:  # noqa: BLE001 - the GGUF parser raises many types
-            raise BitallocError(
-                f"{self.path} has no usable tokenizer ({type(exc).__name__}: {exc}) {alternative}"
-            ) from None
+            raise BitallocError(f"{self.path} {missing} ({type(exc).__name__}: {exc})") from None
 
     def _tensor_infos(self, config: Any) -> dict[str, TensorInfo]:
         from bitalloc.export.gguf import gguf_param_names
