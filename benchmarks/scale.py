@@ -267,7 +267,7 @@ def table(rows: list[dict], args, seconds: float) -> str:
         "",
         f"`.venv/bin/python benchmarks/scale.py --sizes SIZES --tokens {args.tokens} "
         "[--workers 2]` on "
-        f"{cpu_description()} (the last run: {seconds / 60:.0f} min). Random bf16 Llama "
+        f"{cpu_description()}. Random bf16 Llama "
         "checkpoints (one shard per layer, vocabulary "
         f"49,152 with the default model's tokenizer), allocated at {AVG_BITS} bits over "
         f"`{PALETTE}` (streamed `output` profile over {args.tokens} tokens of the default "
@@ -277,7 +277,12 @@ def table(rows: list[dict], args, seconds: float) -> str:
         "reset through `/proc/self/clear_refs` before each stage; the whole run's is the larger "
         "stage's (`/usr/bin/time -v` reads the same mark, so after the reset it sees the "
         "export alone). Estimated: `bitalloc plan-resources --avg-bits` (`plan_streamed`) in "
-        "a fresh child; its export time is the mix of the two formats bracketing the budget.",
+        "a fresh child; its export time is the mix of the two formats bracketing the budget"
+        + (
+            " (made again after the measurements, `--replan`, with this commit's plan)."
+            if args.replan
+            else "."
+        ),
         "",
         "| model | parameters | layers | workers | checkpoint (bf16) | peak (larger stage) "
         "| estimated peak "
