@@ -21,7 +21,7 @@ from bitalloc.formats import default_palette, parse_palette
 from bitalloc.importance import IMPORTANCE_TOKENS
 from bitalloc.planning import build_problem, to_allocation
 from bitalloc.solvers import solve
-from bitalloc.streaming.model import StreamedModel, release_freed_memory
+from bitalloc.streaming.model import StreamedModel, calibration_windows, release_freed_memory
 from bitalloc.streaming.profile import streamed_output_profile
 from bitalloc.streaming.resources import ModelShape, available_bytes, memory_terms, peak_of
 
@@ -61,7 +61,7 @@ def allocate_streamed(
         _check_memory(model, max_memory, tokens, seq_len)
     palette = parse_palette(formats) if formats is not None else default_palette()
     if windows is None:
-        windows = _calibration_windows(model.checkpoint, calibration, seq_len)
+        windows = calibration_windows(model.checkpoint, calibration, seq_len)
     profile, importance = streamed_output_profile(
         model,
         palette,
@@ -127,12 +127,3 @@ def _check_memory(model: StreamedModel, limit: int, tokens: int, seq_len: int) -
             f"{limit / 2**20:.0f} MiB allowed; allow at least {need / 2**20:.0f} MiB, or use "
             "fewer calibration tokens"
         )
-
-
-def _calibration_windows(checkpoint, text: str | None, seq_len: int) -> torch.Tensor:
-    from bitalloc.data import default_text, text_prefix, tokenize, windows
-
-    tokenizer = checkpoint.tokenizer("or pass windows=")
-    body = default_text().calibration if text is None else text
-    ids = tokenize(tokenizer, body)
-    return windows(ids, seq_len, prefix=text_prefix(tokenizer))

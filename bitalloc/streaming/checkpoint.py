@@ -220,13 +220,3 @@ def _shard_header(path: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
             raise BitallocError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
         out[name] = (dtype, tuple(int(s) for s in entry["shape"]))
     return out
-
-
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """A Hugging Face directory (:class:`Checkpoint`) or a GGUF file
-    (:class:`~bitalloc.streaming.gguf_checkpoint.GGUFCheckpoint`), by what ``path`` is."""
-    if Path(path).is_file():
-        from bitalloc.streaming.gguf_checkpoint import GGUFCheckpoint
-
-        return GGUFCheckpoint(path)
-    return Checkpoint(path)

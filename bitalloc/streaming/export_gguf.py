@@ -47,10 +47,10 @@ from bitalloc.export.gguf import (
 from bitalloc.export.gguf_convert import llama_metadata
 from bitalloc.fileio import _fsync_directory
 from bitalloc.importance import Importance
-from bitalloc.streaming.checkpoint import open_checkpoint
 from bitalloc.streaming.export import streamable
 from bitalloc.streaming.gguf_checkpoint import GGUFCheckpoint
 from bitalloc.streaming.model import HEAD_ROWS, StreamedModel
+from bitalloc.streaming.sources import open_checkpoint
 
 
 def export_gguf_streamed(

@@ -67,7 +67,7 @@ class GGUFCheckpoint(Checkpoint):
 
     def _tensor_infos(self, config: Any) -> dict[str, TensorInfo]:
         from bitalloc.export.gguf import gguf_param_names
-        from bitalloc.streaming.model import meta_skeleton
+        from bitalloc.streaming.skeleton import meta_skeleton
 
         skeleton = meta_skeleton(config)
         to_param = gguf_param_names(skeleton, self.arch, config.num_hidden_layers)

@@ -32,7 +32,8 @@ from torch import nn
 from bitalloc.errors import BitallocError
 from bitalloc.models import Unit, discover_units
 from bitalloc.sequential import first_block_inputs, run_block
-from bitalloc.streaming.checkpoint import open_checkpoint
+from bitalloc.streaming.skeleton import meta_skeleton
+from bitalloc.streaming.sources import open_checkpoint
 
 #: Output-head rows turned to float32 at once when computing the loss (bounds its memory).
 HEAD_ROWS = 8192
@@ -152,27 +153,6 @@ class StreamedModel:
         return sum(self.checkpoint.info(n).nbytes for n in self.checkpoint.names(prefix))
 
 
-def meta_skeleton(config: Any) -> nn.Module:
-    """The causal LM of a transformers ``config`` built on the ``meta`` device (no memory),
-    checked to be a Llama-family layout (see the module docstring)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    skeleton.eval()
-    inner = getattr(skeleton, "model", None)
-    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    absent = [a for a in needed if inner is None or not hasattr(inner, a)]
-    if absent or not hasattr(skeleton, "lm_head"):
-        raise BitallocError(
-            f"{type(skeleton).__name__} is not a Llama-family layout (no "
-            f"{', '.join(f'model.{a}' for a in absent) or 'lm_head'}); streaming supports "
-            "models with model.embed_tokens, model.layers, model.norm, model.rotary_emb "
-            "and lm_head; load smaller models whole instead"
-        )
-    return skeleton
-
-
 def release_freed_memory() -> None:
     """Hand the heap's free pages back to the system (glibc's ``malloc_trim``; nothing
     elsewhere). Without it, each layer's freed float32 tensors leave the heap fragmented and
@@ -193,3 +173,14 @@ def hidden_of(inputs: tuple[tuple, dict[str, Any]]) -> torch.Tensor:
     """The hidden states of one batch's (args, kwargs)."""
     args, kwargs = inputs
     return args[0] if args else kwargs["hidden_states"]
+
+
+def calibration_windows(checkpoint: Any, text: str | None, seq_len: int) -> torch.Tensor:
+    """Token windows (n, ``seq_len``) of ``text`` (the embedded default calibration text when
+    None), tokenized with the checkpoint's own tokenizer."""
+    from bitalloc.data import default_text, text_prefix, tokenize, windows
+
+    tokenizer = checkpoint.tokenizer("or pass windows=")
+    body = default_text().calibration if text is None else text
+    ids = tokenize(tokenizer, body)
+    return windows(ids, seq_len, prefix=text_prefix(tokenizer))

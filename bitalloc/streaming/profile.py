@@ -187,7 +187,7 @@ def score_unit(weight: torch.Tensor, gram: torch.Tensor, formats: Sequence[Forma
 def _score_from_checkpoint(path: str, unit: str, names: list[str], gram: torch.Tensor):
     """A Ray task: the unit's weight read from the shards here, then :func:`score_unit`."""
     from bitalloc.formats import parse_format
-    from bitalloc.streaming.checkpoint import open_checkpoint
+    from bitalloc.streaming.sources import open_checkpoint
 
     torch.set_num_threads(1)
     weight = open_checkpoint(path).tensor(f"{unit}.weight", torch.float32)

@@ -42,7 +42,8 @@ from bitalloc.models import Unit, discover_units
 from bitalloc.sensitivity.base import allowed_mask
 from bitalloc.sensitivity.output import reference_format
 from bitalloc.sequential import BATCH
-from bitalloc.streaming.model import HEAD_ROWS, StreamedModel, meta_skeleton
+from bitalloc.streaming.model import HEAD_ROWS, StreamedModel, calibration_windows
+from bitalloc.streaming.skeleton import meta_skeleton
 
 #: float32 copies of the largest unit alive while it is scored.
 UNIT_COPIES = 5
@@ -316,10 +317,8 @@ def plan_streamed(
 def _tokenize_default_text(model: StreamedModel, seq_len: int) -> None:
     """Load the checkpoint's tokenizer and tokenize the default calibration text, as the run
     does first, so that the process term counts them (nothing when it has no tokenizer)."""
-    from bitalloc.streaming.allocate import _calibration_windows
-
     with contextlib.suppress(BitallocError):
-        _calibration_windows(model.checkpoint, None, seq_len)
+        calibration_windows(model.checkpoint, None, seq_len)
 
 
 def _export_seconds(
