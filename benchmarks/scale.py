@@ -88,6 +88,14 @@ print("RESULT " + json.dumps(result))
 """
 
 
+def run_child(command: list[str]) -> tuple[dict, str]:
+    """Run a child process; the JSON it printed after ``RESULT`` and its standard error."""
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"child failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.split("RESULT ", 1)[1]), done.stderr
+
+
 def measure(path: Path, tokens: int, workers: int, out: Path, saved: str) -> dict:
     """Run the child under /usr/bin/time -v; its result and whole peak resident set (MiB)."""
     command = [
@@ -104,11 +112,8 @@ def measure(path: Path, tokens: int, workers: int, out: Path, saved: str) -> dic
         saved,
         str(AVG_BITS),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"child failed:\n{done.stderr[-3000:]}")
-    result = json.loads(done.stdout.split("RESULT ", 1)[1])
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
+    result, stderr = run_child(command)
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
     result["peak_mib"] = int(peak.group(1)) / 1024 if peak else float("nan")
     return result
 
@@ -130,10 +135,7 @@ def replan(row: dict, workdir: Path, tokens: int) -> dict:
     directory = workdir / f"bitalloc-scale-{row['name']}"
     command = [sys.executable, "-c", PLAN_CHILD, str(directory), str(tokens), PALETTE]
     command += [str(row["workers"]), str(AVG_BITS)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"plan child failed:\n{done.stderr[-3000:]}")
-    plan = json.loads(done.stdout.split("RESULT ", 1)[1])
+    plan, _ = run_child(command)
     return {**row, "plan": {**row["plan"], **plan}}
 
 

@@ -174,9 +174,9 @@ class TensorEncoder:
     process, or as a Ray actor that opens the checkpoint itself (a worker reads only the
     tensors it is sent)."""
 
-    def __init__(self, checkpoint: Any):
+    def __init__(self, checkpoint: Any, config: Any = None):
         self.checkpoint = open_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
-        config = self.checkpoint.hf_config()
+        config = config if config is not None else self.checkpoint.hf_config()
         self.heads = {
             "attn_q": config.num_attention_heads,
             "attn_k": config.num_key_value_heads,
@@ -216,7 +216,7 @@ def _encoded_in_order(
         return importance_of(importance, planned.unit) if planned.unit else None
 
     if not workers:
-        encoder = TensorEncoder(model.checkpoint)
+        encoder = TensorEncoder(model.checkpoint, model.config)
         for planned, param in plan:
             yield encoder.encode(planned, param, vector(planned))
         return

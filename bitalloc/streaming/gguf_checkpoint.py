@@ -31,6 +31,8 @@ class GGUFCheckpoint(Checkpoint):
     """A GGUF model file as a checkpoint (see the module docstring)."""
 
     def __init__(self, path: str | Path):
+        from transformers import AutoConfig
+
         from bitalloc.export.gguf import SUPPORTED_ARCHITECTURES, gguf_field, read_gguf
 
         self.path = Path(path)
@@ -42,16 +44,16 @@ class GGUFCheckpoint(Checkpoint):
                 f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
             )
         self._permuted = SUPPORTED_ARCHITECTURES[self.arch]
-        config = self.hf_config()
+        self._by_name = {t.name: t for t in self.reader.tensors}
+        # Parsed once: transformers reads the whole metadata (vocabulary included) for it.
+        self._config = config = self._from_metadata(AutoConfig, "has no usable model config")
         self.config_dict: dict[str, Any] = config.to_dict()
         self._heads = (config.num_attention_heads, config.num_key_value_heads)
         self.tensors = self._tensor_infos(config)
 
     def hf_config(self) -> Any:
         """The transformers config transformers reads from the file's metadata."""
-        from transformers import AutoConfig
-
-        return self._from_metadata(AutoConfig, "has no usable model config")
+        return self._config
 
     def tokenizer(self, alternative: str = "") -> Any:
         """The tokenizer the file carries."""
@@ -86,7 +88,7 @@ class GGUFCheckpoint(Checkpoint):
 
     def raw_bytes(self, gguf_name: str) -> np.ndarray:
         """The stored bytes of the file's tensor ``gguf_name`` (llama.cpp's name), as they are."""
-        tensor = next(t for t in self.reader.tensors if t.name == gguf_name)
+        tensor = self._by_name[gguf_name]
         with open(self.path, "rb") as handle:
             raw = os.pread(handle.fileno(), int(tensor.n_bytes), int(tensor.data_offset))
         return np.frombuffer(raw, dtype=np.uint8)
