@@ -79,6 +79,11 @@ def test_export_stream_on_the_command_line_and_bad_inputs(checkpoint, allocation
     out = tmp_path / "m.gguf"
     assert main(["export", str(saved), "--stream", "--out", str(out), "--quiet"]) == 0
     assert gguf.GGUFReader(out).tensors
+    # No such model: refused with the project's error, nothing written.
+    with pytest.raises(BitallocError, match="neither"):
+        from bitalloc.export import export_allocation
+
+        export_allocation(allocation, tmp_path / "n.gguf", model=tmp_path / "nope", stream=True)
     # Exists: refused, the file kept.
     before = out.read_bytes()
     assert main(["export", str(saved), "--stream", "--out", str(out), "--quiet"]) == 2
