@@ -11,9 +11,14 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conftest import TEXT, ByteTokenizer, make_tiny_llama  # noqa: E402
+if __package__:
+    from ..conftest import TEXT, ByteTokenizer, make_tiny_llama
+else:
+    # Run as a script: the repository root goes on the path, never tests/ itself, whose
+    # folders (tests/kernels) would shadow installed packages of the same name (transformers
+    # imports the `kernels` package when it is installed).
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.conftest import TEXT, ByteTokenizer, make_tiny_llama
 
 FORMATS = "int2-g32,int3-g32,int4-g32,int8-g32,fp16"
 

@@ -27,6 +27,19 @@ from .driver import run
 HELD_DRIVER = Path(__file__).with_name("held_driver.py")
 
 
+def test_the_driver_keeps_the_tests_folder_off_the_import_path():
+    # On the path, tests/kernels would shadow the installed `kernels` package, which
+    # transformers imports when it is present: every model build then failed.
+    tests_dir = Path(__file__).resolve().parents[1]
+    assert all(Path(p).resolve() != tests_dir for p in sys.path if p)
+    script = (
+        "import runpy, sys; from pathlib import Path; "
+        f"runpy.run_path({str(Path(__file__).with_name('driver.py'))!r}); "
+        f"assert Path({str(tests_dir)!r}) not in [Path(p).resolve() for p in sys.path if p]"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tests_dir.parent)
+
+
 def _study(run_dir: Path, name: str = "bitalloc"):
     return optuna.load_study(study_name=name, storage=default_storage_url(run_dir))
 
