@@ -52,6 +52,7 @@ def main() -> int:
         speed,
         flops=args.gpu_tflops * 1e12,
         rounding={k: v * args.host_cores / cores for k, v in speed.rounding.items()},
+        per_call={k: v * cores / args.host_cores for k, v in speed.per_call.items()},
     )
     here = Path(__file__).resolve().parent / "configs"
     rows = []

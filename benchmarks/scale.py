@@ -54,6 +54,7 @@ from pathlib import Path
 from bitalloc.streaming.allocate import allocate_streamed
 from bitalloc.streaming.export_gguf import export_gguf_streamed
 from bitalloc.streaming.resources import plan_streamed
+from bitalloc.streaming.speed import cpu_ticks, steal_share
 
 def peak_mib():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -69,21 +70,22 @@ result = {}
 start = time.perf_counter()
 plan = plan_streamed(path, palette, tokens, workers=max(1, workers), avg_bits=float(sys.argv[7]))
 result["plan"] = {"memory": plan.memory, "seconds": plan.seconds, "peak": plan.peak_bytes,
-                  "time": time.perf_counter() - start}
+                  "time": time.perf_counter() - start, "steal": plan.speed.steal}
 reset_peak()
-start = time.perf_counter()
+start, ticks = time.perf_counter(), cpu_ticks()
 alloc = allocate_streamed(path, float(sys.argv[7]), formats=palette, tokens=tokens, progress=False,
                           workers=workers)
 result["allocate"] = {"seconds": time.perf_counter() - start, "peak_mib": peak_mib(),
-                      "avg_bits": alloc.avg_bits}
+                      "avg_bits": alloc.avg_bits, "steal": steal_share(ticks, cpu_ticks())}
 if saved:
     alloc.save(saved)
 reset_peak()
-start = time.perf_counter()
+start, ticks = time.perf_counter(), cpu_ticks()
 report = export_gguf_streamed(alloc, path, out, progress=False, force=True)
 result["export"] = {"seconds": time.perf_counter() - start, "peak_mib": peak_mib(),
                     "bytes": report.file_bytes, "unit_bytes": report.unit_bytes,
-                    "predicted_unit_bytes": alloc.data.total_bits / 8}
+                    "predicted_unit_bytes": alloc.data.total_bits / 8,
+                    "steal": steal_share(ticks, cpu_ticks())}
 print("RESULT " + json.dumps(result))
 """
 
@@ -125,7 +127,7 @@ path, tokens, palette = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 workers, bits = int(sys.argv[4]), float(sys.argv[5])
 plan = plan_streamed(path, palette, tokens, workers=max(1, workers), avg_bits=bits)
 print("RESULT " + json.dumps({"memory": plan.memory, "seconds": plan.seconds,
-                              "peak": plan.peak_bytes}))
+                              "peak": plan.peak_bytes, "steal": plan.speed.steal}))
 """
 
 
@@ -261,6 +263,13 @@ def merged(path: Path, rows: list[dict]) -> list[dict]:
     return every
 
 
+def _steal(row: dict) -> str:
+    """The CPU share the hypervisor took while the plan timed the machine and during each
+    stage ("?" for rows measured before it was recorded)."""
+    parts = [row[k].get("steal") for k in ("plan", "allocate", "export")]
+    return " / ".join("?" if v is None else f"{100 * v:.0f}%" for v in parts)
+
+
 def table(rows: list[dict], args, seconds: float) -> str:
     """The BENCHMARKS.md section."""
     lines = [
@@ -284,13 +293,16 @@ def table(rows: list[dict], args, seconds: float) -> str:
             " (made again after the measurements, `--replan`, with this commit's plan)."
             if args.replan
             else "."
-        ),
+        )
+        + " CPU steal: the share of the CPU time the hypervisor took (`/proc/stat`) while the "
+        "plan timed the machine and during each stage; a stage's time grows as "
+        "1 / (1 - steal), so a plan timed at another steal than its run is off by that much.",
         "",
         "| model | parameters | layers | workers | checkpoint (bf16) | peak (larger stage) "
         "| estimated peak "
         "| allocate: time / estimated | allocate peak | export: time / estimated | export peak "
-        "| llama.cpp decode |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU steal: plan / allocate / export | llama.cpp decode |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         plan = r["plan"]["seconds"]
@@ -304,7 +316,7 @@ def table(rows: list[dict], args, seconds: float) -> str:
             f"| {r['allocate']['seconds']:.0f} s / {allocate_est:.0f} s "
             f"| {r['allocate']['peak_mib']:.0f} MiB "
             f"| {r['export']['seconds']:.0f} s / {plan['export']:.0f} s "
-            f"| {r['export']['peak_mib']:.0f} MiB | {decode} |"
+            f"| {r['export']['peak_mib']:.0f} MiB | {_steal(r)} | {decode} |"
         )
     twins = [f"{r['name']}: {r['twin']}" for r in rows if r.get("twin")]
     if twins:

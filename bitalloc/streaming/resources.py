@@ -16,19 +16,23 @@ throughout, plus the larger of two phases (:func:`peak_of`):
 - while the final loss is computed: the blocks of logits (:data:`HEAD_ROWS` rows of the head at
   a time, in float32, and their temporaries).
 
-Time: the per-layer arithmetic (forward passes, Gram products, the error products of every
-format, the rounding search per format and weight) divided by this machine's measured speed
-of each kind (:func:`machine_speed`: a matrix product and one format's rounding, timed here on
-small inputs). A cluster of ``workers`` divides the per-layer scoring, not the forward chain.
-The export's time is every unit's rounding (see :func:`_export_seconds`) and, for GGUF, the
-embedding and head in llama.cpp's convention and the file's read-back.
+Time: the work of each stage divided by this machine's measured speed of each kind
+(:mod:`bitalloc.streaming.speed`: matrix products, each format's rounding as a cost per call
+plus one per weight, the conversion of stored tensors to float32; medians of repeated samples,
+so that a short quiet moment on a shared machine does not set them). The forward chain
+(:func:`_chain_seconds`): per layer its loading, three passes over the calibration tokens (the
+statistics pass with its Gram products, the clean stream, the quantized stream), the reference
+rounding of its units; then the losses through the head. The scoring (:func:`_layer_scoring`):
+every unit rounded to every format it allows and its error product. A cluster of ``workers``
+divides the scoring, not the forward chain. The export (:func:`_export_seconds`): every tensor
+read to float32, every unit's rounding and, for GGUF, the embedding and head in llama.cpp's
+convention and the file's read-back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,18 +41,17 @@ from typing import Any
 import torch
 
 from bitalloc.errors import BitallocError
-from bitalloc.formats import Format, GGUFFormat, GPTQFormat, fake_quantize_each, parse_palette
+from bitalloc.formats import Format, GGUFFormat, GPTQFormat, parse_palette
 from bitalloc.models import Unit, discover_units
 from bitalloc.sensitivity.base import allowed_mask
 from bitalloc.sensitivity.output import reference_format
 from bitalloc.sequential import BATCH
 from bitalloc.streaming.model import HEAD_ROWS, StreamedModel, calibration_windows
 from bitalloc.streaming.skeleton import meta_skeleton
+from bitalloc.streaming.speed import SPEED_COLUMNS, Speed, machine_speed
 
 #: float32 copies of the largest unit alive while it is scored.
 UNIT_COPIES = 5
-#: Columns of the weights the rounding speeds are measured on.
-SPEED_COLUMNS = 1024
 #: Memory terms live only while a decoder layer is processed, and only while the final loss is
 #: computed (after the last layer); the others are live throughout.
 LAYER_TERMS = ("one layer (float32)", "its shard pages", "Gram statistics", "layer temporaries")
@@ -62,16 +65,6 @@ READ_BACK_PER_TOKEN = 1e-4
 
 
 @dataclass(frozen=True)
-class Speed:
-    """This machine's measured speeds: matrix products (FLOP/s) and each format's rounding
-    (weights per second on a weight of :data:`SPEED_COLUMNS` columns, as the profile rounds:
-    weighted by a Gram matrix's diagonal, ``+gptq`` with the Gram matrix itself)."""
-
-    flops: float
-    rounding: Mapping[str, float]
-
-
-@dataclass(frozen=True)
 class ResourcePlan:
     """Estimated peak memory (bytes, by term) and time (seconds, by stage) of a streamed
     allocation."""
@@ -79,6 +72,8 @@ class ResourcePlan:
     memory: dict[str, int]
     seconds: dict[str, float]
     workers: int
+    #: The speeds the times were computed from.
+    speed: Speed | None = None
 
     @property
     def peak_bytes(self) -> int:
@@ -101,6 +96,13 @@ class ResourcePlan:
         lines.append(f"time ({self.workers} worker(s) scoring):")
         lines += [f"  {k:<36} {v:10.0f} s" for k, v in self.seconds.items()]
         lines.append(f"  {'total':<36} {self.total_seconds:10.0f} s")
+        if self.speed is not None:
+            rates = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in self.speed.rounding.items())
+            lines.append(
+                f"measured here: matrix products {self.speed.flops / 1e9:.0f} GFLOP/s; "
+                f"rounding (M weights/s) {rates or 'none'}; CPU taken by the hypervisor while "
+                f"timing {100 * self.speed.steal:.0f}% (times scale with it)"
+            )
         return "\n".join(lines)
 
 
@@ -119,31 +121,6 @@ def available_bytes() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def machine_speed(formats: Sequence[Format] = ()) -> Speed:
-    """Time a 1024 x 1024 float32 matrix product and each quantized format's rounding of a
-    1024 x :data:`SPEED_COLUMNS` weight on this machine (best of three each)."""
-    a = torch.randn(1024, 1024)
-    best = min(_timed(lambda: a @ a) for _ in range(3))
-    weight = torch.randn(1024, SPEED_COLUMNS) * 0.02
-    x = torch.randn(4 * SPEED_COLUMNS, SPEED_COLUMNS)
-    gram = x.T @ x / len(x)
-    rounding = {}
-    for fmt in formats:
-        if fmt.is_float or fmt.name in rounding:
-            continue
-        seconds = min(
-            _timed(lambda f=fmt: list(fake_quantize_each(weight, [f], gram))) for _ in range(3)
-        )
-        rounding[fmt.name] = weight.numel() / seconds
-    return Speed(flops=2 * 1024**3 / best, rounding=rounding)
-
-
-def _timed(work) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
 
 
 @dataclass(frozen=True)
@@ -277,19 +254,51 @@ def plan_streamed(
     import bitalloc.streaming.profile  # noqa: F401
 
     formats = parse_palette(palette) if isinstance(palette, str) else list(palette)
+    # The process term first: timing the machine allocates memory of its own.
     memory = memory_terms(shape, tokens, seq_len)
+    quantized = [f for f in formats if not f.is_float]
+    speed = speed or machine_speed(quantized + _shell_formats(quantized))
+    scoring = shape.layers * _layer_scoring(shape, formats, speed)
+    seconds = {
+        "forward and statistics": _chain_seconds(shape, formats, speed, tokens, seq_len),
+        "scoring (formats x units)": scoring / max(1, workers),
+        "export": _export_seconds(shape, formats, speed, avg_bits),
+    }
+    return ResourcePlan(memory, seconds, workers, speed)
+
+
+def _chain_seconds(
+    shape: ModelShape, formats: Sequence[Format], speed: Speed, tokens: int, seq_len: int
+) -> float:
+    """The serial part of the profile: per layer, its loading (the stored tensors turned to
+    float32), the statistics pass (a forward with the Gram products), the clean stream's
+    forward and, when the palette has a reference format, the reference rounding of every
+    unit and the quantized stream's forward; then the two streams' losses through the head."""
     config = shape.config
     hidden = int(config["hidden_size"])
     inner = int(config["intermediate_size"])
-    layers = shape.layers
     used = max(1, tokens // seq_len) * seq_len
     layer_params = sum(u.numel for u in shape.layer_units)
-    quantized = [f for f in formats if not f.is_float]
-    speed = speed or machine_speed(quantized + _shell_formats(quantized))
+    units = list(shape.layer_units)
+    reference = reference_format(formats, units)
+    passes = 3 if reference is not None else 2
+    # Per token: two FLOPs per weight, and the attention's scores and weighted sum over the
+    # window (the mask is applied to full products: no causal saving).
+    forward = used * (2 * layer_params + 4 * seq_len * hidden)
+    gram = 2 * used * (3 * hidden**2 + inner**2)
+    per_layer = 4 * layer_params / speed.convert + (passes * forward + gram) / speed.flops
+    if reference is not None:
+        per_layer += sum(speed.rounding_seconds(reference.name, u.numel) for u in units)
+    streams = 2 if reference is not None else 1
+    head = streams * 2 * used * hidden * int(config["vocab_size"])
+    return shape.layers * per_layer + head / speed.flops
+
+
+def _layer_scoring(shape: ModelShape, formats: Sequence[Format], speed: Speed) -> float:
+    """One layer's scoring: every unit rounded to every format it allows, and its error
+    product ``trace(dW G dWᵀ)`` (a matrix product of ``out x in x in``)."""
     allowed = allowed_mask(list(shape.layer_units), formats)
-    forward = 2 * 2 * layer_params * used  # two streams
-    gram_flops = 2 * used * (3 * hidden**2 + inner**2)
-    scoring = 0.0
+    seconds = 0.0
     for unit, row in zip(shape.layer_units, allowed):
         (out, width), weights = unit.shape, unit.numel
         for fmt, ok in zip(formats, row):
@@ -297,21 +306,9 @@ def plan_streamed(
                 continue
             # GPTQ's column sweep costs in^2 per row: its per-weight rate scales with width.
             slowdown = width / SPEED_COLUMNS if isinstance(fmt, GPTQFormat) else 1.0
-            scoring += 2 * out * width * width / speed.flops
-            scoring += weights * slowdown / speed.rounding[fmt.name]
-    # The second stream runs each layer with every unit rounded to the reference format.
-    reference = reference_format(formats, list(shape.layer_units))
-    rate = speed.rounding[reference.name] if reference is not None else float("inf")
-    reference_rounding = layer_params / rate
-    head_flops = 2 * 2 * used * hidden * int(config["vocab_size"])
-    seconds = {
-        "forward and statistics": layers * (forward + gram_flops) / speed.flops
-        + layers * reference_rounding
-        + head_flops / speed.flops,
-        "scoring (formats x units)": layers * scoring / max(1, workers),
-        "export": _export_seconds(shape, formats, speed, avg_bits),
-    }
-    return ResourcePlan(memory, seconds, workers)
+            seconds += speed.rounding_seconds(fmt.name, weights * slowdown)
+            seconds += 2 * out * width * width / speed.flops
+    return seconds
 
 
 def _tokenize_default_text(model: StreamedModel, seq_len: int) -> None:
@@ -324,43 +321,51 @@ def _tokenize_default_text(model: StreamedModel, seq_len: int) -> None:
 def _export_seconds(
     shape: ModelShape, formats: Sequence[Format], speed: Speed, avg_bits: float | None
 ) -> float:
-    """Every unit rounded once, plus the embedding and head at the GGUF convention's rates
-    (Q8_0 / Q6_K) and the file's read-back when the palette is llama.cpp's.
+    """Every tensor read to float32 and every unit rounded once, plus the embedding and head
+    at the GGUF convention's rates (Q8_0 / Q6_K) and the file's read-back when the palette is
+    llama.cpp's.
 
-    The formats are not chosen yet: with ``avg_bits``, a unit's time per weight is that of
-    the two formats whose bits bracket the budget, mixed in the proportion that meets it (the
-    solver's choice is near that mix); without it, the palette's mean."""
+    The formats are not chosen yet: with ``avg_bits``, a unit's time is that of the two
+    formats whose bits bracket the budget, mixed in the proportion that meets it (the solver's
+    choice is near that mix); without it, the palette's mean."""
     quantized = [f for f in formats if not f.is_float]
     if not quantized:
         return 0.0
-    per_weight = sum(1 / speed.rounding[f.name] for f in quantized) / len(quantized)
+    mix = [(1 / len(quantized), f) for f in quantized]
     if avg_bits is not None:
-        per_weight = _bracketing_time(shape, formats, speed, avg_bits)
-    seconds = shape.unit_numel * per_weight
+        mix = _bracketing_mix(shape, formats, avg_bits)
+    per_layer = sum(
+        share * speed.rounding_seconds(fmt.name, unit.numel)
+        for unit in shape.layer_units
+        for share, fmt in mix
+        if not fmt.is_float
+    )
+    read = 4 * (shape.unit_numel + shape.embedding + shape.head) / speed.convert
+    seconds = shape.layers * per_layer + read
     shell = _shell_formats(quantized)
     if shell:
-        q8, q6 = (speed.rounding[f.name] for f in shell)
-        seconds += shape.embedding / (q8 if shape.head else q6) + shape.head / q6
+        q8, q6 = (f.name for f in shell)
+        seconds += speed.rounding_seconds(q8 if shape.head else q6, shape.embedding)
+        seconds += speed.rounding_seconds(q6, shape.head) if shape.head else 0.0
         seconds += READ_BACK_PER_TOKEN * int(shape.config["vocab_size"])
     return seconds
 
 
-def _bracketing_time(
-    shape: ModelShape, formats: Sequence[Format], speed: Speed, avg_bits: float
-) -> float:
-    """Seconds per weight of the mix of the two formats (by bits per weight of the largest
-    unit) that bracket ``avg_bits``; a float format rounds nothing."""
+def _bracketing_mix(
+    shape: ModelShape, formats: Sequence[Format], avg_bits: float
+) -> list[tuple[float, Format]]:
+    """The two formats (by bits per weight of the largest unit) that bracket ``avg_bits``,
+    each with the share of weights that meets it."""
     unit = max(shape.layer_units, key=lambda u: u.numel)
-    usable = sorted((f.bits_per_weight(unit.shape), f) for f in formats if f.allows(unit.shape))
-
-    def cost(fmt: Format) -> float:
-        return 0.0 if fmt.is_float else 1 / speed.rounding[fmt.name]
-
+    usable = sorted(
+        ((f.bits_per_weight(unit.shape), f) for f in formats if f.allows(unit.shape)),
+        key=lambda bf: bf[0],
+    )
     below = [(b, f) for b, f in usable if b <= avg_bits] or usable[:1]
     above = [(b, f) for b, f in usable if b >= avg_bits] or usable[-1:]
     (b_lo, lo), (b_hi, hi) = below[-1], above[0]
     share = 0.0 if b_hi == b_lo else (avg_bits - b_lo) / (b_hi - b_lo)
-    return (1 - share) * cost(lo) + share * cost(hi)
+    return [(1 - share, lo), (share, hi)]
 
 
 def _shell_formats(quantized: Sequence[Format]) -> list[Format]:

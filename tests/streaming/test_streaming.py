@@ -214,6 +214,28 @@ def test_resource_plan_counts_one_layer_and_divides_scoring_over_workers(sharded
         plan_streamed(sharded / INDEX, "int4-g32", 256, speed=speed)
 
 
+def test_resource_plan_pays_each_rounding_calls_cost_once_per_unit(sharded):
+    from dataclasses import replace
+
+    from bitalloc.streaming.resources import Speed, plan_streamed
+
+    base = Speed(flops=1e10, rounding={"int4-g32": 2e7, "int8-g32": 4e7})
+    costly = replace(base, per_call={"int4-g32": 1e-3, "int8-g32": 2e-3})
+    kw = {"seq_len": 32, "avg_bits": 5.0}  # int4-g32 alone meets 5 bits
+    plain = plan_streamed(sharded, "int4-g32,int8-g32,fp16", 256, speed=base, **kw)
+    paid = plan_streamed(sharded, "int4-g32,int8-g32,fp16", 256, speed=costly, **kw)
+    units = len(StreamedModel(sharded).units)
+    extra = {k: paid.seconds[k] - plain.seconds[k] for k in plain.seconds}
+    # Scoring rounds every unit to both formats; the export rounds each unit once to int4; the
+    # chain rounds each unit once to the reference format (one of the two).
+    assert extra["scoring (formats x units)"] == pytest.approx(units * 3e-3)
+    assert extra["export"] == pytest.approx(units * 1e-3)
+    assert extra["forward and statistics"] in (
+        pytest.approx(units * 1e-3),
+        pytest.approx(units * 2e-3),
+    )
+
+
 def test_command_line_plan_and_a_clear_error_without_a_tokenizer(sharded, capsys):
     from bitalloc.cli import main
 
