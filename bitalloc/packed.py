@@ -125,7 +125,7 @@ def pack_model(
     if not resolved:
         raise BitallocError("nothing to pack: the allocation names no unit")
     for name, linear, fmt in resolved:
-        if _layout(fmt) is None:
+        if packed_layout(fmt) is None:
             raise BitallocError(
                 f"{name} is {fmt.name}, which bitalloc's packed kernels do not run (they run "
                 "fp16 and formats stored as int codes: int, +gptq of int, +rht of those); "
@@ -149,7 +149,7 @@ def pack_model(
     return target
 
 
-def _layout(fmt: Format) -> QuantFormat | None:
+def packed_layout(fmt: Format) -> QuantFormat | None:
     """The layout a packed unit stores ``fmt`` in (``fp16``, or an int format), or None when
     the packed kernels cannot run it."""
     if isinstance(fmt, QuantFormat):
@@ -238,7 +238,7 @@ def save_packed(
     if not layers:
         raise BitallocError("the model has no packed units; pack it with alloc.apply(packed=True)")
     directory = Path(directory)
-    _check_target(directory)
+    check_packed_target(directory)
     tensors, tied = _unique_state(model)
     blob = save(tensors, metadata={"format": PACKED_FORMAT})
     config_text = config.to_json_string().encode()
@@ -246,7 +246,9 @@ def save_packed(
         name: PackedUnit(format=layer.format.name, shape=layer.shape, bias=layer.bias is not None)
         for name, layer in layers.items()
     }
-    predicted = sum(packed_nbytes(u.shape, _layout(parse_format(u.format))) for u in units.values())
+    predicted = sum(
+        packed_nbytes(u.shape, packed_layout(parse_format(u.format))) for u in units.values()
+    )
     manifest = PackedManifest(
         planes={str(b): p for b, p in PLANES.items()},
         units=units,
@@ -261,7 +263,7 @@ def save_packed(
         config_sha256=hashlib.sha256(config_text).hexdigest(),
     )
     data = manifest.model_dump(mode="json")
-    data["manifest_sha256"] = _manifest_digest(data)
+    data["manifest_sha256"] = manifest_digest(data)
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / WEIGHTS, lambda handle: handle.write(blob))
     write_atomic(directory / "config.json", lambda h: h.write(config_text))
@@ -275,7 +277,7 @@ def save_packed(
     return directory
 
 
-def _manifest_digest(data: Mapping[str, Any]) -> str:
+def manifest_digest(data: Mapping[str, Any]) -> str:
     """SHA-256 of the manifest's fields but its own checksum, as canonical JSON (so whitespace
     and key order do not matter, every value does)."""
     rest = {k: v for k, v in data.items() if k != "manifest_sha256"}
@@ -283,7 +285,7 @@ def _manifest_digest(data: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _check_target(directory: Path) -> None:
+def check_packed_target(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
         raise BitallocError(f"{directory} is a file; give a directory for the packed model")
     if directory.is_dir() and any(directory.iterdir()) and not (directory / MANIFEST).is_file():
@@ -334,7 +336,7 @@ def read_manifest(directory: str | Path) -> PackedManifest:
     if manifest.version >= 2:
         if manifest.manifest_sha256 is None or manifest.config_sha256 is None:
             raise BitallocError(f"{path} lacks its checksums; {again}")
-        if _manifest_digest(read_json_object(path, "packed model manifest")) != (
+        if manifest_digest(read_json_object(path, "packed model manifest")) != (
             manifest.manifest_sha256
         ):
             raise BitallocError(
@@ -428,7 +430,7 @@ def _install_unit(
     model: nn.Module, name: str, unit: PackedUnit, tensors: Mapping[str, torch.Tensor]
 ) -> None:
     fmt = parse_format(unit.format)
-    layout = _layout(fmt)
+    layout = packed_layout(fmt)
     if layout is None:
         raise BitallocError(
             f"packed unit {name!r} is {fmt.name}, which packed models cannot hold; save the "

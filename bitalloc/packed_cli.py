@@ -32,6 +32,12 @@ def add_apply_parser(sub: Any) -> None:
         },
     )
     a.add_argument("--out", required=True, metavar="DIR", help="directory of the packed model")
+    a.add_argument(
+        "--stream",
+        action="store_true",
+        help="read and pack the model one layer at a time (for a model larger than memory; "
+        "the directory written is the same)",
+    )
     add_config_arguments(a, ("progress",))
     a.set_defaults(handler=apply_command)
 
@@ -77,6 +83,9 @@ def apply_command(args: argparse.Namespace) -> None:
 
     # --out was checked by `bitalloc.cliprint.check_outputs` before this handler ran.
     alloc = Allocation.load(args.allocation)
+    if getattr(args, "stream", False):
+        _apply_streamed(alloc, args)
+        return
     loaded = load_model(args.model)
     alloc.check_model(loaded.model)
     calibration = None
@@ -101,6 +110,27 @@ def apply_command(args: argparse.Namespace) -> None:
         f"unit bytes {sizes['units']:,} ({sizes['units'] / MIB:.2f} MiB), predicted "
         f"{predicted:,.0f} (ratio {sizes['units'] / predicted:.4f}); rest of the model "
         f"{sizes['other'] / MIB:.2f} MiB; files {_dir_bytes(out) / MIB:.2f} MiB"
+    )
+    print(f"wrote {out}")
+
+
+def _apply_streamed(alloc: Any, args: argparse.Namespace) -> None:
+    """``apply --stream``: pack layer by layer (:mod:`bitalloc.streaming.export_packed`)."""
+    from bitalloc.packed import read_manifest
+    from bitalloc.streaming.export_packed import export_packed_streamed
+
+    start = time.perf_counter()
+    out = export_packed_streamed(alloc, args.model, args.out, progress=not args.quiet)
+    manifest = read_manifest(out)
+    predicted = alloc.data.total_bits / 8
+    print(
+        f"packed {len(alloc.data.units)} units layer by layer in "
+        f"{time.perf_counter() - start:.1f} s: {alloc.summary()}"
+    )
+    print(
+        f"unit bytes {manifest.unit_bytes:,} ({manifest.unit_bytes / MIB:.2f} MiB), predicted "
+        f"{predicted:,.0f} (ratio {manifest.unit_bytes / predicted:.4f}); files "
+        f"{_dir_bytes(out) / MIB:.2f} MiB"
     )
     print(f"wrote {out}")
 

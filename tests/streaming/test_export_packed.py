@@ -1,0 +1,118 @@
+"""A streamed packed model (``apply --stream``): the directory holds the tensors, dtypes and
+manifest the in-memory ``apply`` writes for the same allocation, loads with ``load_packed``
+and computes the same logits; bad inputs are refused with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bitalloc.cli import main
+from bitalloc.errors import BitallocError
+from bitalloc.packed import MANIFEST, WEIGHTS, load_packed, save_packed
+from bitalloc.streaming.allocate import allocate_streamed
+from bitalloc.streaming.export_packed import export_packed_streamed
+from tests.conftest import make_tiny_llama, random_windows
+from tests.export.tiny_gguf import bpe_tokenizer
+from tests.families import VOCAB
+
+FORMATS = "int2-g32,int3-g32,int4-g32,int8-g32,fp16"
+#: Manifest fields that name the files' bytes (the config's dtype differs between loaders).
+DIGESTS = ("weights_sha256", "config_sha256", "manifest_sha256")
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def checkpoint(request, tmp_path_factory):
+    """A 2-layer tiny Llama in bf16 shards with a byte-level BPE tokenizer; its head untied, or
+    tied to the embedding (then not stored)."""
+    path = tmp_path_factory.mktemp(request.param)
+    tied = request.param == "tied"
+    model = make_tiny_llama(layers=2, vocab=VOCAB, tie_word_embeddings=tied)
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="60KB")
+    bpe_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def allocation(checkpoint):
+    cal = random_windows(seed=0, n=4, seq_len=32)
+    return allocate_streamed(
+        checkpoint, 4.5, formats=FORMATS, windows=cal, tokens=128, progress=False
+    )
+
+
+def _in_memory(allocation, checkpoint, out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    packed = allocation.apply(model, packed=True, cpu_path="unpack-matmul", progress=False)
+    return save_packed(
+        packed, out, tokenizer=AutoTokenizer.from_pretrained(checkpoint), allocation=allocation
+    )
+
+
+def test_the_streamed_packed_model_is_the_in_memory_one(checkpoint, allocation, tmp_path):
+    assert len(set(allocation.formats.values())) > 2
+    streamed = export_packed_streamed(allocation, checkpoint, tmp_path / "s")
+    whole = _in_memory(allocation, checkpoint, tmp_path / "w")
+    got, want = load_file(streamed / WEIGHTS), load_file(whole / WEIGHTS)
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+    manifests = [json.loads((d / MANIFEST).read_text()) for d in (streamed, whole)]
+    for manifest in manifests:
+        for key in DIGESTS:
+            manifest.pop(key)
+    assert manifests[0] == manifests[1]
+    assert manifests[0]["unit_bytes"] == allocation.data.total_bits // 8
+    # Both load, and compute the same logits.
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for directory in (streamed, whole):
+        loaded = load_packed(directory, cpu_path="unpack-matmul", progress=False)
+        assert loaded.tokenizer is not None
+        with torch.no_grad():
+            logits.append(loaded.model(ids).logits)
+    assert torch.equal(logits[0], logits[1])
+
+
+def test_apply_stream_on_the_command_line_replaces_a_packed_model(
+    checkpoint, allocation, tmp_path, capsys
+):
+    saved = tmp_path / "alloc.json"
+    allocation.save(saved)
+    out = tmp_path / "packed"
+    args = ["apply", "--allocation", str(saved), "--model", str(checkpoint), "--out", str(out)]
+    assert main([*args, "--stream", "--quiet"]) == 0
+    assert "ratio 1.0000" in capsys.readouterr().out
+    first = (out / WEIGHTS).read_bytes()
+    assert main([*args, "--stream", "--quiet"]) == 0  # a packed model there is replaced
+    assert (out / WEIGHTS).read_bytes() == first
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no spool left
+
+
+def test_formats_a_stream_cannot_pack_and_a_foreign_directory_are_refused(
+    checkpoint, allocation, tmp_path
+):
+    cal = random_windows(seed=0, n=4, seq_len=32)
+    for formats, message in (
+        ("gguf:Q4_0,gguf:Q8_0", "packed kernels do not run"),
+        ("int3-g32+gptq,int8-g32", "Gram"),
+        ("int4-g32+rht,int8-g32", "Gram"),
+    ):
+        other = allocate_streamed(
+            checkpoint, 6.0, formats=formats, windows=cal, tokens=128, progress=False
+        )
+        with pytest.raises(BitallocError, match=message):
+            export_packed_streamed(other, checkpoint, tmp_path / "x")
+        assert not (tmp_path / "x").exists()
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(BitallocError, match="holds no packed model"):
+        export_packed_streamed(allocation, checkpoint, foreign)
+    assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
