@@ -119,8 +119,15 @@ def _apply_streamed(alloc: Any, args: argparse.Namespace) -> None:
     from bitalloc.packed import read_manifest
     from bitalloc.streaming.export_packed import export_packed_streamed
 
+    calibration = None
+    if alloc.uses_grams:
+        from bitalloc.streaming.sources import open_checkpoint
+
+        calibration = _recorded_calibration(alloc, open_checkpoint(args.model).tokenizer())
     start = time.perf_counter()
-    out = export_packed_streamed(alloc, args.model, args.out, progress=not args.quiet)
+    out = export_packed_streamed(
+        alloc, args.model, args.out, calibration=calibration, progress=not args.quiet
+    )
     manifest = read_manifest(out)
     predicted = alloc.data.total_bits / 8
     print(

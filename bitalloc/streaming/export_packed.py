@@ -10,6 +10,11 @@ checksums, ``config.json`` and the tokenizer, so :func:`~bitalloc.packed.load_pa
 its packed form; the embedding and head are converted :data:`HEAD_ROWS` rows at a time. The
 directory is filled under a temporary name and renamed into place only when complete.
 
+Formats whose codes depend on the inputs' Gram matrices (``+gptq``, ``+rht``) get them as the
+in-memory apply gathers them: the calibration windows run through the unquantized model, here
+one layer at a time (the activations between layers held, as the streamed profile holds them),
+each layer's matrices gathered just before its units are packed.
+
 safetensors needs every tensor's offset in the header before the data, so the data go first
 to a spool file and the header is written once the last layer is packed; the tensors are laid
 out as safetensors' own writer lays them out (larger element sizes first, then by name), which
@@ -37,9 +42,11 @@ from bitalloc.export.base import atomic_directory
 from bitalloc.fileio import write_json_atomic
 from bitalloc.formats import Format, parse_format
 from bitalloc.formats.rotation import RotatedFormat
+from bitalloc.importance import IMPORTANCE_TOKENS, Importance, ImportanceAccumulator
 from bitalloc.kernels.packing import PLANES
 from bitalloc.kernels.quant_linear import Float16Linear, QuantLinear
 from bitalloc.kernels.rotated import RotatedLinear
+from bitalloc.models import Unit
 from bitalloc.packed import (
     MANIFEST,
     PACKED_FORMAT,
@@ -50,8 +57,10 @@ from bitalloc.packed import (
     manifest_digest,
     packed_layout,
 )
+from bitalloc.sensitivity.base import spread_windows
+from bitalloc.sequential import merged
 from bitalloc.streaming.export import TOKENIZER_FILES, streamable
-from bitalloc.streaming.model import HEAD_ROWS, StreamedModel
+from bitalloc.streaming.model import HEAD_ROWS, LayerInputs, StreamedModel, run_layer
 
 #: safetensors' names of the dtypes a packed model stores.
 DTYPE_NAMES = {
@@ -86,16 +95,26 @@ def export_packed_streamed(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
+    calibration: torch.Tensor | None = None,
+    tokens: int = IMPORTANCE_TOKENS,
     progress: bool = False,
 ) -> Path:
     """Write ``allocation`` applied to the checkpoint at ``source`` as a packed model in the
     directory ``out`` (see the module docstring); returns the directory. An existing packed
-    model there is replaced; any other non-empty directory is refused."""
+    model there is replaced; any other non-empty directory is refused.
+
+    ``calibration`` (token ids, ``(n, seq_len)``) is needed when a format uses Gram matrices:
+    the windows the allocation was made with (evenly spread ones up to ``tokens`` tokens are
+    used, as :meth:`~bitalloc.allocation.Allocation.apply` uses them)."""
     model = streamable(allocation, source)
     formats = _packable_formats(allocation)
     directory = Path(out)
     check_packed_target(directory)
-    importance = allocation.importance()
+    recorded = allocation.importance()
+    inputs = None
+    # Without a recorded importance the run rounded plainly, and so does the in-memory apply.
+    if recorded is not None and any(f.uses_gram for f in formats.values()):
+        inputs = _gram_inputs(model, calibration, tokens)
     by_layer: dict[int, list] = {}
     for unit in allocation.data.units:
         by_layer.setdefault(unit.layer, []).append(unit)
@@ -118,24 +137,31 @@ def export_packed_streamed(
                     range(len(model.layers)), desc="packing", unit="layer", disable=not progress
                 )
                 for index in bar:
-                    prefix = f"model.layers.{index}."
-                    values = model.checkpoint.read(model.checkpoint.names(prefix), torch.float32)
-                    for unit in by_layer.get(index, []):
-                        weights = None if importance is None else importance.of(unit.name)
-                        layer = _packed_layer(values, unit.name, formats[unit.name], weights)
-                        units[unit.name] = PackedUnit(
-                            format=formats[unit.name].name,
-                            shape=tuple(unit.shape),
-                            bias=f"{unit.name}.bias" in values,
-                        )
-                        unit_bytes += layer.nbytes
-                        values.pop(f"{unit.name}.weight")
-                        values.pop(f"{unit.name}.bias", None)
-                        for key, tensor in layer.state_dict(prefix=f"{unit.name}.").items():
+                    layer_units = by_layer.get(index, [])
+                    with model.layer(index) as decoder_layer:
+                        importance = recorded
+                        if inputs is not None:
+                            importance, inputs = _with_grams(
+                                model, decoder_layer, layer_units, formats, recorded, inputs
+                            )
+                        prefix = f"model.layers.{index}."
+                        values = {prefix + k: v for k, v in decoder_layer.state_dict().items()}
+                        for unit in layer_units:
+                            weights = None if importance is None else importance.of(unit.name)
+                            layer = _packed_layer(values, unit.name, formats[unit.name], weights)
+                            units[unit.name] = PackedUnit(
+                                format=formats[unit.name].name,
+                                shape=tuple(unit.shape),
+                                bias=f"{unit.name}.bias" in values,
+                            )
+                            unit_bytes += layer.nbytes
+                            values.pop(f"{unit.name}.weight")
+                            values.pop(f"{unit.name}.bias", None)
+                            for key, tensor in layer.state_dict(prefix=f"{unit.name}.").items():
+                                spooled.append(_spool(spool, key, tensor))
+                        for key, tensor in values.items():
                             spooled.append(_spool(spool, key, tensor))
-                    for key, tensor in values.items():
-                        spooled.append(_spool(spool, key, tensor))
-                    del values
+                        del values
             digest = _assemble(tmp / WEIGHTS, spool_path, spooled)
             spool_path.unlink()
             config_text = model.config.to_json_string().encode()
@@ -160,9 +186,57 @@ def export_packed_streamed(
     return directory
 
 
+def _gram_inputs(
+    model: StreamedModel, calibration: torch.Tensor | None, tokens: int
+) -> LayerInputs:
+    """The first layer's inputs for the evenly spread calibration windows."""
+    if calibration is None or calibration.dim() != 2 or calibration.shape[0] == 0:
+        raise BitallocError(
+            "this allocation has formats whose codes depend on the Gram matrices of the "
+            "calibration inputs (+gptq, +rht), which allocations do not store; pass "
+            "calibration= (the calibration windows, (n, seq_len) token ids; `bitalloc apply "
+            "--stream` passes the recorded text's)"
+        )
+    picks = spread_windows(len(calibration), int(calibration.shape[1]), tokens)
+    return model.first_layer_inputs(calibration[picks])
+
+
+def _with_grams(
+    model: StreamedModel,
+    layer: nn.Module,
+    units,
+    formats: dict[str, Format],
+    recorded: Importance | None,
+    inputs: LayerInputs,
+) -> tuple[Importance, LayerInputs]:
+    """The recorded importance with the Gram matrices of the layer's units that use them
+    (gathered from ``inputs``, as :func:`~bitalloc.sequential.gram_importance` gathers them
+    from the whole model), and the layer's unquantized outputs: the next layer's inputs."""
+    named = [u for u in units if formats[u.name].uses_gram]
+    gathered = None
+    if named:
+        acc = ImportanceAccumulator(model.skeleton, [_unit(model, u.name) for u in named], True)
+        with torch.inference_mode():
+            for args, kwargs in inputs:
+                if not acc.add_batch_through(lambda a=args, k=kwargs: layer(*a, **k)):
+                    raise BitallocError(
+                        "the calibration windows gave non-finite activations; check the "
+                        "model's weights (NaN/inf)"
+                    )
+        gathered = acc.result()
+    with torch.inference_mode():
+        outputs = run_layer(layer, inputs)
+    if gathered is None:
+        return recorded, outputs
+    return merged(recorded, gathered), outputs
+
+
+def _unit(model: StreamedModel, name: str) -> Unit:
+    return next(u for u in model.units if u.name == name)
+
+
 def _packable_formats(allocation) -> dict[str, Format]:
-    """The allocation's formats, each checked to be one the packed kernels run and to need
-    nothing a stream does not hold."""
+    """The allocation's formats, each checked to be one the packed kernels run."""
     formats = {name: parse_format(f) for name, f in allocation.formats.items()}
     for name, fmt in formats.items():
         if packed_layout(fmt) is None:
@@ -170,12 +244,6 @@ def _packable_formats(allocation) -> dict[str, Format]:
                 f"{name} is {fmt.name}, which bitalloc's packed kernels do not run (they run "
                 "fp16 and formats stored as int codes: int, +gptq of int, +rht of those); "
                 "export it with `bitalloc export --stream` (GGUF or compressed-tensors) instead"
-            )
-        if fmt.uses_gram:
-            raise BitallocError(
-                f"{name} is {fmt.name}, whose codes depend on the calibration inputs' Gram "
-                "matrices (+gptq, +rht), which a streamed packing does not gather; pack it in "
-                "memory (`bitalloc apply` without --stream), or allocate without those formats"
             )
     return formats
 

@@ -93,23 +93,55 @@ def test_apply_stream_on_the_command_line_replaces_a_packed_model(
     assert main([*args, "--stream", "--quiet"]) == 0  # a packed model there is replaced
     assert (out / WEIGHTS).read_bytes() == first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no spool left
+    # +gptq: the command gathers the Gram matrices from the recorded calibration text.
+    cal = random_windows(seed=0, n=4, seq_len=32)
+    gptq = allocate_streamed(
+        checkpoint, 5.0, formats="int3-g32+gptq,int4-g32", windows=cal, tokens=128, progress=False
+    )
+    gptq.save(saved)
+    assert main([*args, "--stream", "--quiet"]) == 0
+    assert load_packed(out, cpu_path="unpack-matmul", progress=False).manifest.unit_bytes == (
+        gptq.data.total_bits // 8
+    )
+
+
+@pytest.mark.parametrize("formats", ["int3-g32+gptq,int4-g32,fp16", "int4-g32+rht,int8-g32"])
+def test_gram_formats_are_packed_with_the_matrices_the_in_memory_apply_gathers(
+    checkpoint, formats, tmp_path
+):
+    cal = random_windows(seed=0, n=4, seq_len=32)
+    allocation = allocate_streamed(
+        checkpoint, 5.0, formats=formats, windows=cal, tokens=128, progress=False
+    )
+    assert allocation.uses_grams
+    with pytest.raises(BitallocError, match="pass calibration="):
+        export_packed_streamed(allocation, checkpoint, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    streamed = export_packed_streamed(allocation, checkpoint, tmp_path / "s", calibration=cal)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    packed = allocation.apply(
+        model, packed=True, cpu_path="unpack-matmul", progress=False, calibration=cal
+    )
+    whole = save_packed(packed, tmp_path / "w", allocation=allocation)
+    got, want = load_file(streamed / WEIGHTS), load_file(whole / WEIGHTS)
+    assert sorted(got) == sorted(want)
+    # The same batches through the same float32 layers: the same matrices, the same codes.
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
 
 
 def test_formats_a_stream_cannot_pack_and_a_foreign_directory_are_refused(
     checkpoint, allocation, tmp_path
 ):
     cal = random_windows(seed=0, n=4, seq_len=32)
-    for formats, message in (
-        ("gguf:Q4_0,gguf:Q8_0", "packed kernels do not run"),
-        ("int3-g32+gptq,int8-g32", "Gram"),
-        ("int4-g32+rht,int8-g32", "Gram"),
-    ):
-        other = allocate_streamed(
-            checkpoint, 6.0, formats=formats, windows=cal, tokens=128, progress=False
-        )
-        with pytest.raises(BitallocError, match=message):
-            export_packed_streamed(other, checkpoint, tmp_path / "x")
-        assert not (tmp_path / "x").exists()
+    other = allocate_streamed(
+        checkpoint, 6.0, formats="gguf:Q4_0,gguf:Q8_0", windows=cal, tokens=128, progress=False
+    )
+    with pytest.raises(BitallocError, match="packed kernels do not run"):
+        export_packed_streamed(other, checkpoint, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
