@@ -148,19 +148,11 @@ def export_packed_streamed(
                         values = {prefix + k: v for k, v in decoder_layer.state_dict().items()}
                         for unit in layer_units:
                             weights = None if importance is None else importance.of(unit.name)
-                            layer = _packed_layer(values, unit.name, formats[unit.name], weights)
-                            units[unit.name] = PackedUnit(
-                                format=formats[unit.name].name,
-                                shape=tuple(unit.shape),
-                                bias=f"{unit.name}.bias" in values,
-                            )
-                            unit_bytes += layer.nbytes
-                            values.pop(f"{unit.name}.weight")
-                            values.pop(f"{unit.name}.bias", None)
-                            for key, tensor in layer.state_dict(prefix=f"{unit.name}.").items():
-                                spooled.append(_spool(spool, key, tensor))
-                        for key, tensor in values.items():
-                            spooled.append(_spool(spool, key, tensor))
+                            packed = _spool_unit(spool, values, unit, formats[unit.name], weights)
+                            units[unit.name], nbytes, tensors = packed
+                            unit_bytes += nbytes
+                            spooled += tensors
+                        spooled += [_spool(spool, k, t) for k, t in values.items()]
                         del values
             digest = _assemble(tmp / WEIGHTS, spool_path, spooled)
             spool_path.unlink()
@@ -254,6 +246,23 @@ def _tied(model: StreamedModel) -> dict[str, str]:
     if getattr(model.config, "tie_word_embeddings", False):
         return {"lm_head.weight": "model.embed_tokens.weight"}
     return {}
+
+
+def _spool_unit(
+    spool: IO[bytes],
+    values: dict[str, torch.Tensor],
+    unit,
+    fmt: Format,
+    weights: torch.Tensor | None,
+) -> tuple[PackedUnit, int, list[SpooledTensor]]:
+    """Pack one unit (its weight and bias taken out of ``values``) and spool its tensors: its
+    manifest entry, its packed bytes and where its tensors lie."""
+    layer = _packed_layer(values, unit.name, fmt, weights)
+    entry = PackedUnit(format=fmt.name, shape=tuple(unit.shape), bias=f"{unit.name}.bias" in values)
+    values.pop(f"{unit.name}.weight")
+    values.pop(f"{unit.name}.bias", None)
+    tensors = [_spool(spool, k, t) for k, t in layer.state_dict(prefix=f"{unit.name}.").items()]
+    return entry, layer.nbytes, tensors
 
 
 def _packed_layer(
