@@ -15,8 +15,8 @@ from bitalloc.export.gguf import export_gguf
 from bitalloc.streaming.allocate import allocate_streamed
 from bitalloc.streaming.export_gguf import export_gguf_streamed
 from tests.conftest import make_tiny_llama, random_windows
-from tests.export.tiny_gguf import bpe_tokenizer
 from tests.families import VOCAB
+from tests.streaming.checkpoints import allocate_tiny, write_tiny_checkpoint
 
 FORMATS = "gguf:Q4_0,gguf:IQ4_NL,gguf:Q5_0,gguf:Q8_0"
 
@@ -24,19 +24,12 @@ FORMATS = "gguf:Q4_0,gguf:IQ4_NL,gguf:Q5_0,gguf:Q8_0"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A 2-layer tiny Llama (untied head) in bf16 shards, with a byte-level BPE tokenizer."""
-    path = tmp_path_factory.mktemp("llama")
-    model = make_tiny_llama(layers=2, vocab=VOCAB, tie_word_embeddings=False)
-    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="60KB")
-    bpe_tokenizer().save_pretrained(path)
-    return path
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture(scope="module")
 def allocation(checkpoint):
-    cal = random_windows(seed=0, n=4, seq_len=32)
-    return allocate_streamed(
-        checkpoint, 5.0, formats=FORMATS, windows=cal, tokens=128, progress=False
-    )
+    return allocate_tiny(checkpoint, 5.0, FORMATS)
 
 
 def _tensors(path):

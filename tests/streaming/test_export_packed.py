@@ -13,11 +13,9 @@ from safetensors.torch import load_file
 from bitalloc.cli import main
 from bitalloc.errors import BitallocError
 from bitalloc.packed import MANIFEST, WEIGHTS, load_packed, save_packed
-from bitalloc.streaming.allocate import allocate_streamed
 from bitalloc.streaming.export_packed import export_packed_streamed
-from tests.conftest import make_tiny_llama, random_windows
-from tests.export.tiny_gguf import bpe_tokenizer
 from tests.families import VOCAB
+from tests.streaming.checkpoints import allocate_tiny, calibration, write_tiny_checkpoint
 
 FORMATS = "int2-g32,int3-g32,int4-g32,int8-g32,fp16"
 #: Manifest fields that name the files' bytes (the config's dtype differs between loaders).
@@ -26,22 +24,13 @@ DIGESTS = ("weights_sha256", "config_sha256", "manifest_sha256")
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
 def checkpoint(request, tmp_path_factory):
-    """A 2-layer tiny Llama in bf16 shards with a byte-level BPE tokenizer; its head untied, or
-    tied to the embedding (then not stored)."""
     path = tmp_path_factory.mktemp(request.param)
-    tied = request.param == "tied"
-    model = make_tiny_llama(layers=2, vocab=VOCAB, tie_word_embeddings=tied)
-    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="60KB")
-    bpe_tokenizer().save_pretrained(path)
-    return path
+    return write_tiny_checkpoint(path, tied=request.param == "tied")
 
 
 @pytest.fixture(scope="module")
 def allocation(checkpoint):
-    cal = random_windows(seed=0, n=4, seq_len=32)
-    return allocate_streamed(
-        checkpoint, 4.5, formats=FORMATS, windows=cal, tokens=128, progress=False
-    )
+    return allocate_tiny(checkpoint, 4.5, FORMATS)
 
 
 def _in_memory(allocation, checkpoint, out):
@@ -94,10 +83,7 @@ def test_apply_stream_on_the_command_line_replaces_a_packed_model(
     assert (out / WEIGHTS).read_bytes() == first
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no spool left
     # +gptq: the command gathers the Gram matrices from the recorded calibration text.
-    cal = random_windows(seed=0, n=4, seq_len=32)
-    gptq = allocate_streamed(
-        checkpoint, 5.0, formats="int3-g32+gptq,int4-g32", windows=cal, tokens=128, progress=False
-    )
+    gptq = allocate_tiny(checkpoint, 5.0, "int3-g32+gptq,int4-g32")
     gptq.save(saved)
     assert main([*args, "--stream", "--quiet"]) == 0
     assert load_packed(out, cpu_path="unpack-matmul", progress=False).manifest.unit_bytes == (
@@ -109,10 +95,8 @@ def test_apply_stream_on_the_command_line_replaces_a_packed_model(
 def test_gram_formats_are_packed_with_the_matrices_the_in_memory_apply_gathers(
     checkpoint, formats, tmp_path
 ):
-    cal = random_windows(seed=0, n=4, seq_len=32)
-    allocation = allocate_streamed(
-        checkpoint, 5.0, formats=formats, windows=cal, tokens=128, progress=False
-    )
+    cal = calibration()
+    allocation = allocate_tiny(checkpoint, 5.0, formats)
     assert allocation.uses_grams
     with pytest.raises(BitallocError, match="pass calibration="):
         export_packed_streamed(allocation, checkpoint, tmp_path / "s")
@@ -135,10 +119,7 @@ def test_gram_formats_are_packed_with_the_matrices_the_in_memory_apply_gathers(
 def test_formats_a_stream_cannot_pack_and_a_foreign_directory_are_refused(
     checkpoint, allocation, tmp_path
 ):
-    cal = random_windows(seed=0, n=4, seq_len=32)
-    other = allocate_streamed(
-        checkpoint, 6.0, formats="gguf:Q4_0,gguf:Q8_0", windows=cal, tokens=128, progress=False
-    )
+    other = allocate_tiny(checkpoint, 6.0, "gguf:Q4_0,gguf:Q8_0")
     with pytest.raises(BitallocError, match="packed kernels do not run"):
         export_packed_streamed(other, checkpoint, tmp_path / "x")
     assert not (tmp_path / "x").exists()
