@@ -57,8 +57,8 @@ def export_allocation(
     ``stream`` reads the model (a Hugging Face directory of safetensors shards, or a GGUF
     file) one tensor or layer at a time instead of loading it whole
     (:mod:`bitalloc.streaming`): for models larger than memory; the files written are the
-    same. A streamed GGUF export quantizes on ``workers`` Ray workers when > 0 (a local Ray,
-    or the cluster at ``ray_address``).
+    same. A streamed export quantizes on ``workers`` Ray workers when > 0 (a local Ray, or
+    the cluster at ``ray_address``): GGUF tensor by tensor, compressed-tensors layer by layer.
     """
     from bitalloc.allocation import Allocation
     from bitalloc.models import load_model
@@ -132,7 +132,9 @@ def _export_streamed(
         )
     from bitalloc.streaming.export import export_compressed_tensors_streamed
 
-    return export_compressed_tensors_streamed(allocation, source, out, force=force)
+    return export_compressed_tensors_streamed(
+        allocation, source, out, force=force, workers=workers, ray_address=ray_address
+    )
 
 
 __all__ = ["EXPORT_FORMATS", "ExportReport", "ExportedTensor", "export_allocation", "export_format"]

@@ -44,7 +44,7 @@ def add_export_parser(sub: Any) -> None:
     add_config_arguments(
         e,
         ("workers", "ray_address", "progress"),
-        {"workers": {"help": "with --stream and a .gguf output: Ray workers quantizing tensors"}},
+        {"workers": {"help": "with --stream: Ray workers quantizing tensors (GGUF) or layers"}},
     )
     e.set_defaults(handler=export_command)
 

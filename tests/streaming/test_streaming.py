@@ -301,6 +301,25 @@ def test_streamed_compressed_tensors_export_equals_the_in_memory_one(sharded, tm
 
 
 @pytest.mark.xdist_group("ray")
+def test_ray_workers_compress_the_same_compressed_tensors_shards(sharded, tmp_path):
+    pytest.importorskip("ray")
+    from bitalloc.streaming.allocate import allocate_streamed
+    from bitalloc.streaming.export import export_compressed_tensors_streamed
+
+    cal = random_windows(seed=0, n=8, seq_len=32)
+    alloc = allocate_streamed(
+        sharded, 5.0, formats="ct:int4-g32,ct:nvfp4,fp16", windows=cal, tokens=256, progress=False
+    )
+    here = export_compressed_tensors_streamed(alloc, sharded, tmp_path / "here")
+    ray = export_compressed_tensors_streamed(alloc, sharded, tmp_path / "ray", workers=2)
+    assert ray.tensors == here.tensors and ray.warnings == here.warnings
+    files = sorted(p.name for p in (tmp_path / "here").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "ray").iterdir())
+    for name in files:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+
+
+@pytest.mark.xdist_group("ray")
 def test_ray_workers_score_as_this_process_does(sharded):
     pytest.importorskip("ray")
     cal = random_windows(seed=0, n=8, seq_len=32)
