@@ -1,6 +1,6 @@
 """An allocation of a checkpoint too large to load: the streamed ``output`` profile
-(:mod:`bitalloc.streaming.profile`), then the same problem and solvers as the in-memory path
-(they work on arrays alone).
+(:mod:`bitalloc.streaming.profile`) or ``fisher`` profile (:mod:`bitalloc.streaming.fisher`),
+then the same problem and solvers as the in-memory path (they work on arrays alone).
 
 Calibration text is tokenized with the checkpoint's own tokenizer (``calibration`` text, or
 the embedded default text when None) into windows of ``seq_len`` tokens; ``windows`` given
@@ -21,13 +21,14 @@ from bitalloc.formats import default_palette, parse_palette
 from bitalloc.importance import IMPORTANCE_TOKENS
 from bitalloc.planning import build_problem, to_allocation
 from bitalloc.solvers import solve
+from bitalloc.streaming.fisher import streamed_fisher_profile
 from bitalloc.streaming.model import StreamedModel, calibration_windows, release_freed_memory
 from bitalloc.streaming.profile import streamed_output_profile
 from bitalloc.streaming.resources import ModelShape, available_bytes, memory_terms, peak_of
 
 DEFAULT_SEQ_LEN = 512
 #: Profilers that run one layer at a time.
-STREAMING_PROFILERS = ("output",)
+STREAMING_PROFILERS = ("output", "fisher")
 
 
 def allocate_streamed(
@@ -53,24 +54,35 @@ def allocate_streamed(
 
     ``max_memory`` (bytes) refuses, before any work, a run whose planned peak
     (:func:`~bitalloc.streaming.resources.memory_terms`) exceeds it, naming the minimum.
-    ``profiler`` must be one that streams: ``output`` (its scores include ``+gptq``)."""
+    ``profiler`` must be one that streams: ``output`` (its scores include ``+gptq``) or
+    ``fisher`` (by recomputation, in this process: not with ``workers``)."""
     model = StreamedModel(path)
     if profiler not in STREAMING_PROFILERS:
         raise BitallocError(_whole_model_message(profiler, model))
+    if profiler == "fisher" and workers:
+        raise BitallocError(
+            "the streamed fisher profile runs in this process (its backward pass is one chain "
+            "through the layers); drop --workers, or use --profiler output to score on Ray"
+        )
     if max_memory is not None:
-        _check_memory(model, max_memory, tokens, seq_len)
+        _check_memory(model, max_memory, tokens, seq_len, profiler)
     palette = parse_palette(formats) if formats is not None else default_palette()
     if windows is None:
         windows = calibration_windows(model.checkpoint, calibration, seq_len)
-    profile, importance = streamed_output_profile(
-        model,
-        palette,
-        windows,
-        tokens=tokens,
-        progress=progress,
-        workers=workers,
-        ray_address=ray_address,
-    )
+    if profiler == "fisher":
+        profile, importance = streamed_fisher_profile(
+            model, palette, windows, tokens=tokens, progress=progress
+        )
+    else:
+        profile, importance = streamed_output_profile(
+            model,
+            palette,
+            windows,
+            tokens=tokens,
+            progress=progress,
+            workers=workers,
+            ray_address=ray_address,
+        )
     problem = build_problem(model.units, palette, profile, avg_bits, ties=ties)
     solution = solve(problem, method=solver)
     chosen = {f"{u.name}.weight" for u in model.units}
@@ -116,8 +128,10 @@ def _whole_model_message(profiler: str, model: StreamedModel) -> str:
     )
 
 
-def _check_memory(model: StreamedModel, limit: int, tokens: int, seq_len: int) -> None:
-    terms = memory_terms(ModelShape.of_checkpoint(model), tokens, seq_len)
+def _check_memory(
+    model: StreamedModel, limit: int, tokens: int, seq_len: int, profiler: str
+) -> None:
+    terms = memory_terms(ModelShape.of_checkpoint(model), tokens, seq_len, profiler)
     need = peak_of(terms)
     if need > limit:
         largest = max(terms, key=terms.get)

@@ -28,7 +28,7 @@ def add_streaming_parsers(sub: Any) -> None:
         ("avg_bits", "calibration", "profiler", "workers", "ray_address", "progress"),
         {
             "avg_bits": {"required": True},
-            "profiler": {"help": "a profiler that streams: output (default)"},
+            "profiler": {"help": "a profiler that streams: output (default) or fisher"},
             "workers": {"help": "Ray workers scoring units (default 0: in this process)"},
         },
     )
@@ -49,13 +49,14 @@ def add_streaming_parsers(sub: Any) -> None:
     _common(p)
     add_config_arguments(
         p,
-        ("avg_bits", "workers"),
+        ("avg_bits", "profiler", "workers"),
         {
             "avg_bits": {"help": "the budget, when known: the export's time is that mix's"},
+            "profiler": {"help": "the streamed profiler planned for: output (default) or fisher"},
             "workers": {"help": "workers scoring formats"},
         },
     )
-    p.set_defaults(handler=plan_resources_command)
+    p.set_defaults(handler=plan_resources_command, profiler="output")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -118,7 +119,16 @@ def plan_resources_command(args: argparse.Namespace) -> None:
     from bitalloc.streaming.resources import plan_streamed
 
     workers = max(1, args.workers or 0)
+    if args.profiler not in ("output", "fisher"):
+        raise BitallocError(
+            f"plan-resources plans the streamed profilers (output, fisher), not {args.profiler!r}"
+        )
     plan = plan_streamed(
-        args.model, _formats(args.formats), args.tokens, workers=workers, avg_bits=args.avg_bits
+        args.model,
+        _formats(args.formats),
+        args.tokens,
+        workers=workers,
+        avg_bits=args.avg_bits,
+        profiler=args.profiler,
     )
     print(plan.table())

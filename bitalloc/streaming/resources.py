@@ -54,7 +54,13 @@ from bitalloc.streaming.speed import SPEED_COLUMNS, Speed, machine_speed
 UNIT_COPIES = 5
 #: Memory terms live only while a decoder layer is processed, and only while the final loss is
 #: computed (after the last layer); the others are live throughout.
-LAYER_TERMS = ("one layer (float32)", "its shard pages", "Gram statistics", "layer temporaries")
+LAYER_TERMS = (
+    "one layer (float32)",
+    "its shard pages",
+    "Gram statistics",
+    "gradients and squared sums",
+    "layer temporaries",
+)
 LOSS_TERMS = ("the loss (head blocks)",)
 #: float32 copies of a block of logits alive in the blockwise loss (the block, its exponent,
 #: the log-sum-exp's temporaries).
@@ -194,9 +200,14 @@ class ModelShape:
         )
 
 
-def memory_terms(shape: ModelShape, tokens: int, seq_len: int = 512) -> dict[str, int]:
+def memory_terms(
+    shape: ModelShape, tokens: int, seq_len: int = 512, profiler: str = "output"
+) -> dict[str, int]:
     """The peak memory of streaming a model of ``shape`` over ``tokens`` calibration tokens, by
-    term (see the module docstring); the process term is this process's resident set now."""
+    term (see the module docstring); the process term is this process's resident set now.
+
+    ``fisher`` keeps every layer's input for the backward pass instead of a second stream,
+    holds a layer's gradients and squared sums, and needs no Gram matrices."""
     hidden = int(shape.config["hidden_size"])
     inner = int(shape.config["intermediate_size"])
     windows = max(1, tokens // seq_len)
@@ -205,6 +216,19 @@ def memory_terms(shape: ModelShape, tokens: int, seq_len: int = 512) -> dict[str
     shapes = [u.shape for u in shape.layer_units]
     largest = max(o * i for o, i in shapes)
     forward = 4 * batch_tokens * (3 * inner + 6 * hidden)
+    if profiler == "fisher":
+        # One window at a time, with autograd's saved activations (about twice a forward's).
+        window = 2 * 4 * seq_len * (3 * inner + 6 * hidden)
+        return {
+            "process (as now)": resident_bytes(),
+            "embedding and head": shape.shell_bytes,
+            "kept layer inputs": 4 * shape.layers * used * hidden,
+            "one layer (float32)": 4 * sum(o * i for o, i in shapes),
+            "its shard pages": shape.layer_bytes,
+            "gradients and squared sums": 2 * 4 * sum(o * i for o, i in shapes),
+            "layer temporaries": max(window, 4 * UNIT_COPIES * largest),
+            "the loss (head blocks)": 4 * (LOGIT_COPIES * seq_len + hidden) * HEAD_ROWS,
+        }
     return {
         "process (as now)": resident_bytes(),
         "embedding and head": shape.shell_bytes,
@@ -236,6 +260,7 @@ def plan_streamed(
     workers: int = 1,
     speed: Speed | None = None,
     avg_bits: float | None = None,
+    profiler: str = "output",
 ) -> ResourcePlan:
     """The :class:`ResourcePlan` of ``allocate_streamed`` on the checkpoint at ``path`` (see the
     module docstring), or, for a ``config.json`` file, on the model it describes (a model not
@@ -255,12 +280,14 @@ def plan_streamed(
 
     formats = parse_palette(palette) if isinstance(palette, str) else list(palette)
     # The process term first: timing the machine allocates memory of its own.
-    memory = memory_terms(shape, tokens, seq_len)
+    memory = memory_terms(shape, tokens, seq_len, profiler)
     quantized = [f for f in formats if not f.is_float]
     speed = speed or machine_speed(quantized + _shell_formats(quantized))
-    scoring = shape.layers * _layer_scoring(shape, formats, speed)
+    fisher = profiler == "fisher"
+    scoring = shape.layers * _layer_scoring(shape, formats, speed, products=not fisher)
+    chain = _fisher_chain_seconds if fisher else _chain_seconds
     seconds = {
-        "forward and statistics": _chain_seconds(shape, formats, speed, tokens, seq_len),
+        "forward and statistics": chain(shape, formats, speed, tokens, seq_len),
         "scoring (formats x units)": scoring / max(1, workers),
         "export": _export_seconds(shape, formats, speed, avg_bits),
     }
@@ -294,9 +321,29 @@ def _chain_seconds(
     return shape.layers * per_layer + head / speed.flops
 
 
-def _layer_scoring(shape: ModelShape, formats: Sequence[Format], speed: Speed) -> float:
-    """One layer's scoring: every unit rounded to every format it allows, and its error
-    product ``trace(dW G dWᵀ)`` (a matrix product of ``out x in x in``)."""
+def _fisher_chain_seconds(
+    shape: ModelShape, formats: Sequence[Format], speed: Speed, tokens: int, seq_len: int
+) -> float:
+    """The serial part of the streamed Fisher profile: per layer, two loadings and the
+    equivalent of five forward passes (the statistics pass and the stream forward; the
+    recomputed forward and its backward, about twice a forward, on the way back); the head
+    read twice for each window's gradient."""
+    config = shape.config
+    hidden = int(config["hidden_size"])
+    used = max(1, tokens // seq_len) * seq_len
+    layer_params = sum(u.numel for u in shape.layer_units)
+    forward = used * (2 * layer_params + 4 * seq_len * hidden)
+    per_layer = 2 * 4 * layer_params / speed.convert + 5 * forward / speed.flops
+    head = 2 * 2 * used * hidden * int(config["vocab_size"])
+    return shape.layers * per_layer + head / speed.flops
+
+
+def _layer_scoring(
+    shape: ModelShape, formats: Sequence[Format], speed: Speed, products: bool = True
+) -> float:
+    """One layer's scoring: every unit rounded to every format it allows and, with
+    ``products``, its error product ``trace(dW G dWᵀ)`` (a matrix product of ``out x in x
+    in``; the Fisher score is elementwise instead)."""
     allowed = allowed_mask(list(shape.layer_units), formats)
     seconds = 0.0
     for unit, row in zip(shape.layer_units, allowed):
@@ -307,7 +354,8 @@ def _layer_scoring(shape: ModelShape, formats: Sequence[Format], speed: Speed) -
             # GPTQ's column sweep costs in^2 per row: its per-weight rate scales with width.
             slowdown = width / SPEED_COLUMNS if isinstance(fmt, GPTQFormat) else 1.0
             seconds += speed.rounding_seconds(fmt.name, weights * slowdown)
-            seconds += 2 * out * width * width / speed.flops
+            if products:
+                seconds += 2 * out * width * width / speed.flops
     return seconds
 
 

@@ -1,0 +1,247 @@
+"""Layer-streamed Fisher: the ``fisher`` profiler's table on a model that is never whole in
+memory, by recomputing each layer's forward during a backward pass that streams the layers in
+reverse.
+
+The in-memory profiler (:class:`~bitalloc.sensitivity.fisher.FisherProfiler`) squares, for each
+calibration window, the gradient of one scalar (:func:`~bitalloc.sensitivity.base.window_objective`)
+with respect to every unit's weight. Here:
+
+1. **forward**, layer by layer: each window's input to every layer is kept (``layers x tokens x
+   hidden`` floats: 0.35 GiB for 1024 tokens of a 3B model), and the units' importance
+   vectors are gathered on the way, as the streamed ``output`` profile gathers them;
+2. **the head**: each window's gradient of the objective with respect to the last hidden
+   states, the head read :data:`~bitalloc.streaming.model.HEAD_ROWS` rows at a time (a first
+   pass for the log-sum-exp, a second for the softmax's gradient), the random token signs drawn
+   in the in-memory profiler's order;
+3. **backward**, layer by layer from the last: the layer is loaded, its forward recomputed from
+   the kept input of each window with gradients on, and the window's output gradient sent back
+   through it. That gives every unit's weight gradient for the window (squared and summed) and
+   the gradient that goes on to the layer before. With the layer still loaded, each unit is
+   scored ``0.5 * T * sum(F * (Q(W) - W) ** 2)`` under every format.
+
+Peak memory is one layer in float32 with its gradients, the kept inputs and one window's
+activations. The table equals the in-memory profiler's up to float summation order
+(``tests/streaming/test_fisher.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bitalloc.errors import BitallocError
+from bitalloc.formats import Format, fake_quantize_each
+from bitalloc.importance import Importance, ImportanceAccumulator, windows_digest
+from bitalloc.models import get_linear
+from bitalloc.sensitivity.base import allowed_mask, check_estimator, spread_windows
+from bitalloc.sensitivity.monotone import bit_chains, cap_chains
+from bitalloc.sensitivity.profile import Profile
+from bitalloc.streaming.model import HEAD_ROWS, LayerInputs, StreamedModel, hidden_of, run_layer
+
+
+def streamed_fisher_profile(
+    model: StreamedModel,
+    palette: Sequence[Format],
+    calibration: torch.Tensor,
+    *,
+    tokens: int = 8192,
+    estimator: str = "token",
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Profile, Importance]:
+    """The ``fisher`` profile of every unit of ``model`` over ``palette`` (see the module
+    docstring) and the importance vectors it quantized with; ``tokens``, ``estimator`` and
+    ``seed`` are the in-memory profiler's settings."""
+    start = time.perf_counter()
+    check_estimator(estimator)
+    if calibration.dim() != 2 or calibration.shape[0] == 0:
+        raise BitallocError("streamed profiling needs calibration windows (n_windows, seq_len)")
+    seq_len = int(calibration.shape[1])
+    picks = spread_windows(len(calibration), seq_len, tokens)
+    windows = calibration[picks]
+    palette = list(palette)
+    units = model.units
+    row_of = {u.name: i for i, u in enumerate(units)}
+    allowed = allowed_mask(units, palette)
+    bar = tqdm(
+        total=2 * len(model.layers), desc="streamed fisher", unit="layer", disable=not progress
+    )
+    kept, vectors, count, last = _forward(model, windows, bar)
+    generator = torch.Generator().manual_seed(seed) if estimator == "token" else None
+    grads = [
+        _head_gradient(model, hidden_of(batch), windows[k : k + 1], generator)
+        for k, batch in enumerate(last)
+    ]
+    del last
+    table = np.zeros((len(units), len(palette)))
+    importance = Importance(vectors, count, windows=windows_digest(windows))
+    scale = 0.5 * (seq_len - 1)
+    for index in reversed(range(len(model.layers))):
+        layer_units = model.layer_units(index)
+        with model.layer(index) as layer:
+            fisher, grads = _backward_through(model, layer, layer_units, kept.pop(), grads)
+            with torch.no_grad():
+                for unit in layer_units:
+                    i = row_of[unit.name]
+                    cols = np.flatnonzero(allowed[i])
+                    weight = get_linear(model.skeleton, unit.name).weight.detach()
+                    f = fisher[unit.name]
+                    table[i, cols] = [
+                        scale * float((f * (fq.float() - weight.float()).square()).sum())
+                        for fq in fake_quantize_each(
+                            weight, [palette[j] for j in cols], importance.of(unit.name)
+                        )
+                    ]
+        bar.update()
+    bar.close()
+    table, fixed = cap_chains(table, bit_chains(palette), allowed)
+    profile = Profile(
+        units=tuple(u.name for u in units),
+        formats=tuple(f.name for f in palette),
+        loss=table,
+        metadata={
+            "method": "fisher",
+            "streamed": True,
+            "tokens": int(windows.numel()),
+            "skipped_batches": 0,
+            "estimator": estimator,
+            "windows": len(picks),
+            "seq_len": seq_len,
+            "monotone_fixes": fixed,
+            "seconds": time.perf_counter() - start,
+        },
+    )
+    return profile, importance
+
+
+def _forward(
+    model: StreamedModel, windows: torch.Tensor, bar: tqdm
+) -> tuple[list[LayerInputs], dict[str, torch.Tensor], int, LayerInputs]:
+    """Each layer's input for each window (one window per batch, as the in-memory profiler
+    differentiates one window at a time), the units' importance vectors gathered on the way,
+    their token count, and the last layer's outputs."""
+    # Plain tensors, not inference-mode ones: the backward pass differentiates through them.
+    inputs = [_plain(model.first_layer_inputs(windows[k : k + 1])[0]) for k in range(len(windows))]
+    kept: list[LayerInputs] = []
+    vectors: dict[str, torch.Tensor] = {}
+    count = 0
+    with torch.no_grad():
+        for index in range(len(model.layers)):
+            with model.layer(index) as layer:
+                acc = ImportanceAccumulator(model.skeleton, model.layer_units(index))
+                for args, kwargs in inputs:
+                    if not acc.add_batch_through(lambda a=args, k=kwargs: layer(*a, **k)):
+                        raise BitallocError(
+                            f"layer {index} gave non-finite activations on the calibration "
+                            "windows; check the model's weights (NaN/inf)"
+                        )
+                result = acc.result()
+                vectors.update(result.values)
+                count = result.tokens
+                kept.append(inputs)
+                inputs = run_layer(layer, inputs)
+            bar.update()
+    return kept, vectors, count, inputs
+
+
+def _head_gradient(
+    model: StreamedModel,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The gradient of :func:`~bitalloc.sensitivity.base.window_objective` for one window with
+    respect to the last layer's output ``hidden`` (1, seq, dim): the head read in blocks of
+    rows, twice (log-sum-exp, then the softmax's gradient), never whole in float32."""
+    head = model.skeleton.lm_head.weight
+    targets = ids[0, 1:]
+    steps = targets.numel()
+    # The objective is mean_t(s_t * loss_t): each token's logits get s_t / T times
+    # (softmax - one-hot); the signs are drawn as window_objective draws them.
+    weights = torch.full((steps,), 1.0 / steps)
+    if generator is not None:
+        signs = torch.randint(0, 2, (steps,), generator=generator) * 2 - 1
+        weights = weights * signs.to(weights)
+    with torch.enable_grad():
+        x = hidden.detach().clone().requires_grad_(True)
+        normed = model.skeleton.model.norm(x)
+        flat = normed[0, :-1]
+        with torch.no_grad():
+            total = torch.full((steps,), float("-inf"))
+            for start in range(0, head.shape[0], HEAD_ROWS):
+                block = head[start : start + HEAD_ROWS].to(torch.float32)
+                total = torch.logaddexp(total, torch.logsumexp(F.linear(flat, block), dim=-1))
+            grad = torch.zeros_like(flat)
+            for start in range(0, head.shape[0], HEAD_ROWS):
+                block = head[start : start + HEAD_ROWS].to(torch.float32)
+                probs = torch.exp(F.linear(flat, block) - total[:, None])
+                grad += (probs * weights[:, None]) @ block
+            grad -= weights[:, None] * head[targets].to(torch.float32)
+        flat.backward(grad)
+    return x.grad.detach()
+
+
+def _backward_through(
+    model: StreamedModel,
+    layer: torch.nn.Module,
+    units,
+    inputs: LayerInputs,
+    grads: list[torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Send each window's output gradient back through ``layer`` (its forward recomputed from
+    the kept input): the mean over windows of each unit's squared weight gradient, and each
+    window's gradient with respect to the layer's input."""
+    weights = {u.name: get_linear(model.skeleton, u.name).weight for u in units}
+    sums = {name: torch.zeros_like(w) for name, w in weights.items()}
+    back: list[torch.Tensor] = []
+    flags = {p: p.requires_grad for p in layer.parameters()}
+    for p in flags:
+        p.requires_grad_(False)  # gradients for the units' weights alone
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        for (args, kwargs), grad in zip(inputs, grads):
+            x = hidden_of((args, kwargs)).detach().clone().requires_grad_(True)
+            call_args, call_kwargs = _with_hidden(args, kwargs, x)
+            with torch.enable_grad():
+                out = layer(*call_args, **call_kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+                hidden.backward(grad)
+            for name, w in weights.items():
+                if w.grad is None or not bool(torch.isfinite(w.grad).all()):
+                    raise BitallocError(
+                        f"{name} got a non-finite gradient on a calibration window; check the "
+                        "model's weights (NaN/inf) or use a different calibration text"
+                    )
+                sums[name] += w.grad.float().square()
+                w.grad = None
+            back.append(x.grad.detach())
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+    return {name: total / len(inputs) for name, total in sums.items()}, back
+
+
+def _with_hidden(args: tuple, kwargs: dict[str, Any], x: torch.Tensor):
+    """The layer call's (args, kwargs) with its hidden states replaced by ``x``."""
+    if args:
+        return (x, *args[1:]), kwargs
+    return (), {**kwargs, "hidden_states": x}
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every tensor in it cloned outside inference mode."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,85 @@
+"""The layer-streamed Fisher profile: recomputing each layer's forward during a backward pass
+that streams the layers in reverse gives the in-memory ``fisher`` profiler's table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bitalloc.formats import parse_palette
+from bitalloc.importance import gather_importance
+from bitalloc.models import discover_units
+from bitalloc.sensitivity.fisher import FisherProfiler
+from bitalloc.streaming.fisher import streamed_fisher_profile
+from bitalloc.streaming.model import StreamedModel
+from tests.conftest import make_tiny_llama, random_windows
+
+PALETTE = parse_palette("int2-g32,int3-g32,int4-g32,int8-g32,fp16")
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A 3-layer tiny Llama in bf16 shards (untied head)."""
+    path = tmp_path_factory.mktemp("fisher")
+    model = make_tiny_llama(layers=3, tie_word_embeddings=False)
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="60KB")
+    return path
+
+
+@pytest.mark.parametrize("estimator", ["token", "window"])
+def test_streamed_fisher_equals_the_in_memory_profiler(sharded, estimator, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    import bitalloc.streaming.fisher as streamed_fisher
+
+    # The head (256 rows) read in blocks of 100: two full blocks and a short one.
+    monkeypatch.setattr(streamed_fisher, "HEAD_ROWS", 100)
+    cal = random_windows(seed=0, n=8, seq_len=32)
+    streamed, recorded = streamed_fisher_profile(
+        StreamedModel(sharded), PALETTE, cal, tokens=128, estimator=estimator, progress=False
+    )
+    whole = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).eval()
+    units = discover_units(whole)
+    importance = gather_importance(whole, units, cal, tokens=128, progress=False)
+    expected = FisherProfiler(tokens=128, progress=False, estimator=estimator).profile(
+        whole, units, PALETTE, cal, importance=importance
+    )
+    assert streamed.units == expected.units and streamed.formats == expected.formats
+    assert streamed.metadata["tokens"] == expected.metadata["tokens"] == 128
+    assert streamed.metadata["windows"] == expected.metadata["windows"] == 4
+    assert (expected.loss[:, :-1] > 0).all()
+    np.testing.assert_allclose(streamed.loss, expected.loss, rtol=1e-5, atol=1e-12)
+    for name in importance.values:
+        torch.testing.assert_close(recorded.values[name], importance.values[name])
+
+
+def test_a_fisher_allocation_streams_end_to_end_and_plans_its_kept_inputs(sharded):
+    from bitalloc.errors import BitallocError
+    from bitalloc.streaming.allocate import allocate_streamed
+    from bitalloc.streaming.resources import Speed, plan_streamed
+
+    cal = random_windows(seed=0, n=8, seq_len=32)
+    alloc = allocate_streamed(
+        sharded, 4.0, formats=PALETTE, windows=cal, tokens=128, profiler="fisher", progress=False
+    )
+    assert alloc.avg_bits <= 4.0 and len(set(alloc.formats.values())) > 1
+    assert alloc.importance() is not None
+    with pytest.raises(BitallocError, match="runs in this process"):
+        allocate_streamed(sharded, 4.0, windows=cal, profiler="fisher", workers=2)
+    speed = Speed(flops=1e10, rounding={f.name: 1e7 for f in PALETTE if not f.is_float})
+    plans = {
+        name: plan_streamed(sharded, PALETTE, 128, seq_len=32, speed=speed, profiler=name)
+        for name in ("output", "fisher")
+    }
+    model = StreamedModel(sharded)
+    hidden, layers = model.config.hidden_size, len(model.layers)
+    assert plans["fisher"].memory["kept layer inputs"] == 4 * layers * 128 * hidden
+    assert "Gram statistics" not in plans["fisher"].memory
+    # The Fisher score is elementwise: the scoring skips the error's Gram products.
+    score = "scoring (formats x units)"
+    assert plans["fisher"].seconds[score] < plans["output"].seconds[score]
+    with pytest.raises(BitallocError, match="allow at least"):
+        allocate_streamed(
+            sharded, 4.0, windows=cal, profiler="fisher", tokens=128, max_memory=2**20
+        )
