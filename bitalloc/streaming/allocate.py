@@ -10,6 +10,7 @@ directly (token ids, (n, seq_len)) skip that.
 from __future__ import annotations
 
 import gc
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,9 +71,7 @@ def allocate_streamed(
     if windows is None:
         windows = calibration_windows(model.checkpoint, calibration, seq_len)
     if profiler == "fisher":
-        profile, importance = streamed_fisher_profile(
-            model, palette, windows, tokens=tokens, progress=progress
-        )
+        profile, importance = _fisher(model, palette, windows, tokens, progress)
     else:
         profile, importance = streamed_output_profile(
             model,
@@ -105,6 +104,20 @@ def allocate_streamed(
     release_freed_memory()
     # The importance weighted every clipping search: applying the allocation repeats it.
     return allocation.with_importance(importance)
+
+
+def _fisher(model: StreamedModel, palette, windows: torch.Tensor, tokens: int, progress: bool):
+    """The streamed Fisher profile, its kept layer inputs spilled to a temporary directory
+    when they would take more than a quarter of the memory available."""
+    seq_len = int(windows.shape[1])
+    used = max(1, min(len(windows), tokens // seq_len)) * seq_len
+    kept = 4 * len(model.layers) * used * int(model.config.hidden_size)
+    if kept <= available_bytes() // 4:
+        return streamed_fisher_profile(model, palette, windows, tokens=tokens, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="bitalloc-fisher-") as spill:
+        return streamed_fisher_profile(
+            model, palette, windows, tokens=tokens, progress=progress, spill=spill
+        )
 
 
 def _whole_model_message(profiler: str, model: StreamedModel) -> str:

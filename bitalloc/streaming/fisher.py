@@ -20,14 +20,18 @@ with respect to every unit's weight. Here:
    scored ``0.5 * T * sum(F * (Q(W) - W) ** 2)`` under every format.
 
 Peak memory is one layer in float32 with its gradients, the kept inputs and one window's
-activations. The table equals the in-memory profiler's up to float summation order
-(``tests/streaming/test_fisher.py``).
+activations. With ``spill`` (a directory), the kept inputs go to disk there, one file per
+layer, and are read back in reverse; :func:`~bitalloc.streaming.allocate.allocate_streamed`
+spills when they would take more than a quarter of the memory available. The table equals
+the in-memory profiler's up to float summation order (``tests/streaming/test_fisher.py``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,10 +58,12 @@ def streamed_fisher_profile(
     estimator: str = "token",
     seed: int = 0,
     progress: bool = True,
+    spill: str | os.PathLike[str] | None = None,
 ) -> tuple[Profile, Importance]:
     """The ``fisher`` profile of every unit of ``model`` over ``palette`` (see the module
     docstring) and the importance vectors it quantized with; ``tokens``, ``estimator`` and
-    ``seed`` are the in-memory profiler's settings."""
+    ``seed`` are the in-memory profiler's settings; ``spill`` a directory to keep the layers'
+    inputs in instead of memory."""
     start = time.perf_counter()
     check_estimator(estimator)
     if calibration.dim() != 2 or calibration.shape[0] == 0:
@@ -72,7 +78,8 @@ def streamed_fisher_profile(
     bar = tqdm(
         total=2 * len(model.layers), desc="streamed fisher", unit="layer", disable=not progress
     )
-    kept, vectors, count, last = _forward(model, windows, bar)
+    kept = _KeptInputs(spill)
+    vectors, count, last = _forward(model, windows, bar, kept)
     generator = torch.Generator().manual_seed(seed) if estimator == "token" else None
     grads = [
         _head_gradient(model, hidden_of(batch), windows[k : k + 1], generator)
@@ -120,15 +127,41 @@ def streamed_fisher_profile(
     return profile, importance
 
 
+class _KeptInputs:
+    """Each layer's inputs, pushed in order and popped in reverse: in memory, or (``spill``)
+    their hidden states in one file per layer (the rest of a call, the attention mask and
+    rotary embedding, is shared by every layer and stays in memory)."""
+
+    def __init__(self, spill: str | os.PathLike[str] | None):
+        self.directory = None if spill is None else Path(spill)
+        self.layers: list[LayerInputs] = []
+
+    def append(self, inputs: LayerInputs) -> None:
+        if self.directory is None:
+            self.layers.append(inputs)
+            return
+        path = self.directory / f"layer-{len(self.layers):05d}.pt"
+        torch.save([hidden_of(batch) for batch in inputs], path)
+        self.layers.append([_with_hidden(a, k, None) for a, k in inputs])
+
+    def pop(self) -> LayerInputs:
+        inputs = self.layers.pop()
+        if self.directory is None:
+            return inputs
+        path = self.directory / f"layer-{len(self.layers):05d}.pt"
+        hidden = torch.load(path)
+        path.unlink()
+        return [_with_hidden(a, k, x) for (a, k), x in zip(inputs, hidden)]
+
+
 def _forward(
-    model: StreamedModel, windows: torch.Tensor, bar: tqdm
-) -> tuple[list[LayerInputs], dict[str, torch.Tensor], int, LayerInputs]:
-    """Each layer's input for each window (one window per batch, as the in-memory profiler
-    differentiates one window at a time), the units' importance vectors gathered on the way,
-    their token count, and the last layer's outputs."""
+    model: StreamedModel, windows: torch.Tensor, bar: tqdm, kept: _KeptInputs
+) -> tuple[dict[str, torch.Tensor], int, LayerInputs]:
+    """Keep each layer's input for each window (one window per batch, as the in-memory
+    profiler differentiates one window at a time); the units' importance vectors gathered on
+    the way, their token count, and the last layer's outputs."""
     # Plain tensors, not inference-mode ones: the backward pass differentiates through them.
     inputs = [_plain(model.first_layer_inputs(windows[k : k + 1])[0]) for k in range(len(windows))]
-    kept: list[LayerInputs] = []
     vectors: dict[str, torch.Tensor] = {}
     count = 0
     with torch.no_grad():
@@ -147,7 +180,7 @@ def _forward(
                 kept.append(inputs)
                 inputs = run_layer(layer, inputs)
             bar.update()
-    return kept, vectors, count, inputs
+    return vectors, count, inputs
 
 
 def _head_gradient(
@@ -229,7 +262,7 @@ def _backward_through(
     return {name: total / len(inputs) for name, total in sums.items()}, back
 
 
-def _with_hidden(args: tuple, kwargs: dict[str, Any], x: torch.Tensor):
+def _with_hidden(args: tuple, kwargs: dict[str, Any], x: torch.Tensor | None):
     """The layer call's (args, kwargs) with its hidden states replaced by ``x``."""
     if args:
         return (x, *args[1:]), kwargs

@@ -28,7 +28,7 @@ def sharded(tmp_path_factory):
 
 
 @pytest.mark.parametrize("estimator", ["token", "window"])
-def test_streamed_fisher_equals_the_in_memory_profiler(sharded, estimator, monkeypatch):
+def test_streamed_fisher_equals_the_in_memory_profiler(sharded, estimator, monkeypatch, tmp_path):
     from transformers import AutoModelForCausalLM
 
     import bitalloc.streaming.fisher as streamed_fisher
@@ -39,6 +39,18 @@ def test_streamed_fisher_equals_the_in_memory_profiler(sharded, estimator, monke
     streamed, recorded = streamed_fisher_profile(
         StreamedModel(sharded), PALETTE, cal, tokens=128, estimator=estimator, progress=False
     )
+    # The layers' inputs kept on disk instead: the same table, and no file left behind.
+    spilled, _ = streamed_fisher_profile(
+        StreamedModel(sharded),
+        PALETTE,
+        cal,
+        tokens=128,
+        estimator=estimator,
+        progress=False,
+        spill=tmp_path,
+    )
+    np.testing.assert_array_equal(spilled.loss, streamed.loss)
+    assert not list(tmp_path.iterdir())
     whole = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).eval()
     units = discover_units(whole)
     importance = gather_importance(whole, units, cal, tokens=128, progress=False)
