@@ -25,7 +25,13 @@ from bitalloc.solvers import solve
 from bitalloc.streaming.fisher import streamed_fisher_profile
 from bitalloc.streaming.model import StreamedModel, calibration_windows, release_freed_memory
 from bitalloc.streaming.profile import streamed_output_profile
-from bitalloc.streaming.resources import ModelShape, available_bytes, memory_terms, peak_of
+from bitalloc.streaming.resources import (
+    ModelShape,
+    available_bytes,
+    memory_terms,
+    peak_of,
+    spills,
+)
 
 DEFAULT_SEQ_LEN = 512
 #: Profilers that run one layer at a time.
@@ -108,11 +114,10 @@ def allocate_streamed(
 
 def _fisher(model: StreamedModel, palette, windows: torch.Tensor, tokens: int, progress: bool):
     """The streamed Fisher profile, its kept layer inputs spilled to a temporary directory
-    when they would take more than a quarter of the memory available."""
+    when they would take more than their share of the memory available (:func:`spills`)."""
     seq_len = int(windows.shape[1])
     used = max(1, min(len(windows), tokens // seq_len)) * seq_len
-    kept = 4 * len(model.layers) * used * int(model.config.hidden_size)
-    if kept <= available_bytes() // 4:
+    if not spills(4 * len(model.layers) * used * int(model.config.hidden_size)):
         return streamed_fisher_profile(model, palette, windows, tokens=tokens, progress=progress)
     with tempfile.TemporaryDirectory(prefix="bitalloc-fisher-") as spill:
         return streamed_fisher_profile(

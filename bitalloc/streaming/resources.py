@@ -65,6 +65,9 @@ LOSS_TERMS = ("the loss (head blocks)",)
 #: float32 copies of a block of logits alive in the blockwise loss (the block, its exponent,
 #: the log-sum-exp's temporaries).
 LOGIT_COPIES = 6
+#: The share of the available memory the streamed Fisher profile's kept layer inputs may take
+#: before they are spilled to disk.
+SPILL_SHARE = 0.25
 #: Seconds per vocabulary entry that reading a written GGUF back takes (gguf-py parses each
 #: token string of the metadata; measured here at about 10,000 a second).
 READ_BACK_PER_TOKEN = 1e-4
@@ -219,10 +222,12 @@ def memory_terms(
     if profiler == "fisher":
         # One window at a time, with autograd's saved activations (about twice a forward's).
         window = 2 * 4 * seq_len * (3 * inner + 6 * hidden)
+        kept = 4 * shape.layers * used * hidden
         return {
             "process (as now)": resident_bytes(),
             "embedding and head": shape.shell_bytes,
-            "kept layer inputs": 4 * shape.layers * used * hidden,
+            # Spilled to disk when larger than its share of the memory: one layer's then.
+            "kept layer inputs": kept if not spills(kept) else 4 * used * hidden,
             "one layer (float32)": 4 * sum(o * i for o, i in shapes),
             "its shard pages": shape.layer_bytes,
             "gradients and squared sums": 2 * 4 * sum(o * i for o, i in shapes),
@@ -240,6 +245,12 @@ def memory_terms(
         "layer temporaries": max(forward, 4 * UNIT_COPIES * largest),
         "the loss (head blocks)": 4 * (LOGIT_COPIES * batch_tokens + hidden) * HEAD_ROWS,
     }
+
+
+def spills(kept: int) -> bool:
+    """Whether the streamed Fisher profile keeps ``kept`` bytes of layer inputs on disk: when
+    they exceed :data:`SPILL_SHARE` of the memory available now."""
+    return kept > available_bytes() * SPILL_SHARE
 
 
 def peak_of(terms: Mapping[str, int]) -> int:

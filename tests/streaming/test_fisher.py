@@ -66,6 +66,28 @@ def test_streamed_fisher_equals_the_in_memory_profiler(sharded, estimator, monke
         torch.testing.assert_close(recorded.values[name], importance.values[name])
 
 
+def test_a_fisher_allocation_spills_its_kept_inputs_when_memory_is_short(sharded, monkeypatch):
+    import bitalloc.streaming.fisher as streamed_fisher
+    import bitalloc.streaming.resources as resources
+    from bitalloc.streaming.allocate import allocate_streamed
+
+    cal = random_windows(seed=0, n=8, seq_len=32)
+    kw = {"formats": PALETTE, "windows": cal, "tokens": 128, "profiler": "fisher"}
+    in_memory = allocate_streamed(sharded, 4.0, progress=False, **kw)
+    spilled_to = []
+    original = streamed_fisher._KeptInputs
+
+    def recording(spill):
+        spilled_to.append(spill)
+        return original(spill)
+
+    monkeypatch.setattr(streamed_fisher, "_KeptInputs", recording)
+    monkeypatch.setattr(resources, "available_bytes", lambda: 1024)
+    spilled = allocate_streamed(sharded, 4.0, progress=False, **kw)
+    assert spilled_to and spilled_to[0] is not None
+    assert spilled.formats == in_memory.formats
+
+
 def test_a_fisher_allocation_streams_end_to_end_and_plans_its_kept_inputs(sharded):
     from bitalloc.errors import BitallocError
     from bitalloc.streaming.allocate import allocate_streamed
