@@ -52,4 +52,4 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/solvers.py
 	$(PY) benchmarks/profilers.py
 	$(PY) benchmarks/search.py
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/packed_kernels.py

@@ -266,7 +266,7 @@ def decode_speeds(args, tools, prep, exported: Path, preset: Path) -> list[tuple
     """Batch-1 decode tokens/s: llama.cpp on two GGUF files, PyTorch float32 and bitalloc's
     packed path (an int allocation at the exported file's unit bits, auto CPU kernels)."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from kernels import decode_tokens_per_s
+    from packed_kernels import decode_tokens_per_s
 
     out = [
         (

@@ -117,3 +117,16 @@ def test_the_graph_reader_sees_imports():
     assert "bitalloc.solvers.problem" in GRAPH["bitalloc.solvers.base"]
     assert "bitalloc.solvers.structure" in GRAPH["bitalloc.solvers.problem"]
     assert any(name.startswith("bitalloc.stages") for name in GRAPH["bitalloc.allocator"])
+
+
+def test_no_benchmark_script_shadows_an_installed_package():
+    # `python benchmarks/X.py` puts benchmarks/ first on the path, so a module there named
+    # like an installed package hides it from every import (benchmarks/kernels.py hid the
+    # `kernels` package that transformers 5.25 imports, and every benchmark failed).
+    import importlib.metadata
+
+    installed = set(importlib.metadata.packages_distributions())
+    scripts = ROOT.parent / "benchmarks"
+    names = {p.stem for p in scripts.glob("*.py")} | {p.name for p in scripts.iterdir()}
+    assert "torch" in installed  # the check sees what is installed
+    assert not names & installed, sorted(names & installed)

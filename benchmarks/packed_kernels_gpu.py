@@ -1,13 +1,13 @@
 """GPU timings of the Triton fused dequantize-matmul against fp16 ``torch.nn.functional.linear``.
 
-Used by ``benchmarks/kernels.py`` when CUDA is available: :func:`gpu_rows` times every
+Used by ``benchmarks/packed_kernels.py`` when CUDA is available: :func:`gpu_rows` times every
 (shape, bits, group, batch) case and :func:`gpu_markdown` renders the table. A decode step
 (batch 1) reads each weight once, so its time is set by bytes moved: the table reports achieved
 bandwidth, its fraction of the GPU's peak, and the target speedup over fp16 of
 ``0.7 * 16 / bits`` (70% of the ideal byte ratio) for batch 1.
 
-    .venv/bin/python benchmarks/kernels_gpu.py          # default cases, needs CUDA
-    .venv/bin/python benchmarks/kernels_gpu.py --smoke  # one tiny case
+    .venv/bin/python benchmarks/packed_kernels_gpu.py          # default cases, needs CUDA
+    .venv/bin/python benchmarks/packed_kernels_gpu.py --smoke  # one tiny case
 
 Without CUDA, ``--smoke`` runs in Triton's CPU interpreter: it exercises the code, and its
 numbers mean nothing.

@@ -7,11 +7,12 @@ unit bytes against the allocation's prediction, model bytes, decode tokens/s (gr
 number of new tokens), prefill tokens/s (one window) and perplexity on evaluation windows.
 Variants are timed in interleaved rounds (median of rounds) so machine noise hits all alike.
 
-GPU (when CUDA is available): :mod:`kernels_gpu`'s GEMV/GEMM timings against fp16 matmul.
+GPU (when CUDA is available): :mod:`packed_kernels_gpu`'s GEMV/GEMM timings against fp16
+matmul.
 
 Writes its section of BENCHMARKS.md (between markers), with the command and the machine.
 
-    .venv/bin/python benchmarks/kernels.py [--avg-bits 3.25] [--rounds 3] [--new-tokens 32]
+    .venv/bin/python benchmarks/packed_kernels.py [--avg-bits 3.25] [--rounds 3] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def cpu_section(args: argparse.Namespace, prep) -> str:
 def gpu_section(prep) -> str:
     """Every width and group size at 4096 x 4096, Llama-8B-like shapes and the default
     model's own shapes, against fp16 ``F.linear``."""
-    from kernels_gpu import DEFAULT_SHAPES, gpu_markdown, gpu_rows
+    from packed_kernels_gpu import DEFAULT_SHAPES, gpu_markdown, gpu_rows
 
     own = sorted({u.shape for u in prep.units}, reverse=True)
     rows = gpu_rows(
@@ -180,7 +181,7 @@ def main() -> None:
     args = parser.parse_args()
 
     prep = prepare()
-    command = "`.venv/bin/python benchmarks/kernels.py " + " ".join(sys.argv[1:]) + "`"
+    command = "`.venv/bin/python benchmarks/packed_kernels.py " + " ".join(sys.argv[1:]) + "`"
     machine = f"{cpu_description()}, torch {torch.__version__}, Python {platform.python_version()}"
     parts = [
         START,
