@@ -42,7 +42,7 @@ from bitalloc.export.base import atomic_directory
 from bitalloc.fileio import write_json_atomic
 from bitalloc.formats import Format, parse_format
 from bitalloc.formats.rotation import RotatedFormat
-from bitalloc.importance import IMPORTANCE_TOKENS, Importance, ImportanceAccumulator
+from bitalloc.importance import IMPORTANCE_TOKENS, Importance
 from bitalloc.kernels.packing import PLANES
 from bitalloc.kernels.quant_linear import Float16Linear, QuantLinear
 from bitalloc.kernels.rotated import RotatedLinear
@@ -60,7 +60,13 @@ from bitalloc.packed import (
 from bitalloc.sensitivity.base import spread_windows
 from bitalloc.sequential import merged
 from bitalloc.streaming.export import TOKENIZER_FILES, streamable
-from bitalloc.streaming.model import HEAD_ROWS, LayerInputs, StreamedModel, run_layer
+from bitalloc.streaming.model import (
+    HEAD_ROWS,
+    LayerInputs,
+    StreamedModel,
+    layer_importance,
+    run_layer,
+)
 
 #: safetensors' names of the dtypes a packed model stores.
 DTYPE_NAMES = {
@@ -204,18 +210,8 @@ def _with_grams(
     """The recorded importance with the Gram matrices of the layer's units that use them
     (gathered from ``inputs``, as :func:`~bitalloc.sequential.gram_importance` gathers them
     from the whole model), and the layer's unquantized outputs: the next layer's inputs."""
-    named = [u for u in units if formats[u.name].uses_gram]
-    gathered = None
-    if named:
-        acc = ImportanceAccumulator(model.skeleton, [_unit(model, u.name) for u in named], True)
-        with torch.inference_mode():
-            for args, kwargs in inputs:
-                if not acc.add_batch_through(lambda a=args, k=kwargs: layer(*a, **k)):
-                    raise BitallocError(
-                        "the calibration windows gave non-finite activations; check the "
-                        "model's weights (NaN/inf)"
-                    )
-        gathered = acc.result()
+    named = [_unit(model, u.name) for u in units if formats[u.name].uses_gram]
+    gathered = layer_importance(model, layer, named, inputs, grams=True) if named else None
     with torch.inference_mode():
         outputs = run_layer(layer, inputs)
     if gathered is None:

@@ -41,12 +41,19 @@ from tqdm.auto import tqdm
 
 from bitalloc.errors import BitallocError
 from bitalloc.formats import Format, fake_quantize_each
-from bitalloc.importance import Importance, ImportanceAccumulator, windows_digest
+from bitalloc.importance import Importance, windows_digest
 from bitalloc.models import get_linear
 from bitalloc.sensitivity.base import allowed_mask, check_estimator, spread_windows
 from bitalloc.sensitivity.monotone import bit_chains, cap_chains
 from bitalloc.sensitivity.profile import Profile
-from bitalloc.streaming.model import HEAD_ROWS, LayerInputs, StreamedModel, hidden_of, run_layer
+from bitalloc.streaming.model import (
+    HEAD_ROWS,
+    LayerInputs,
+    StreamedModel,
+    hidden_of,
+    layer_importance,
+    run_layer,
+)
 
 
 def streamed_fisher_profile(
@@ -167,14 +174,7 @@ def _forward(
     with torch.no_grad():
         for index in range(len(model.layers)):
             with model.layer(index) as layer:
-                acc = ImportanceAccumulator(model.skeleton, model.layer_units(index))
-                for args, kwargs in inputs:
-                    if not acc.add_batch_through(lambda a=args, k=kwargs: layer(*a, **k)):
-                        raise BitallocError(
-                            f"layer {index} gave non-finite activations on the calibration "
-                            "windows; check the model's weights (NaN/inf)"
-                        )
-                result = acc.result()
+                result = layer_importance(model, layer, model.layer_units(index), inputs)
                 vectors.update(result.values)
                 count = result.tokens
                 kept.append(inputs)

@@ -23,7 +23,7 @@ import contextlib
 import ctypes
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from bitalloc.models import Unit, discover_units
 from bitalloc.sequential import first_block_inputs, run_block
 from bitalloc.streaming.skeleton import meta_skeleton
 from bitalloc.streaming.sources import open_checkpoint
+
+if TYPE_CHECKING:
+    from bitalloc.importance import Importance
 
 #: Output-head rows turned to float32 at once when computing the loss (bounds its memory).
 HEAD_ROWS = 8192
@@ -167,6 +170,29 @@ def release_freed_memory() -> None:
 def run_layer(layer: nn.Module, inputs: Sequence[tuple[tuple, dict[str, Any]]]) -> LayerInputs:
     """The layer's output for each batch, as the next layer's (args, kwargs)."""
     return [run_block(layer, args, kwargs) for args, kwargs in inputs]
+
+
+def layer_importance(
+    model: StreamedModel,
+    layer: nn.Module,
+    units: Sequence[Unit],
+    inputs: LayerInputs,
+    *,
+    grams: bool = False,
+) -> Importance:
+    """The importance of ``units`` (and with ``grams`` their Gram matrices) from ``layer``'s
+    calls on ``inputs``; non-finite activations are an error naming the layer."""
+    from bitalloc.importance import ImportanceAccumulator
+
+    acc = ImportanceAccumulator(model.skeleton, units, grams=grams)
+    for args, kwargs in inputs:
+        if not acc.add_batch_through(lambda a=args, k=kwargs: layer(*a, **k)):
+            where = units[0].layer if units else "?"
+            raise BitallocError(
+                f"layer {where} gave non-finite activations on the calibration windows; check "
+                "the model's weights (NaN/inf)"
+            )
+    return acc.result()
 
 
 def hidden_of(inputs: tuple[tuple, dict[str, Any]]) -> torch.Tensor:

@@ -33,7 +33,6 @@ from bitalloc.formats import Format, fake_quantize_each
 from bitalloc.importance import (
     IMPORTANCE_TOKENS,
     Importance,
-    ImportanceAccumulator,
     windows_digest,
 )
 from bitalloc.models import get_linear
@@ -42,7 +41,7 @@ from bitalloc.sensitivity.monotone import bit_chains, cap_chains
 from bitalloc.sensitivity.output import fitted_scale, output_error, reference_format
 from bitalloc.sensitivity.profile import Profile, finite_or_none
 from bitalloc.sequential import BATCH
-from bitalloc.streaming.model import StreamedModel, hidden_of, run_layer
+from bitalloc.streaming.model import StreamedModel, hidden_of, layer_importance, run_layer
 
 
 def streamed_output_profile(
@@ -95,14 +94,7 @@ def _profile(model, palette, calibration, tokens, calibrate, progress, scorer):
         for index in range(len(model.layers)):
             layer_units = model.layer_units(index)
             with model.layer(index) as layer:
-                acc = ImportanceAccumulator(model.skeleton, layer_units, grams=True)
-                for args, kwargs in clean:
-                    if not acc.add_batch_through(lambda a=args, k=kwargs: layer(*a, **k)):
-                        raise BitallocError(
-                            f"layer {index} gave non-finite activations on the calibration "
-                            "windows; check the model's weights (NaN/inf)"
-                        )
-                importance = acc.result()
+                importance = layer_importance(model, layer, layer_units, clean, grams=True)
                 count = importance.tokens
                 for unit in layer_units:
                     i = row_of[unit.name]

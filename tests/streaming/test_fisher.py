@@ -13,18 +13,9 @@ from bitalloc.models import discover_units
 from bitalloc.sensitivity.fisher import FisherProfiler
 from bitalloc.streaming.fisher import streamed_fisher_profile
 from bitalloc.streaming.model import StreamedModel
-from tests.conftest import make_tiny_llama, random_windows
+from tests.conftest import random_windows
 
 PALETTE = parse_palette("int2-g32,int3-g32,int4-g32,int8-g32,fp16")
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    """A 3-layer tiny Llama in bf16 shards (untied head)."""
-    path = tmp_path_factory.mktemp("fisher")
-    model = make_tiny_llama(layers=3, tie_word_embeddings=False)
-    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="60KB")
-    return path
 
 
 @pytest.mark.parametrize("estimator", ["token", "window"])

@@ -18,19 +18,9 @@ from bitalloc.sensitivity.output import OutputProfiler
 from bitalloc.streaming.checkpoint import INDEX, Checkpoint
 from bitalloc.streaming.model import StreamedModel, hidden_of, run_layer
 from bitalloc.streaming.profile import streamed_output_profile
-from tests.conftest import make_tiny_llama, random_windows
+from tests.conftest import random_windows
 
 PALETTE = parse_palette("int2-g32,int3-g32,int4-g32,int8-g32,int3-g32+gptq,fp16")
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    """A 3-layer tiny Llama saved in bf16 over several shards (untied head)."""
-    path = tmp_path_factory.mktemp("sharded")
-    model = make_tiny_llama(layers=3, tie_word_embeddings=False)
-    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="60KB")
-    assert len(list(path.glob("*.safetensors"))) > 2
-    return path
 
 
 def _whole(path):
