@@ -23,7 +23,7 @@ window costs about two forward passes, less than ``fisher``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -69,17 +69,28 @@ class KroneckerAccumulator(InputGramAccumulator):
     def add_batch(self, window: torch.Tensor) -> bool:
         """Forward and activation-only backward over one window; False if it was skipped."""
         ids = window.reshape(1, -1)
+        embed = self.model.get_input_embeddings()
+        # No parameter needs a gradient; a graph from the embeddings gives activation gradients.
+        handle = embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True))
+        try:
+            return self.add_batch_through(
+                lambda: window_objective(self.model, ids, self.generator), ids.numel()
+            )
+        finally:
+            handle.remove()
+
+    def add_batch_through(self, objective: Callable[[], torch.Tensor], tokens: int) -> bool:
+        """Record the units' inputs and output gradients while ``objective()`` (a forward that
+        calls the units once over ``tokens`` tokens and returns the scalar whose gradient they
+        receive) runs and is differentiated; False if the window was skipped."""
         handles = [lin.register_forward_hook(self._hook(i)) for i, lin in enumerate(self.linears)]
         handles += [
             lin.register_forward_hook(self._grad_hook(i)) for i, lin in enumerate(self.linears)
         ]
-        embed = self.model.get_input_embeddings()
-        # No parameter needs a gradient; a graph from the embeddings gives activation gradients.
-        handles.append(embed.register_forward_hook(lambda m, a, out: out.requires_grad_(True)))
         usable = False
         try:
             with torch.enable_grad():
-                loss = window_objective(self.model, ids, self.generator)
+                loss = objective()
                 if torch.isfinite(loss):
                     loss.backward()
                     usable = (
@@ -89,7 +100,7 @@ class KroneckerAccumulator(InputGramAccumulator):
                     )
             if usable:
                 self._pending = [(slot, x.detach()) for slot, x in self._pending]
-                self._accumulate(ids.numel())
+                self._accumulate(tokens)
                 for i, sq in self._pending_sq.items():
                     acc = self._out_sq[i]
                     self._out_sq[i] = sq if acc is None else acc + sq

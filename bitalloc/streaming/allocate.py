@@ -35,7 +35,7 @@ from bitalloc.streaming.resources import (
 
 DEFAULT_SEQ_LEN = 512
 #: Profilers that run one layer at a time.
-STREAMING_PROFILERS = ("output", "fisher")
+STREAMING_PROFILERS = ("output", "fisher", "kfac")
 
 
 def allocate_streamed(
@@ -61,23 +61,23 @@ def allocate_streamed(
 
     ``max_memory`` (bytes) refuses, before any work, a run whose planned peak
     (:func:`~bitalloc.streaming.resources.memory_terms`) exceeds it, naming the minimum.
-    ``profiler`` must be one that streams: ``output`` (its scores include ``+gptq``) or
-    ``fisher`` (by recomputation, in this process: not with ``workers``)."""
+    ``profiler`` must be one that streams: ``output`` (its scores include ``+gptq``), or
+    ``fisher`` or ``kfac`` (by recomputation, in this process: not with ``workers``)."""
     model = StreamedModel(path)
     if profiler not in STREAMING_PROFILERS:
         raise BitallocError(_whole_model_message(profiler, model))
-    if profiler == "fisher" and workers:
+    if profiler != "output" and workers:
         raise BitallocError(
-            "the streamed fisher profile runs in this process (its backward pass is one chain "
-            "through the layers); drop --workers, or use --profiler output to score on Ray"
+            f"the streamed {profiler} profile runs in this process (its backward pass is one "
+            "chain through the layers); drop --workers, or use --profiler output to score on Ray"
         )
     if max_memory is not None:
         _check_memory(model, max_memory, tokens, seq_len, profiler)
     palette = parse_palette(formats) if formats is not None else default_palette()
     if windows is None:
         windows = calibration_windows(model.checkpoint, calibration, seq_len)
-    if profiler == "fisher":
-        profile, importance = _fisher(model, palette, windows, tokens, progress)
+    if profiler != "output":
+        profile, importance = _gradient(model, palette, windows, tokens, progress, profiler)
     else:
         profile, importance = streamed_output_profile(
             model,
@@ -112,16 +112,21 @@ def allocate_streamed(
     return allocation.with_importance(importance)
 
 
-def _fisher(model: StreamedModel, palette, windows: torch.Tensor, tokens: int, progress: bool):
-    """The streamed Fisher profile, its kept layer inputs spilled to a temporary directory
-    when they would take more than their share of the memory available (:func:`spills`)."""
+def _gradient(
+    model: StreamedModel, palette, windows: torch.Tensor, tokens: int, progress: bool, method: str
+):
+    """The streamed Fisher or K-FAC profile, its kept layer inputs spilled to a temporary
+    directory when they would take more than their share of the memory available
+    (:func:`spills`)."""
     seq_len = int(windows.shape[1])
     used = max(1, min(len(windows), tokens // seq_len)) * seq_len
     if not spills(4 * len(model.layers) * used * int(model.config.hidden_size)):
-        return streamed_fisher_profile(model, palette, windows, tokens=tokens, progress=progress)
-    with tempfile.TemporaryDirectory(prefix="bitalloc-fisher-") as spill:
         return streamed_fisher_profile(
-            model, palette, windows, tokens=tokens, progress=progress, spill=spill
+            model, palette, windows, tokens=tokens, progress=progress, method=method
+        )
+    with tempfile.TemporaryDirectory(prefix=f"bitalloc-{method}-") as spill:
+        return streamed_fisher_profile(
+            model, palette, windows, tokens=tokens, progress=progress, spill=spill, method=method
         )
 
 

@@ -28,7 +28,7 @@ def add_streaming_parsers(sub: Any) -> None:
         ("avg_bits", "calibration", "profiler", "workers", "ray_address", "progress"),
         {
             "avg_bits": {"required": True},
-            "profiler": {"help": "a profiler that streams: output (default) or fisher"},
+            "profiler": {"help": "a profiler that streams: output (default), fisher or kfac"},
             "workers": {"help": "Ray workers scoring units (default 0: in this process)"},
         },
     )
@@ -52,7 +52,7 @@ def add_streaming_parsers(sub: Any) -> None:
         ("avg_bits", "profiler", "workers"),
         {
             "avg_bits": {"help": "the budget, when known: the export's time is that mix's"},
-            "profiler": {"help": "the streamed profiler planned for: output (default) or fisher"},
+            "profiler": {"help": "the streamed profiler planned: output (default), fisher, kfac"},
             "workers": {"help": "workers scoring formats"},
         },
     )
@@ -119,9 +119,10 @@ def plan_resources_command(args: argparse.Namespace) -> None:
     from bitalloc.streaming.resources import plan_streamed
 
     workers = max(1, args.workers or 0)
-    if args.profiler not in ("output", "fisher"):
+    if args.profiler not in ("output", "fisher", "kfac"):
         raise BitallocError(
-            f"plan-resources plans the streamed profilers (output, fisher), not {args.profiler!r}"
+            "plan-resources plans the streamed profilers (output, fisher, kfac), not "
+            f"{args.profiler!r}"
         )
     plan = plan_streamed(
         args.model,

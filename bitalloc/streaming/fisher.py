@@ -1,6 +1,6 @@
-"""Layer-streamed Fisher: the ``fisher`` profiler's table on a model that is never whole in
-memory, by recomputing each layer's forward during a backward pass that streams the layers in
-reverse.
+"""Layer-streamed Fisher and K-FAC: the ``fisher`` and ``kfac`` profilers' tables on a model
+that is never whole in memory, by recomputing each layer's forward during a backward pass that
+streams the layers in reverse.
 
 The in-memory profiler (:class:`~bitalloc.sensitivity.fisher.FisherProfiler`) squares, for each
 calibration window, the gradient of one scalar (:func:`~bitalloc.sensitivity.base.window_objective`)
@@ -18,6 +18,11 @@ with respect to every unit's weight. Here:
    through it. That gives every unit's weight gradient for the window (squared and summed) and
    the gradient that goes on to the layer before. With the layer still loaded, each unit is
    scored ``0.5 * T * sum(F * (Q(W) - W) ** 2)`` under every format.
+
+``kfac`` runs the same passes with no weight gradient: in the reverse pass the in-memory
+profiler's :class:`~bitalloc.sensitivity.kfac.KroneckerAccumulator` gathers each unit's input
+Gram matrix and output-gradient factor from the recomputed layer, and each unit is scored
+``0.5 * T * sum_i D_i (dW G dWᵀ)_ii``.
 
 Peak memory is one layer in float32 with its gradients, the kept inputs and one window's
 activations. With ``spill`` (a directory), the kept inputs go to disk there, one file per
@@ -44,6 +49,7 @@ from bitalloc.formats import Format, fake_quantize_each
 from bitalloc.importance import Importance, windows_digest
 from bitalloc.models import get_linear
 from bitalloc.sensitivity.base import allowed_mask, check_estimator, spread_windows
+from bitalloc.sensitivity.kfac import KroneckerAccumulator
 from bitalloc.sensitivity.monotone import bit_chains, cap_chains
 from bitalloc.sensitivity.profile import Profile
 from bitalloc.streaming.model import (
@@ -54,6 +60,9 @@ from bitalloc.streaming.model import (
     layer_importance,
     run_layer,
 )
+
+#: The gradient profilers streamed here.
+GRADIENT_METHODS = ("fisher", "kfac")
 
 
 def streamed_fisher_profile(
@@ -66,13 +75,16 @@ def streamed_fisher_profile(
     seed: int = 0,
     progress: bool = True,
     spill: str | os.PathLike[str] | None = None,
+    method: str = "fisher",
 ) -> tuple[Profile, Importance]:
-    """The ``fisher`` profile of every unit of ``model`` over ``palette`` (see the module
-    docstring) and the importance vectors it quantized with; ``tokens``, ``estimator`` and
-    ``seed`` are the in-memory profiler's settings; ``spill`` a directory to keep the layers'
-    inputs in instead of memory."""
+    """The ``fisher`` profile (or with ``method="kfac"`` the ``kfac`` one) of every unit of
+    ``model`` over ``palette`` (see the module docstring) and the importance vectors it
+    quantized with; ``tokens``, ``estimator`` and ``seed`` are the in-memory profiler's
+    settings; ``spill`` a directory to keep the layers' inputs in instead of memory."""
     start = time.perf_counter()
     check_estimator(estimator)
+    if method not in GRADIENT_METHODS:
+        raise BitallocError(f"method must be one of {GRADIENT_METHODS}, got {method!r}")
     if calibration.dim() != 2 or calibration.shape[0] == 0:
         raise BitallocError("streamed profiling needs calibration windows (n_windows, seq_len)")
     seq_len = int(calibration.shape[1])
@@ -99,15 +111,16 @@ def streamed_fisher_profile(
     for index in reversed(range(len(model.layers))):
         layer_units = model.layer_units(index)
         with model.layer(index) as layer:
-            fisher, grads = _backward_through(model, layer, layer_units, kept.pop(), grads)
+            backward = _backward_kfac if method == "kfac" else _backward_through
+            error_of, grads = backward(model, layer, layer_units, kept.pop(), grads)
             with torch.no_grad():
                 for unit in layer_units:
                     i = row_of[unit.name]
                     cols = np.flatnonzero(allowed[i])
                     weight = get_linear(model.skeleton, unit.name).weight.detach()
-                    f = fisher[unit.name]
+                    error = error_of[unit.name]
                     table[i, cols] = [
-                        scale * float((f * (fq.float() - weight.float()).square()).sum())
+                        scale * error(fq.float() - weight.float())
                         for fq in fake_quantize_each(
                             weight, [palette[j] for j in cols], importance.of(unit.name)
                         )
@@ -120,7 +133,7 @@ def streamed_fisher_profile(
         formats=tuple(f.name for f in palette),
         loss=table,
         metadata={
-            "method": "fisher",
+            "method": method,
             "streamed": True,
             "tokens": int(windows.numel()),
             "skipped_batches": 0,
@@ -226,10 +239,11 @@ def _backward_through(
     units,
     inputs: LayerInputs,
     grads: list[torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Send each window's output gradient back through ``layer`` (its forward recomputed from
-    the kept input): the mean over windows of each unit's squared weight gradient, and each
-    window's gradient with respect to the layer's input."""
+    the kept input): each unit's Fisher error ``sum(F dW^2)``, ``F`` the mean over windows of
+    its squared weight gradient, and each window's gradient with respect to the layer's
+    input."""
     weights = {u.name: get_linear(model.skeleton, u.name).weight for u in units}
     sums = {name: torch.zeros_like(w) for name, w in weights.items()}
     back: list[torch.Tensor] = []
@@ -259,7 +273,57 @@ def _backward_through(
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
-    return {name: total / len(inputs) for name, total in sums.items()}, back
+    return {name: _fisher_error(total / len(inputs)) for name, total in sums.items()}, back
+
+
+def _fisher_error(fisher: torch.Tensor):
+    """``sum(F * dW^2)`` for a unit's mean squared gradient ``F``."""
+    return lambda dw: float((fisher * dw.square()).sum())
+
+
+def _backward_kfac(
+    model: StreamedModel,
+    layer: torch.nn.Module,
+    units,
+    inputs: LayerInputs,
+    grads: list[torch.Tensor],
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    """Send each window's output gradient back through ``layer`` with no weight gradient (as
+    the in-memory ``kfac`` profiler does), gathering each unit's input Gram matrix and output
+    gradient factor with its accumulator: each unit's ``sum_i D_i (dW G dW^T)_ii`` and each
+    window's gradient with respect to the layer's input."""
+    acc = KroneckerAccumulator(model.skeleton, units)
+    back: list[torch.Tensor] = []
+    flags = {p: p.requires_grad for p in layer.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        for (args, kwargs), grad in zip(inputs, grads):
+            x = hidden_of((args, kwargs)).detach().clone().requires_grad_(True)
+            call_args, call_kwargs = _with_hidden(args, kwargs, x)
+
+            def objective(a=call_args, k=call_kwargs, g=grad) -> torch.Tensor:
+                out = layer(*a, **k)
+                hidden = out[0] if isinstance(out, tuple) else out
+                return (hidden * g).sum()  # its gradient at the output is the window's
+
+            if not acc.add_batch_through(objective, int(x.shape[0] * x.shape[1])):
+                raise BitallocError(
+                    "a calibration window gave non-finite activations or gradients; check the "
+                    "model's weights (NaN/inf) or use a different calibration text"
+                )
+            back.append(x.grad.detach())
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    grams, factors = acc.grams(), acc.output_factors()
+    errors = {u.name: _kfac_error(g, d) for u, g, d in zip(units, grams, factors)}
+    return errors, back
+
+
+def _kfac_error(gram: torch.Tensor, factor: torch.Tensor):
+    """``sum_i D_i (dW G dW^T)_ii`` for a unit's input Gram ``G`` and output factor ``D``."""
+    return lambda dw: float((factor * ((dw @ gram) * dw).sum(dim=1).clamp_min(0)).sum())
 
 
 def _with_hidden(args: tuple, kwargs: dict[str, Any], x: torch.Tensor | None):

@@ -209,8 +209,9 @@ def memory_terms(
     """The peak memory of streaming a model of ``shape`` over ``tokens`` calibration tokens, by
     term (see the module docstring); the process term is this process's resident set now.
 
-    ``fisher`` keeps every layer's input for the backward pass instead of a second stream,
-    holds a layer's gradients and squared sums, and needs no Gram matrices."""
+    ``fisher`` (and ``kfac``) keeps every layer's input for the backward pass instead of a
+    second stream, and holds a layer's gradients and squared sums (``kfac``: its input Gram
+    matrices)."""
     hidden = int(shape.config["hidden_size"])
     inner = int(shape.config["intermediate_size"])
     windows = max(1, tokens // seq_len)
@@ -219,7 +220,7 @@ def memory_terms(
     shapes = [u.shape for u in shape.layer_units]
     largest = max(o * i for o, i in shapes)
     forward = 4 * batch_tokens * (3 * inner + 6 * hidden)
-    if profiler == "fisher":
+    if profiler in ("fisher", "kfac"):
         # One window at a time, with autograd's saved activations (about twice a forward's).
         window = 2 * 4 * seq_len * (3 * inner + 6 * hidden)
         kept = 4 * shape.layers * used * hidden
@@ -230,7 +231,12 @@ def memory_terms(
             "kept layer inputs": kept if not spills(kept) else 4 * used * hidden,
             "one layer (float32)": 4 * sum(o * i for o, i in shapes),
             "its shard pages": shape.layer_bytes,
-            "gradients and squared sums": 2 * 4 * sum(o * i for o, i in shapes),
+            # Fisher: weight gradients and their squared sums; K-FAC: float32 input Grams.
+            **(
+                {"gradients and squared sums": 2 * 4 * sum(o * i for o, i in shapes)}
+                if profiler == "fisher"
+                else {"Gram statistics": 4 * (3 * hidden**2 + inner**2)}
+            ),
             "layer temporaries": max(window, 4 * UNIT_COPIES * largest),
             "the loss (head blocks)": 4 * (LOGIT_COPIES * seq_len + hidden) * HEAD_ROWS,
         }
@@ -294,9 +300,8 @@ def plan_streamed(
     memory = memory_terms(shape, tokens, seq_len, profiler)
     quantized = [f for f in formats if not f.is_float]
     speed = speed or machine_speed(quantized + _shell_formats(quantized))
-    fisher = profiler == "fisher"
-    scoring = shape.layers * _layer_scoring(shape, formats, speed, products=not fisher)
-    chain = _fisher_chain_seconds if fisher else _chain_seconds
+    scoring = shape.layers * _layer_scoring(shape, formats, speed, products=profiler != "fisher")
+    chain = _chain_seconds if profiler == "output" else _fisher_chain_seconds
     seconds = {
         "forward and statistics": chain(shape, formats, speed, tokens, seq_len),
         "scoring (formats x units)": scoring / max(1, workers),

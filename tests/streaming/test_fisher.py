@@ -108,3 +108,42 @@ def test_a_fisher_allocation_streams_end_to_end_and_plans_its_kept_inputs(sharde
         allocate_streamed(
             sharded, 4.0, windows=cal, profiler="fisher", tokens=128, max_memory=2**20
         )
+
+
+@pytest.mark.parametrize("estimator", ["token", "window"])
+def test_streamed_kfac_equals_the_in_memory_profiler(sharded, estimator):
+    from transformers import AutoModelForCausalLM
+
+    from bitalloc.sensitivity.kfac import KFACProfiler
+    from bitalloc.streaming.allocate import allocate_streamed
+
+    cal = random_windows(seed=0, n=8, seq_len=32)
+    streamed, _ = streamed_fisher_profile(
+        StreamedModel(sharded),
+        PALETTE,
+        cal,
+        tokens=128,
+        estimator=estimator,
+        progress=False,
+        method="kfac",
+    )
+    whole = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).eval()
+    units = discover_units(whole)
+    importance = gather_importance(whole, units, cal, tokens=128, progress=False)
+    expected = KFACProfiler(tokens=128, progress=False, estimator=estimator).profile(
+        whole, units, PALETTE, cal, importance=importance
+    )
+    assert streamed.metadata["method"] == expected.metadata["method"] == "kfac"
+    assert (expected.loss[:, :-1] > 0).all()
+    np.testing.assert_allclose(streamed.loss, expected.loss, rtol=1e-4, atol=1e-12)
+    alloc = allocate_streamed(
+        sharded, 4.0, formats=PALETTE, windows=cal, tokens=128, profiler="kfac", progress=False
+    )
+    assert alloc.avg_bits <= 4.0 and len(set(alloc.formats.values())) > 1
+    from bitalloc.streaming.resources import Speed, plan_streamed
+
+    speed = Speed(flops=1e10, rounding={f.name: 1e7 for f in PALETTE if not f.is_float})
+    plan = plan_streamed(sharded, PALETTE, 128, seq_len=32, speed=speed, profiler="kfac")
+    hidden = StreamedModel(sharded).config.hidden_size
+    assert plan.memory["kept layer inputs"] == 4 * 3 * 128 * hidden
+    assert "Gram statistics" in plan.memory and "gradients and squared sums" not in plan.memory
