@@ -17,8 +17,8 @@ each layer's matrices gathered just before its units are packed.
 
 safetensors needs every tensor's offset in the header before the data, so the data go first
 to a spool file and the header is written once the last layer is packed; the tensors are laid
-out as safetensors' own writer lays them out (larger element sizes first, then by name), which
-keeps each one aligned to its element size.
+out by element size, largest first, then by name, which keeps each one aligned to its element
+size.
 """
 
 from __future__ import annotations
