@@ -185,8 +185,17 @@ def first_block_inputs(
 
 def run_block(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
     """The block's output as the next block's (args, kwargs)."""
+    return with_hidden(args, kwargs, block_output(block, args, kwargs))
+
+
+def block_output(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    """The hidden states ``block`` returns for one call."""
     out = block(*args, **kwargs)
-    hidden = out[0] if isinstance(out, tuple) else out
+    return out[0] if isinstance(out, tuple) else out
+
+
+def with_hidden(args: tuple, kwargs: dict[str, Any], hidden: Any) -> tuple[tuple, dict]:
+    """A block call's (args, kwargs) with its hidden states replaced by ``hidden``."""
     if args:
         return (hidden, *args[1:]), kwargs
     return (), {**kwargs, "hidden_states": hidden}

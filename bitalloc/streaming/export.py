@@ -103,15 +103,21 @@ def export_compressed_tensors_streamed(
                 tmp / INDEX, lambda fh: fh.write(json.dumps(index_json, indent=1).encode())
             )
             _write_config(model.skeleton, tmp, _quantization_config(model.skeleton, units, formats))
-            if model.checkpoint.path.is_file():  # a GGUF source: its tokenizer, converted
-                model.checkpoint.tokenizer().save_pretrained(tmp)
-            for name in TOKENIZER_FILES:
-                if (model.checkpoint.path / name).is_file():
-                    shutil.copyfile(model.checkpoint.path / name, tmp / name)
+            copy_tokenizer(model, tmp)
     except OSError as exc:
         raise BitallocError(f"cannot write {path}: {exc.strerror or exc}") from None
     warnings = _mixed_group_warnings(units, formats) + _shared_scale_warnings(sum(shared_groups))
     return ExportReport(path, "compressed-tensors", tuple(report), total_bytes, tuple(warnings))
+
+
+def copy_tokenizer(model: StreamedModel, directory: Path) -> None:
+    """The source's tokenizer files into ``directory`` (a GGUF source's tokenizer, converted)."""
+    if model.checkpoint.path.is_file():
+        model.checkpoint.tokenizer().save_pretrained(directory)
+        return
+    for name in TOKENIZER_FILES:
+        if (model.checkpoint.path / name).is_file():
+            shutil.copyfile(model.checkpoint.path / name, directory / name)
 
 
 def streamable(allocation, source: str | os.PathLike[str]) -> StreamedModel:

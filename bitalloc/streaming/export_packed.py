@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from bitalloc.packed import (
 )
 from bitalloc.sensitivity.base import spread_windows
 from bitalloc.sequential import merged
-from bitalloc.streaming.export import TOKENIZER_FILES, streamable
+from bitalloc.streaming.export import copy_tokenizer, streamable
 from bitalloc.streaming.model import (
     HEAD_ROWS,
     LayerInputs,
@@ -164,7 +163,7 @@ def export_packed_streamed(
             spool_path.unlink()
             config_text = model.config.to_json_string().encode()
             (tmp / "config.json").write_bytes(config_text)
-            _copy_tokenizer(model, tmp)
+            copy_tokenizer(model, tmp)
             manifest = PackedManifest(
                 planes={str(b): p for b, p in PLANES.items()},
                 units=units,
@@ -341,13 +340,3 @@ def _ranges(spool: IO[bytes], offset: int, nbytes: int) -> Iterator[bytes]:
             raise BitallocError("the spool of the packed weights ended early; export again")
         yield chunk
         done += len(chunk)
-
-
-def _copy_tokenizer(model: StreamedModel, directory: Path) -> None:
-    """The source's tokenizer files (a GGUF source's tokenizer, converted)."""
-    if model.checkpoint.path.is_file():
-        model.checkpoint.tokenizer().save_pretrained(directory)
-        return
-    for name in TOKENIZER_FILES:
-        if (model.checkpoint.path / name).is_file():
-            shutil.copyfile(model.checkpoint.path / name, directory / name)

@@ -48,10 +48,16 @@ from bitalloc.errors import BitallocError
 from bitalloc.formats import Format, fake_quantize_each
 from bitalloc.importance import Importance, windows_digest
 from bitalloc.models import get_linear
-from bitalloc.sensitivity.base import allowed_mask, check_estimator, spread_windows
+from bitalloc.sensitivity.base import (
+    allowed_mask,
+    check_estimator,
+    grad_only_for,
+    spread_windows,
+)
 from bitalloc.sensitivity.kfac import KroneckerAccumulator
 from bitalloc.sensitivity.monotone import bit_chains, cap_chains
 from bitalloc.sensitivity.profile import Profile
+from bitalloc.sequential import block_output, with_hidden
 from bitalloc.streaming.model import (
     HEAD_ROWS,
     LayerInputs,
@@ -162,7 +168,7 @@ class _KeptInputs:
             return
         path = self.directory / f"layer-{len(self.layers):05d}.pt"
         torch.save([hidden_of(batch) for batch in inputs], path)
-        self.layers.append([_with_hidden(a, k, None) for a, k in inputs])
+        self.layers.append([with_hidden(a, k, None) for a, k in inputs])
 
     def pop(self) -> LayerInputs:
         inputs = self.layers.pop()
@@ -171,7 +177,7 @@ class _KeptInputs:
         path = self.directory / f"layer-{len(self.layers):05d}.pt"
         hidden = torch.load(path)
         path.unlink()
-        return [_with_hidden(a, k, x) for (a, k), x in zip(inputs, hidden)]
+        return [with_hidden(a, k, x) for (a, k), x in zip(inputs, hidden)]
 
 
 def _forward(
@@ -247,18 +253,10 @@ def _backward_through(
     weights = {u.name: get_linear(model.skeleton, u.name).weight for u in units}
     sums = {name: torch.zeros_like(w) for name, w in weights.items()}
     back: list[torch.Tensor] = []
-    flags = {p: p.requires_grad for p in layer.parameters()}
-    for p in flags:
-        p.requires_grad_(False)  # gradients for the units' weights alone
-    for w in weights.values():
-        w.requires_grad_(True)
-    try:
+    with grad_only_for(layer, list(weights.values())):
         for (args, kwargs), grad in zip(inputs, grads):
-            x = hidden_of((args, kwargs)).detach().clone().requires_grad_(True)
-            call_args, call_kwargs = _with_hidden(args, kwargs, x)
+            x, hidden = _recompute(layer, args, kwargs)
             with torch.enable_grad():
-                out = layer(*call_args, **call_kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
                 hidden.backward(grad)
             for name, w in weights.items():
                 if w.grad is None or not bool(torch.isfinite(w.grad).all()):
@@ -269,10 +267,6 @@ def _backward_through(
                 sums[name] += w.grad.float().square()
                 w.grad = None
             back.append(x.grad.detach())
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-            p.grad = None
     return {name: _fisher_error(total / len(inputs)) for name, total in sums.items()}, back
 
 
@@ -294,18 +288,14 @@ def _backward_kfac(
     window's gradient with respect to the layer's input."""
     acc = KroneckerAccumulator(model.skeleton, units)
     back: list[torch.Tensor] = []
-    flags = {p: p.requires_grad for p in layer.parameters()}
-    for p in flags:
-        p.requires_grad_(False)
-    try:
+    with grad_only_for(layer, []):
         for (args, kwargs), grad in zip(inputs, grads):
             x = hidden_of((args, kwargs)).detach().clone().requires_grad_(True)
-            call_args, call_kwargs = _with_hidden(args, kwargs, x)
+            call_args, call_kwargs = with_hidden(args, kwargs, x)
 
             def objective(a=call_args, k=call_kwargs, g=grad) -> torch.Tensor:
-                out = layer(*a, **k)
-                hidden = out[0] if isinstance(out, tuple) else out
-                return (hidden * g).sum()  # its gradient at the output is the window's
+                # Its gradient at the layer's output is the window's.
+                return (block_output(layer, a, k) * g).sum()
 
             if not acc.add_batch_through(objective, int(x.shape[0] * x.shape[1])):
                 raise BitallocError(
@@ -313,9 +303,6 @@ def _backward_kfac(
                     "model's weights (NaN/inf) or use a different calibration text"
                 )
             back.append(x.grad.detach())
-    finally:
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
     grams, factors = acc.grams(), acc.output_factors()
     errors = {u.name: _kfac_error(g, d) for u, g, d in zip(units, grams, factors)}
     return errors, back
@@ -326,11 +313,14 @@ def _kfac_error(gram: torch.Tensor, factor: torch.Tensor):
     return lambda dw: float((factor * ((dw @ gram) * dw).sum(dim=1).clamp_min(0)).sum())
 
 
-def _with_hidden(args: tuple, kwargs: dict[str, Any], x: torch.Tensor | None):
-    """The layer call's (args, kwargs) with its hidden states replaced by ``x``."""
-    if args:
-        return (x, *args[1:]), kwargs
-    return (), {**kwargs, "hidden_states": x}
+def _recompute(
+    layer: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer``'s forward on a kept input, with gradients on: the input made a leaf that
+    receives its gradient, and the output hidden states."""
+    x = hidden_of((args, kwargs)).detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        return x, block_output(layer, *with_hidden(args, kwargs, x))
 
 
 def _plain(value: Any) -> Any:

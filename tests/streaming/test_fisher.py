@@ -18,9 +18,22 @@ from tests.conftest import random_windows
 PALETTE = parse_palette("int2-g32,int3-g32,int4-g32,int8-g32,fp16")
 
 
+def _in_memory(profiler, path, cal, estimator):
+    """``profiler``'s table on the checkpoint loaded whole in float32, over the importance the
+    streamed run gathers (128 tokens), and that importance."""
+    from transformers import AutoModelForCausalLM
+
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    units = discover_units(whole)
+    importance = gather_importance(whole, units, cal, tokens=128, progress=False)
+    expected = profiler(tokens=128, progress=False, estimator=estimator).profile(
+        whole, units, PALETTE, cal, importance=importance
+    )
+    return expected, importance
+
+
 @pytest.mark.parametrize("estimator", ["token", "window"])
 def test_streamed_fisher_equals_the_in_memory_profiler(sharded, estimator, monkeypatch, tmp_path):
-    from transformers import AutoModelForCausalLM
 
     import bitalloc.streaming.fisher as streamed_fisher
 
@@ -42,12 +55,7 @@ def test_streamed_fisher_equals_the_in_memory_profiler(sharded, estimator, monke
     )
     np.testing.assert_array_equal(spilled.loss, streamed.loss)
     assert not list(tmp_path.iterdir())
-    whole = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).eval()
-    units = discover_units(whole)
-    importance = gather_importance(whole, units, cal, tokens=128, progress=False)
-    expected = FisherProfiler(tokens=128, progress=False, estimator=estimator).profile(
-        whole, units, PALETTE, cal, importance=importance
-    )
+    expected, importance = _in_memory(FisherProfiler, sharded, cal, estimator)
     assert streamed.units == expected.units and streamed.formats == expected.formats
     assert streamed.metadata["tokens"] == expected.metadata["tokens"] == 128
     assert streamed.metadata["windows"] == expected.metadata["windows"] == 4
@@ -112,7 +120,6 @@ def test_a_fisher_allocation_streams_end_to_end_and_plans_its_kept_inputs(sharde
 
 @pytest.mark.parametrize("estimator", ["token", "window"])
 def test_streamed_kfac_equals_the_in_memory_profiler(sharded, estimator):
-    from transformers import AutoModelForCausalLM
 
     from bitalloc.sensitivity.kfac import KFACProfiler
     from bitalloc.streaming.allocate import allocate_streamed
@@ -127,12 +134,7 @@ def test_streamed_kfac_equals_the_in_memory_profiler(sharded, estimator):
         progress=False,
         method="kfac",
     )
-    whole = AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).eval()
-    units = discover_units(whole)
-    importance = gather_importance(whole, units, cal, tokens=128, progress=False)
-    expected = KFACProfiler(tokens=128, progress=False, estimator=estimator).profile(
-        whole, units, PALETTE, cal, importance=importance
-    )
+    expected, _ = _in_memory(KFACProfiler, sharded, cal, estimator)
     assert streamed.metadata["method"] == expected.metadata["method"] == "kfac"
     assert (expected.loss[:, :-1] > 0).all()
     np.testing.assert_allclose(streamed.loss, expected.loss, rtol=1e-4, atol=1e-12)
